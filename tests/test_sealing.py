@@ -232,7 +232,7 @@ def test_flipped_byte_fails_authentication(dek: bytes, sealed: bytes, where: str
     bad = bytearray(sealed)
     bad[offset] ^= 0x80
     opener = PayloadOpener(dek, JOB)
-    with pytest.raises(IntegrityError, match="^chunk 2 failed authentication$"):
+    with pytest.raises(IntegrityError, match=r"^chunk 2 failed authentication$"):
         opener.feed(bytes(bad))
 
 
@@ -279,7 +279,7 @@ def test_truncated_stream_fails(dek: bytes, sealed: bytes) -> None:
 def test_truncated_mid_record_fails(dek: bytes, sealed: bytes) -> None:
     opener = PayloadOpener(dek, JOB)
     opener.feed(sealed[:-5])
-    with pytest.raises(IntegrityError, match="truncated after chunk 3 .*partial record"):
+    with pytest.raises(IntegrityError, match=r"truncated after chunk 3 .*partial record"):
         opener.finish()
 
 
