@@ -328,3 +328,22 @@ def test_bad_dek_length_rejected() -> None:
         PayloadSealer(bytes(31), JOB)
     with pytest.raises(ValueError, match="data key is 31 bytes"):
         PayloadOpener(bytes(31), JOB)
+
+
+def test_oversized_record_rejected_when_header_arrives_in_pieces(dek: bytes) -> None:
+    opener = PayloadOpener(dek, JOB, max_record=4096)
+    header = struct.pack(">IB", 4097, 0) + bytes(12)
+    for byte in header[:-1]:
+        assert opener.feed(bytes([byte])) == []
+    with pytest.raises(IntegrityError, match="record of 4097 bytes exceeds max_record=4096"):
+        opener.feed(header[-1:] + bytes(100))
+
+
+def test_byte_at_a_time(dek: bytes) -> None:
+    plain = os.urandom(3 * CHUNK + 1)
+    sealed = seal(dek, plain)
+    opener = PayloadOpener(dek, JOB)
+    got = [chunk for i in range(len(sealed)) for chunk in opener.feed(sealed[i : i + 1])]
+    opener.finish()
+    assert b"".join(got) == plain
+    assert opener.chunks == 4

@@ -124,9 +124,7 @@ def seal_key(dek: bytes, recipient_public: bytes, *, context: bytes) -> bytes:
     if len(dek) != DEK_LEN:
         raise ValueError(f"data key is {len(dek)} bytes, expected {DEK_LEN}")
     if len(recipient_public) != _PUBLIC_LEN:
-        raise ValueError(
-            f"recipient public key is {len(recipient_public)} bytes, expected {_PUBLIC_LEN}"
-        )
+        raise ValueError(f"recipient public key is {len(recipient_public)} bytes, expected {_PUBLIC_LEN}")
     ephemeral = X25519PrivateKey.generate()
     ephemeral_public = public_bytes(ephemeral)
     # exchange() rejects low-order points (all-zero shared secret) with ValueError.
@@ -155,8 +153,7 @@ def open_key(sealed: bytes, private_key: X25519PrivateKey, *, context: bytes) ->
         return AESGCM(kek).decrypt(nonce, wrapped, context)
     except InvalidTag:
         raise IntegrityError(
-            "wrapped data key failed authentication "
-            "(sealed to another connector key, or to another job)"
+            "wrapped data key failed authentication (sealed to another connector key, or to another job)"
         ) from None
 
 
@@ -171,9 +168,7 @@ def sealed_size(plain_size: int, chunk_size: int) -> int:
 
 def _check_chunk_size(chunk_size: int) -> None:
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
-        raise ValueError(
-            f"chunk_size={chunk_size} outside {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes"
-        )
+        raise ValueError(f"chunk_size={chunk_size} outside {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes")
 
 
 def _check_dek(dek: bytes) -> None:
@@ -284,8 +279,7 @@ class PayloadOpener:
                 )
             if length < _TAG_LEN:
                 raise IntegrityError(
-                    f"chunk {self._index} record of {length} bytes is shorter than "
-                    f"its {_TAG_LEN}-byte tag"
+                    f"chunk {self._index} record of {length} bytes is shorter than its {_TAG_LEN}-byte tag"
                 )
             if flags & ~_KNOWN_FLAGS:
                 raise IntegrityError(f"chunk {self._index} has unknown flags 0x{flags:02x}")
@@ -303,26 +297,42 @@ class PayloadOpener:
             self._final_seen = bool(flags & FLAG_FINAL)
             offset = start + length
         if self._final_seen and offset < end:
-            raise IntegrityError(
-                f"{end - offset} bytes after the final chunk (chunk {self._index - 1})"
-            )
+            raise IntegrityError(f"{end - offset} bytes after the final chunk (chunk {self._index - 1})")
         return offset
+
+    def _missing(self) -> int:
+        """Bytes the buffered partial record still lacks (0: complete, or a bad header)."""
+        have = len(self._buffer)
+        if have < _HEADER_LEN:
+            return _HEADER_LEN - have
+        length: int = struct.unpack_from(">I", self._buffer)[0]
+        if length > self._max_record:
+            return 0  # let _parse() reject it before anything more is buffered
+        return max(0, _HEADER_LEN + length - have)
 
     def feed(self, data: bytes) -> list[bytes]:
         """Consume record bytes; return the plaintext of each record completed by them."""
         out: list[bytes] = []
         if not data:
             return out
-        if self._buffer:
-            self._buffer += data
-            with memoryview(self._buffer) as view:
-                used = self._parse(view, out)
-            del self._buffer[:used]
-        else:
-            # Common case with large reads: parse in place, buffer only the tail.
-            with memoryview(data) as view:
-                used = self._parse(view, out)
-                self._buffer += view[used:]
+        with memoryview(data) as view:
+            offset = 0
+            # Complete a buffered partial record from the front of ``data`` only, so large
+            # reads are parsed in place rather than copied through the buffer.
+            while self._buffer:
+                missing = self._missing()
+                if missing == 0:
+                    with memoryview(self._buffer) as buffered:
+                        used = self._parse(buffered, out)
+                    del self._buffer[:used]
+                    continue
+                if offset == len(view):
+                    return out
+                take = min(missing, len(view) - offset)
+                self._buffer += view[offset : offset + take]
+                offset += take
+            used = self._parse(view[offset:], out)
+            self._buffer += view[offset + used :]
         return out
 
     def finish(self) -> None:
