@@ -1,0 +1,152 @@
+"""The tunnel's HTTP/2 connection as a sans-IO state machine.
+
+h2 does the framing, HPACK, stream states and flow control. This layer adds what h2 leaves to its user
+(DESIGN §8): our settings (large windows, large frames), and caps on what a hostile peer can make us do
+per second — stream resets (rapid reset, CVE-2023-44487), PINGs and SETTINGS, each of which costs us a
+reply. Over a cap the peer gets GOAWAY and the connection closes: memory stays bounded either way.
+
+Like h2 itself it has no sockets and no clock: the caller passes ``now`` in, so every rule is testable with
+bytes alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@dataclass(frozen=True)
+class TunnelSettings:
+    """Limits and windows of one tunnel session; both sides use the same defaults."""
+
+    # Flow control (DESIGN §4): a stream may have 1 MiB in flight, the connection 16 MiB; data is
+    # acknowledged only once the consumer (the printer side) took it.
+    stream_window: int = 1 * MiB
+    connection_window: int = 16 * MiB
+    # Pure-Python h2 pays per frame, so large frames are cheaper; the WebSocket batch caps them anyway.
+    max_frame_size: int = 256 * KiB
+    max_concurrent_streams: int = 256
+    max_header_list_size: int = 64 * KiB
+    # Per-second caps on frames that make us do work for the peer.
+    max_resets_per_second: float = 200.0
+    max_pings_per_second: float = 20.0
+    max_settings_per_second: float = 20.0
+    # Output the peer has not read yet; beyond it the peer is not reading and the session is closed.
+    max_pending_output: int = 32 * MiB
+    # Writers pause above this many unsent bytes, so a fast sender cannot fill memory.
+    output_high_water: int = 1 * MiB
+    ping_interval: float = 15.0
+    dead_after: float = 45.0
+    send_timeout: float = 45.0
+
+
+class ProtocolViolation(Exception):
+    """The peer broke the protocol or a limit; the session must send GOAWAY with ``error_code`` and close."""
+
+    def __init__(self, reason: str, error_code: h2.errors.ErrorCodes) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.error_code = error_code
+
+
+class RateLimit:
+    """A token bucket: ``rate`` events per second on average, bursts of up to ``burst``."""
+
+    def __init__(self, rate: float, burst: float | None = None) -> None:
+        self.rate = rate
+        self.burst = burst if burst is not None else max(rate, 1.0)
+        self._tokens = self.burst
+        self._last: float | None = None
+
+    def allow(self, now: float) -> bool:
+        if self._last is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        if self._tokens >= 1.0:
+            self._tokens -= 1.0
+            return True
+        return False
+
+
+class TunnelProtocol:
+    """One HTTP/2 connection of the tunnel: the relay is the client, the connector the server."""
+
+    def __init__(self, settings: TunnelSettings, *, client_side: bool) -> None:
+        self.settings = settings
+        config = h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8")
+        self.conn = h2.connection.H2Connection(config=config)
+        codes = h2.settings.SettingCodes
+        self.conn.local_settings = h2.settings.Settings(
+            client=client_side,
+            initial_values={
+                codes.INITIAL_WINDOW_SIZE: settings.stream_window,
+                codes.MAX_FRAME_SIZE: settings.max_frame_size,
+                codes.MAX_CONCURRENT_STREAMS: settings.max_concurrent_streams,
+                codes.MAX_HEADER_LIST_SIZE: settings.max_header_list_size,
+                codes.ENABLE_PUSH: 0,
+            },
+        )
+        # h2 applies an advertised MAX_FRAME_SIZE to inbound frames only at the start of a receive_data()
+        # call; if the peer's SETTINGS ACK and its first large frame arrive together it would reject the
+        # frame (DESIGN §8). We advertise the size up front, so accept it from the first byte.
+        self.conn.max_inbound_frame_size = settings.max_frame_size
+        self._resets = RateLimit(settings.max_resets_per_second, settings.max_resets_per_second * 2)
+        self._pings = RateLimit(settings.max_pings_per_second, settings.max_pings_per_second * 2)
+        self._settings_changes = RateLimit(settings.max_settings_per_second)
+
+    def initiate(self) -> None:
+        """Queue our preface and settings (prior knowledge: both sides send at once) and open the
+        connection window beyond the 64 KiB that HTTP/2 starts with."""
+        self.conn.initiate_connection()
+        increment = self.settings.connection_window - self.conn.inbound_flow_control_window
+        if increment > 0:
+            self.conn.increment_flow_control_window(increment)
+
+    def receive_data(self, data: bytes, now: float) -> list[h2.events.Event]:
+        """Feed bytes from the peer; return h2 events, or raise :class:`ProtocolViolation`."""
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.FrameTooLargeError as exc:
+            raise ProtocolViolation(
+                f"frame too large: exceeds max_frame_size={self.settings.max_frame_size}",
+                h2.errors.ErrorCodes.FRAME_SIZE_ERROR,
+            ) from exc
+        except h2.exceptions.ProtocolError as exc:
+            code = getattr(exc, "error_code", h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            raise ProtocolViolation(f"HTTP/2 protocol error: {exc}", code) from exc
+        for event in events:
+            self._check_rates(event, now)
+        return events
+
+    def _check_rates(self, event: h2.events.Event, now: float) -> None:
+        calm = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+        if isinstance(event, h2.events.StreamReset) and event.remote_reset:
+            if not self._resets.allow(now):
+                raise ProtocolViolation(
+                    "stream resets exceed "
+                    f"max_resets_per_second={self.settings.max_resets_per_second:g} (rapid reset)",
+                    calm,
+                )
+        elif isinstance(event, h2.events.PingReceived):
+            if not self._pings.allow(now):
+                raise ProtocolViolation(
+                    f"PINGs exceed max_pings_per_second={self.settings.max_pings_per_second:g}",
+                    calm,
+                )
+        elif isinstance(event, h2.events.RemoteSettingsChanged) and not self._settings_changes.allow(now):
+            raise ProtocolViolation(
+                f"SETTINGS frames exceed max_settings_per_second={self.settings.max_settings_per_second:g}",
+                calm,
+            )
+
+    def data_to_send(self) -> bytes:
+        return self.conn.data_to_send()
