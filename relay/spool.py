@@ -123,6 +123,7 @@ class Spool:
         del dek  # only the sealer's cipher object holds it now, until this call returns
         digest = hashlib.sha256()
         part = self._tmp / f"{job_id}.{secrets.token_hex(4)}{_PART_SUFFIX}"
+        renamed = False
         self._writing.add(job_id)
         try:
             await trio.to_thread.run_sync(self._make_dirs, final.parent)
@@ -139,6 +140,7 @@ class Spool:
                     await out.flush()
                     await trio.to_thread.run_sync(os.fsync, out.fileno())
                 await trio.to_thread.run_sync(os.replace, part, final)
+                renamed = True
                 await trio.to_thread.run_sync(_fsync_path, final.parent)
             except OSError as exc:
                 if exc.errno in _DISK_FULL:
@@ -147,8 +149,10 @@ class Spool:
                     ) from exc
                 raise
         except BaseException:
-            # Synchronous on purpose: it must run even when we are being cancelled.
-            _remove_quietly(part)
+            # Synchronous on purpose: it must run even when we are being cancelled. A failure
+            # after the rename (directory fsync, cancellation) means the caller will not record
+            # the job, so the renamed file goes too.
+            _remove_quietly(final if renamed else part)
             raise
         finally:
             self._writing.discard(job_id)

@@ -278,3 +278,22 @@ async def test_remove_orphans_spares_store_in_progress(spool: Spool) -> None:
 async def test_remove_orphans_on_empty_root(tmp_path: Path) -> None:
     assert await Spool(tmp_path / "missing").remove_orphans(set()) == 0
     assert await Spool(tmp_path / "missing").usage() == (0, 0)
+
+
+async def test_failure_after_rename_removes_final_file(spool: Spool, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_fsync = os.fsync
+    calls = 0
+
+    def fail_second(fd: int) -> None:  # the file's fsync passes, the directory's fails
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fail_second)
+    with pytest.raises(OSError, match="Input/output error"):
+        await spool.store("late", pieces([b"data"]), recipient_public=PUBLIC, max_bytes=10)
+    monkeypatch.undo()
+    assert calls == 2
+    assert all_files(spool.root) == []
