@@ -1,0 +1,58 @@
+"""What every delivery backend takes and returns, whatever the protocol to the printer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+
+@dataclass(frozen=True)
+class JobTicket:
+    job_id: str  # relay job id
+    title: str
+    document_format: str  # MIME type, e.g. "application/pdf", "application/octet-stream"
+    copies: int = 1
+    user: str = "printrelay"  # requesting-user-name
+    size: int | None = None  # bytes, when known
+    options: Mapping[str, str] = field(default_factory=dict)  # sides, media, ...: not sent yet
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    state: Literal["completed", "failed"]
+    message: str  # human-readable: "printer job 7 completed" or the printer's reasons
+    printer_job_id: int | None = None
+
+
+class DeliveryError(Exception):
+    """The job could not be handed to the printer.
+
+    ``retryable`` is true when trying again later may work (printer busy, connection refused,
+    timeout) and false when it will not (the printer refused this job as it is).
+    """
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retryable = retryable
+
+
+#: (state, message): called with ("printing", ...) once the printer has accepted the job
+Progress = Callable[[str, str], Awaitable[None]]
+
+
+class Backend(Protocol):
+    async def deliver(
+        self, ticket: JobTicket, document: AsyncIterator[bytes], progress: Progress
+    ) -> DeliveryResult:
+        """Send the document to the printer and follow it to a final state.
+
+        ``document`` is pulled one chunk at a time, only once the printer side has taken the previous
+        one, so back-pressure reaches the sender; it is never joined into one bytes object.
+        """
+        ...
+
+    async def probe(self) -> bool:
+        """Is the printer reachable? Bounded by the backend's timeout; never raises."""
+        ...

@@ -1,0 +1,249 @@
+"""Delivery to IPP printers (``ipp://``, ``ipps://``): Print-Job, then follow the printer's job.
+
+1. POST one Print-Job request: the attribute section, then the document streamed as chunked
+   transfer encoding, one chunk pulled from the tunnel per chunk the socket has taken.
+2. Check the status: busy-like statuses are worth retrying, other errors are not.
+3. Poll Get-Job-Attributes every ``poll_interval`` until job-state is terminal (RFC 8011 §5.3.7),
+   or ``job_timeout`` passes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
+
+import httpx
+import trio
+
+from connector.delivery.base import DeliveryError, DeliveryResult, JobTicket, Progress
+from ipp import (
+    DEFAULT_LIMITS,
+    DelimiterTag,
+    IPPError,
+    JobState,
+    Limits,
+    Message,
+    MessageParser,
+    Operation,
+    Status,
+    ValueTag,
+    encode,
+    keyword,
+    new_request,
+)
+
+DEFAULT_PORT = 631  # for ipps too (RFC 7472 §4)
+
+#: statuses that mean "not now": the relay may send the job again later
+RETRYABLE_STATUSES = frozenset(
+    {
+        Status.SERVER_ERROR_BUSY,
+        Status.SERVER_ERROR_SERVICE_UNAVAILABLE,
+        Status.SERVER_ERROR_TEMPORARY_ERROR,
+    }
+)
+#: HTTP statuses a proxy or a restarting printer gives when it is only temporarily unable
+RETRYABLE_HTTP = frozenset({429, 502, 503, 504})
+
+
+class IppBackend:
+    """Prints through IPP/1.1+ Print-Job to one printer URI."""
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        connect_timeout: float = 10.0,
+        io_timeout: float = 60.0,
+        poll_interval: float = 0.5,
+        job_timeout: float = 3600.0,
+        max_poll_errors: int = 10,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        parts = urlsplit(uri)
+        if parts.scheme not in ("ipp", "ipps") or not parts.hostname:
+            raise ValueError(f"not an ipp:// or ipps:// printer URI: {uri!r}")
+        port = parts.port or DEFAULT_PORT
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        http_scheme = "https" if parts.scheme == "ipps" else "http"
+        self.uri = uri
+        self.url = f"{http_scheme}://{host}:{port}{parts.path or '/'}"
+        self.poll_interval = poll_interval
+        self.job_timeout = job_timeout
+        self.max_poll_errors = max_poll_errors
+        self.limits = limits
+        self._probe_timeout = connect_timeout + io_timeout
+        self._timeout = httpx.Timeout(
+            connect=connect_timeout, read=io_timeout, write=io_timeout, pool=connect_timeout
+        )
+        self._request_ids = itertools.count(1)
+
+    def __repr__(self) -> str:
+        return f"IppBackend({self.uri!r})"
+
+    def _client(self) -> httpx.AsyncClient:
+        # ipps: default certificate verification; printers with self-signed certificates need
+        # a configurable trust store, which is for later.
+        return httpx.AsyncClient(timeout=self._timeout)
+
+    def _request(self, operation: Operation) -> Message:
+        return new_request(operation, next(self._request_ids), printer_uri=self.uri)
+
+    async def _exchange(
+        self,
+        client: httpx.AsyncClient,
+        request: Message,
+        document: AsyncIterator[bytes] | None = None,
+    ) -> Message:
+        """POST ``request`` (and the document after it) and decode the response's attributes."""
+
+        async def body() -> AsyncIterator[bytes]:
+            yield encode(request)
+            if document is not None:
+                async for chunk in document:
+                    if chunk:  # an empty chunk would end the chunked body early
+                        yield chunk
+
+        what = keyword(Operation, request.code)
+        try:
+            async with client.stream(
+                "POST", self.url, content=body(), headers={"Content-Type": "application/ipp"}
+            ) as response:
+                if response.status_code != 200:
+                    raise DeliveryError(
+                        f"{self.uri}: {what} answered HTTP {response.status_code}",
+                        retryable=response.status_code in RETRYABLE_HTTP,
+                    )
+                # the parser bounds what is read: a response never buffers more than limits allow
+                parser = MessageParser(self.limits)
+                async for chunk in response.aiter_bytes():
+                    done = parser.feed(chunk)
+                    if done is not None:
+                        return done.message
+                parser.end_of_input()
+                raise AssertionError("unreachable")  # end_of_input raised
+        except httpx.TimeoutException as exc:
+            raise DeliveryError(
+                f"{self.uri}: {what} timed out ({type(exc).__name__})", retryable=True
+            ) from exc
+        except httpx.TransportError as exc:
+            raise DeliveryError(
+                f"{self.uri}: {what} failed: {type(exc).__name__}: {exc}", retryable=True
+            ) from exc
+        except IPPError as exc:
+            raise DeliveryError(
+                f"{self.uri}: unreadable {what} response: {exc.message}", retryable=True
+            ) from exc
+
+    async def deliver(
+        self, ticket: JobTicket, document: AsyncIterator[bytes], progress: Progress
+    ) -> DeliveryResult:
+        request = self._request(Operation.PRINT_JOB)
+        op = request.operation
+        op.add("requesting-user-name", ValueTag.NAME, ticket.user)
+        op.add("job-name", ValueTag.NAME, ticket.title)
+        op.add("document-format", ValueTag.MIME_MEDIA_TYPE, ticket.document_format)
+        if ticket.copies > 1:
+            request.add_group(DelimiterTag.JOB_ATTRIBUTES).add("copies", ValueTag.INTEGER, ticket.copies)
+        async with self._client() as client:
+            response = await self._exchange(client, request, document)
+            _check_status(self.uri, response)
+            job_id = response.value(DelimiterTag.JOB_ATTRIBUTES, "job-id")
+            if not isinstance(job_id, int):
+                return DeliveryResult("completed", "printer accepted the job without a job-id")
+            await progress("printing", f"printer job {job_id} accepted")
+            state = response.value(DelimiterTag.JOB_ATTRIBUTES, "job-state")
+            if isinstance(state, int) and state in (JobState.CANCELED, JobState.ABORTED):
+                return _result(job_id, response)
+            return await self._follow(client, job_id)
+
+    async def _follow(self, client: httpx.AsyncClient, job_id: int) -> DeliveryResult:
+        """Poll Get-Job-Attributes until the job is terminal, a bounded number of errors, or time."""
+        errors = 0
+        last: Message | None = None
+        with trio.move_on_after(self.job_timeout):
+            while True:
+                request = self._request(Operation.GET_JOB_ATTRIBUTES)
+                request.operation.add("job-id", ValueTag.INTEGER, job_id)
+                request.operation.add("requesting-user-name", ValueTag.NAME, "printrelay")
+                request.operation.add(
+                    "requested-attributes",
+                    ValueTag.KEYWORD,
+                    "job-state",
+                    "job-state-reasons",
+                    "job-state-message",
+                )
+                try:
+                    response = await self._exchange(client, request)
+                except DeliveryError as exc:
+                    # the printer took the job: sending it again would print it twice, so errors
+                    # here end in a failed result, never in a DeliveryError
+                    errors += 1
+                    if errors >= self.max_poll_errors:
+                        return DeliveryResult(
+                            "failed",
+                            f"printer job {job_id} accepted, then lost contact: {exc.message}",
+                            job_id,
+                        )
+                else:
+                    errors = 0
+                    if response.code == Status.CLIENT_ERROR_NOT_FOUND:
+                        return DeliveryResult(
+                            "failed", f"printer job {job_id} accepted, then forgotten", job_id
+                        )
+                    state = response.value(DelimiterTag.JOB_ATTRIBUTES, "job-state")
+                    last = response
+                    if isinstance(state, int) and state >= JobState.CANCELED:
+                        return _result(job_id, response)
+                await trio.sleep(self.poll_interval)
+        detail = f" ({_job_detail(last)})" if last is not None else ""
+        return DeliveryResult(
+            "failed",
+            f"printer job {job_id} not finished after job_timeout={self.job_timeout:g} s{detail}",
+            job_id,
+        )
+
+    async def probe(self) -> bool:
+        request = self._request(Operation.GET_PRINTER_ATTRIBUTES)
+        request.operation.add("requested-attributes", ValueTag.KEYWORD, "printer-state")
+        with trio.move_on_after(self._probe_timeout):
+            try:
+                async with self._client() as client:
+                    response = await self._exchange(client, request)
+            except DeliveryError:
+                return False
+            return response.code < 0x0100
+        return False
+
+
+def _check_status(uri: str, response: Message) -> None:
+    if response.code < 0x0100:
+        return
+    name = keyword(Status, response.code)
+    detail = response.value(DelimiterTag.OPERATION_ATTRIBUTES, "status-message")
+    message = f"{uri}: printer refused the job: {name}"
+    if isinstance(detail, str) and detail:
+        message += f" ({detail})"
+    raise DeliveryError(message, retryable=response.code in RETRYABLE_STATUSES)
+
+
+def _job_detail(response: Message) -> str:
+    state = response.value(DelimiterTag.JOB_ATTRIBUTES, "job-state")
+    parts = [keyword(JobState, state) if isinstance(state, int) else "job-state unknown"]
+    reasons = response.attribute(DelimiterTag.JOB_ATTRIBUTES, "job-state-reasons")
+    if reasons is not None:
+        named = [str(r) for r in reasons.values if isinstance(r, str) and r != "none"]
+        if named:
+            parts.append(", ".join(named))
+    message = response.value(DelimiterTag.JOB_ATTRIBUTES, "job-state-message")
+    if isinstance(message, str) and message:
+        parts.append(message)
+    return "; ".join(parts)
+
+
+def _result(job_id: int, response: Message) -> DeliveryResult:
+    state = response.value(DelimiterTag.JOB_ATTRIBUTES, "job-state")
+    if state == JobState.COMPLETED:
+        return DeliveryResult("completed", f"printer job {job_id} completed", job_id)
+    return DeliveryResult("failed", f"printer job {job_id} {_job_detail(response)}", job_id)

@@ -1,0 +1,106 @@
+"""Delivery to "RAW" / JetDirect printers (``socket://host:9100``): the document bytes, nothing else.
+
+The protocol has no status: the job is done when the printer closes its side after our EOF. Many
+printers keep the connection open instead, so an idle timeout ends the wait too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import trio
+
+from connector.delivery.base import DeliveryError, DeliveryResult, JobTicket, Progress
+
+DEFAULT_PORT = 9100
+#: what a printer may send back (PJL status) before we stop listening
+MAX_BACKCHANNEL_BYTES = 1024 * 1024
+
+
+class RawBackend:
+    def __init__(
+        self,
+        host: str,
+        port: int = DEFAULT_PORT,
+        *,
+        connect_timeout: float = 10.0,
+        io_timeout: float = 60.0,
+        idle_timeout: float = 30.0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.connect_timeout = connect_timeout
+        self.io_timeout = io_timeout
+        self.idle_timeout = idle_timeout
+
+    def __repr__(self) -> str:
+        return f"RawBackend({self.host!r}, {self.port})"
+
+    @property
+    def _where(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def _connect(self) -> trio.SocketStream:
+        try:
+            with trio.fail_after(self.connect_timeout):
+                return await trio.open_tcp_stream(self.host, self.port)
+        except trio.TooSlowError:
+            raise DeliveryError(
+                f"cannot connect to {self._where}: no answer within "
+                f"connect_timeout={self.connect_timeout:g} s",
+                retryable=True,
+            ) from None
+        except OSError as exc:
+            raise DeliveryError(f"cannot connect to {self._where}: {exc}", retryable=True) from exc
+
+    async def deliver(
+        self, ticket: JobTicket, document: AsyncIterator[bytes], progress: Progress
+    ) -> DeliveryResult:
+        stream = await self._connect()
+        async with stream:
+            await progress("printing", f"connected to {self._where}")
+            sent = 0
+            try:
+                async for chunk in document:
+                    with trio.fail_after(self.io_timeout):
+                        await stream.send_all(chunk)
+                    sent += len(chunk)
+                with trio.fail_after(self.io_timeout):
+                    await stream.send_eof()
+            except trio.TooSlowError:
+                raise DeliveryError(
+                    f"{self._where} took no data for io_timeout={self.io_timeout:g} s after {sent} bytes",
+                    retryable=True,
+                ) from None
+            except trio.BrokenResourceError as exc:
+                raise DeliveryError(
+                    f"{self._where} closed the connection after {sent} bytes: {exc.__cause__ or exc}",
+                    retryable=True,
+                ) from exc
+            closed = await self._wait_for_close(stream)
+        note = "" if closed else f"; it did not close within idle_timeout={self.idle_timeout:g} s"
+        return DeliveryResult("completed", f"sent {sent} bytes to {self._where}{note}")
+
+    async def _wait_for_close(self, stream: trio.SocketStream) -> bool:
+        """Read (and drop) whatever the printer says until it closes; False when it stays idle."""
+        received = 0
+        while received <= MAX_BACKCHANNEL_BYTES:
+            with trio.move_on_after(self.idle_timeout):
+                try:
+                    data = await stream.receive_some(65536)
+                except trio.BrokenResourceError:
+                    return True  # a reset after our EOF: the printer is done with us
+                if not data:
+                    return True
+                received += len(data)
+                continue
+            return False
+        return False
+
+    async def probe(self) -> bool:
+        try:
+            stream = await self._connect()
+        except DeliveryError:
+            return False
+        await stream.aclose()
+        return True
