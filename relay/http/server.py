@@ -239,6 +239,9 @@ class _Connection:
         # (TCP backpressure) while it holds this much, so pipelined floods cost no memory.
         self._inbox = bytearray()
         self._inbox_limit = max(self._limits.max_header_bytes, RECEIVE_SIZE)
+        # How much h11 may still take while parsing a head (None: a body, fed in slices).
+        self._feed_budget: int | None = None
+        self._slice = max(self._limits.max_header_bytes, 1)
         self._eof = False  # the peer closed or the receive side broke
         self._eof_fed = False
         self._discard = False  # lingering close: drop what arrives
@@ -280,9 +283,16 @@ class _Connection:
             event = self._h11.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            if self._inbox:
-                self._h11.receive_data(bytes(self._inbox))
-                self._inbox.clear()
+            if self._inbox and self._feed_budget != 0:
+                # h11 only bounds *incomplete* events: a 100 KiB head arriving in one piece
+                # would pass. So h11 never holds more than max_header_bytes + 1 bytes while
+                # parsing a head (beyond that it answers 431), and takes body bytes in slices
+                # no bigger, which bounds the leftover a pipelined head starts from.
+                n = self._feed_budget if self._feed_budget is not None else self._slice
+                self._h11.receive_data(bytes(self._inbox[:n]))
+                del self._inbox[:n]
+                if self._feed_budget is not None:
+                    self._feed_budget = max(0, self._feed_budget - n)
                 self._space_freed.fire()
             elif self._eof:
                 if self._eof_fed:  # h11 should have reported the close; never spin
@@ -294,9 +304,6 @@ class _Connection:
                     await self._data_arrived.wait()
                     continue
                 raise _Timeout
-
-    def _has_pending_input(self) -> bool:
-        return bool(self._inbox) or bool(self._h11.trailing_data[0]) or self._eof
 
     # ---- the connection task -------------------------------------------------------------------
 
@@ -333,7 +340,8 @@ class _Connection:
         else:
             idle_deadline = now + self._limits.keepalive_timeout
             deadline = 0.0
-        while not self._has_pending_input():
+        leftover = len(self._h11.trailing_data[0])  # pipelined bytes from the last cycle
+        while not (leftover or self._inbox or self._eof):
             with trio.move_on_at(idle_deadline):
                 await self._data_arrived.wait()
                 continue
@@ -341,6 +349,7 @@ class _Connection:
         if not deadline:
             deadline = trio.current_time() + self._limits.header_timeout
 
+        self._feed_budget = max(0, self._limits.max_header_bytes + 1 - leftover)
         try:
             event = await self._next_event(deadline)
         except _Timeout:
@@ -350,6 +359,8 @@ class _Connection:
         except h11.RemoteProtocolError as exc:
             await self._send_error(*self._head_error(exc))
             return None
+        finally:
+            self._feed_budget = None
         if isinstance(event, h11.ConnectionClosed):
             return None
         assert isinstance(event, h11.Request), event
