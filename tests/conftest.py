@@ -1,0 +1,1 @@
+from fixtures_printers import *  # noqa: F403

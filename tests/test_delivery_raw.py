@@ -1,0 +1,111 @@
+"""RawBackend against a TCP sink, and backend selection by URI."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from functools import partial
+
+import pytest
+import trio
+from fixtures_printers import RawSink, free_port
+
+from connector.delivery import DeliveryError, IppBackend, JobTicket, RawBackend, backend_for_uri
+
+TICKET = JobTicket("job-1", "raw", "application/octet-stream")
+
+
+async def chunks(data: bytes, size: int = 64 * 1024) -> AsyncIterator[bytes]:
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+class Progress:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    async def __call__(self, state: str, message: str) -> None:
+        self.calls.append((state, message))
+
+
+async def test_raw_delivery_arrives_intact(raw_sink: RawSink) -> None:
+    data = os.urandom(5 * 1024 * 1024 + 17)
+    progress = Progress()
+    backend = backend_for_uri(raw_sink.uri)
+    assert isinstance(backend, RawBackend) and backend.port == raw_sink.port
+
+    result = await backend.deliver(TICKET, chunks(data), progress)
+
+    assert result.state == "completed"
+    assert result.message == f"sent {len(data)} bytes to 127.0.0.1:{raw_sink.port}"
+    assert progress.calls == [("printing", f"connected to 127.0.0.1:{raw_sink.port}")]
+    (document,) = await raw_sink.wait_for(1)
+    assert document.size == len(data)
+    assert document.sha256 == hashlib.sha256(data).hexdigest()
+
+
+async def test_printer_that_never_closes(raw_sink: RawSink) -> None:
+    raw_sink.close_after_eof = False
+    backend = RawBackend("127.0.0.1", raw_sink.port, idle_timeout=0.2)
+    result = await backend.deliver(TICKET, chunks(b"%!PS\n"), Progress())
+    assert result.state == "completed"
+    assert result.message.endswith("it did not close within idle_timeout=0.2 s")
+    (document,) = await raw_sink.wait_for(1)
+    assert document.size == 5
+
+
+async def test_unreachable_is_retryable() -> None:
+    backend = RawBackend("127.0.0.1", free_port(), connect_timeout=2)
+    progress = Progress()
+    with pytest.raises(DeliveryError) as info:
+        await backend.deliver(TICKET, chunks(b"x"), progress)
+    assert info.value.retryable
+    assert info.value.message.startswith(f"cannot connect to 127.0.0.1:{backend.port}")
+    assert progress.calls == []
+    assert await backend.probe() is False
+
+
+async def test_probe(raw_sink: RawSink) -> None:
+    assert await RawBackend("127.0.0.1", raw_sink.port).probe() is True
+
+
+async def test_stalled_printer_gets_back_pressure_and_times_out(nursery: trio.Nursery) -> None:
+    """A printer that accepts and never reads: the document is pulled only as far as the socket
+    buffers take it, then the send times out."""
+    accepted: list[trio.SocketStream] = []
+
+    async def hold(stream: trio.SocketStream) -> None:
+        accepted.append(stream)
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, hold, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    total_chunks = 1024  # 64 MiB offered
+    pulled = 0
+
+    async def document() -> AsyncIterator[bytes]:
+        nonlocal pulled
+        for _ in range(total_chunks):
+            pulled += 1
+            yield b"\0" * (64 * 1024)
+
+    backend = RawBackend("127.0.0.1", port, io_timeout=0.5)
+    with pytest.raises(DeliveryError) as info:
+        await backend.deliver(TICKET, document(), Progress())
+    assert info.value.retryable
+    assert "took no data for io_timeout=0.5 s" in info.value.message
+    assert pulled < total_chunks // 4  # loopback buffers hold a few MiB at most
+
+
+def test_backend_for_uri() -> None:
+    raw = backend_for_uri("socket://printer.example")
+    assert isinstance(raw, RawBackend) and (raw.host, raw.port) == ("printer.example", 9100)
+    ipp = backend_for_uri("ipp://printer.example/ipp/print")
+    assert isinstance(ipp, IppBackend) and ipp.url == "http://printer.example:631/ipp/print"
+    v6 = backend_for_uri("ipp://[::1]:8631/printers/q")
+    assert isinstance(v6, IppBackend) and v6.url == "http://[::1]:8631/printers/q"
+    with pytest.raises(ValueError, match=r"unsupported printer URI scheme 'lpd'.*ipp, ipps, socket"):
+        backend_for_uri("lpd://printer.example/queue")
+    with pytest.raises(ValueError, match="no host"):
+        backend_for_uri("socket:///")
