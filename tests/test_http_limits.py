@@ -353,3 +353,24 @@ async def test_oversized_head_pipelined_behind_small_requests_431(nursery: trio.
     assert (await c.response()).status == 200
     assert (await c.response()).body == b"abc"
     assert (await c.response()).status == 431
+
+
+async def test_request_then_immediate_close_cancels_handler(nursery: trio.Nursery) -> None:
+    """The client is gone before the handler starts: the handler must not wait forever."""
+    cancelled = trio.Event()
+
+    async def handler(request: Request) -> Response:
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    server, port = await start_server(nursery, handler)
+    for _ in range(3):
+        cancelled = trio.Event()
+        c = await RawClient.connect(port)
+        await c.send(get("/"))
+        await c.aclose()
+        with trio.fail_after(TIMEOUT):
+            await cancelled.wait()
+    await wait_until(lambda: server.open_connections == 0)

@@ -398,6 +398,8 @@ class _Connection:
 
         with trio.CancelScope() as scope:
             self._handler_scope = scope
+            if self._eof:
+                scope.cancel()  # the client left before we got here: the pump cancelled nothing
             try:
                 response = await self._call_handler(request)
                 await self._send_response(request, response)
