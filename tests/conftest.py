@@ -1,1 +1,2 @@
 from fixtures_printers import *  # noqa: F403
+from fixtures_relay import *  # noqa: F403

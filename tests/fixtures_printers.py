@@ -13,6 +13,20 @@ Processes are started on free ports and stopped by their process handle at teard
 
 from __future__ import annotations
 
+__all__ = [
+    "DEFAULT_FORMATS",
+    "IppEvePrinter",
+    "IppEvePrinterFactory",
+    "RawDocument",
+    "RawSink",
+    "dns_sd",
+    "ensure_dns_sd",
+    "free_port",
+    "ippeveprinter",
+    "ippeveprinter_factory",
+    "raw_sink",
+]
+
 import hashlib
 import http.client
 import itertools
@@ -111,10 +125,16 @@ class IppEvePrinter:
     spool_dir: Path
     process: subprocess.Popen[bytes]
     log_path: Path
+    tls: bool = False
     _request_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     @property
     def uri(self) -> str:
+        """``ipps://`` when started with ``tls=True`` (plain IPP is served on the same port too)."""
+        return f"{'ipps' if self.tls else 'ipp'}://localhost:{self.port}/ipp/print"
+
+    @property
+    def plain_uri(self) -> str:
         return f"ipp://localhost:{self.port}/ipp/print"
 
     def log(self) -> str:
@@ -130,7 +150,9 @@ class IppEvePrinter:
         return sorted(found, key=lambda path: int(path.name.split("-", 1)[0]))
 
     def _printer_attributes_request(self) -> bytes:
-        request = new_request(Operation.GET_PRINTER_ATTRIBUTES, next(self._request_ids), printer_uri=self.uri)
+        request = new_request(
+            Operation.GET_PRINTER_ATTRIBUTES, next(self._request_ids), printer_uri=self.plain_uri
+        )
         request.operation.add("requested-attributes", ValueTag.KEYWORD, "printer-up-time", "printer-state")
         return encode(request)
 
@@ -153,7 +175,7 @@ class IppEvePrinter:
         raise RuntimeError(f"ippeveprinter not ready within {timeout} s ({last}):\n{self.log()}")
 
     async def completed_jobs(self) -> int:
-        request = new_request(Operation.GET_JOBS, next(self._request_ids), printer_uri=self.uri)
+        request = new_request(Operation.GET_JOBS, next(self._request_ids), printer_uri=self.plain_uri)
         request.operation.add("which-jobs", ValueTag.KEYWORD, "completed")
         request.operation.add("requested-attributes", ValueTag.KEYWORD, "job-id", "job-state")
         async with httpx.AsyncClient(timeout=5) as client:
@@ -194,11 +216,12 @@ IppEvePrinterFactory = Callable[..., IppEvePrinter]
 
 @pytest.fixture
 def ippeveprinter_factory(dns_sd: None, tmp_path: Path) -> Iterator[IppEvePrinterFactory]:
-    """``factory(name="printrelay-test", *, slow=False, command="/bin/true", formats=..., extra_args=())``.
+    """``factory(name="printrelay-test", *, slow=False, command="/bin/true", formats=..., tls=False,
+    extra_args=())``.
 
     ``command`` is run per job (``-c``); jobs complete at once with ``/bin/true`` and abort with
     ``/bin/false``. ``slow=True`` runs none: ippeveprinter then simulates printing each job for
-    5-15 s, one at a time.
+    5-15 s, one at a time. ``tls=True`` adds a self-signed certificate and an ``ipps://`` uri.
     """
     if shutil.which("ippeveprinter") is None:
         pytest.fail("ippeveprinter is not installed (Debian package cups-ipp-utils)")
@@ -211,6 +234,7 @@ def ippeveprinter_factory(dns_sd: None, tmp_path: Path) -> Iterator[IppEvePrinte
         slow: bool = False,
         command: str | None = "/bin/true",
         formats: tuple[str, ...] = DEFAULT_FORMATS,
+        tls: bool = False,
         extra_args: tuple[str, ...] = (),
     ) -> IppEvePrinter:
         base = tmp_path / f"ippeveprinter-{next(counter)}"
@@ -221,6 +245,9 @@ def ippeveprinter_factory(dns_sd: None, tmp_path: Path) -> Iterator[IppEvePrinte
         args += ["-d", str(spool), "-k", "-2", "-f", ",".join(formats)]
         if command is not None and not slow:
             args += ["-c", command]
+        if tls:  # ippeveprinter writes a self-signed "localhost" certificate into this directory
+            (base / "keys").mkdir()
+            args += ["-K", str(base / "keys")]
         args += [*extra_args, name]
         log_path = base / "ippeveprinter.log"
         with log_path.open("wb") as log:
@@ -232,7 +259,7 @@ def ippeveprinter_factory(dns_sd: None, tmp_path: Path) -> Iterator[IppEvePrinte
                 cwd=base,
                 env={**os.environ, "HOME": str(base)},
             )
-        printer = IppEvePrinter(name, port, spool, process, log_path)
+        printer = IppEvePrinter(name, port, spool, process, log_path, tls)
         printers.append(printer)
         printer.wait_ready()
         return printer
@@ -286,6 +313,10 @@ class RawSink:
                 digest.update(data)
                 size += len(data)
                 await file.write(data)
+            if size == 0:
+                # A connection that sends nothing is a reachability probe, not a print job.
+                path.unlink()
+                return
             self.documents.append(RawDocument(path, size, digest.hexdigest()))
             self._changed.set()
             self._changed = trio.Event()

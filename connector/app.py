@@ -1,0 +1,296 @@
+"""The connector process: serves the relay's streams and delivers jobs to the site's printers.
+
+Routes on the tunnel (the relay opens every stream):
+
+* ``GET /v1/printers`` — inventory: our public key and printers;
+* ``GET /v1/events`` — printer changes as NDJSON, for as long as the session lives;
+* ``POST /v1/jobs/{id}`` — one job: check the ledger, open the data key, decrypt while delivering,
+  answer with NDJSON status lines;
+* ``POST /v1/drain`` — the relay is going away: finish this session's jobs, then reconnect.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import trio
+
+from connector.config import ConnectorConfig, PrinterSpec
+from connector.delivery import Backend, DeliveryError, JobTicket, backend_for_uri
+from connector.keys import KeyRing
+from connector.ledger import Ledger
+from connector.tunnel import TunnelClient
+from tunnel.messages import (
+    NDJSON,
+    TICKET_HEADER,
+    Inventory,
+    JobStatus,
+    JobTicketMessage,
+    MessageError,
+    PrinterInfo,
+    printer_event,
+)
+from tunnel.sealing import IntegrityError, PayloadOpener, open_key
+from tunnel.session import H2Session, H2Stream, StreamClosed
+
+log = logging.getLogger("printrelay.connector")
+
+VERSION = "0.1.0"
+JOB_PATH = re.compile(r"^/v1/jobs/([A-Za-z0-9_-]{1,128})$")
+PROBE_INTERVAL = 30.0
+LEDGER_PRUNE_INTERVAL = 3600.0
+
+
+@dataclass
+class PrinterEntry:
+    spec: PrinterSpec
+    backend: Backend
+    state: str = "unknown"
+    reasons: list[str] = field(default_factory=list)
+    busy: trio.Lock = field(default_factory=trio.Lock)
+
+    def info(self) -> PrinterInfo:
+        return PrinterInfo(
+            id=self.spec.id,
+            uri=self.spec.uri,
+            kind=self.spec.kind,
+            state=self.state,
+            reasons=tuple(self.reasons),
+        )
+
+
+class Connector:
+    def __init__(self, config: ConnectorConfig) -> None:
+        self.config = config
+        self.keys = KeyRing.load_or_create(config.state_dir)
+        self.ledger = Ledger(config.state_dir / "ledger.sqlite3")
+        self.printers: dict[str, PrinterEntry] = {
+            spec.id: PrinterEntry(spec, backend_for_uri(spec.uri)) for spec in config.printer
+        }
+        self.name = config.name or platform.node() or "connector"
+        self.tunnel = TunnelClient(config.relay, config.token, self.handle_stream)
+        self._job_slots = trio.Semaphore(config.max_jobs)
+        self._event_watchers: set[trio.MemorySendChannel[bytes]] = set()
+        self._jobs_in_flight: dict[str, H2Session] = {}
+        self._draining_sessions: set[int] = set()
+        self._jobs_changed = trio.Event()
+        self.deliveries = 0
+        self.draining = False
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.ledger.open()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._probe_printers)
+                nursery.start_soon(self._prune_ledger)
+                nursery.start_soon(self.tunnel.run)
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.ledger.close()
+
+    async def drain(self, grace: float) -> None:
+        """Stop taking new jobs, let in-flight ones finish within ``grace`` seconds, then stop."""
+        self.draining = True
+        self.tunnel.stopping = True
+        with trio.move_on_after(grace):
+            while self._jobs_in_flight:
+                await self._jobs_changed.wait()
+        if self.tunnel.session is not None:
+            self.tunnel.session.close("connector shutting down")
+        self._nursery.cancel_scope.cancel()
+
+    # --- streams from the relay -------------------------------------------------------------------
+
+    async def handle_stream(self, stream: H2Stream) -> None:
+        method, path = stream.method, stream.path
+        if method == "GET" and path == "/v1/printers":
+            await self._send_json(stream, 200, self.inventory().encode())
+        elif method == "GET" and path == "/v1/events":
+            await self._serve_events(stream)
+        elif method == "POST" and path == "/v1/drain":
+            await self._send_json(stream, 200, b'{"status":"draining"}')
+            self._drain_session(stream)
+        elif method == "POST" and (match := JOB_PATH.match(path)):
+            await self._serve_job(stream, match.group(1))
+        else:
+            await self._send_json(stream, 404, b'{"error":"not found"}')
+
+    def inventory(self) -> Inventory:
+        return Inventory(
+            name=self.name,
+            version=VERSION,
+            key_id=self.keys.current_key_id,
+            public_key=self.keys.current_public,
+            printers=tuple(p.info() for p in self.printers.values()),
+        )
+
+    async def _send_json(self, stream: H2Stream, status: int, body: bytes) -> None:
+        await stream.send_response(status, [("content-type", "application/json")])
+        await stream.send_data(body, end_stream=True)
+
+    async def _serve_events(self, stream: H2Stream) -> None:
+        send, receive = trio.open_memory_channel[bytes](64)
+        self._event_watchers.add(send)
+        try:
+            await stream.send_response(200, [("content-type", NDJSON)])
+            async with receive:
+                async for line in receive:
+                    await stream.send_data(line)
+        finally:
+            self._event_watchers.discard(send)
+
+    def _publish(self, line: bytes) -> None:
+        for watcher in list(self._event_watchers):
+            try:
+                watcher.send_nowait(line)
+            except trio.WouldBlock:
+                # A watcher that cannot keep up loses this event; the next inventory corrects it.
+                pass
+            except trio.BrokenResourceError:
+                self._event_watchers.discard(watcher)
+
+    def _drain_session(self, stream: H2Stream) -> None:
+        session = self.tunnel.session
+        if session is not None:
+            self._draining_sessions.add(id(session))
+            self._nursery.start_soon(self._close_when_idle, session)
+
+    async def _close_when_idle(self, session: H2Session) -> None:
+        while any(s is session for s in self._jobs_in_flight.values()):
+            await self._jobs_changed.wait()
+        session.close("relay asked us to drain")
+
+    # --- jobs -----------------------------------------------------------------------------------
+
+    async def _serve_job(self, stream: H2Stream, job_id: str) -> None:
+        session = self.tunnel.session
+        if self.draining or (session is not None and id(session) in self._draining_sessions):
+            await self._status(stream, JobStatus("retry", "connector is draining", retry_after=1), start=True)
+            stream.reset(0)
+            return
+        try:
+            ticket = JobTicketMessage.decode(stream.header(TICKET_HEADER) or "")
+            if ticket.job_id != job_id:
+                raise MessageError("ticket is for another job")
+        except MessageError as exc:
+            await self._status(stream, JobStatus("failed", f"bad job ticket: {exc}"), start=True)
+            stream.reset(0)
+            return
+        printer = self.printers.get(ticket.printer_id)
+        if printer is None:
+            await self._status(
+                stream, JobStatus("failed", f"printer {ticket.printer_id} is not served here"), start=True
+            )
+            stream.reset(0)
+            return
+
+        entry = await self.ledger.get(job_id)
+        if entry is not None and entry.state in ("handed", "completed", "failed"):
+            state = "failed" if entry.state == "failed" else "completed"
+            message = entry.message or "delivered before"
+            await self._status(
+                stream, JobStatus(state, message, entry.printer_job_id, duplicate=True), start=True
+            )
+            stream.reset(0)  # stop the upload: nothing will be printed
+            return
+
+        await stream.send_response(200, [("content-type", NDJSON)])
+        async with self._job_slots:
+            if session is not None:
+                self._jobs_in_flight[job_id] = session
+            try:
+                status = await self._deliver(stream, ticket, printer)
+            finally:
+                self._jobs_in_flight.pop(job_id, None)
+                self._jobs_changed.set()
+                self._jobs_changed = trio.Event()
+        await self._status(stream, status)
+        await stream.end()
+
+    async def _deliver(self, stream: H2Stream, ticket: JobTicketMessage, printer: PrinterEntry) -> JobStatus:
+        job_id = ticket.job_id
+        try:
+            dek = open_key(ticket.wrapped_key, self.keys.private_for(ticket.key_id), context=job_id.encode())
+        except (KeyError, IntegrityError) as exc:
+            return JobStatus("failed", f"cannot open the job's data key: {exc}")
+        opener = PayloadOpener(dek, job_id)
+        handed_on_accept = printer.spec.kind in ("ipp", "ipps")
+
+        async def document() -> AsyncIterator[bytes]:
+            async for chunk in stream.iter_data():
+                for plain in opener.feed(chunk):
+                    yield plain
+            opener.finish()
+            if not handed_on_accept:
+                # RAW/LPD: pulling past the last chunk means the printer took every byte.
+                await self.ledger.record(job_id, printer.spec.id, "handed", "printer took every byte")
+
+        async def progress(state: str, message: str) -> None:
+            if state == "printing":
+                if handed_on_accept:
+                    await self.ledger.record(job_id, printer.spec.id, "handed", message)
+                await self._status(stream, JobStatus("printing", message))
+
+        job = JobTicket(
+            job_id=job_id,
+            title=ticket.title,
+            document_format=ticket.document_format,
+            copies=ticket.copies,
+            user=ticket.user or "printrelay",
+            size=ticket.size,
+            options=ticket.options,
+        )
+        await self.ledger.record(job_id, printer.spec.id, "started", f"attempt {ticket.attempt}")
+        started = time.monotonic()
+        try:
+            async with printer.busy:
+                result = await printer.backend.deliver(job, document(), progress)
+        except IntegrityError as exc:
+            log.error("job %s failed its integrity check: %s", job_id, exc, extra={"job_id": job_id})
+            await self.ledger.record(job_id, printer.spec.id, "failed", f"integrity error: {exc}")
+            return JobStatus("failed", f"payload integrity check failed: {exc}")
+        except DeliveryError as exc:
+            if exc.retryable:
+                return JobStatus("retry", exc.message)
+            await self.ledger.record(job_id, printer.spec.id, "failed", exc.message)
+            return JobStatus("failed", exc.message)
+        except StreamClosed:
+            raise  # the relay went away; it will resend, the ledger says how far we got
+        self.deliveries += 1
+        await self.ledger.record(job_id, printer.spec.id, result.state, result.message, result.printer_job_id)
+        log.info(
+            "job %s %s on %s in %.2f s: %s", job_id, result.state, printer.spec.id,
+            time.monotonic() - started, result.message, extra={"job_id": job_id},
+        )  # fmt: skip
+        return JobStatus(result.state, result.message, result.printer_job_id)
+
+    async def _status(self, stream: H2Stream, status: JobStatus, *, start: bool = False) -> None:
+        if start:
+            await stream.send_response(200, [("content-type", NDJSON)])
+        await stream.send_data(status.encode())
+
+    # --- background -----------------------------------------------------------------------------
+
+    async def _probe_printers(self) -> None:
+        """Reachability of each printer; changes go to the relay as events."""
+        while True:
+            for printer in self.printers.values():
+                reachable = await printer.backend.probe()
+                state = "idle" if reachable else "stopped"
+                reasons = [] if reachable else ["offline-report"]
+                if state != printer.state:
+                    printer.state, printer.reasons = state, reasons
+                    self._publish(printer_event(printer.info()))
+            await trio.sleep(PROBE_INTERVAL)
+
+    async def _prune_ledger(self) -> None:
+        while True:
+            await self.ledger.prune()
+            await trio.sleep(LEDGER_PRUNE_INTERVAL)

@@ -1,0 +1,68 @@
+"""The connector's settings: every flag of ``printrelay connector`` and its default."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from printrelay.settings import option
+
+PRINTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+SCHEMES = ("ipp", "ipps", "socket")
+
+
+@dataclass(frozen=True)
+class PrinterSpec:
+    id: str
+    uri: str
+
+    @property
+    def kind(self) -> str:
+        return urlsplit(self.uri).scheme
+
+
+def parse_printer(text: str) -> PrinterSpec:
+    """``ID=URI``, e.g. ``office=ipp://10.0.0.5:631/ipp/print`` or ``label=socket://10.0.0.9:9100``."""
+    printer_id, sep, uri = text.partition("=")
+    printer_id, uri = printer_id.strip(), uri.strip()
+    if not sep or not printer_id or not uri:
+        raise ValueError(f"printer must be ID=URI, not {text!r}")
+    if not PRINTER_ID_RE.match(printer_id):
+        raise ValueError(f"invalid printer id {printer_id!r}: use letters, digits, '.', '_' or '-'")
+    parts = urlsplit(uri)
+    if parts.scheme not in SCHEMES or not parts.hostname:
+        raise ValueError(
+            f"printer {printer_id}: unsupported URI {uri!r} (use {', '.join(SCHEMES)}://HOST...)"
+        )
+    return PrinterSpec(printer_id, uri)
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    relay: str = option("ws://127.0.0.1:8081/v1/tunnel", "the relay's tunnel URL (ws:// or wss://)")
+    token: str = option("", "connector token (printrelay token create --kind connector)", secret=True)
+    printer: list[PrinterSpec] = option(
+        [], "a printer this connector serves, ID=URI; repeat for more", parse=parse_printer,
+        multiple=True, metavar="ID=URI",
+    )  # fmt: skip
+    state_dir: Path = option(
+        Path("printrelay-connector"), "keys and delivery ledger", parse=Path, metavar="DIR"
+    )
+    name: str = option("", "a name for this connector shown at the relay (default: host name)")
+    max_jobs: int = option(8, "jobs delivered at once")
+    drain_grace: float = option(60.0, "on SIGTERM, how long in-flight jobs may take to finish")
+    log_level: str = option("info", "debug, info, warning or error")
+    log_format: str = option("auto", "json, text, or auto (text on a terminal, else json)")
+
+    def __post_init__(self) -> None:
+        scheme = urlsplit(self.relay).scheme
+        if scheme not in {"ws", "wss"}:
+            raise ValueError(f"relay must be a ws:// or wss:// URL, not {self.relay!r}")
+        ids = [p.id for p in self.printer]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"printer id {duplicates[0]!r} given more than once")
+        if self.max_jobs < 1:
+            raise ValueError("max_jobs must be at least 1")

@@ -1,0 +1,111 @@
+"""The connector's durable record of what it handed to printers: no duplicate prints.
+
+A relay resends a job whenever it cannot be sure the job was delivered (a tunnel dropped, the relay
+restarted). Before delivering, the connector looks the job up here:
+
+* no entry, or ``started`` — the printer never took the whole job: deliver it (again);
+* ``handed`` — the printer took the job but we did not learn its end (the connector restarted):
+  do not print again; report it delivered;
+* ``completed`` / ``failed`` — answer with the recorded result, print nothing.
+
+Every write is committed with ``synchronous=FULL`` before the job moves on. The one window that cannot
+be closed: the printer has taken the last byte and the connector dies before ``handed`` is on disk. The
+resend then prints a second copy. ``handed`` is written the moment the printer confirms (IPP: the
+Print-Job response; RAW/LPD: the last byte written), so the window is one round trip wide.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS deliveries (
+    job_id TEXT PRIMARY KEY, printer_id TEXT NOT NULL, state TEXT NOT NULL, message TEXT NOT NULL,
+    printer_job_id INTEGER, started_at REAL NOT NULL, updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_updated ON deliveries (updated_at);
+"""
+
+FINAL = ("completed", "failed")
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    job_id: str
+    printer_id: str
+    state: str  # started | handed | completed | failed
+    message: str
+    printer_job_id: int | None
+    updated_at: float
+
+
+class Ledger:
+    def __init__(self, path: Path, *, keep_days: float = 30.0) -> None:
+        self.path = path
+        self.keep_seconds = keep_days * 86400
+        self._conn: sqlite3.Connection | None = None
+        self._limiter = trio.CapacityLimiter(1)
+
+    async def open(self) -> None:
+        def _open() -> sqlite3.Connection:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.executescript(SCHEMA)
+            return conn
+
+        self._conn = await trio.to_thread.run_sync(_open)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await trio.to_thread.run_sync(conn.close, limiter=self._limiter)
+
+    async def _run(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("ledger is not open")
+        return await trio.to_thread.run_sync(
+            lambda: conn.execute(sql, args).fetchall(), limiter=self._limiter
+        )
+
+    async def get(self, job_id: str) -> LedgerEntry | None:
+        rows = await self._run(
+            "SELECT job_id, printer_id, state, message, printer_job_id, updated_at FROM deliveries "
+            "WHERE job_id = ?",
+            (job_id,),
+        )
+        return LedgerEntry(*rows[0]) if rows else None
+
+    async def record(
+        self, job_id: str, printer_id: str, state: str, message: str = "", printer_job_id: int | None = None
+    ) -> None:
+        now = time.time()
+        await self._run(
+            "INSERT INTO deliveries (job_id, printer_id, state, message, printer_job_id, started_at, "
+            "updated_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET state = excluded.state, "
+            "message = excluded.message, printer_job_id = COALESCE(excluded.printer_job_id, printer_job_id), "
+            "updated_at = excluded.updated_at",
+            (job_id, printer_id, state, message, printer_job_id, now, now),
+        )
+
+    async def size(self) -> int:
+        rows = await self._run("SELECT COUNT(*) FROM deliveries", ())
+        return int(rows[0][0])
+
+    async def prune(self) -> int:
+        """Forget final entries older than ``keep_days``: the relay stops resending long before."""
+        cutoff = time.time() - self.keep_seconds
+        rows = await self._run(
+            "DELETE FROM deliveries WHERE updated_at < ? AND state IN ('completed', 'failed') RETURNING 1",
+            (cutoff,),
+        )
+        return len(rows)

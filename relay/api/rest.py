@@ -1,0 +1,228 @@
+"""The public REST API: submit jobs, follow them, list printers.
+
+Every request names its tenant through its bearer token; ids of other tenants answer 404, exactly as ids
+that do not exist. Errors are JSON ``{"error": "..."}`` naming the limit or the fix.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from relay.auth import AuthError, Principal, authenticate, bearer
+from relay.http.message import BodyTooLarge, HTTPError, Request, Response, format_bytes
+from relay.jobs import Job, JobState, new_job_id
+from relay.spool import PayloadTooLarge, SpoolFull
+from relay.store.base import Conflict
+
+if TYPE_CHECKING:
+    from relay.app import Relay
+
+Route = Callable[[Request, Principal, re.Match[str]], Awaitable[Response]]
+
+MAX_TITLE = 255
+MAX_COPIES = 999
+MAX_LIST = 500
+MAX_IDEMPOTENCY_KEY = 255
+FORMAT_RE = re.compile(r"^[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+$")
+
+
+def _one(request: Request, name: str, default: str | None = None) -> str | None:
+    values = request.query.get(name)
+    return values[-1] if values else default
+
+
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = _one(request, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise HTTPError(400, f"{name} must be an integer, not {raw!r}") from None
+    if not low <= value <= high:
+        raise HTTPError(400, f"{name} must be between {low} and {high}")
+    return value
+
+
+class RestApi:
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.routes: list[tuple[str, re.Pattern[str], str, Route]] = [
+            ("POST", re.compile(r"^/v1/printers/(?P<printer>[^/]+)/jobs$"), "jobs:submit", self.submit_job),
+            ("GET", re.compile(r"^/v1/printers$"), "jobs:read", self.list_printers),
+            ("GET", re.compile(r"^/v1/printers/(?P<printer>[^/]+)$"), "jobs:read", self.get_printer),
+            ("GET", re.compile(r"^/v1/jobs$"), "jobs:read", self.list_jobs),
+            ("GET", re.compile(r"^/v1/jobs/(?P<job>[^/]+)$"), "jobs:read", self.get_job),
+            ("GET", re.compile(r"^/v1/jobs/(?P<job>[^/]+)/events$"), "jobs:read", self.job_events),
+        ]
+
+    async def handle(self, request: Request) -> Response:
+        if request.path == "/healthz":
+            return Response.json({"status": "alive"})
+        if request.path == "/readyz":
+            return await self.ready()
+        allowed: list[str] = []
+        for method, pattern, scope, route in self.routes:
+            match = pattern.match(request.path)
+            if match is None:
+                continue
+            if method != request.method and not (method == "GET" and request.method == "HEAD"):
+                allowed.append(method)
+                continue
+            principal = await self._authenticate(request)
+            if not principal.allows(scope):
+                raise HTTPError(403, f"token lacks the {scope} scope")
+            return await route(request, principal, match)
+        if allowed:
+            raise HTTPError(405, f"method {request.method} not allowed", [("allow", ", ".join(allowed))])
+        raise HTTPError(404, f"no such resource: {request.path}")
+
+    async def _authenticate(self, request: Request) -> Principal:
+        token = bearer(request.headers.get("authorization"))
+        challenge = [("www-authenticate", 'Bearer realm="printrelay"')]
+        if token is None:
+            raise HTTPError(401, "missing bearer token (Authorization: Bearer <api token>)", challenge)
+        try:
+            return await authenticate(self.relay.store, token, kind="api")
+        except AuthError as exc:
+            raise HTTPError(401, str(exc), challenge) from None
+
+    async def ready(self) -> Response:
+        try:
+            await self.relay.store.check_writable()
+        except Exception as exc:
+            return Response.json({"status": "not ready", "reason": f"store not writable: {exc}"}, 503)
+        if not self.relay.accepting:
+            return Response.json({"status": "not ready", "reason": "starting or stopping"}, 503)
+        return Response.json({"status": "ready"})
+
+    # --- jobs -----------------------------------------------------------------------------------
+
+    async def submit_job(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
+        relay = self.relay
+        config = relay.config
+        printer = await relay.store.get_printer(principal.tenant, match["printer"])
+        if printer is None:
+            raise HTTPError(404, f"printer {match['printer']} not found")
+        length = request.body.content_length
+        if length is not None and length > config.max_job_bytes:
+            limit = format_bytes(config.max_job_bytes)
+            raise HTTPError(413, f"job too large: {format_bytes(length)} exceeds max_job_bytes={limit}")
+        connector = await relay.store.get_connector(principal.tenant, printer.connector_id)
+        if connector is None or not connector.public_key:
+            raise HTTPError(503, f"printer {printer.id}: its connector has never registered a key")
+        title = (_one(request, "title") or request.headers.get("x-job-title") or "untitled")[:MAX_TITLE]
+        copies = _int_param(request, "copies", 1, 1, MAX_COPIES)
+        document_format = (request.headers.get("content-type") or "application/octet-stream").split(";")[0]
+        document_format = document_format.strip().lower()
+        if not FORMAT_RE.match(document_format):
+            raise HTTPError(400, f"Content-Type {document_format!r} is not a MIME type")
+        idempotency_key = request.headers.get("idempotency-key")
+        if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
+            raise HTTPError(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+        user = (_one(request, "user") or principal.token_id)[:255]
+
+        job_id = new_job_id()
+        try:
+            stored = await relay.spool.store(
+                job_id, request.body, recipient_public=connector.public_key, max_bytes=config.max_job_bytes
+            )
+        except PayloadTooLarge:
+            raise HTTPError(
+                413, f"job too large: more than max_job_bytes={format_bytes(config.max_job_bytes)}"
+            ) from None
+        except BodyTooLarge:
+            raise
+        except SpoolFull as exc:
+            raise HTTPError(507, f"cannot accept the job: {exc}") from None
+
+        now = time.time()
+        job = Job(
+            id=job_id,
+            tenant=principal.tenant,
+            printer_id=printer.id,
+            state=JobState.QUEUED,
+            title=title,
+            document_format=document_format,
+            copies=copies,
+            user=user,
+            size=stored.size,
+            sealed_size=stored.sealed_size,
+            sha256=stored.sha256,
+            wrapped_key=stored.wrapped_key,
+            key_id=stored.key_id,
+            connector_id=printer.connector_id,
+            max_attempts=config.max_attempts,
+            idempotency_key=idempotency_key,
+            created_at=now,
+            updated_at=now,
+            expires_at=now + config.job_ttl,
+        )
+        try:
+            await relay.store.insert_job(job, f"accepted {stored.size} bytes")
+        except Conflict:
+            await relay.spool.erase(job_id)
+            earlier = (
+                await relay.store.find_job_by_idempotency_key(principal.tenant, idempotency_key)
+                if idempotency_key
+                else None
+            )
+            if earlier is None:
+                raise
+            if earlier.sha256 != stored.sha256 or earlier.printer_id != printer.id:
+                raise HTTPError(
+                    409, "Idempotency-Key was already used for a different document or printer"
+                ) from None
+            return Response.json(earlier.public(), 200, [("location", f"/v1/jobs/{earlier.id}")])
+        except BaseException:
+            await relay.spool.erase(job_id)
+            raise
+        relay.metrics.jobs_submitted.inc()
+        relay.metrics.job_bytes.inc(stored.size)
+        relay.job_queued(job)
+        return Response.json(job.public(), 201, [("location", f"/v1/jobs/{job.id}")])
+
+    async def get_job(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
+        job = await self._job(principal, match["job"])
+        return Response.json(job.public())
+
+    async def job_events(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
+        job = await self._job(principal, match["job"])
+        history = await self.relay.store.job_history(job.id)
+        return Response.json({"job_id": job.id, "events": [h.public() for h in history]})
+
+    async def list_jobs(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
+        state_text = _one(request, "state")
+        state = None
+        if state_text:
+            try:
+                state = JobState(state_text)
+            except ValueError:
+                known = ", ".join(s.value for s in JobState)
+                raise HTTPError(400, f"unknown state {state_text!r}; states are {known}") from None
+        limit = _int_param(request, "limit", 100, 1, MAX_LIST)
+        jobs = await self.relay.store.list_jobs(
+            principal.tenant, printer_id=_one(request, "printer_id"), state=state, limit=limit
+        )
+        return Response.json({"jobs": [j.public() for j in jobs]})
+
+    async def _job(self, principal: Principal, job_id: str) -> Job:
+        job = await self.relay.store.get_job(principal.tenant, job_id)
+        if job is None:
+            raise HTTPError(404, f"job {job_id} not found")
+        return job
+
+    # --- printers -------------------------------------------------------------------------------
+
+    async def list_printers(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
+        printers = await self.relay.store.list_printers(principal.tenant)
+        return Response.json({"printers": [p.public() for p in printers]})
+
+    async def get_printer(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
+        printer = await self.relay.store.get_printer(principal.tenant, match["printer"])
+        if printer is None:
+            raise HTTPError(404, f"printer {match['printer']} not found")
+        return Response.json(printer.public())

@@ -1,0 +1,101 @@
+"""The relay process: wires store, spool, public HTTP API and tunnel listener into one nursery."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import trio
+
+from relay.api.rest import RestApi
+from relay.config import RelayConfig
+from relay.http.server import HttpServer
+from relay.jobs import IllegalTransition, Job, JobEvent
+from relay.metrics import RelayMetrics
+from relay.spool import Spool
+from relay.store.base import Store
+from relay.store.sqlite import SqliteStore
+from relay.tunnel import ConnectorRegistry, TunnelListener
+
+log = logging.getLogger("printrelay.relay")
+
+EXPIRY_INTERVAL = 60.0
+
+
+@dataclass(frozen=True)
+class RelayAddresses:
+    http_port: int
+    tunnel_port: int
+
+
+class Relay:
+    """Everything one relay process runs; :meth:`run` owns all of its tasks."""
+
+    def __init__(self, config: RelayConfig, store: Store | None = None) -> None:
+        self.config = config
+        self.store: Store = store or SqliteStore(config.database_path)
+        self.spool = Spool(config.spool_dir)
+        self.registry = ConnectorRegistry()
+        self.metrics = RelayMetrics()
+        self.api = RestApi(self)
+        self.http = HttpServer(self.api.handle)
+        self.accepting = False
+
+    async def run(self, *, task_status: trio.TaskStatus[RelayAddresses] = trio.TASK_STATUS_IGNORED) -> None:
+        config = self.config
+        await self.store.open()
+        try:
+            await self._recover()
+            async with trio.open_nursery() as nursery:
+                host, port = config.listen
+                http_port = await nursery.start(self.http.serve, host, port)
+                thost, tport = config.tunnel_listen
+                tunnel_port = await nursery.start(TunnelListener(self).serve, thost, tport)
+                nursery.start_soon(self._expire_jobs)
+                self.accepting = True
+                log.info("relay ready: API on %s:%d, tunnel on %s:%d", host, http_port, thost, tunnel_port)
+                task_status.started(RelayAddresses(http_port, tunnel_port))
+        finally:
+            self.accepting = False
+            with trio.CancelScope(shield=True):
+                await self.store.close()
+
+    async def _recover(self) -> None:
+        """After a restart (or crash): no sessions are held, in-flight jobs queue again, and spool files
+        without a live job are removed."""
+        await self.store.reset_sessions()
+        requeued = await self.store.requeue_interrupted(time.time())
+        if requeued:
+            log.info("queued %d interrupted jobs again", len(requeued))
+        removed = await self.spool.remove_orphans(await self.store.all_job_ids_with_payload())
+        if removed:
+            log.info("removed %d orphaned spool files", removed)
+
+    async def job_finished(self, job: Job) -> None:
+        """A job reached a final state: erase its payload (crypto-shred) and count it."""
+        await self.spool.erase(job.id)
+        self.metrics.jobs_finished.labels(str(job.state)).inc()
+        if job.completed_at is not None:
+            self.metrics.delivery_latency.observe(max(0.0, job.completed_at - job.created_at))
+        log.info("job %s %s", job.id, job.state, extra={"job_id": job.id, "tenant": job.tenant})
+
+    def job_queued(self, job: Job) -> None:
+        self.registry.wake(job.tenant, job.connector_id)
+
+    def metrics_registration_failed(self, reason: str) -> None:
+        label = "revoked" if "revoked" in reason else "expired" if "expired" in reason else "invalid"
+        self.metrics.registration_failures.labels(label).inc()
+
+    async def _expire_jobs(self) -> None:
+        while True:
+            for job in await self.store.expired_jobs(time.time(), 500):
+                try:
+                    done = await self.store.transition(
+                        job.id, JobEvent.EXPIRE, "not delivered before expires_at", time.time()
+                    )
+                except IllegalTransition:
+                    continue
+                if done is not None:
+                    await self.job_finished(done)
+            await trio.sleep(EXPIRY_INTERVAL)

@@ -1,0 +1,130 @@
+"""Bearer tokens: 256-bit random secrets, shown once, stored only as a SHA-256 hash.
+
+A token reads ``pr<kind>_<id>_<secret>``: ``kind`` is ``a`` (API) or ``c`` (connector), ``id`` is a short
+public prefix that identifies the token in listings and logs, ``secret`` carries 256 random bits. The
+relay looks a token up by its id and compares hashes in constant time. A plain hash (not a slow KDF) is
+right here: the secret is random and long, so there is nothing to brute-force.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+from relay.store.base import Store, TokenRecord
+
+KINDS = {"api": "a", "connector": "c"}
+API_SCOPES = ("jobs:submit", "jobs:read", "printers:admin", "admin")
+DEFAULT_API_SCOPES = ("jobs:submit", "jobs:read")
+TOKEN_RE = re.compile(r"^pr([ac])_([a-z0-9]{10})_([A-Za-z0-9_-]{43})$")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class AuthError(Exception):
+    """The request carries no valid credentials; the message is safe to show."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    tenant: str
+    kind: str
+    token_id: str
+    scopes: tuple[str, ...] = ()
+    connector_id: str | None = None
+
+    def allows(self, scope: str) -> bool:
+        return "admin" in self.scopes or scope in self.scopes
+
+
+def hash_secret(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def validate_name(what: str, value: str) -> str:
+    if not NAME_RE.match(value):
+        raise ValueError(
+            f"invalid {what} {value!r}: use 1-63 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def new_token(
+    tenant: str,
+    kind: str,
+    *,
+    scopes: tuple[str, ...] = (),
+    connector_id: str | None = None,
+    label: str = "",
+    expires_in: float | None = None,
+    now: float | None = None,
+) -> tuple[str, TokenRecord]:
+    """Make a token; returns the secret (show it once) and the record to store."""
+    if kind not in KINDS:
+        raise ValueError(f"token kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    validate_name("tenant", tenant)
+    if kind == "api":
+        bad = [s for s in scopes if s not in API_SCOPES]
+        if bad:
+            raise ValueError(f"unknown scope {bad[0]!r}; scopes are {', '.join(API_SCOPES)}")
+        scopes = scopes or DEFAULT_API_SCOPES
+        connector_id = None
+    else:
+        scopes = ()
+        connector_id = validate_name("connector id", connector_id or f"connector-{secrets.token_hex(3)}")
+    token_id = base64.b32encode(secrets.token_bytes(10)).decode().lower()[:10]
+    token_id = token_id.replace("=", "a")
+    secret = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+    token = f"pr{KINDS[kind]}_{token_id}_{secret}"
+    created = time.time() if now is None else now
+    record = TokenRecord(
+        id=token_id,
+        tenant=tenant,
+        kind=kind,
+        secret_hash=hash_secret(token),
+        scopes=scopes,
+        connector_id=connector_id,
+        label=label,
+        created_at=created,
+        expires_at=created + expires_in if expires_in else None,
+    )
+    return token, record
+
+
+async def authenticate(store: Store, token: str, *, kind: str, now: float | None = None) -> Principal:
+    """Check a bearer token; raises :class:`AuthError` with a reason that does not help an attacker."""
+    match = TOKEN_RE.match(token.strip())
+    if match is None or match.group(1) != KINDS.get(kind):
+        raise AuthError(f"invalid {kind} token")
+    record = await store.get_token(match.group(2))
+    # Compare even when the record is missing, so timing says nothing about which ids exist.
+    expected = record.secret_hash if record is not None else "0" * 64
+    if not hmac.compare_digest(expected, hash_secret(token.strip())) or record is None:
+        raise AuthError(f"invalid {kind} token")
+    now = time.time() if now is None else now
+    if record.revoked_at is not None:
+        raise AuthError("token revoked")
+    if record.expires_at is not None and record.expires_at <= now:
+        raise AuthError("token expired")
+    return Principal(
+        tenant=record.tenant,
+        kind=record.kind,
+        token_id=record.id,
+        scopes=record.scopes,
+        connector_id=record.connector_id,
+    )
+
+
+def bearer(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer ...`` header."""
+    if not authorization:
+        return None
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()

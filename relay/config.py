@@ -1,0 +1,56 @@
+"""The relay's settings: every flag of ``printrelay serve``, its default, and its limit.
+
+One place for each limit and default (STYLE.md); flags, ``PRINTRELAY_*`` variables and the TOML file are
+derived from these fields by :mod:`printrelay.settings`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from printrelay.settings import option, parse_duration, parse_hostport, parse_size
+
+GiB = 1024**3
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    listen: tuple[str, int] = option(
+        ("127.0.0.1", 8080), "public HTTP API and IPP endpoint, HOST:PORT", parse=parse_hostport,
+        metavar="HOST:PORT",
+    )  # fmt: skip
+    tunnel_listen: tuple[str, int] = option(
+        ("127.0.0.1", 8081), "WebSocket listener for connectors, HOST:PORT", parse=parse_hostport,
+        metavar="HOST:PORT",
+    )  # fmt: skip
+    data_dir: Path = option(Path("printrelay-data"), "SQLite database and spool", parse=Path, metavar="DIR")
+    public_url: str = option("", "URL clients use to reach --listen (for IPP printer-uri and links)")
+    max_job_bytes: int = option(1 * GiB, "largest document accepted (413 above)", parse=parse_size)
+    job_ttl: float = option(14 * 86400.0, "undelivered jobs expire after this long", parse=parse_duration)
+    max_attempts: int = option(5, "delivery attempts before a job fails")
+    retry_base: float = option(
+        2.0, "first retry delay; doubles per attempt, with jitter", parse=parse_duration
+    )
+    retry_cap: float = option(300.0, "longest retry delay", parse=parse_duration)
+    max_streams_per_connector: int = option(32, "jobs streamed to one connector session at once")
+    log_level: str = option("info", "debug, info, warning or error")
+    log_format: str = option("auto", "json, text, or auto (text on a terminal, else json)")
+
+    def __post_init__(self) -> None:
+        if self.max_job_bytes <= 0:
+            raise ValueError("max_job_bytes must be positive")
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        if self.max_streams_per_connector < 1:
+            raise ValueError("max_streams_per_connector must be at least 1")
+        if self.log_format not in {"json", "text", "auto"}:
+            raise ValueError(f"log_format must be json, text or auto, not {self.log_format!r}")
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "relay.sqlite3"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"

@@ -1,0 +1,209 @@
+"""Moves queued jobs onto a connector session: one HTTP/2 stream per job.
+
+Each :class:`~relay.tunnel.ConnectorSession` runs one :class:`Dispatcher`. It claims due jobs of its
+connector from the store (``queued → sending``), streams each job's sealed payload as the body of
+``POST /v1/jobs/{id}`` and follows the NDJSON status lines the connector answers with. HTTP/2 flow
+control paces the upload to what the printer takes.
+
+Failure handling:
+
+* the tunnel drops mid-stream → the job goes back to ``queued`` at once (no attempt is burnt: the
+  connector's ledger keeps a resend from printing twice);
+* the printer is busy or unreachable (``retry``) → ``queued`` with exponential backoff and jitter, until
+  ``max_attempts``, then ``failed`` with the last error;
+* the printer refused or aborted the job → ``failed``.
+
+Final states erase the payload.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from contextlib import aclosing
+from typing import TYPE_CHECKING
+
+import trio
+
+from relay.jobs import IllegalTransition, Job, JobEvent
+from tunnel.messages import NDJSON, TICKET_HEADER, JobStatus, JobTicketMessage, LineSplitter, MessageError
+from tunnel.session import H2Stream, SessionClosed, StreamClosed
+
+if TYPE_CHECKING:
+    from relay.app import Relay
+    from relay.tunnel import ConnectorSession
+
+log = logging.getLogger("printrelay.relay.dispatch")
+
+IDLE_POLL = 5.0  # re-check the queue this often even without a wakeup (retries coming due)
+RESPONSE_TIMEOUT = 60.0  # connector must answer a job stream's headers within this
+PROGRESS_TIMEOUT = 24 * 3600.0  # a job may print for a long time; the tunnel's PINGs detect dead peers
+
+
+def retry_delay(attempts: int, base: float, cap: float) -> float:
+    """Exponential backoff with jitter: half fixed, half random, so retries neither bunch nor vanish."""
+    ceiling = min(cap, base * 2.0 ** max(0, attempts - 1))
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+class Dispatcher:
+    def __init__(self, relay: Relay, session: ConnectorSession) -> None:
+        self.relay = relay
+        self.session = session
+        self.in_flight = 0
+        self._slot_freed = trio.Event()
+
+    async def run(self) -> None:
+        relay, session = self.relay, self.session
+        limit = relay.config.max_streams_per_connector
+        wakeup = relay.registry.wakeup(session.tenant, session.connector_id)
+        async with trio.open_nursery() as nursery:
+            while session.h2.is_open:
+                free = limit - self.in_flight
+                jobs = []
+                if free > 0:
+                    jobs = await relay.store.claim_jobs(
+                        session.tenant, session.connector_id, time.time(), free
+                    )
+                for job in jobs:
+                    self.in_flight += 1
+                    nursery.start_soon(self._deliver, job)
+                if jobs and len(jobs) == free:
+                    continue  # there may be more; claim again once a slot frees
+                due = await relay.store.next_due(session.tenant, session.connector_id)
+                timeout = IDLE_POLL if due is None else max(0.0, min(IDLE_POLL, due - time.time()))
+                if self.in_flight >= limit:
+                    await self._slot_freed.wait()
+                else:
+                    with trio.move_on_after(timeout):
+                        await wakeup.wait()
+
+    async def _deliver(self, job: Job) -> None:
+        try:
+            await self._stream_job(job)
+        finally:
+            self.in_flight -= 1
+            self._slot_freed.set()
+            self._slot_freed = trio.Event()
+
+    async def _stream_job(self, job: Job) -> None:
+        h2 = self.session.h2
+        ticket = JobTicketMessage(
+            job_id=job.id,
+            printer_id=job.printer_id,
+            title=job.title,
+            document_format=job.document_format,
+            copies=job.copies,
+            user=job.user,
+            size=job.size,
+            sealed_size=job.sealed_size,
+            key_id=job.key_id,
+            wrapped_key=job.wrapped_key,
+            attempt=job.attempts,
+            options=job.options,
+        )
+        final: JobStatus | None = None
+        try:
+            stream = await h2.open_stream(
+                "POST",
+                f"/v1/jobs/{job.id}",
+                [(TICKET_HEADER, ticket.encode()), ("content-length", str(job.sealed_size))],
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._upload, stream, job)
+                with trio.fail_after(RESPONSE_TIMEOUT):
+                    await stream.receive_response()
+                if stream.status != 200:
+                    body = (await stream.read_body(16 * 1024)).decode(errors="replace").strip()
+                    final = JobStatus("retry", f"connector answered {stream.status}: {body}")
+                else:
+                    with trio.fail_after(PROGRESS_TIMEOUT):
+                        final = await self._follow(stream, job)
+                nursery.cancel_scope.cancel()  # the connector may answer before it read everything
+        except (StreamClosed, SessionClosed) as exc:
+            await self._requeue(job, f"tunnel lost while sending: {exc}")
+            return
+        except trio.TooSlowError:
+            await self._requeue(job, "connector did not answer in time")
+            h2.close("connector stopped answering a job stream")
+            return
+        except MessageError as exc:
+            final = JobStatus("retry", f"connector sent a malformed status: {exc}")
+        if final is None:
+            final = JobStatus("retry", "connector ended the stream without a result")
+        await self._finish(job, final)
+
+    async def _upload(self, stream: H2Stream, job: Job) -> None:
+        try:
+            async with aclosing(self.relay.spool.open(job.id)) as chunks:
+                async for chunk in chunks:
+                    await stream.send_data(chunk)
+                    self.relay.metrics.tunnel_bytes_out(len(chunk))
+            await stream.end()
+        except (StreamClosed, SessionClosed):
+            pass  # the response side reports what happened
+        except FileNotFoundError:
+            stream.reset()
+            log.error("payload of job %s is missing from the spool", job.id, extra={"job_id": job.id})
+
+    async def _follow(self, stream: H2Stream, job: Job) -> JobStatus | None:
+        if NDJSON not in (stream.header("content-type", stream.response_headers) or ""):
+            raise MessageError("job stream answered without NDJSON")
+        splitter = LineSplitter()
+        async for chunk in stream.iter_data():
+            for line in splitter.feed(chunk):
+                status = JobStatus.decode(line)
+                if status.final:
+                    return status
+                if status.state == "printing":
+                    await self._transition(
+                        job, JobEvent.ACCEPTED, status.message or "printer accepted the job"
+                    )
+        return None
+
+    async def _transition(self, job: Job, event: JobEvent, message: str, **fields: object) -> Job | None:
+        try:
+            return await self.relay.store.transition(job.id, event, message, time.time(), **fields)
+        except IllegalTransition as exc:
+            # e.g. canceled meanwhile: the newer state stands
+            log.info("job %s: %s (%s)", job.id, exc, message, extra={"job_id": job.id})
+            return None
+
+    async def _requeue(self, job: Job, message: str) -> None:
+        with trio.CancelScope(shield=True):
+            # A lost tunnel is not the job's fault: give the attempt back.
+            await self._transition(
+                job, JobEvent.RETRY, message, next_attempt_at=time.time(), attempts=max(0, job.attempts - 1)
+            )
+
+    async def _finish(self, job: Job, status: JobStatus) -> None:
+        relay = self.relay
+        now = time.time()
+        with trio.CancelScope(shield=True):
+            if status.state == "completed":
+                message = status.message or "printed"
+                if status.duplicate:
+                    message += " (already delivered earlier; not printed again)"
+                done = await self._transition(job, JobEvent.COMPLETE, message)
+            elif status.state == "retry" and job.attempts < job.max_attempts:
+                delay = status.retry_after or retry_delay(
+                    job.attempts, relay.config.retry_base, relay.config.retry_cap
+                )
+                done = None
+                await self._transition(
+                    job, JobEvent.RETRY,
+                    f"attempt {job.attempts} failed: {status.message}; retrying in {delay:.0f} s",
+                    next_attempt_at=now + delay, last_error=status.message,
+                )  # fmt: skip
+            elif status.state == "canceled":
+                done = await self._transition(
+                    job, JobEvent.CANCEL, status.message or "canceled at the printer"
+                )
+            else:
+                reason = status.message or "delivery failed"
+                if status.state == "retry":
+                    reason = f"gave up after {job.attempts} attempts: {reason}"
+                done = await self._transition(job, JobEvent.FAIL, reason, last_error=status.message)
+            if done is not None and done.state.final:
+                await relay.job_finished(done)

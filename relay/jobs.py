@@ -1,0 +1,166 @@
+"""A print job's life, as a transition table (DESIGN §6). Pure: no I/O, no clock.
+
+    held ──release──▶ queued ──dispatch──▶ sending ──accepted──▶ printing ──complete──▶ completed
+                        ▲                    │  │                  │  │
+                        └──────retry─────────┘  └──────fail────────┴──┴──▶ failed
+    any non-final state ──cancel──▶ canceled;  held/queued ──expire──▶ expired
+
+A retry returns the job to ``queued`` (tunnel lost, printer busy); the dispatcher honours its
+``next_attempt_at``. Final states never change again.
+"""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class JobState(enum.StrEnum):
+    HELD = "held"
+    QUEUED = "queued"
+    SENDING = "sending"
+    PRINTING = "printing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELED = "canceled"
+    EXPIRED = "expired"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELED, JobState.EXPIRED})
+
+
+class JobEvent(enum.StrEnum):
+    RELEASE = "release"
+    DISPATCH = "dispatch"
+    ACCEPTED = "accepted"
+    COMPLETE = "complete"
+    FAIL = "fail"
+    RETRY = "retry"
+    CANCEL = "cancel"
+    EXPIRE = "expire"
+
+
+S, E = JobState, JobEvent
+TRANSITIONS: dict[tuple[JobState, JobEvent], JobState] = {
+    (S.HELD, E.RELEASE): S.QUEUED,
+    (S.HELD, E.CANCEL): S.CANCELED,
+    (S.HELD, E.EXPIRE): S.EXPIRED,
+    (S.QUEUED, E.DISPATCH): S.SENDING,
+    (S.QUEUED, E.CANCEL): S.CANCELED,
+    (S.QUEUED, E.EXPIRE): S.EXPIRED,
+    (S.QUEUED, E.FAIL): S.FAILED,
+    (S.SENDING, E.ACCEPTED): S.PRINTING,
+    (S.SENDING, E.COMPLETE): S.COMPLETED,
+    (S.SENDING, E.FAIL): S.FAILED,
+    (S.SENDING, E.RETRY): S.QUEUED,
+    (S.SENDING, E.CANCEL): S.CANCELED,
+    (S.PRINTING, E.COMPLETE): S.COMPLETED,
+    (S.PRINTING, E.FAIL): S.FAILED,
+    (S.PRINTING, E.RETRY): S.QUEUED,
+    (S.PRINTING, E.CANCEL): S.CANCELED,
+}
+del S, E
+
+# IPP job-state values (RFC 8011 §5.3.7) for each relay state.
+IPP_JOB_STATE: dict[JobState, int] = {
+    JobState.HELD: 4,  # pending-held
+    JobState.QUEUED: 3,  # pending
+    JobState.SENDING: 5,  # processing
+    JobState.PRINTING: 5,
+    JobState.COMPLETED: 9,
+    JobState.FAILED: 8,  # aborted
+    JobState.CANCELED: 7,
+    JobState.EXPIRED: 8,
+}
+
+
+class IllegalTransition(Exception):
+    def __init__(self, state: JobState, event: JobEvent) -> None:
+        super().__init__(f"a {state} job cannot {event}")
+        self.state = state
+        self.event = event
+
+
+def next_state(state: JobState, event: JobEvent) -> JobState:
+    try:
+        return TRANSITIONS[(state, event)]
+    except KeyError:
+        raise IllegalTransition(state, event) from None
+
+
+def new_job_id() -> str:
+    """Time-ordered (milliseconds, hex) then random: ids sort by submission and are unguessable."""
+    return f"{int(time.time() * 1000):011x}{secrets.token_hex(8)}"
+
+
+@dataclass
+class Job:
+    id: str
+    tenant: str
+    printer_id: str
+    state: JobState
+    title: str = ""
+    document_format: str = "application/octet-stream"
+    copies: int = 1
+    user: str = ""
+    size: int = 0
+    sealed_size: int = 0
+    sha256: str = ""
+    wrapped_key: bytes = b""
+    key_id: str = ""
+    connector_id: str = ""
+    attempts: int = 0
+    max_attempts: int = 5
+    next_attempt_at: float = 0.0
+    last_error: str = ""
+    idempotency_key: str | None = None
+    options: dict[str, str] = field(default_factory=dict)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    completed_at: float | None = None
+    expires_at: float | None = None
+
+    def public(self) -> dict[str, Any]:
+        """The job as the REST API shows it: never key material."""
+        return {
+            "id": self.id,
+            "state": str(self.state),
+            "printer_id": self.printer_id,
+            "title": self.title,
+            "document_format": self.document_format,
+            "copies": self.copies,
+            "user": self.user,
+            "size": self.size,
+            "attempts": self.attempts,
+            "max_attempts": self.max_attempts,
+            "last_error": self.last_error or None,
+            "options": self.options,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+            "completed_at": _iso(self.completed_at),
+            "expires_at": _iso(self.expires_at),
+        }
+
+
+@dataclass(frozen=True)
+class JobHistoryEntry:
+    job_id: str
+    at: float
+    state: JobState
+    message: str
+
+    def public(self) -> dict[str, Any]:
+        return {"at": _iso(self.at), "state": str(self.state), "message": self.message}
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"

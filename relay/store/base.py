@@ -1,0 +1,118 @@
+"""What the relay keeps about tenants' tokens, connectors, printers and jobs — the store's interface.
+
+Callers depend on :class:`Store` only; SQLite (``relay.store.sqlite``) is the embedded default and a
+PostgreSQL backend can follow without touching them (DESIGN §7). All SQL lives in the backends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from relay.jobs import Job, JobEvent, JobHistoryEntry, JobState
+
+
+@dataclass
+class TokenRecord:
+    id: str  # the public prefix shown in listings and logs
+    tenant: str
+    kind: str  # "api" | "connector"
+    secret_hash: str
+    scopes: tuple[str, ...] = ()
+    connector_id: str | None = None
+    label: str = ""
+    created_at: float = 0.0
+    expires_at: float | None = None
+    revoked_at: float | None = None
+
+
+@dataclass
+class ConnectorRecord:
+    tenant: str
+    id: str
+    public_key: bytes = b""
+    key_id: str = ""
+    name: str = ""
+    version: str = ""
+    sessions: int = 0
+    last_seen: float = 0.0
+
+    @property
+    def online(self) -> bool:
+        return self.sessions > 0
+
+
+@dataclass
+class Printer:
+    tenant: str
+    id: str
+    connector_id: str
+    uri: str = ""
+    kind: str = ""
+    state: str = "unknown"  # idle | processing | stopped | unknown (as the printer reports it)
+    reasons: list[str] = field(default_factory=list)
+    capabilities: dict[str, Any] = field(default_factory=dict)
+    online: bool = False  # its connector holds a session
+    updated_at: float = 0.0
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "connector_id": self.connector_id,
+            "online": self.online,
+            "state": self.state if self.online else "offline",
+            "printer_state": self.state,
+            "reasons": self.reasons,
+            "kind": self.kind,
+            "capabilities": self.capabilities,
+        }
+
+
+class StoreError(Exception):
+    pass
+
+
+class Conflict(StoreError):
+    """A uniqueness rule was broken (an id or Idempotency-Key already used)."""
+
+
+class Store(Protocol):
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def check_writable(self) -> None: ...
+
+    # tokens
+    async def add_token(self, token: TokenRecord) -> None: ...
+    async def get_token(self, token_id: str) -> TokenRecord | None: ...
+    async def list_tokens(self, tenant: str | None = None) -> list[TokenRecord]: ...
+    async def revoke_token(self, token_id: str, at: float) -> bool: ...
+
+    # connectors and printers
+    async def upsert_connector(self, connector: ConnectorRecord) -> None: ...
+    async def get_connector(self, tenant: str, connector_id: str) -> ConnectorRecord | None: ...
+    async def connector_session_changed(
+        self, tenant: str, connector_id: str, delta: int, at: float
+    ) -> None: ...
+    async def reset_sessions(self) -> None: ...
+    async def replace_printers(self, tenant: str, connector_id: str, printers: Sequence[Printer]) -> None: ...
+    async def update_printer(self, printer: Printer) -> None: ...
+    async def get_printer(self, tenant: str, printer_id: str) -> Printer | None: ...
+    async def list_printers(self, tenant: str) -> list[Printer]: ...
+
+    # jobs
+    async def insert_job(self, job: Job, message: str) -> Job: ...
+    async def get_job(self, tenant: str, job_id: str) -> Job | None: ...
+    async def find_job_by_idempotency_key(self, tenant: str, key: str) -> Job | None: ...
+    async def list_jobs(
+        self, tenant: str, *, printer_id: str | None = None, state: JobState | None = None, limit: int = 100
+    ) -> list[Job]: ...
+    async def claim_jobs(self, tenant: str, connector_id: str, now: float, limit: int) -> list[Job]: ...
+    async def transition(
+        self, job_id: str, event: JobEvent, message: str, at: float, **fields: Any
+    ) -> Job | None: ...
+    async def job_history(self, job_id: str) -> list[JobHistoryEntry]: ...
+    async def next_due(self, tenant: str, connector_id: str) -> float | None: ...
+    async def requeue_interrupted(self, at: float) -> list[str]: ...
+    async def expired_jobs(self, now: float, limit: int) -> list[Job]: ...
+    async def all_job_ids_with_payload(self) -> set[str]: ...

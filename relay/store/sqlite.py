@@ -1,0 +1,494 @@
+"""The embedded store: one SQLite database in WAL mode.
+
+One connection, used from worker threads one call at a time (``trio.to_thread`` with a limiter of one):
+SQLite serialises writers anyway, and a single connection keeps transactions simple. ``synchronous=FULL``
+makes every commit durable before we answer 201. Other processes (``printrelay token create``) may write
+the same file at the same time; WAL plus a busy timeout lets them.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from relay.jobs import Job, JobEvent, JobHistoryEntry, JobState, next_state
+from relay.store.base import Conflict, ConnectorRecord, Printer, TokenRecord
+
+T = TypeVar("T")
+
+SCHEMA = [
+    # version 1
+    """
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY, tenant TEXT NOT NULL, kind TEXT NOT NULL, secret_hash TEXT NOT NULL,
+        scopes TEXT NOT NULL DEFAULT '', connector_id TEXT, label TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL, expires_at REAL, revoked_at REAL
+    );
+    CREATE TABLE connectors (
+        tenant TEXT NOT NULL, id TEXT NOT NULL, public_key BLOB NOT NULL, key_id TEXT NOT NULL,
+        name TEXT NOT NULL DEFAULT '', version TEXT NOT NULL DEFAULT '',
+        sessions INTEGER NOT NULL DEFAULT 0, last_seen REAL NOT NULL DEFAULT 0,
+        PRIMARY KEY (tenant, id)
+    );
+    CREATE TABLE printers (
+        tenant TEXT NOT NULL, id TEXT NOT NULL, connector_id TEXT NOT NULL,
+        uri TEXT NOT NULL DEFAULT '', kind TEXT NOT NULL DEFAULT '', state TEXT NOT NULL DEFAULT 'unknown',
+        reasons TEXT NOT NULL DEFAULT '[]', capabilities TEXT NOT NULL DEFAULT '{}',
+        updated_at REAL NOT NULL DEFAULT 0,
+        PRIMARY KEY (tenant, id)
+    );
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY, tenant TEXT NOT NULL, printer_id TEXT NOT NULL, state TEXT NOT NULL,
+        title TEXT NOT NULL, document_format TEXT NOT NULL, copies INTEGER NOT NULL, user TEXT NOT NULL,
+        size INTEGER NOT NULL, sealed_size INTEGER NOT NULL, sha256 TEXT NOT NULL,
+        wrapped_key BLOB NOT NULL, key_id TEXT NOT NULL, connector_id TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0, max_attempts INTEGER NOT NULL,
+        next_attempt_at REAL NOT NULL DEFAULT 0, last_error TEXT NOT NULL DEFAULT '',
+        idempotency_key TEXT, options TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL, updated_at REAL NOT NULL, completed_at REAL, expires_at REAL
+    );
+    CREATE INDEX jobs_queue ON jobs (tenant, connector_id, state, next_attempt_at);
+    CREATE INDEX jobs_printer ON jobs (tenant, printer_id, created_at);
+    CREATE UNIQUE INDEX jobs_idempotency ON jobs (tenant, idempotency_key) WHERE idempotency_key IS NOT NULL;
+    CREATE TABLE job_events (
+        job_id TEXT NOT NULL, at REAL NOT NULL, state TEXT NOT NULL, message TEXT NOT NULL
+    );
+    CREATE INDEX job_events_job ON job_events (job_id, at);
+    """,
+]
+
+JOB_COLUMNS = (
+    "id, tenant, printer_id, state, title, document_format, copies, user, size, sealed_size, sha256, "
+    "wrapped_key, key_id, connector_id, attempts, max_attempts, next_attempt_at, last_error, "
+    "idempotency_key, options, created_at, updated_at, completed_at, expires_at"
+)
+# Fields a transition may change besides the state.
+MUTABLE_JOB_FIELDS = {
+    "attempts", "next_attempt_at", "last_error", "completed_at", "wrapped_key", "printer_id",
+    "connector_id", "key_id", "expires_at",
+}  # fmt: skip
+
+
+def open_connection(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    for number, script in enumerate(SCHEMA[version:], start=version + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executescript(f"{script}; PRAGMA user_version={number};".replace(";;", ";"))
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        if conn.in_transaction:
+            conn.execute("COMMIT")
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        tenant=row["tenant"],
+        printer_id=row["printer_id"],
+        state=JobState(row["state"]),
+        title=row["title"],
+        document_format=row["document_format"],
+        copies=row["copies"],
+        user=row["user"],
+        size=row["size"],
+        sealed_size=row["sealed_size"],
+        sha256=row["sha256"],
+        wrapped_key=bytes(row["wrapped_key"]),
+        key_id=row["key_id"],
+        connector_id=row["connector_id"],
+        attempts=row["attempts"],
+        max_attempts=row["max_attempts"],
+        next_attempt_at=row["next_attempt_at"],
+        last_error=row["last_error"],
+        idempotency_key=row["idempotency_key"],
+        options=json.loads(row["options"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        completed_at=row["completed_at"],
+        expires_at=row["expires_at"],
+    )
+
+
+def _printer(row: sqlite3.Row) -> Printer:
+    return Printer(
+        tenant=row["tenant"],
+        id=row["id"],
+        connector_id=row["connector_id"],
+        uri=row["uri"],
+        kind=row["kind"],
+        state=row["state"],
+        reasons=json.loads(row["reasons"]),
+        capabilities=json.loads(row["capabilities"]),
+        online=bool(row["sessions"]),
+        updated_at=row["updated_at"],
+    )
+
+
+def _token(row: sqlite3.Row) -> TokenRecord:
+    return TokenRecord(
+        id=row["id"],
+        tenant=row["tenant"],
+        kind=row["kind"],
+        secret_hash=row["secret_hash"],
+        scopes=tuple(s for s in row["scopes"].split(",") if s),
+        connector_id=row["connector_id"],
+        label=row["label"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+PRINTER_SELECT = (
+    "SELECT p.*, COALESCE(c.sessions, 0) AS sessions FROM printers p "
+    "LEFT JOIN connectors c ON c.tenant = p.tenant AND c.id = p.connector_id"
+)
+
+
+class SqliteStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+        self._limiter = trio.CapacityLimiter(1)
+
+    # --- plumbing -------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+        def _open() -> sqlite3.Connection:
+            conn = open_connection(self.path)
+            migrate(conn)
+            return conn
+
+        self._conn = await trio.to_thread.run_sync(_open)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await trio.to_thread.run_sync(conn.close, limiter=self._limiter)
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("store is not open")
+        return await trio.to_thread.run_sync(fn, conn, limiter=self._limiter)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def in_transaction(conn: sqlite3.Connection) -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        return await self._run(in_transaction)
+
+    async def check_writable(self) -> None:
+        await self._write(lambda c: c.execute("CREATE TEMP TABLE IF NOT EXISTS ready_probe (x)"))
+
+    # --- tokens ---------------------------------------------------------------------------------
+
+    async def add_token(self, token: TokenRecord) -> None:
+        await self._write(lambda c: add_token_sync(c, token))
+
+    async def get_token(self, token_id: str) -> TokenRecord | None:
+        row = await self._run(
+            lambda c: c.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
+        )
+        return _token(row) if row else None
+
+    async def list_tokens(self, tenant: str | None = None) -> list[TokenRecord]:
+        return await self._run(lambda c: list_tokens_sync(c, tenant))
+
+    async def revoke_token(self, token_id: str, at: float) -> bool:
+        return await self._write(lambda c: revoke_token_sync(c, token_id, at))
+
+    # --- connectors and printers ----------------------------------------------------------------
+
+    async def upsert_connector(self, connector: ConnectorRecord) -> None:
+        def upsert(c: sqlite3.Connection) -> None:
+            c.execute(
+                "INSERT INTO connectors (tenant, id, public_key, key_id, name, version, last_seen) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, id) DO UPDATE SET "
+                "public_key = excluded.public_key, key_id = excluded.key_id, name = excluded.name, "
+                "version = excluded.version, last_seen = excluded.last_seen",
+                (
+                    connector.tenant, connector.id, connector.public_key, connector.key_id,
+                    connector.name, connector.version, connector.last_seen,
+                ),
+            )  # fmt: skip
+
+        await self._write(upsert)
+
+    async def get_connector(self, tenant: str, connector_id: str) -> ConnectorRecord | None:
+        def get(c: sqlite3.Connection) -> ConnectorRecord | None:
+            row = c.execute(
+                "SELECT * FROM connectors WHERE tenant = ? AND id = ?", (tenant, connector_id)
+            ).fetchone()
+            if row is None:
+                return None
+            return ConnectorRecord(
+                tenant=row["tenant"], id=row["id"], public_key=bytes(row["public_key"]),
+                key_id=row["key_id"], name=row["name"], version=row["version"],
+                sessions=row["sessions"], last_seen=row["last_seen"],
+            )  # fmt: skip
+
+        return await self._run(get)
+
+    async def connector_session_changed(self, tenant: str, connector_id: str, delta: int, at: float) -> None:
+        await self._write(
+            lambda c: c.execute(
+                "UPDATE connectors SET sessions = MAX(0, sessions + ?), last_seen = ? "
+                "WHERE tenant = ? AND id = ?",
+                (delta, at, tenant, connector_id),
+            )
+        )
+
+    async def reset_sessions(self) -> None:
+        await self._write(lambda c: c.execute("UPDATE connectors SET sessions = 0"))
+
+    async def replace_printers(self, tenant: str, connector_id: str, printers: Sequence[Printer]) -> None:
+        # Printer ids are per tenant. When another connector of the tenant reported the same id before,
+        # the newest report wins; jobs queued for it stay sealed to the old connector (DESIGN §5).
+        def replace(c: sqlite3.Connection) -> None:
+            for printer in printers:
+                _upsert_printer(c, printer)
+
+        await self._write(replace)
+
+    async def update_printer(self, printer: Printer) -> None:
+        await self._write(lambda c: _upsert_printer(c, printer))
+
+    async def get_printer(self, tenant: str, printer_id: str) -> Printer | None:
+        row = await self._run(
+            lambda c: c.execute(
+                f"{PRINTER_SELECT} WHERE p.tenant = ? AND p.id = ?", (tenant, printer_id)
+            ).fetchone()
+        )
+        return _printer(row) if row else None
+
+    async def list_printers(self, tenant: str) -> list[Printer]:
+        rows = await self._run(
+            lambda c: c.execute(f"{PRINTER_SELECT} WHERE p.tenant = ? ORDER BY p.id", (tenant,)).fetchall()
+        )
+        return [_printer(r) for r in rows]
+
+    # --- jobs -----------------------------------------------------------------------------------
+
+    async def insert_job(self, job: Job, message: str) -> Job:
+        def insert(c: sqlite3.Connection) -> Job:
+            try:
+                c.execute(
+                    f"INSERT INTO jobs ({JOB_COLUMNS}) VALUES ({', '.join('?' * 24)})",
+                    (
+                        job.id, job.tenant, job.printer_id, str(job.state), job.title, job.document_format,
+                        job.copies, job.user, job.size, job.sealed_size, job.sha256, job.wrapped_key,
+                        job.key_id, job.connector_id, job.attempts, job.max_attempts, job.next_attempt_at,
+                        job.last_error, job.idempotency_key, json.dumps(job.options), job.created_at,
+                        job.updated_at, job.completed_at, job.expires_at,
+                    ),
+                )  # fmt: skip
+            except sqlite3.IntegrityError as exc:
+                raise Conflict(str(exc)) from exc
+            c.execute(
+                "INSERT INTO job_events (job_id, at, state, message) VALUES (?, ?, ?, ?)",
+                (job.id, job.created_at, str(job.state), message),
+            )
+            return job
+
+        return await self._write(insert)
+
+    async def get_job(self, tenant: str, job_id: str) -> Job | None:
+        row = await self._run(
+            lambda c: c.execute("SELECT * FROM jobs WHERE id = ? AND tenant = ?", (job_id, tenant)).fetchone()
+        )
+        return _job(row) if row else None
+
+    async def find_job_by_idempotency_key(self, tenant: str, key: str) -> Job | None:
+        row = await self._run(
+            lambda c: c.execute(
+                "SELECT * FROM jobs WHERE tenant = ? AND idempotency_key = ?", (tenant, key)
+            ).fetchone()
+        )
+        return _job(row) if row else None
+
+    async def list_jobs(
+        self, tenant: str, *, printer_id: str | None = None, state: JobState | None = None, limit: int = 100
+    ) -> list[Job]:
+        sql = "SELECT * FROM jobs WHERE tenant = ?"
+        args: list[Any] = [tenant]
+        if printer_id is not None:
+            sql += " AND printer_id = ?"
+            args.append(printer_id)
+        if state is not None:
+            sql += " AND state = ?"
+            args.append(str(state))
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        args.append(limit)
+        rows = await self._run(lambda c: c.execute(sql, args).fetchall())
+        return [_job(r) for r in rows]
+
+    async def claim_jobs(self, tenant: str, connector_id: str, now: float, limit: int) -> list[Job]:
+        """Move up to ``limit`` due queued jobs of this connector's printers to ``sending``."""
+
+        def claim(c: sqlite3.Connection) -> list[Job]:
+            rows = c.execute(
+                "UPDATE jobs SET state = 'sending', attempts = attempts + 1, updated_at = ? "
+                "WHERE id IN (SELECT j.id FROM jobs j JOIN printers p "
+                "ON p.tenant = j.tenant AND p.id = j.printer_id "
+                "WHERE j.tenant = ? AND j.connector_id = ? AND p.connector_id = ? AND j.state = 'queued' "
+                "AND j.next_attempt_at <= ? ORDER BY j.created_at LIMIT ?) RETURNING *",
+                (now, tenant, connector_id, connector_id, now, limit),
+            ).fetchall()
+            jobs = sorted((_job(r) for r in rows), key=lambda j: j.created_at)
+            c.executemany(
+                "INSERT INTO job_events (job_id, at, state, message) VALUES (?, ?, 'sending', ?)",
+                [(j.id, now, f"attempt {j.attempts}: sending to connector {connector_id}") for j in jobs],
+            )
+            return jobs
+
+        return await self._write(claim)
+
+    async def transition(
+        self, job_id: str, event: JobEvent, message: str, at: float, **fields: Any
+    ) -> Job | None:
+        unknown = set(fields) - MUTABLE_JOB_FIELDS
+        if unknown:
+            raise ValueError(f"cannot set {sorted(unknown)} in a transition")
+
+        def apply(c: sqlite3.Connection) -> Job | None:
+            row = c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            job = _job(row)
+            state = next_state(job.state, event)
+            values = {**fields, "state": str(state), "updated_at": at}
+            if state.final and "completed_at" not in fields:
+                values["completed_at"] = at
+            assignments = ", ".join(f"{name} = ?" for name in values)
+            c.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", [*values.values(), job_id])
+            c.execute(
+                "INSERT INTO job_events (job_id, at, state, message) VALUES (?, ?, ?, ?)",
+                (job_id, at, str(state), message),
+            )
+            return _job(c.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone())
+
+        return await self._write(apply)
+
+    async def job_history(self, job_id: str) -> list[JobHistoryEntry]:
+        rows = await self._run(
+            lambda c: c.execute(
+                "SELECT * FROM job_events WHERE job_id = ? ORDER BY at, rowid", (job_id,)
+            ).fetchall()
+        )
+        return [JobHistoryEntry(r["job_id"], r["at"], JobState(r["state"]), r["message"]) for r in rows]
+
+    async def next_due(self, tenant: str, connector_id: str) -> float | None:
+        row = await self._run(
+            lambda c: c.execute(
+                "SELECT MIN(next_attempt_at) FROM jobs WHERE tenant = ? AND connector_id = ? "
+                "AND state = 'queued'",
+                (tenant, connector_id),
+            ).fetchone()
+        )
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def requeue_interrupted(self, at: float) -> list[str]:
+        """After a restart: jobs this relay was sending go back to the queue (the connector's ledger
+        stops a second print)."""
+
+        def requeue(c: sqlite3.Connection) -> list[str]:
+            rows = c.execute(
+                "UPDATE jobs SET state = 'queued', updated_at = ? WHERE state IN ('sending', 'printing') "
+                "RETURNING id",
+                (at,),
+            ).fetchall()
+            ids = [r[0] for r in rows]
+            c.executemany(
+                "INSERT INTO job_events (job_id, at, state, message) VALUES (?, ?, 'queued', ?)",
+                [(i, at, "relay restarted while the job was in flight; queued again") for i in ids],
+            )
+            return ids
+
+        return await self._write(requeue)
+
+    async def expired_jobs(self, now: float, limit: int) -> list[Job]:
+        rows = await self._run(
+            lambda c: c.execute(
+                "SELECT * FROM jobs WHERE state IN ('held', 'queued') AND expires_at IS NOT NULL "
+                "AND expires_at <= ? LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        )
+        return [_job(r) for r in rows]
+
+    async def all_job_ids_with_payload(self) -> set[str]:
+        rows = await self._run(
+            lambda c: c.execute(
+                "SELECT id FROM jobs WHERE state IN ('held', 'queued', 'sending', 'printing')"
+            ).fetchall()
+        )
+        return {r[0] for r in rows}
+
+
+def _upsert_printer(c: sqlite3.Connection, printer: Printer) -> None:
+    c.execute(
+        "INSERT INTO printers (tenant, id, connector_id, uri, kind, state, reasons, capabilities, "
+        "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, id) DO UPDATE SET "
+        "connector_id = excluded.connector_id, uri = excluded.uri, kind = excluded.kind, "
+        "state = excluded.state, reasons = excluded.reasons, capabilities = excluded.capabilities, "
+        "updated_at = excluded.updated_at",
+        (
+            printer.tenant, printer.id, printer.connector_id, printer.uri, printer.kind, printer.state,
+            json.dumps(printer.reasons), json.dumps(printer.capabilities), printer.updated_at or time.time(),
+        ),
+    )  # fmt: skip
+
+
+# Synchronous token operations, shared with the CLI (which writes the same database while a relay runs).
+
+
+def add_token_sync(c: sqlite3.Connection, token: TokenRecord) -> None:
+    c.execute(
+        "INSERT INTO tokens (id, tenant, kind, secret_hash, scopes, connector_id, label, created_at, "
+        "expires_at, revoked_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            token.id, token.tenant, token.kind, token.secret_hash, ",".join(token.scopes),
+            token.connector_id, token.label, token.created_at, token.expires_at, token.revoked_at,
+        ),
+    )  # fmt: skip
+
+
+def list_tokens_sync(c: sqlite3.Connection, tenant: str | None) -> list[TokenRecord]:
+    if tenant is None:
+        rows = c.execute("SELECT * FROM tokens ORDER BY created_at").fetchall()
+    else:
+        rows = c.execute("SELECT * FROM tokens WHERE tenant = ? ORDER BY created_at", (tenant,)).fetchall()
+    return [_token(r) for r in rows]
+
+
+def revoke_token_sync(c: sqlite3.Connection, token_id: str, at: float) -> bool:
+    cur = c.execute("UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (at, token_id))
+    return cur.rowcount > 0

@@ -1,0 +1,276 @@
+"""The relay's end of the tunnel: the WebSocket listener and one :class:`ConnectorSession` per connection.
+
+A connector dials ``/v1/tunnel`` with its bearer token. The token is checked *before* the upgrade (a bad
+one gets HTTP 401 and never a WebSocket). After the upgrade the relay is the HTTP/2 client on that byte
+stream. The session learns the connector's keys and printers (``GET /v1/printers``), follows its events
+(``GET /v1/events``) and runs a :class:`~relay.dispatch.Dispatcher` that streams queued jobs to it. The
+session owns all of these tasks; when the tunnel drops they end together and in-flight jobs are queued
+again.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import ssl
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import trio
+from trio_websocket import WebSocketRequest, serve_websocket
+
+from relay.auth import AuthError, Principal, authenticate, bearer
+from relay.store.base import ConnectorRecord, Printer
+from tunnel.messages import Inventory, LineSplitter, MessageError, PrinterInfo, decode_event
+from tunnel.protocol import TunnelSettings
+from tunnel.session import H2Session, SessionClosed, StreamClosed
+from tunnel.wsstream import MAX_MESSAGE_BYTES, SUBPROTOCOL, TUNNEL_PATH, WebSocketStream
+
+if TYPE_CHECKING:
+    from relay.app import Relay
+
+log = logging.getLogger("printrelay.relay.tunnel")
+
+HANDSHAKE_TIMEOUT = 10.0
+INVENTORY_TIMEOUT = 30.0
+RETRY_AFTER_AUTH = 30  # seconds a refused connector should wait
+
+
+class Wakeup:
+    """Wake the dispatcher of one connector when a job for it may have become due."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+class ConnectorRegistry:
+    """The sessions this relay process holds, by (tenant, connector id)."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[tuple[str, str], list[ConnectorSession]] = defaultdict(list)
+        self._wakeups: dict[tuple[str, str], Wakeup] = defaultdict(Wakeup)
+        self.changed = trio.Event()
+
+    def add(self, session: ConnectorSession) -> None:
+        self._sessions[session.key].append(session)
+        self._notify()
+
+    def remove(self, session: ConnectorSession) -> None:
+        sessions = self._sessions.get(session.key, [])
+        if session in sessions:
+            sessions.remove(session)
+        if not sessions:
+            self._sessions.pop(session.key, None)
+        self._notify()
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def sessions(self, tenant: str | None = None) -> list[ConnectorSession]:
+        return [s for key, ss in self._sessions.items() for s in ss if tenant is None or key[0] == tenant]
+
+    def wakeup(self, tenant: str, connector_id: str) -> Wakeup:
+        return self._wakeups[(tenant, connector_id)]
+
+    def wake(self, tenant: str, connector_id: str) -> None:
+        self._wakeups[(tenant, connector_id)].fire()
+
+    def close_token_sessions(self, token_id: str, reason: str) -> int:
+        closing = [s for s in self.sessions() if s.principal.token_id == token_id]
+        for session in closing:
+            session.h2.close(reason)
+        return len(closing)
+
+    def close_all(self, reason: str) -> None:
+        for session in self.sessions():
+            session.h2.close(reason)
+
+
+class ConnectorSession:
+    """One registered tunnel: an HTTP/2 client session to a connector and the tasks that serve it."""
+
+    def __init__(self, relay: Relay, principal: Principal, h2: H2Session, remote: str) -> None:
+        assert principal.connector_id is not None
+        self.relay = relay
+        self.principal = principal
+        self.tenant = principal.tenant
+        self.connector_id = principal.connector_id
+        self.key = (self.tenant, self.connector_id)
+        self.h2 = h2
+        self.remote = remote
+        self.opened_at = time.time()
+        self.inventory: Inventory | None = None
+        self.registered = trio.Event()
+
+    async def run(self) -> None:
+        from relay.dispatch import Dispatcher
+
+        store = self.relay.store
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.h2.run)
+            try:
+                with trio.fail_after(INVENTORY_TIMEOUT):
+                    await self._register()
+            except (trio.TooSlowError, SessionClosed, StreamClosed, MessageError) as exc:
+                log.warning(
+                    "connector %s/%s registration failed: %s", self.tenant, self.connector_id, exc,
+                    extra={"tenant": self.tenant, "connector_id": self.connector_id},
+                )  # fmt: skip
+                self.h2.close(f"registration failed: {exc}")
+                nursery.cancel_scope.cancel()
+                return
+            self.relay.registry.add(self)
+            await store.connector_session_changed(self.tenant, self.connector_id, +1, time.time())
+            log.info(
+                "connector %s/%s registered from %s with %d printers", self.tenant, self.connector_id,
+                self.remote, len(self.inventory.printers) if self.inventory else 0,
+                extra={"tenant": self.tenant, "connector_id": self.connector_id},
+            )  # fmt: skip
+            self.registered.set()
+            try:
+                nursery.start_soon(self._follow_events)
+                nursery.start_soon(Dispatcher(self.relay, self).run)
+                await self.h2.finished.wait()
+                nursery.cancel_scope.cancel()
+            finally:
+                self.relay.registry.remove(self)
+                with trio.CancelScope(shield=True):
+                    await store.connector_session_changed(self.tenant, self.connector_id, -1, time.time())
+                log.info(
+                    "connector %s/%s session closed: %s", self.tenant, self.connector_id,
+                    self.h2.close_reason,
+                    extra={"tenant": self.tenant, "connector_id": self.connector_id},
+                )  # fmt: skip
+
+    async def _register(self) -> None:
+        stream = await self.h2.open_stream("GET", "/v1/printers", end_stream=True)
+        await stream.receive_response()
+        if stream.status != 200:
+            raise MessageError(f"inventory answered {stream.status}")
+        inventory = Inventory.decode(await stream.read_body(4 * 1024 * 1024))
+        self.inventory = inventory
+        store = self.relay.store
+        await store.upsert_connector(
+            ConnectorRecord(
+                tenant=self.tenant,
+                id=self.connector_id,
+                public_key=inventory.public_key,
+                key_id=inventory.key_id,
+                name=inventory.name,
+                version=inventory.version,
+                last_seen=time.time(),
+            )
+        )
+        await store.replace_printers(
+            self.tenant, self.connector_id, [self._printer(p) for p in inventory.printers]
+        )
+
+    def _printer(self, info: PrinterInfo) -> Printer:
+        return Printer(
+            tenant=self.tenant,
+            id=info.id,
+            connector_id=self.connector_id,
+            uri=info.uri,
+            kind=info.kind,
+            state=info.state,
+            reasons=list(info.reasons),
+            capabilities=info.capabilities,
+            online=True,
+            updated_at=time.time(),
+        )
+
+    async def _follow_events(self) -> None:
+        """Printer changes the connector reports; a malformed event ends only this stream."""
+        try:
+            stream = await self.h2.open_stream("GET", "/v1/events", end_stream=True)
+            await stream.receive_response()
+            splitter = LineSplitter()
+            async for chunk in stream.iter_data():
+                for line in splitter.feed(chunk):
+                    info = decode_event(line)
+                    if info is not None:
+                        await self.relay.store.update_printer(self._printer(info))
+                        self.relay.registry.wake(self.tenant, self.connector_id)
+        except (StreamClosed, SessionClosed):
+            return
+        except MessageError as exc:
+            log.warning("connector %s/%s sent a bad event: %s", self.tenant, self.connector_id, exc)
+
+
+class TunnelListener:
+    """Accepts connector WebSockets on ``--tunnel-listen``."""
+
+    def __init__(
+        self,
+        relay: Relay,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        settings: TunnelSettings | None = None,
+    ) -> None:
+        self.relay = relay
+        self.ssl_context = ssl_context
+        self.settings = settings or TunnelSettings()
+
+    async def serve(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                functools.partial(
+                    serve_websocket,
+                    self._handle,
+                    host or None,
+                    port,
+                    self.ssl_context,
+                    max_message_size=MAX_MESSAGE_BYTES,
+                    # trio-websocket's 4 KiB default read size halves throughput (DESIGN §8).
+                    receive_buffer_size=None,
+                    connect_timeout=HANDSHAKE_TIMEOUT,
+                    disconnect_timeout=5,
+                )
+            )
+            task_status.started(server.port)
+
+    async def _handle(self, request: WebSocketRequest) -> None:
+        remote = str(request.remote)
+        if request.path.split("?")[0] != TUNNEL_PATH:
+            await request.reject(404, body=b"not found: the tunnel is at /v1/tunnel\n")
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
+        token = bearer(headers.get("authorization"))
+        try:
+            if token is None:
+                raise AuthError("missing bearer token")
+            principal = await authenticate(self.relay.store, token, kind="connector")
+        except AuthError as exc:
+            log.warning("tunnel from %s refused: %s", remote, exc)
+            self.relay.metrics_registration_failed(str(exc))
+            await request.reject(
+                401,
+                extra_headers=[
+                    (b"www-authenticate", b'Bearer realm="printrelay"'),
+                    (b"retry-after", str(RETRY_AFTER_AUTH).encode()),
+                ],
+                body=f"{exc}\n".encode(),
+            )
+            return
+        if SUBPROTOCOL not in request.proposed_subprotocols:
+            await request.reject(400, body=f"subprotocol {SUBPROTOCOL} required\n".encode())
+            return
+        ws = await request.accept(subprotocol=SUBPROTOCOL)
+        h2 = H2Session(
+            WebSocketStream(ws),
+            client_side=True,
+            settings=self.settings,
+            name=f"tunnel {principal.tenant}/{principal.connector_id}",
+        )
+        await ConnectorSession(self.relay, principal, h2, remote).run()

@@ -1,0 +1,88 @@
+"""In-process relay and connector fixtures: the real services on free ports, in the test's nursery."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from connector.app import Connector
+from connector.config import ConnectorConfig, parse_printer
+from relay.app import Relay
+from relay.auth import new_token
+from relay.config import RelayConfig
+
+
+@dataclass
+class RelayStack:
+    relay: Relay
+    api_url: str
+    tunnel_url: str
+    api_token: str
+    nursery: trio.Nursery
+    tmp_path: Path
+    connectors: list[Connector] = field(default_factory=list)
+
+    async def token(self, kind: str, tenant: str = "acme", **kw: Any) -> str:
+        secret, record = new_token(tenant, kind, **kw)
+        await self.relay.store.add_token(record)
+        return secret
+
+    async def start_connector(
+        self, printers: dict[str, str], *, tenant: str = "acme", connector_id: str = "site-1", **kw: Any
+    ) -> Connector:
+        token = await self.token("connector", tenant, connector_id=connector_id)
+        config = ConnectorConfig(
+            relay=self.tunnel_url,
+            token=token,
+            printer=[parse_printer(f"{k}={v}") for k, v in printers.items()],
+            state_dir=self.tmp_path / f"connector-{connector_id}",
+            **kw,
+        )
+        connector = Connector(config)
+        await self.nursery.start(connector.run)
+        self.connectors.append(connector)
+        with trio.fail_after(10):
+            while len(self.relay.registry.sessions()) < len(self.connectors):
+                await self.relay.registry.changed.wait()
+        return connector
+
+    def client(self, token: str | None = None) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=self.api_url,
+            headers={"authorization": f"Bearer {token or self.api_token}"},
+            timeout=30,
+        )
+
+    async def wait_job(self, job_id: str, states: tuple[str, ...] = ("completed", "failed"),
+                       within: float = 30.0) -> dict[str, Any]:  # fmt: skip
+        """Poll the job until it reaches one of ``states`` (the API has no push for tests yet)."""
+        async with self.client() as client:
+            with trio.fail_after(within):
+                while True:
+                    job: dict[str, Any] = (await client.get(f"/v1/jobs/{job_id}")).json()
+                    if job["state"] in states:
+                        return job
+                    await trio.sleep(0.05)
+
+
+@pytest.fixture
+async def relay_stack(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[RelayStack]:
+    config = RelayConfig(listen=("127.0.0.1", 0), tunnel_listen=("127.0.0.1", 0), data_dir=tmp_path / "relay")
+    relay = Relay(config)
+    addresses = await nursery.start(relay.run)
+    api_token, record = new_token("acme", "api", scopes=("admin",))
+    await relay.store.add_token(record)
+    yield RelayStack(
+        relay=relay,
+        api_url=f"http://127.0.0.1:{addresses.http_port}",
+        tunnel_url=f"ws://127.0.0.1:{addresses.tunnel_port}/v1/tunnel",
+        api_token=api_token,
+        nursery=nursery,
+        tmp_path=tmp_path,
+    )
