@@ -121,3 +121,14 @@ async def test_probe_and_backend_for_uri(ippeveprinter: IppEvePrinter) -> None:
     assert await backend.probe() is True
     secure = backend_for_uri("ipps://printer.example/ipp/print")
     assert isinstance(secure, IppBackend) and secure.url == "https://printer.example:631/ipp/print"
+
+
+async def test_ipps_verifies_certificates(ippeveprinter_factory: IppEvePrinterFactory) -> None:
+    printer = ippeveprinter_factory(tls=True)
+    assert printer.uri.startswith("ipps://localhost:")
+    backend = IppBackend(printer.uri)
+    with pytest.raises(DeliveryError) as info:
+        await backend.deliver(JobTicket("job-7", "t", "application/pdf"), chunks(b"%PDF"), Progress())
+    assert not info.value.retryable
+    assert "TLS certificate not trusted: self-signed certificate" in info.value.message
+    assert await backend.probe() is False

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import itertools
+import ssl
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -128,8 +129,16 @@ class IppBackend:
                 f"{self.uri}: {what} timed out ({type(exc).__name__})", retryable=True
             ) from exc
         except httpx.TransportError as exc:
+            root = _root_cause(exc)
+            if isinstance(root, ssl.SSLCertVerificationError):
+                # not a passing condition: retrying will not make the certificate trusted
+                raise DeliveryError(
+                    f"{self.uri}: TLS certificate not trusted: {root.verify_message}",
+                    retryable=False,
+                ) from exc
             raise DeliveryError(
-                f"{self.uri}: {what} failed: {type(exc).__name__}: {exc}", retryable=True
+                f"{self.uri}: {what} failed: {type(exc).__name__}: {exc or repr(root)}",
+                retryable=True,
             ) from exc
         except IPPError as exc:
             raise DeliveryError(
@@ -215,6 +224,13 @@ class IppBackend:
                 return False
             return response.code < 0x0100
         return False
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception: httpx wraps socket and TLS errors two or three levels deep."""
+    while (inner := exc.__cause__ or exc.__context__) is not None:
+        exc = inner
+    return exc
 
 
 def _check_status(uri: str, response: Message) -> None:
