@@ -7,23 +7,19 @@ that do not exist. Errors are JSON ``{"error": "..."}`` naming the limit or the 
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from relay.auth import AuthError, Principal, authenticate, bearer
-from relay.http.message import BodyTooLarge, HTTPError, Request, Response, format_bytes
-from relay.jobs import Job, JobState, new_job_id
-from relay.spool import PayloadTooLarge, SpoolFull
-from relay.store.base import Conflict
+from relay.http.message import HTTPError, Request, Response
+from relay.jobs import Job, JobState
+from relay.submit import MAX_COPIES, Submission, SubmitError, accept_job
 
 if TYPE_CHECKING:
     from relay.app import Relay
 
 Route = Callable[[Request, Principal, re.Match[str]], Awaitable[Response]]
 
-MAX_TITLE = 255
-MAX_COPIES = 999
 MAX_LIST = 500
 MAX_IDEMPOTENCY_KEY = 255
 FORMAT_RE = re.compile(r"^[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+$")
@@ -102,20 +98,6 @@ class RestApi:
     # --- jobs -----------------------------------------------------------------------------------
 
     async def submit_job(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
-        relay = self.relay
-        config = relay.config
-        printer = await relay.store.get_printer(principal.tenant, match["printer"])
-        if printer is None:
-            raise HTTPError(404, f"printer {match['printer']} not found")
-        length = request.body.content_length
-        if length is not None and length > config.max_job_bytes:
-            limit = format_bytes(config.max_job_bytes)
-            raise HTTPError(413, f"job too large: {format_bytes(length)} exceeds max_job_bytes={limit}")
-        connector = await relay.store.get_connector(principal.tenant, printer.connector_id)
-        if connector is None or not connector.public_key:
-            raise HTTPError(503, f"printer {printer.id}: its connector has never registered a key")
-        title = (_one(request, "title") or request.headers.get("x-job-title") or "untitled")[:MAX_TITLE]
-        copies = _int_param(request, "copies", 1, 1, MAX_COPIES)
         document_format = (request.headers.get("content-type") or "application/octet-stream").split(";")[0]
         document_format = document_format.strip().lower()
         if not FORMAT_RE.match(document_format):
@@ -123,67 +105,25 @@ class RestApi:
         idempotency_key = request.headers.get("idempotency-key")
         if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
             raise HTTPError(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
-        user = (_one(request, "user") or principal.token_id)[:255]
-
-        job_id = new_job_id()
-        try:
-            stored = await relay.spool.store(
-                job_id, request.body, recipient_public=connector.public_key, max_bytes=config.max_job_bytes
-            )
-        except PayloadTooLarge:
-            raise HTTPError(
-                413, f"job too large: more than max_job_bytes={format_bytes(config.max_job_bytes)}"
-            ) from None
-        except BodyTooLarge:
-            raise
-        except SpoolFull as exc:
-            raise HTTPError(507, f"cannot accept the job: {exc}") from None
-
-        now = time.time()
-        job = Job(
-            id=job_id,
+        hold = (_one(request, "hold") or "false").lower()
+        if hold not in ("true", "false", "1", "0"):
+            raise HTTPError(400, "hold must be true or false")
+        submission = Submission(
             tenant=principal.tenant,
-            printer_id=printer.id,
-            state=JobState.QUEUED,
-            title=title,
+            printer_id=match["printer"],
+            title=_one(request, "title") or request.headers.get("x-job-title") or "untitled",
             document_format=document_format,
-            copies=copies,
-            user=user,
-            size=stored.size,
-            sealed_size=stored.sealed_size,
-            sha256=stored.sha256,
-            wrapped_key=stored.wrapped_key,
-            key_id=stored.key_id,
-            connector_id=printer.connector_id,
-            max_attempts=config.max_attempts,
+            copies=_int_param(request, "copies", 1, 1, MAX_COPIES),
+            user=_one(request, "user") or principal.token_id,
+            content_length=request.body.content_length,
             idempotency_key=idempotency_key,
-            created_at=now,
-            updated_at=now,
-            expires_at=now + config.job_ttl,
+            hold=hold in ("true", "1"),
         )
         try:
-            await relay.store.insert_job(job, f"accepted {stored.size} bytes")
-        except Conflict:
-            await relay.spool.erase(job_id)
-            earlier = (
-                await relay.store.find_job_by_idempotency_key(principal.tenant, idempotency_key)
-                if idempotency_key
-                else None
-            )
-            if earlier is None:
-                raise
-            if earlier.sha256 != stored.sha256 or earlier.printer_id != printer.id:
-                raise HTTPError(
-                    409, "Idempotency-Key was already used for a different document or printer"
-                ) from None
-            return Response.json(earlier.public(), 200, [("location", f"/v1/jobs/{earlier.id}")])
-        except BaseException:
-            await relay.spool.erase(job_id)
-            raise
-        relay.metrics.jobs_submitted.inc()
-        relay.metrics.job_bytes.inc(stored.size)
-        relay.job_queued(job)
-        return Response.json(job.public(), 201, [("location", f"/v1/jobs/{job.id}")])
+            job, created = await accept_job(self.relay, submission, request.body)
+        except SubmitError as exc:
+            raise HTTPError(exc.refusal.value, exc.message) from None
+        return Response.json(job.public(), 201 if created else 200, [("location", f"/v1/jobs/{job.id}")])
 
     async def get_job(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
         job = await self._job(principal, match["job"])

@@ -1,0 +1,131 @@
+"""Accepting a job: the one path every front door (REST, IPP) takes into the spool and the store.
+
+The document streams into the spool, sealed to the printer's connector as it arrives; the job row is
+committed only after the payload is on disk (fsync), and only then does the caller answer "accepted".
+A rejected submission leaves nothing behind and never touches jobs accepted before it.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import AsyncIterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from relay.http.message import format_bytes
+from relay.jobs import Job, JobState, new_job_id
+from relay.spool import PayloadTooLarge, SpoolFull
+from relay.store.base import Conflict
+
+if TYPE_CHECKING:
+    from relay.app import Relay
+
+MAX_TITLE = 255
+MAX_COPIES = 999
+
+
+class Refusal(enum.Enum):
+    NOT_FOUND = 404
+    BAD_REQUEST = 400
+    CONFLICT = 409
+    TOO_LARGE = 413
+    UNAVAILABLE = 503
+    STORAGE_FULL = 507
+
+
+class SubmitError(Exception):
+    def __init__(self, refusal: Refusal, message: str) -> None:
+        super().__init__(message)
+        self.refusal = refusal
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Submission:
+    tenant: str
+    printer_id: str
+    title: str = "untitled"
+    document_format: str = "application/octet-stream"
+    copies: int = 1
+    user: str = ""
+    content_length: int | None = None
+    idempotency_key: str | None = None
+    hold: bool = False
+    options: Mapping[str, str] = field(default_factory=dict)
+
+
+async def accept_job(relay: Relay, submission: Submission, body: AsyncIterable[bytes]) -> tuple[Job, bool]:
+    """Spool and commit a job. Returns the job and whether it is new (False: an Idempotency-Key replay)."""
+    config = relay.config
+    store = relay.store
+    printer = await store.get_printer(submission.tenant, submission.printer_id)
+    if printer is None:
+        raise SubmitError(Refusal.NOT_FOUND, f"printer {submission.printer_id} not found")
+    limit = config.max_job_bytes
+    if submission.content_length is not None and submission.content_length > limit:
+        raise SubmitError(
+            Refusal.TOO_LARGE,
+            f"job too large: {format_bytes(submission.content_length)} exceeds "
+            f"max_job_bytes={format_bytes(limit)}",
+        )
+    if not 1 <= submission.copies <= MAX_COPIES:
+        raise SubmitError(Refusal.BAD_REQUEST, f"copies must be between 1 and {MAX_COPIES}")
+    connector = await store.get_connector(submission.tenant, printer.connector_id)
+    if connector is None or not connector.public_key:
+        raise SubmitError(Refusal.UNAVAILABLE, f"printer {printer.id}: its connector never registered a key")
+
+    job_id = new_job_id()
+    try:
+        stored = await relay.spool.store(job_id, body, recipient_public=connector.public_key, max_bytes=limit)
+    except PayloadTooLarge:
+        raise SubmitError(
+            Refusal.TOO_LARGE, f"job too large: more than max_job_bytes={format_bytes(limit)}"
+        ) from None
+    except SpoolFull as exc:
+        raise SubmitError(Refusal.STORAGE_FULL, f"cannot accept the job: {exc}") from None
+
+    now = time.time()
+    job = Job(
+        id=job_id,
+        tenant=submission.tenant,
+        printer_id=printer.id,
+        state=JobState.HELD if submission.hold else JobState.QUEUED,
+        title=submission.title[:MAX_TITLE],
+        document_format=submission.document_format,
+        copies=submission.copies,
+        user=submission.user[:255],
+        size=stored.size,
+        sealed_size=stored.sealed_size,
+        sha256=stored.sha256,
+        wrapped_key=stored.wrapped_key,
+        key_id=stored.key_id,
+        connector_id=printer.connector_id,
+        max_attempts=config.max_attempts,
+        idempotency_key=submission.idempotency_key,
+        options=dict(submission.options),
+        created_at=now,
+        updated_at=now,
+        expires_at=now + config.job_ttl,
+    )
+    try:
+        await store.insert_job(job, f"accepted {stored.size} bytes")
+    except Conflict:
+        await relay.spool.erase(job_id)
+        key = submission.idempotency_key
+        earlier = await store.find_job_by_idempotency_key(submission.tenant, key) if key else None
+        if earlier is None:
+            raise
+        if earlier.sha256 != stored.sha256 or earlier.printer_id != printer.id:
+            raise SubmitError(
+                Refusal.CONFLICT, "Idempotency-Key was already used for a different document or printer"
+            ) from None
+        return earlier, False
+    except BaseException:
+        await relay.spool.erase(job_id)
+        raise
+    relay.metrics.jobs_submitted.inc()
+    relay.metrics.job_bytes.inc(stored.size)
+    if job.state is JobState.QUEUED:
+        relay.job_queued(job)
+    return job, True
