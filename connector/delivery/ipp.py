@@ -5,6 +5,10 @@
 2. Check the status: busy-like statuses are worth retrying, other errors are not.
 3. Poll Get-Job-Attributes every ``poll_interval`` until job-state is terminal (RFC 8011 §5.3.7),
    or ``job_timeout`` passes.
+
+Once the printer has answered Print-Job with a job-id, nothing ends in a retryable error: sending
+again would print twice. Before that answer, a timeout is retryable even though the printer may have
+received the whole document; IPP gives no way to tell (Create-Job + Send-Document would narrow it).
 """
 
 from __future__ import annotations
@@ -165,9 +169,9 @@ class IppBackend:
             state = response.value(DelimiterTag.JOB_ATTRIBUTES, "job-state")
             if isinstance(state, int) and state in (JobState.CANCELED, JobState.ABORTED):
                 return _result(job_id, response)
-            return await self._follow(client, job_id)
+            return await self._follow(client, job_id, ticket.user)
 
-    async def _follow(self, client: httpx.AsyncClient, job_id: int) -> DeliveryResult:
+    async def _follow(self, client: httpx.AsyncClient, job_id: int, user: str) -> DeliveryResult:
         """Poll Get-Job-Attributes until the job is terminal, a bounded number of errors, or time."""
         errors = 0
         last: Message | None = None
@@ -175,7 +179,8 @@ class IppBackend:
             while True:
                 request = self._request(Operation.GET_JOB_ATTRIBUTES)
                 request.operation.add("job-id", ValueTag.INTEGER, job_id)
-                request.operation.add("requesting-user-name", ValueTag.NAME, "printrelay")
+                # as the job's owner: CUPS shows other users' job details only to admins
+                request.operation.add("requesting-user-name", ValueTag.NAME, user)
                 request.operation.add(
                     "requested-attributes",
                     ValueTag.KEYWORD,
