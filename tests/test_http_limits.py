@@ -374,3 +374,15 @@ async def test_request_then_immediate_close_cancels_handler(nursery: trio.Nurser
         with trio.fail_after(TIMEOUT):
             await cancelled.wait()
     await wait_until(lambda: server.open_connections == 0)
+
+
+async def test_content_length_with_transfer_encoding_400(nursery: trio.Nursery) -> None:
+    _, port = await start_server(nursery)
+    c = await RawClient.connect(port)
+    await c.send(
+        b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"0\r\n\r\n" + get("/smuggled")
+    )
+    r = await c.response()
+    assert r.status == 400 and "both Content-Length and Transfer-Encoding" in r.body.decode()
+    assert await c.closed()

@@ -323,7 +323,8 @@ async def test_204_sends_no_body(nursery: trio.Nursery) -> None:
     _, port = await start_server(nursery)
     c = await RawClient.connect(port)
     await c.send(get("/empty") + get("/hello"))
-    assert (await c.response()).status == 204
+    r = await c.response()
+    assert r.status == 204 and "content-length" not in r.headers
     assert (await c.response()).status == 200
 
 
@@ -476,6 +477,20 @@ async def test_tls(nursery: trio.Nursery) -> None:
             assert r.status_code == 200 and r.content == b"sealed" * 1000
 
 
+async def test_tls_stalled_handshake_is_dropped(nursery: trio.Nursery) -> None:
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    server, port = await start_server(nursery, limits=HttpLimits(header_timeout=0.3), ssl_context=server_ctx)
+    silent = await RawClient.connect(port)
+    partial = await RawClient.connect(port)
+    await partial.send(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # half a ClientHello
+    start = trio.current_time()
+    assert await silent.closed() and await partial.closed()
+    assert trio.current_time() - start < 2
+    await wait_until(lambda: server.open_connections == 0)
+
+
 async def test_serve_listeners(nursery: trio.Nursery) -> None:
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
@@ -499,3 +514,19 @@ async def test_request_body_from_bytes() -> None:
     body = RequestBody.from_bytes(b"abc")
     assert [c async for c in body] == [b"abc"] and body.bytes_received == 3 and body.complete
     assert await RequestBody.from_bytes(b"").read(0) == b""
+
+
+async def test_http_error_raised_inside_handler_nursery(nursery: trio.Nursery) -> None:
+    async def handler(request: Request) -> Response:
+        async def lookup() -> None:
+            raise HTTPError(404, "printer p1 not found")
+
+        async with trio.open_nursery() as n:
+            n.start_soon(lookup)
+        return Response(200)
+
+    _, port = await start_server(nursery, handler)
+    c = await RawClient.connect(port)
+    await c.send(get("/"))
+    r = await c.response()
+    assert r.status == 404 and json.loads(r.body) == {"error": "printer p1 not found"}

@@ -157,9 +157,9 @@ class HttpServer:
         return trio.SSLStream(stream, self.ssl_context, server_side=True, https_compatible=True)
 
     async def _run_connection(self, raw: trio.abc.Stream) -> None:
-        stream = self._wrap(raw)
-        client = _peer_address(raw)
+        stream, client = raw, _peer_address(raw)
         try:
+            stream = self._wrap(raw)
             await _Connection(self, stream, client).run()
         except Exception:
             # A bug of ours, never the peer's fault (those end inside _Connection): log, live on.
@@ -169,8 +169,9 @@ class HttpServer:
             await trio.aclose_forcefully(stream)
 
     async def _reject(self, raw: trio.abc.Stream) -> None:
-        stream = self._wrap(raw)
+        stream = raw
         try:
+            stream = self._wrap(raw)
             with trio.move_on_after(REJECT_TIMEOUT):
                 await stream.send_all(_OVERLOADED)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -370,6 +371,12 @@ class _Connection:
                 f"{len(event.headers)} header fields exceed max_header_count={self._limits.max_header_count}",
             )
             return None
+        if any(name == b"transfer-encoding" for name, _ in event.headers) and any(
+            name == b"content-length" for name, _ in event.headers
+        ):
+            # Both framings at once is how requests are smuggled past the proxy in front of us.
+            await self._send_error(400, "request has both Content-Length and Transfer-Encoding")
+            return None
         if not event.http_version.startswith(b"1."):
             version = event.http_version.decode("ascii", "replace")
             await self._send_error(505, f"HTTP/{version} is not supported, use HTTP/1.1")
@@ -424,7 +431,7 @@ class _Connection:
         except (UnicodeDecodeError, ValueError):
             raise HTTPError(400, "request-target is not valid percent-encoded UTF-8") from None
         headers = Headers(event.headers)
-        length = headers.get("content-length")
+        length = headers.get("content-length")  # h11 validated it: digits, one value
         return Request(
             method=event.method.decode("ascii"),
             target=target,
@@ -439,11 +446,12 @@ class _Connection:
     async def _call_handler(self, request: Request) -> Response:
         try:
             response = await self._server.handler(request)
-        except HTTPError as exc:
-            return _error_response(exc.status, exc.message, exc.headers)
-        except ClientDisconnected:
-            raise _ConnectionLost from None
-        except Exception:
+        except Exception as raised:
+            exc = _sole_exception(raised)
+            if isinstance(exc, HTTPError):
+                return _error_response(exc.status, exc.message, exc.headers)
+            if isinstance(exc, ClientDisconnected):
+                raise _ConnectionLost from None
             _log.exception("handler failed on %s %s", request.method, request.target)
             return _error_response(500, "internal server error")
         if not 200 <= response.status <= 999:
@@ -524,7 +532,12 @@ class _Connection:
         headers = [(k.lower(), v) for k, v in response.headers]
         names = {k for k, _ in headers}
         body = response.body
-        if isinstance(body, bytes | bytearray | memoryview) and "content-length" not in names:
+        bodyless = request.method == "HEAD" or response.status in (204, 304)
+        if (
+            isinstance(body, bytes | bytearray | memoryview)
+            and "content-length" not in names
+            and response.status not in (204, 304)  # these must not carry one (RFC 9110 §8.6)
+        ):
             headers.append(("content-length", str(len(body))))
         if self._h11.their_state is h11.SEND_BODY:
             # The body is unread. Keep the connection only if draining the rest is cheap.
@@ -548,7 +561,6 @@ class _Connection:
             return
         await self._send(self._h11.send(head))
 
-        bodyless = request.method == "HEAD" or response.status in (204, 304)
         if isinstance(body, bytes | bytearray | memoryview):
             if body and not bodyless:
                 await self._send(self._h11.send(h11.Data(data=bytes(body))))
@@ -575,6 +587,7 @@ class _Connection:
 
     async def _send_error(self, status: int, message: str) -> None:
         """Answers an error before or instead of a handler's response, and closes after it."""
+        _log.debug("answering %s with %d: %s", self._client, status, message)
         self._close_after_response = True
         if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return  # a response is already under way; closing is all that is left
@@ -587,18 +600,21 @@ class _Connection:
         ]
         data = self._h11.send(h11.Response(status_code=status, headers=headers))
         data = (data or b"") + (self._h11.send(h11.Data(data=body)) or b"")
-        await self._send(data + (self._h11.send(h11.EndOfMessage()) or b""))
+        data += self._h11.send(h11.EndOfMessage()) or b""
+        # An error answer is small: a peer that cannot take it within header_timeout (e.g. one
+        # stalling its TLS handshake) does not get send_timeout as well.
+        await self._send(data, min(self._limits.send_timeout, self._limits.header_timeout))
 
-    async def _send(self, data: bytes | None) -> None:
+    async def _send(self, data: bytes | None, within: float | None = None) -> None:
         if not data:
             return
-        with trio.move_on_after(self._limits.send_timeout) as scope:
+        with trio.move_on_after(within or self._limits.send_timeout) as scope:
             try:
                 await self._stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 raise _ConnectionLost from None
         if scope.cancelled_caught:
-            _log.info("send to %s stalled for send_timeout=%gs", self._client, self._limits.send_timeout)
+            _log.info("send to %s stalled, closing", self._client)
             raise _ConnectionLost
 
     async def _linger(self) -> None:
@@ -615,6 +631,13 @@ class _Connection:
         with trio.move_on_after(LINGER_TIMEOUT):
             while not self._eof:
                 await self._data_arrived.wait()
+
+
+def _sole_exception(exc: Exception) -> Exception:
+    """The one exception inside (nested) single-member groups, as trio's nurseries raise them."""
+    while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _error_response(status: int, message: str, headers: list[tuple[str, str]] | None = None) -> Response:
