@@ -1,14 +1,15 @@
 """The relay's public HTTP/1.1 server: h11 driven by a small trio loop with our own deadlines and limits.
 
 Why our own loop: hypercorn's trio worker died from single crafted connections and anycorn leaked fds
-and tasks under the same abuse, while h11 itself held every limit (docs/architecture.md).
+and tasks under the same abuse, while h11 itself held every limit.
 
 Shape of one connection (two tasks, both owned by the connection's nursery):
 
 * the *pump* is the only reader of the socket. It appends bytes to a bounded inbox and, when the peer
   goes away, cancels the running handler. So a client that vanishes is noticed even while a handler
   streams a response or waits for events, and pipelined bytes behind a streamed response are buffered
-  (bounded) instead of parked on by a second reader.
+  (bounded) instead of parked on by a second reader. EOF from the client counts as leaving (as in
+  Go's net/http): HTTP clients do not half-close, and a handler must not outlive its client.
 * the *connection task* moves inbox bytes into h11 only when h11 needs data, answers requests strictly
   in order, and is the only writer. Every wait it makes has a deadline from `HttpLimits`.
 """
