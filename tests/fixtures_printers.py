@@ -45,6 +45,7 @@ import pytest
 import trio
 
 from ipp import DelimiterTag, IPPError, JobState, Operation, ValueTag, decode, encode, new_request
+from printrelay.dnssd import ensure_dns_sd
 
 DEFAULT_FORMATS = (
     "application/pdf",
@@ -67,39 +68,6 @@ def free_port() -> int:
 
 # --------------------------------------------------------------------------------------------
 # system D-Bus and avahi: ippeveprinter will not start without them ("Unable to initialize DNS-SD")
-
-SYSTEM_BUS_SOCKET = Path("/run/dbus/system_bus_socket")
-
-
-def _system_bus_answers() -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(2)
-        try:
-            sock.connect(str(SYSTEM_BUS_SOCKET))
-        except OSError:
-            return False
-    return True
-
-
-def _run(args: list[str]) -> None:
-    result = subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} exited {result.returncode}: {result.stderr.strip()}")
-
-
-def ensure_dns_sd() -> None:
-    """Start the system dbus-daemon and avahi-daemon unless they already run (needs root)."""
-    if not _system_bus_answers():
-        # a daemon that died leaves its pid file and socket behind, and a new one refuses to start
-        SYSTEM_BUS_SOCKET.parent.mkdir(parents=True, exist_ok=True)
-        for stale in (SYSTEM_BUS_SOCKET.parent / "pid", SYSTEM_BUS_SOCKET):
-            stale.unlink(missing_ok=True)
-        _run(["dbus-daemon", "--system", "--fork"])
-    if subprocess.run(["avahi-daemon", "--check"], capture_output=True, check=False).returncode:
-        Path("/run/avahi-daemon/pid").unlink(missing_ok=True)
-        _run(["avahi-daemon", "-D", "--no-drop-root", "--no-rlimits"])
-
-
 @pytest.fixture(scope="session")
 def dns_sd() -> None:
     ensure_dns_sd()

@@ -1,0 +1,223 @@
+"""``printrelay``: one command for both sides.
+
+printrelay serve       run a relay
+printrelay connector   run a connector on the printers' network
+printrelay token ...   create, list and revoke tokens (works while the relay runs)
+printrelay submit      print a file through a relay
+printrelay demo        relay + connector + printer in one command
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sqlite3
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+from connector.config import ConnectorConfig
+from printrelay.client import SubmitFailed
+from printrelay.logs import setup_logging
+from printrelay.settings import SettingsError, add_arguments, load, parse_duration
+from relay.config import RelayConfig
+
+
+class CommandError(Exception):
+    """A one-line message for the user; the command exits 1 without a traceback."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except (CommandError, SettingsError, SubmitFailed, ValueError) as exc:
+        print(f"printrelay: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="printrelay",
+        description="Print through a cloud relay to printers on networks nobody can reach from outside.",
+    )
+    commands = parser.add_subparsers(metavar="COMMAND")
+
+    serve = commands.add_parser(
+        "serve",
+        help="run a relay",
+        description="Run a relay. Every flag can also "
+        "come from PRINTRELAY_<FLAG> or a --config TOML file; flags win.",
+    )
+    add_arguments(serve, RelayConfig)
+    serve.set_defaults(run=run_serve)
+
+    connector = commands.add_parser(
+        "connector",
+        help="run a connector",
+        description="Run a connector: it "
+        "dials the relay and delivers jobs to the printers given with --printer.",
+    )
+    add_arguments(connector, ConnectorConfig)
+    connector.set_defaults(run=run_connector)
+
+    token = commands.add_parser("token", help="manage tokens").add_subparsers(metavar="ACTION")
+    create = token.add_parser("create", help="create a token and print it (shown once)")
+    create.add_argument(
+        "--data-dir", type=Path, default=Path("printrelay-data"), help="the relay's --data-dir"
+    )
+    create.add_argument("--tenant", required=True, help="the tenant the token belongs to")
+    create.add_argument("--kind", choices=("api", "connector"), required=True)
+    create.add_argument(
+        "--connector", dest="connector_id", help="connector id (kind connector; default: new)"
+    )
+    create.add_argument(
+        "--scopes", default="", help="comma-separated: jobs:submit,jobs:read,printers:admin,admin"
+    )
+    create.add_argument("--expires-in", type=parse_duration, help="e.g. 90d; default: never")
+    create.add_argument("--label", default="", help="a note shown in listings")
+    create.set_defaults(run=run_token_create)
+    listing = token.add_parser("list", help="list tokens (never their secrets)")
+    listing.add_argument("--data-dir", type=Path, default=Path("printrelay-data"))
+    listing.add_argument("--tenant")
+    listing.set_defaults(run=run_token_list)
+    revoke = token.add_parser("revoke", help="revoke a token by its id")
+    revoke.add_argument("--data-dir", type=Path, default=Path("printrelay-data"))
+    revoke.add_argument("token_id", help="the id shown by 'token list' (the part after pra_/prc_)")
+    revoke.set_defaults(run=run_token_revoke)
+
+    from printrelay import client, demo
+
+    client.add_submit_parser(commands)
+    demo.add_demo_parser(commands)
+    return parser
+
+
+# --- serve / connector ------------------------------------------------------------------------------
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    config = load(RelayConfig, args)
+    setup_logging(config.log_level, config.log_format)
+    from relay.app import Relay
+
+    async def serve() -> None:
+        relay = Relay(config)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_signals, nursery.cancel_scope)
+            await nursery.start(relay.run)
+
+    trio.run(serve)
+    return 0
+
+
+def run_connector(args: argparse.Namespace) -> int:
+    config = load(ConnectorConfig, args)
+    if not config.token:
+        raise CommandError("a connector token is required: --token or PRINTRELAY_TOKEN")
+    if not config.printer:
+        raise CommandError("no printers: give at least one --printer ID=URI")
+    setup_logging(config.log_level, config.log_format)
+    from connector.app import Connector
+
+    async def serve() -> None:
+        connector = Connector(config)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(connector.run)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    # First signal: drain (finish in-flight jobs within the grace period); second: stop now.
+                    nursery.start_soon(connector.drain, config.drain_grace)
+                    async for _ in signals:
+                        nursery.cancel_scope.cancel()
+
+    trio.run(serve)
+    return 0
+
+
+async def _cancel_on_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return
+
+
+# --- tokens -----------------------------------------------------------------------------------------
+
+
+def _database(data_dir: Path) -> sqlite3.Connection:
+    from relay.store.sqlite import migrate, open_connection
+
+    path = RelayConfig(data_dir=data_dir).database_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = open_connection(path)
+    migrate(conn)
+    return conn
+
+
+def run_token_create(args: argparse.Namespace) -> int:
+    from relay.auth import new_token
+    from relay.store.sqlite import add_token_sync
+
+    scopes = tuple(s.strip() for s in args.scopes.split(",") if s.strip())
+    secret, record = new_token(
+        args.tenant,
+        args.kind,
+        scopes=scopes,
+        connector_id=args.connector_id,
+        label=args.label,
+        expires_in=args.expires_in,
+    )
+    with contextlib.closing(_database(args.data_dir)) as conn:
+        add_token_sync(conn, record)
+    print(secret)
+    detail = (
+        f"connector {record.connector_id}"
+        if record.kind == "connector"
+        else "scopes " + ",".join(record.scopes)
+    )
+    print(
+        f"token {record.id} for tenant {record.tenant} ({record.kind}, {detail}); shown once", file=sys.stderr
+    )
+    return 0
+
+
+def run_token_list(args: argparse.Namespace) -> int:
+    from relay.store.sqlite import list_tokens_sync
+
+    with contextlib.closing(_database(args.data_dir)) as conn:
+        tokens = list_tokens_sync(conn, args.tenant)
+    print(f"{'ID':<12} {'TENANT':<16} {'KIND':<10} {'SCOPES / CONNECTOR':<36} {'CREATED':<20} STATUS")
+    now = time.time()
+    for t in tokens:
+        status = (
+            "revoked" if t.revoked_at else "expired" if t.expires_at and t.expires_at <= now else "active"
+        )
+        what = t.connector_id if t.kind == "connector" else ",".join(t.scopes)
+        created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(t.created_at))
+        print(f"{t.id:<12} {t.tenant:<16} {t.kind:<10} {what or '':<36} {created:<20} {status}")
+    return 0
+
+
+def run_token_revoke(args: argparse.Namespace) -> int:
+    from relay.store.sqlite import revoke_token_sync
+
+    with contextlib.closing(_database(args.data_dir)) as conn:
+        if not revoke_token_sync(conn, args.token_id, time.time()):
+            raise CommandError(f"no active token with id {args.token_id}")
+    print(f"token {args.token_id} revoked", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""``printrelay submit``: print a file through a relay, with progress on a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import mimetypes
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import httpx
+
+CHUNK = 256 * 1024
+FINAL = ("completed", "failed", "canceled", "expired")
+
+
+class SubmitFailed(Exception):
+    pass
+
+
+def add_submit_parser(commands: Any) -> None:
+    submit = commands.add_parser("submit", help="print a file through a relay")
+    submit.add_argument(
+        "--relay",
+        default=os.environ.get("PRINTRELAY_RELAY_URL", "http://127.0.0.1:8080"),
+        help="the relay's API URL (env PRINTRELAY_RELAY_URL; default %(default)s)",
+    )
+    submit.add_argument(
+        "--token", default=os.environ.get("PRINTRELAY_API_TOKEN"), help="API token (env PRINTRELAY_API_TOKEN)"
+    )
+    submit.add_argument("--printer", required=True, help="printer id")
+    submit.add_argument("--title", help="job title (default: the file name)")
+    submit.add_argument("--copies", type=int, default=1)
+    submit.add_argument(
+        "--format", dest="document_format", help="document MIME type (default: from the name)"
+    )
+    submit.add_argument(
+        "--hold", action="store_true", help="hold the job until it is released (pull printing)"
+    )
+    submit.add_argument("--idempotency-key", help="submit at most once under this key")
+    submit.add_argument("--wait", action="store_true", help="follow the job to its final state")
+    submit.add_argument(
+        "--timeout", type=float, default=3600.0, help="with --wait: give up after this many seconds"
+    )
+    submit.add_argument("file", type=Path, help="the document ('-' for standard input)")
+    submit.set_defaults(run=run_submit)
+
+
+def _chunks(source: BinaryIO, total: int | None, show: bool) -> Iterator[bytes]:
+    sent = 0
+    started = time.monotonic()
+    while chunk := source.read(CHUNK):
+        sent += len(chunk)
+        if show:
+            _progress(sent, total, time.monotonic() - started)
+        yield chunk
+    if show:
+        sys.stderr.write("\n")
+
+
+def _progress(sent: int, total: int | None, elapsed: float) -> None:
+    rate = sent / elapsed / 1e6 if elapsed > 0 else 0.0
+    if total:
+        width = 30
+        filled = int(width * sent / total)
+        bar = "#" * filled + "-" * (width - filled)
+        sys.stderr.write(f"\ruploading [{bar}] {sent * 100 // total:3d}% {sent / 1e6:.1f} MB {rate:.1f} MB/s")
+    else:
+        sys.stderr.write(f"\ruploading {sent / 1e6:.1f} MB {rate:.1f} MB/s")
+    sys.stderr.flush()
+
+
+def _error(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("error") or response.text)
+    except ValueError:
+        return response.text.strip() or f"HTTP {response.status_code}"
+
+
+def run_submit(args: argparse.Namespace) -> int:
+    if not args.token:
+        raise SubmitFailed("an API token is required: --token or PRINTRELAY_API_TOKEN")
+    try:
+        return _submit(args)
+    except httpx.ConnectError:
+        raise SubmitFailed(f"relay unreachable at {args.relay}") from None
+    except httpx.TimeoutException:
+        raise SubmitFailed(f"relay at {args.relay} did not answer in time") from None
+    except httpx.HTTPError as exc:
+        raise SubmitFailed(f"talking to the relay failed: {exc}") from None
+    except OSError as exc:
+        raise SubmitFailed(f"cannot read {args.file}: {exc.strerror or exc}") from None
+
+
+def _submit(args: argparse.Namespace) -> int:
+    path: Path = args.file
+    stdin = str(path) == "-"
+    document_format = args.document_format or (
+        "application/octet-stream"
+        if stdin
+        else mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    )
+    params: dict[str, str] = {
+        "title": args.title or ("stdin" if stdin else path.name),
+        "copies": str(args.copies),
+    }
+    if args.hold:
+        params["hold"] = "true"
+    headers = {"authorization": f"Bearer {args.token}", "content-type": document_format}
+    if args.idempotency_key:
+        headers["idempotency-key"] = args.idempotency_key
+    show = sys.stderr.isatty()
+    with httpx.Client(base_url=args.relay, timeout=httpx.Timeout(60, connect=10)) as client:
+        source: BinaryIO = sys.stdin.buffer if stdin else path.open("rb")
+        with source:
+            total = None if stdin else os.fstat(source.fileno()).st_size
+            if total is not None:
+                headers["content-length"] = str(total)
+            response = client.post(
+                f"/v1/printers/{args.printer}/jobs",
+                params=params,
+                headers=headers,
+                content=_chunks(source, total, show),
+            )
+        if response.status_code not in (200, 201):
+            raise SubmitFailed(_error(response))
+        job = response.json()
+        print(job["id"])
+        if not args.wait:
+            return 0
+        return _follow(client, args.token, job, args.timeout, show)
+
+
+def _follow(client: httpx.Client, token: str, job: dict[str, Any], timeout: float, show: bool) -> int:
+    deadline = time.monotonic() + timeout
+    state = job["state"]
+    if show:
+        sys.stderr.write(f"job {job['id']}: {state}\n")
+    while state not in FINAL:
+        if time.monotonic() > deadline:
+            raise SubmitFailed(f"job {job['id']} still {state} after {timeout:.0f} s")
+        time.sleep(0.25)
+        response = client.get(f"/v1/jobs/{job['id']}", headers={"authorization": f"Bearer {token}"})
+        if response.status_code != 200:
+            raise SubmitFailed(_error(response))
+        job = response.json()
+        if job["state"] != state:
+            state = job["state"]
+            if show:
+                sys.stderr.write(f"job {job['id']}: {state}\n")
+    if state != "completed":
+        raise SubmitFailed(f"job {job['id']} {state}: {job.get('last_error') or 'no reason given'}")
+    return 0
