@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from connector.delivery.cups import parse_cups_uri
+from connector.delivery.lpd import parse_lpd_uri
 from printrelay.settings import option
 
 PRINTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-SCHEMES = ("ipp", "ipps", "socket")
+SCHEMES = ("ipp", "ipps", "socket", "lpd", "cups")
 
 
 @dataclass(frozen=True)
@@ -24,19 +26,33 @@ class PrinterSpec:
 
 
 def parse_printer(text: str) -> PrinterSpec:
-    """``ID=URI``, e.g. ``office=ipp://10.0.0.5:631/ipp/print`` or ``label=socket://10.0.0.9:9100``."""
+    """``ID=URI``, e.g. ``office=ipp://10.0.0.5:631/ipp/print``, ``label=socket://10.0.0.9:9100``,
+    ``old=lpd://10.0.0.7/lp`` or ``plotter=cups:Plotter``."""
     printer_id, sep, uri = text.partition("=")
     printer_id, uri = printer_id.strip(), uri.strip()
     if not sep or not printer_id or not uri:
         raise ValueError(f"printer must be ID=URI, not {text!r}")
     if not PRINTER_ID_RE.match(printer_id):
         raise ValueError(f"invalid printer id {printer_id!r}: use letters, digits, '.', '_' or '-'")
-    parts = urlsplit(uri)
-    if parts.scheme not in SCHEMES or not parts.hostname:
-        raise ValueError(
-            f"printer {printer_id}: unsupported URI {uri!r} (use {', '.join(SCHEMES)}://HOST...)"
-        )
+    check_printer_uri(printer_id, uri)
     return PrinterSpec(printer_id, uri)
+
+
+def check_printer_uri(printer_id: str, uri: str) -> None:
+    """Refuse a URI no backend can deliver to, with the reason (also for printers added at run time)."""
+    parts = urlsplit(uri)
+    if parts.scheme not in SCHEMES or (parts.scheme != "cups" and not parts.hostname):
+        raise ValueError(
+            f"printer {printer_id}: unsupported URI {uri!r} (use ipp://, ipps://, socket://HOST[:PORT], "
+            "lpd://HOST[:PORT]/QUEUE or cups:QUEUE)"
+        )
+    try:
+        if parts.scheme == "lpd":
+            parse_lpd_uri(uri)
+        elif parts.scheme == "cups":
+            parse_cups_uri(uri)
+    except ValueError as exc:
+        raise ValueError(f"printer {printer_id}: {exc}") from None
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from relay.capabilities import OptionRefused, check_options
 from relay.http.message import format_bytes
 from relay.jobs import Job, JobState, new_job_id
 from relay.spool import PayloadTooLarge, SpoolFull
@@ -71,6 +72,13 @@ async def accept_job(relay: Relay, submission: Submission, body: AsyncIterable[b
         )
     if not 1 <= submission.copies <= MAX_COPIES:
         raise SubmitError(Refusal.BAD_REQUEST, f"copies must be between 1 and {MAX_COPIES}")
+    try:
+        check_options(
+            printer.capabilities, document_format=submission.document_format, copies=submission.copies,
+            options=submission.options,
+        )  # fmt: skip
+    except OptionRefused as exc:
+        raise SubmitError(Refusal.BAD_REQUEST, f"printer {printer.id}: {exc.message}") from None
     connector = await store.get_connector(submission.tenant, printer.connector_id)
     if connector is None or not connector.public_key:
         raise SubmitError(Refusal.UNAVAILABLE, f"printer {printer.id}: its connector never registered a key")

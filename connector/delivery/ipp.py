@@ -22,6 +22,7 @@ import httpx
 import trio
 
 from connector.delivery.base import DeliveryError, DeliveryResult, JobTicket, Progress
+from connector.delivery.options import OptionError, ipp_job_attributes
 from ipp import (
     DEFAULT_LIMITS,
     DelimiterTag,
@@ -157,8 +158,14 @@ class IppBackend:
         op.add("requesting-user-name", ValueTag.NAME, ticket.user)
         op.add("job-name", ValueTag.NAME, ticket.title)
         op.add("document-format", ValueTag.MIME_MEDIA_TYPE, ticket.document_format)
-        if ticket.copies > 1:
-            request.add_group(DelimiterTag.JOB_ATTRIBUTES).add("copies", ValueTag.INTEGER, ticket.copies)
+        try:
+            attributes = ipp_job_attributes(ticket.copies, ticket.options)
+        except OptionError as exc:
+            raise DeliveryError(f"{self.uri}: {exc.message}", retryable=False) from None
+        if attributes:
+            group = request.add_group(DelimiterTag.JOB_ATTRIBUTES)
+            for attribute in attributes:
+                group.attributes[attribute.name] = attribute
         async with self._client() as client:
             response = await self._exchange(client, request, document)
             _check_status(self.uri, response)

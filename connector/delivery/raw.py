@@ -1,16 +1,20 @@
 """Delivery to "RAW" / JetDirect printers (``socket://host:9100``): the document bytes, nothing else.
 
 The protocol has no status: the job is done when the printer closes its side after our EOF. Many
-printers keep the connection open instead, so an idle timeout ends the wait too.
+printers keep the connection open instead, so an idle timeout ends the wait too. There is no job ticket
+either: copies are sent as repeated jobs, and any other option is refused (see ``options.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import trio
 
 from connector.delivery.base import DeliveryError, DeliveryResult, JobTicket, Progress
+from connector.delivery.options import OptionError, refuse_for_stream
+from connector.delivery.spoolfile import SpoolFile
 
 DEFAULT_PORT = 9100
 #: what a printer may send back (PJL status) before we stop listening
@@ -26,12 +30,14 @@ class RawBackend:
         connect_timeout: float = 10.0,
         io_timeout: float = 60.0,
         idle_timeout: float = 30.0,
+        spool_dir: Path | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
         self.io_timeout = io_timeout
         self.idle_timeout = idle_timeout
+        self.spool_dir = spool_dir  # for the copy kept when copies > 1
 
     def __repr__(self) -> str:
         return f"RawBackend({self.host!r}, {self.port})"
@@ -56,9 +62,35 @@ class RawBackend:
     async def deliver(
         self, ticket: JobTicket, document: AsyncIterator[bytes], progress: Progress
     ) -> DeliveryResult:
+        try:
+            refuse_for_stream("RAW", ticket.options)
+        except OptionError as exc:
+            raise DeliveryError(exc.message, retryable=False) from None
+        if ticket.copies <= 1:
+            sent, note = await self._send_once(document, progress)
+            return DeliveryResult("completed", f"sent {sent} bytes to {self._where}{note}")
+        # Copies by repetition, one connection each (a RAW printer takes one job per connection).
+        # The first copy streams from the tunnel and is kept in a spool file for the others.
+        async with SpoolFile(self.spool_dir) as spool:
+            sent, note = await self._send_once(spool.tee(document), progress)
+            for copy in range(2, ticket.copies + 1):
+                try:
+                    _, note = await self._send_once(spool.read(), None)
+                except DeliveryError as exc:
+                    # earlier copies printed: sending the job again would print them twice
+                    return DeliveryResult(
+                        "failed", f"copy {copy} of {ticket.copies} not delivered: {exc.message}"
+                    )
+        return DeliveryResult(
+            "completed", f"sent {ticket.copies} copies of {sent} bytes to {self._where}{note}"
+        )
+
+    async def _send_once(self, document: AsyncIterator[bytes], progress: Progress | None) -> tuple[int, str]:
+        """One connection: the document, EOF, then wait for the printer to close."""
         stream = await self._connect()
         async with stream:
-            await progress("printing", f"connected to {self._where}")
+            if progress is not None:
+                await progress("printing", f"connected to {self._where}")
             sent = 0
             try:
                 async for chunk in document:
@@ -79,7 +111,7 @@ class RawBackend:
                 ) from exc
             closed = await self._wait_for_close(stream)
         note = "" if closed else f"; it did not close within idle_timeout={self.idle_timeout:g} s"
-        return DeliveryResult("completed", f"sent {sent} bytes to {self._where}{note}")
+        return sent, note
 
     async def _wait_for_close(self, stream: trio.SocketStream) -> bool:
         """Read (and drop) whatever the printer says until it closes; False when it stays idle."""

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from relay.auth import AuthError, Principal, authenticate, bearer
+from relay.capabilities import OPTION_NAMES, OptionRefused, validate_option
 from relay.http.message import HTTPError, Request, Response
 from relay.jobs import Job, JobState
 from relay.submit import MAX_COPIES, Submission, SubmitError, accept_job
@@ -41,6 +42,20 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
     if not low <= value <= high:
         raise HTTPError(400, f"{name} must be between {low} and {high}")
     return value
+
+
+def _options(request: Request) -> dict[str, str]:
+    """Job options from the query (``?sides=two-sided-long-edge&media=iso_a4_210x297mm``)."""
+    options: dict[str, str] = {}
+    for name in OPTION_NAMES:
+        value = _one(request, name)
+        if value is None:
+            continue
+        try:
+            options[name] = validate_option(name, value)
+        except OptionRefused as exc:
+            raise HTTPError(400, exc.message) from None
+    return options
 
 
 class RestApi:
@@ -118,6 +133,7 @@ class RestApi:
             content_length=request.body.content_length,
             idempotency_key=idempotency_key,
             hold=hold in ("true", "1"),
+            options=_options(request),
         )
         try:
             job, created = await accept_job(self.relay, submission, request.body)
