@@ -105,7 +105,9 @@ def test_backend_for_uri() -> None:
     assert isinstance(ipp, IppBackend) and ipp.url == "http://printer.example:631/ipp/print"
     v6 = backend_for_uri("ipp://[::1]:8631/printers/q")
     assert isinstance(v6, IppBackend) and v6.url == "http://[::1]:8631/printers/q"
-    with pytest.raises(ValueError, match=r"unsupported printer URI scheme 'ftp'.*ipp, ipps, socket, lpd, cups"):
+    with pytest.raises(
+        ValueError, match=r"unsupported printer URI scheme 'ftp'.*ipp, ipps, socket, lpd, cups"
+    ):
         backend_for_uri("ftp://printer.example/queue")
     with pytest.raises(ValueError, match="no host"):
         backend_for_uri("socket:///")
