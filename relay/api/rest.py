@@ -10,6 +10,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from relay.api.ipp import IppEndpoint
 from relay.auth import AuthError, Principal, authenticate, bearer
 from relay.capabilities import OPTION_NAMES, OptionRefused, validate_option
 from relay.http.message import HTTPError, Request, Response
@@ -75,6 +76,8 @@ class RestApi:
             return Response.json({"status": "alive"})
         if request.path == "/readyz":
             return await self.ready()
+        if request.path.startswith("/ipp/"):
+            return await IppEndpoint(self.relay).handle(request)
         allowed: list[str] = []
         for method, pattern, scope, route in self.routes:
             match = pattern.match(request.path)

@@ -69,6 +69,27 @@ class Printer:
         }
 
 
+@dataclass
+class IppJob:
+    """The IPP side of a job: IPP names jobs by integers, the relay by strings.
+
+    Every relay job shown over IPP gets a per-tenant ``number`` (its ``job-id``). A Create-Job makes an
+    IppJob before any relay job exists: ``state`` says where it is until its document arrives
+    (``incoming`` -> ``receiving`` -> ``attached``, via ``open`` when a document came with
+    last-document=false; or ``canceled`` / ``aborted``), and ``ticket``
+    holds what the job was created with. Once ``attached``, the relay job (``job_id``) is the truth.
+    """
+
+    tenant: str
+    number: int
+    printer_id: str
+    job_id: str | None = None
+    state: str = "attached"
+    ticket: dict[str, Any] = field(default_factory=dict)
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+
 class StoreError(Exception):
     pass
 
@@ -116,3 +137,25 @@ class Store(Protocol):
     async def requeue_interrupted(self, at: float) -> list[str]: ...
     async def expired_jobs(self, now: float, limit: int) -> list[Job]: ...
     async def all_job_ids_with_payload(self) -> set[str]: ...
+
+    # IPP job numbers (relay/api/ipp.py)
+    async def ipp_job_numbers(
+        self, tenant: str, printer_id: str, job_ids: Sequence[str], at: float
+    ) -> dict[str, int]:
+        """The IPP number of each relay job, given in order to those that have none yet."""
+        ...
+
+    async def create_ipp_job(self, job: IppJob) -> IppJob:
+        """Store a Create-Job's job (no relay job yet); returns it with its new number."""
+        ...
+
+    async def get_ipp_job(self, tenant: str, number: int) -> IppJob | None: ...
+    async def set_ipp_job_state(
+        self, tenant: str, number: int, expect: str, state: str, at: float, job_id: str | None = None
+    ) -> bool:
+        """Compare-and-set: move the job from ``expect`` to ``state``; False if it was not in ``expect``."""
+        ...
+
+    async def list_ipp_jobs(
+        self, tenant: str, printer_id: str, states: Sequence[str], limit: int
+    ) -> list[IppJob]: ...

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import trio
 
 from relay.jobs import Job, JobEvent, JobHistoryEntry, JobState, next_state
-from relay.store.base import Conflict, ConnectorRecord, Printer, TokenRecord
+from relay.store.base import Conflict, ConnectorRecord, IppJob, Printer, StoreError, TokenRecord
 
 T = TypeVar("T")
 
@@ -60,6 +60,17 @@ SCHEMA = [
         job_id TEXT NOT NULL, at REAL NOT NULL, state TEXT NOT NULL, message TEXT NOT NULL
     );
     CREATE INDEX job_events_job ON job_events (job_id, at);
+    """,
+    # version 2: IPP job numbers, and Create-Job jobs waiting for their document
+    """
+    CREATE TABLE ipp_jobs (
+        tenant TEXT NOT NULL, number INTEGER NOT NULL, printer_id TEXT NOT NULL, job_id TEXT,
+        state TEXT NOT NULL, ticket TEXT NOT NULL DEFAULT '{}',
+        created_at REAL NOT NULL, updated_at REAL NOT NULL,
+        PRIMARY KEY (tenant, number)
+    );
+    CREATE UNIQUE INDEX ipp_jobs_job ON ipp_jobs (tenant, job_id) WHERE job_id IS NOT NULL;
+    CREATE INDEX ipp_jobs_printer ON ipp_jobs (tenant, printer_id, state, number);
     """,
 ]
 
@@ -451,6 +462,115 @@ class SqliteStore:
             ).fetchall()
         )
         return {r[0] for r in rows}
+
+    # --- IPP job numbers ------------------------------------------------------------------------
+
+    async def ipp_job_numbers(
+        self, tenant: str, printer_id: str, job_ids: Sequence[str], at: float
+    ) -> dict[str, int]:
+        def numbers(c: sqlite3.Connection) -> dict[str, int]:
+            found: dict[str, int] = {}
+            for start in range(0, len(job_ids), 500):  # SQLite's bound-parameter limit
+                chunk = list(job_ids[start : start + 500])
+                rows = c.execute(
+                    f"SELECT job_id, number FROM ipp_jobs WHERE tenant = ? "
+                    f"AND job_id IN ({', '.join('?' * len(chunk))})",
+                    [tenant, *chunk],
+                ).fetchall()
+                found.update((r["job_id"], r["number"]) for r in rows)
+            missing = [j for j in dict.fromkeys(job_ids) if j not in found]
+            if missing:
+                number = _last_ipp_number(c, tenant)
+                for job_id in missing:
+                    number += 1
+                    c.execute(
+                        "INSERT INTO ipp_jobs (tenant, number, printer_id, job_id, state, created_at, "
+                        "updated_at) VALUES (?, ?, ?, ?, 'attached', ?, ?)",
+                        (tenant, number, printer_id, job_id, at, at),
+                    )
+                    found[job_id] = number
+            return found
+
+        if not job_ids:
+            return {}
+        return await self._write(numbers)
+
+    async def create_ipp_job(self, job: IppJob) -> IppJob:
+        def create(c: sqlite3.Connection) -> IppJob:
+            number = _last_ipp_number(c, job.tenant) + 1
+            c.execute(
+                "INSERT INTO ipp_jobs (tenant, number, printer_id, job_id, state, ticket, created_at, "
+                "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job.tenant, number, job.printer_id, job.job_id, job.state, json.dumps(job.ticket),
+                    job.created_at, job.updated_at,
+                ),
+            )  # fmt: skip
+            job.number = number
+            return job
+
+        return await self._write(create)
+
+    async def get_ipp_job(self, tenant: str, number: int) -> IppJob | None:
+        row = await self._run(
+            lambda c: c.execute(
+                "SELECT * FROM ipp_jobs WHERE tenant = ? AND number = ?", (tenant, number)
+            ).fetchone()
+        )
+        return _ipp_job(row) if row else None
+
+    async def set_ipp_job_state(
+        self, tenant: str, number: int, expect: str, state: str, at: float, job_id: str | None = None
+    ) -> bool:
+        def update(c: sqlite3.Connection) -> bool:
+            cur = c.execute(
+                "UPDATE ipp_jobs SET state = ?, job_id = COALESCE(?, job_id), updated_at = ? "
+                "WHERE tenant = ? AND number = ? AND state = ?",
+                (state, job_id, at, tenant, number, expect),
+            )
+            return cur.rowcount > 0
+
+        return await self._write(update)
+
+    async def list_ipp_jobs(
+        self, tenant: str, printer_id: str, states: Sequence[str], limit: int
+    ) -> list[IppJob]:
+        if not states:
+            return []
+        rows = await self._run(
+            lambda c: c.execute(
+                f"SELECT * FROM ipp_jobs WHERE tenant = ? AND printer_id = ? "
+                f"AND state IN ({', '.join('?' * len(states))}) ORDER BY number DESC LIMIT ?",
+                [tenant, printer_id, *states, limit],
+            ).fetchall()
+        )
+        return [_ipp_job(r) for r in rows]
+
+
+# IPP job-id is a signed 32-bit integer (RFC 8011 §5.3.2: 1 to 2**31 - 1).
+MAX_IPP_JOB_NUMBER = 2**31 - 1
+
+
+def _last_ipp_number(c: sqlite3.Connection, tenant: str) -> int:
+    last = int(
+        c.execute("SELECT COALESCE(MAX(number), 0) FROM ipp_jobs WHERE tenant = ?", (tenant,)).fetchone()[0]
+    )
+    if last >= MAX_IPP_JOB_NUMBER:
+        raise StoreError(f"tenant {tenant} used all {MAX_IPP_JOB_NUMBER} IPP job numbers")
+    return last
+
+
+def _ipp_job(row: sqlite3.Row) -> IppJob:
+    return IppJob(
+        tenant=row["tenant"],
+        number=row["number"],
+        printer_id=row["printer_id"],
+        job_id=row["job_id"],
+        state=row["state"],
+        ticket=json.loads(row["ticket"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
 
 
 def _upsert_printer(c: sqlite3.Connection, printer: Printer) -> None:
