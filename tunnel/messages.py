@@ -3,7 +3,10 @@
 Streams the relay opens (it is the HTTP/2 client):
 
 * ``GET /v1/printers`` — the connector's inventory: its public keys and printers (:class:`Inventory`).
-* ``GET /v1/events`` — long-lived NDJSON from the connector: printer changes.
+* ``GET /v1/events`` — long-lived NDJSON from the connector: printer changes (``printer``) and printers
+  discovery found (``candidate``).
+* ``POST /v1/printers`` (body ``{"id", "uri"}``) / ``DELETE /v1/printers/{id}`` — serve a printer from
+  now on (adopt a candidate, or change a URI) / stop serving one; no restart, the tunnel stays up.
 * ``POST /v1/jobs/{id}`` — one job. The ticket travels in the ``x-job-ticket`` header (base64url JSON),
   the sealed payload as the body; the response body is NDJSON status lines (:class:`JobStatus`), the last
   one final.
@@ -244,8 +247,40 @@ def printer_event(printer: PrinterInfo) -> bytes:
     )
 
 
-def decode_event(line: bytes) -> PrinterInfo | None:
-    """A printer change, or None for event types this version does not know (ignored, not fatal)."""
+@dataclass(frozen=True)
+class PrinterCandidate:
+    """A printer the connector found (DNS-SD, a CUPS queue, a range scan) but does not serve yet."""
+
+    uri: str
+    name: str  # what the printer or queue calls itself
+    source: str  # cups | mdns | scan
+    make_and_model: str = ""
+    suggested_id: str = ""  # a valid printer id to adopt it under
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, obj: Any) -> PrinterCandidate:
+        if not isinstance(obj, dict):
+            raise MessageError("candidate must be an object")
+        return cls(
+            uri=_str(obj, "uri", limit=2048),
+            name=_str(obj, "name", "", limit=256),
+            source=_str(obj, "source", "", limit=32),
+            make_and_model=_str(obj, "make_and_model", "", limit=256),
+            suggested_id=_str(obj, "suggested_id", "", limit=64),
+        )
+
+
+def candidate_event(candidate: PrinterCandidate) -> bytes:
+    """One line of ``GET /v1/events``: a discovered printer (older relays ignore the type)."""
+    obj = {"type": "candidate", "candidate": candidate.to_json()}
+    return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+
+
+def parse_event(line: bytes) -> PrinterInfo | PrinterCandidate | None:
+    """A printer change or a discovered printer; None for event types this version does not know."""
     if len(line) > MAX_STATUS_LINE_BYTES * 8:
         raise MessageError("event line too long")
     try:
@@ -256,7 +291,15 @@ def decode_event(line: bytes) -> PrinterInfo | None:
         raise MessageError("event must be an object")
     if obj.get("type") == "printer":
         return PrinterInfo.from_json(obj.get("printer"))
+    if obj.get("type") == "candidate":
+        return PrinterCandidate.from_json(obj.get("candidate"))
     return None
+
+
+def decode_event(line: bytes) -> PrinterInfo | None:
+    """A printer change, or None for event types this version does not know (ignored, not fatal)."""
+    event = parse_event(line)
+    return event if isinstance(event, PrinterInfo) else None
 
 
 class LineSplitter:

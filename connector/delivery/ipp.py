@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from urllib.parse import urlsplit
 
 import httpx
@@ -224,6 +224,21 @@ class IppBackend:
             f"printer job {job_id} not finished after job_timeout={self.job_timeout:g} s{detail}",
             job_id,
         )
+
+    def new_request(self, operation: Operation) -> Message:
+        """A request to this printer (charset, language, printer-uri) with the next request-id."""
+        return self._request(operation)
+
+    async def send(self, request: Message) -> Message:
+        """One request without a document; a DeliveryError when the printer cannot be asked."""
+        async with self._client() as client:
+            return await self._exchange(client, request)
+
+    async def get_printer_attributes(self, requested: Sequence[str]) -> Message:
+        """Get-Printer-Attributes (RFC 8011 §4.2.5); a DeliveryError when the printer cannot be asked."""
+        request = self._request(Operation.GET_PRINTER_ATTRIBUTES)
+        request.operation.add("requested-attributes", ValueTag.KEYWORD, *requested)
+        return await self.send(request)
 
     async def probe(self) -> bool:
         request = self._request(Operation.GET_PRINTER_ATTRIBUTES)
