@@ -387,7 +387,9 @@ async def test_printer_attributes_of_a_printer_that_reported_none(
 async def test_reported_attributes_are_rewritten_for_the_relay(relay_stack: RelayStack) -> None:
     captured, _ = decode((DATA / "get-printer-attributes.response.bin").read_bytes())
     real = list(captured.group(PRINTER) or ())
-    await offline_printer(relay_stack, "hall", capabilities={"ipp": attributes_to_json(real)})
+    # as the connector reports it: the attributes, and which options it can hand the printer
+    capabilities = {"ipp": attributes_to_json(real), "options": ["sides", "print-quality", "media"]}
+    await offline_printer(relay_stack, "hall", capabilities=capabilities)
     client = Ipp(relay_stack, "hall")
     response = await client.send(client.request(Operation.GET_PRINTER_ATTRIBUTES))
 

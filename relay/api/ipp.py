@@ -474,10 +474,9 @@ class IppEndpoint:
 
     async def _printer_attributes(
         self, call: _Call, printer: Printer, queued: int = 0
-    ) -> tuple[dict[str, Attribute], bool]:
+    ) -> dict[str, Attribute]:
         reported = reported_attributes(printer.capabilities, printer.id)
-        attrs = printer_attributes(reported, self._printer_view(call, printer, queued))
-        return attrs, reported is not None
+        return printer_attributes(reported, self._printer_view(call, printer, queued))
 
     async def get_printer_attributes(self, call: _Call) -> Message:
         printer = await self._printer(call)
@@ -488,7 +487,7 @@ class IppEndpoint:
                     call.tenant, printer_id=printer.id, state=state, limit=self.limits.max_jobs_listed
                 )
             )
-        attrs, _ = await self._printer_attributes(call, printer, queued)
+        attrs = await self._printer_attributes(call, printer, queued)
         response = new_response(call.request, Status.SUCCESSFUL_OK)
         group = response.add_group(DelimiterTag.PRINTER_ATTRIBUTES)
         for attribute in select(attrs, requested_attributes(call.request), printer_groups(attrs)):
@@ -523,9 +522,13 @@ class IppEndpoint:
 
     async def _ticket(self, call: _Call, printer: Printer) -> tuple[Ticket, dict[str, Attribute]]:
         """The job template of a creation request, checked against the printer (RFC 8011 §4.1.7)."""
-        attrs, forward = await self._printer_attributes(call, printer)
+        attrs = await self._printer_attributes(call, printer)
         job_group = call.request.group(DelimiterTag.JOB_ATTRIBUTES)
         template = list(job_group) if job_group is not None else []
+        # The connector says which options it can hand this printer (none for RAW and LPD).
+        forward = printer.capabilities.get("options")
+        if not isinstance(forward, list):
+            forward = []
         ticket = job_ticket(attrs, template, forward=forward, max_copies=MAX_COPIES)
         if ticket.unsupported and _bool(call.request, "ipp-attribute-fidelity"):
             names = ", ".join(a.name for a in ticket.unsupported)
@@ -638,7 +641,7 @@ class IppEndpoint:
         record = await self._ipp_job(call)
         if record.state != "incoming":
             raise self._not_open(record)
-        attrs, _ = await self._printer_attributes(call, printer)
+        attrs = await self._printer_attributes(call, printer)
         self._check_compression(call)
         ticket = record.ticket
         document_format = self._document_format(call, attrs, ticket.get("document_format"))

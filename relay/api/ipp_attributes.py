@@ -125,8 +125,10 @@ def _media_col(name: str, x: int, y: int) -> dict[str, Attribute]:
     )  # fmt: skip
 
 
-#: A printer that reported no attributes: what any printer does (one-sided, one quality, A4 and Letter)
-#: and nothing the relay could not deliver. Complete enough for IPP Everywhere clients to make a queue.
+#: A printer that reported no attributes (RAW sockets take bytes and nothing else): one value for every
+#: job template attribute, the one the printer uses anyway, so the relay promises nothing it cannot
+#: deliver; complete enough for IPP Everywhere clients (and ipp-2.0.test) to make a queue. Copies are
+#: done by sending the document again.
 DEFAULT_PRINTER_ATTRIBUTES: tuple[Attribute, ...] = (
     _a("printer-info", ValueTag.TEXT, ""),
     _a("printer-location", ValueTag.TEXT, ""),
@@ -139,7 +141,7 @@ DEFAULT_PRINTER_ATTRIBUTES: tuple[Attribute, ...] = (
     _a("finishings-default", ValueTag.ENUM, 3),
     _a("finishings-supported", ValueTag.ENUM, 3),
     _a("media-default", ValueTag.KEYWORD, "iso_a4_210x297mm"),
-    _a("media-supported", ValueTag.KEYWORD, "iso_a4_210x297mm", "na_letter_8.5x11in"),
+    _a("media-supported", ValueTag.KEYWORD, "iso_a4_210x297mm"),
     _a("media-ready", ValueTag.KEYWORD, "iso_a4_210x297mm"),
     _a("media-col-default", ValueTag.BEG_COLLECTION, _media_col("iso_a4_210x297mm", 21000, 29700)),
     _a("media-col-supported", ValueTag.KEYWORD, "media-size", "media-size-name"),
@@ -147,7 +149,6 @@ DEFAULT_PRINTER_ATTRIBUTES: tuple[Attribute, ...] = (
         "media-size-supported",
         ValueTag.BEG_COLLECTION,
         collection(_a("x-dimension", ValueTag.INTEGER, 21000), _a("y-dimension", ValueTag.INTEGER, 29700)),
-        collection(_a("x-dimension", ValueTag.INTEGER, 21590), _a("y-dimension", ValueTag.INTEGER, 27940)),
     ),
     _a("multiple-document-handling-supported", ValueTag.KEYWORD, "separate-documents-uncollated-copies"),
     _a("orientation-requested-default", ValueTag.ENUM, 3),

@@ -9,7 +9,7 @@ and printed without it otherwise, the attribute listed in the response's unsuppo
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from ipp import Attribute, Range, ValueTag
@@ -103,12 +103,16 @@ def _media_col(printer: Mapping[str, Attribute], attribute: Attribute) -> str | 
 
 
 def job_ticket(
-    printer: Mapping[str, Attribute], template: list[Attribute], *, forward: bool, max_copies: int
+    printer: Mapping[str, Attribute],
+    template: list[Attribute],
+    *,
+    forward: Collection[str],
+    max_copies: int,
 ) -> Ticket:
     """The ticket for the job template attributes of a request.
 
-    ``forward`` says whether options reach the printer (it is described by its own attributes);
-    when not, only values the printer does anyway are accepted.
+    ``forward`` names the options that can reach this printer (its connector says which); for the
+    others only the value the printer uses anyway is accepted.
     """
     ticket = Ticket()
     for attribute in template:
@@ -133,9 +137,8 @@ def job_ticket(
         elif name == "media-col":
             option = _media_col(printer, attribute)
             name = "media"
-        if option is not None and (forward or _is_default(printer, attribute)):
-            if forward:
-                ticket.options[name] = option
+        if option is not None and name in forward:
+            ticket.options[name] = option
             continue
         if _is_default(printer, attribute):
             continue  # what the printer does anyway
