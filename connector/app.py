@@ -11,19 +11,24 @@ Routes on the tunnel (the relay opens every stream):
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
 from connector.config import ConnectorConfig, PrinterSpec
 from connector.delivery import Backend, DeliveryError, JobTicket, backend_for_uri
+from connector.discovery import DiscoverySettings, discover
 from connector.keys import KeyRing
 from connector.ledger import Ledger
+from connector.printerbook import MAX_REQUEST_BYTES, PrinterBook, parse_printer_request
+from connector.status import PrinterStatus, poll
 from connector.tunnel import TunnelClient
 from tunnel.messages import (
     NDJSON,
@@ -32,7 +37,9 @@ from tunnel.messages import (
     JobStatus,
     JobTicketMessage,
     MessageError,
+    PrinterCandidate,
     PrinterInfo,
+    candidate_event,
     printer_event,
 )
 from tunnel.sealing import IntegrityError, PayloadOpener, open_key
@@ -42,6 +49,7 @@ log = logging.getLogger("printrelay.connector")
 
 VERSION = "0.1.0"
 JOB_PATH = re.compile(r"^/v1/jobs/([A-Za-z0-9_-]{1,128})$")
+PRINTER_PATH = re.compile(r"^/v1/printers/([A-Za-z0-9][A-Za-z0-9._-]{0,62})$")
 PROBE_INTERVAL = 30.0
 LEDGER_PRUNE_INTERVAL = 3600.0
 
@@ -52,6 +60,7 @@ class PrinterEntry:
     backend: Backend
     state: str = "unknown"
     reasons: list[str] = field(default_factory=list)
+    capabilities: dict[str, Any] = field(default_factory=dict)
     busy: trio.Lock = field(default_factory=trio.Lock)
 
     def info(self) -> PrinterInfo:
@@ -61,6 +70,7 @@ class PrinterEntry:
             kind=self.spec.kind,
             state=self.state,
             reasons=tuple(self.reasons),
+            capabilities=self.capabilities,
         )
 
 
@@ -69,9 +79,11 @@ class Connector:
         self.config = config
         self.keys = KeyRing.load_or_create(config.state_dir)
         self.ledger = Ledger(config.state_dir / "ledger.sqlite3")
-        self.printers: dict[str, PrinterEntry] = {
-            spec.id: PrinterEntry(spec, backend_for_uri(spec.uri)) for spec in config.printer
-        }
+        self.book = PrinterBook(config.state_dir, config.printer)
+        self.printers: dict[str, PrinterEntry] = {spec.id: self._entry(spec) for spec in self.book.specs()}
+        self.candidates: dict[str, PrinterCandidate] = {}
+        self._status_wakeup = trio.Event()
+        self.status_rounds = 0  # completed polls of every printer (tests wait on it)
         self.name = config.name or platform.node() or "connector"
         self.tunnel = TunnelClient(config.relay, config.token, self.handle_stream)
         self._job_slots = trio.Semaphore(config.max_jobs)
@@ -88,6 +100,8 @@ class Connector:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 nursery.start_soon(self._probe_printers)
+                if self.config.discover:
+                    nursery.start_soon(self._sweep)
                 nursery.start_soon(self._prune_ledger)
                 nursery.start_soon(self.tunnel.run)
                 task_status.started()
@@ -114,6 +128,10 @@ class Connector:
             await self._send_json(stream, 200, self.inventory().encode())
         elif method == "GET" and path == "/v1/events":
             await self._serve_events(stream)
+        elif method == "POST" and path == "/v1/printers":
+            await self._put_printer(stream)
+        elif method == "DELETE" and (match := PRINTER_PATH.match(path)):
+            await self._remove_printer(stream, match.group(1))
         elif method == "POST" and path == "/v1/drain":
             await self._send_json(stream, 200, b'{"status":"draining"}')
             self._drain_session(stream)
@@ -140,6 +158,9 @@ class Connector:
         self._event_watchers.add(send)
         try:
             await stream.send_response(200, [("content-type", NDJSON)])
+            # a new session starts without the candidates found before it: tell it
+            for candidate in list(self.candidates.values()):
+                await stream.send_data(candidate_event(candidate))
             async with receive:
                 async for line in receive:
                     await stream.send_data(line)
@@ -279,16 +300,87 @@ class Connector:
     # --- background -----------------------------------------------------------------------------
 
     async def _probe_printers(self) -> None:
-        """Reachability of each printer; changes go to the relay as events."""
+        """Status of every printer every ``status_interval``; changes go to the relay as events."""
         while True:
-            for printer in self.printers.values():
-                reachable = await printer.backend.probe()
-                state = "idle" if reachable else "stopped"
-                reasons = [] if reachable else ["offline-report"]
-                if state != printer.state:
-                    printer.state, printer.reasons = state, reasons
-                    self._publish(printer_event(printer.info()))
-            await trio.sleep(PROBE_INTERVAL)
+            async with trio.open_nursery() as nursery:
+                for printer in list(self.printers.values()):
+                    nursery.start_soon(self._poll_printer, printer)
+            self.status_rounds += 1
+            with trio.move_on_after(self.config.status_interval):
+                await self._status_wakeup.wait()
+            self._status_wakeup = trio.Event()
+
+    async def _poll_printer(self, printer: PrinterEntry) -> None:
+        status: PrinterStatus = await poll(printer.backend)
+        if self.printers.get(printer.spec.id) is not printer:
+            return  # removed or replaced while we asked
+        reasons = list(status.reasons)
+        if (status.state, reasons, status.capabilities) == (
+            printer.state,
+            printer.reasons,
+            printer.capabilities,
+        ):
+            return
+        if status.state != printer.state:
+            log.info("printer %s: %s -> %s %s", printer.spec.id, printer.state, status.state, status.message)
+        printer.state, printer.reasons, printer.capabilities = status.state, reasons, status.capabilities
+        self._publish(printer_event(printer.info()))
+
+    # --- printers added, changed and removed at run time --------------------------------------------
+
+    def _entry(self, spec: PrinterSpec) -> PrinterEntry:
+        return PrinterEntry(spec, backend_for_uri(spec.uri, spool_dir=self.config.state_dir / "spool"))
+
+    async def _put_printer(self, stream: H2Stream) -> None:
+        """``POST /v1/printers`` ``{"id", "uri"}``: serve this printer from now on (201 new, 200 changed)."""
+        try:
+            spec = parse_printer_request(await stream.read_body(MAX_REQUEST_BYTES))
+        except ValueError as exc:
+            await self._send_json(stream, 400, json.dumps({"error": str(exc)}).encode())
+            return
+        existed = spec.id in self.printers
+        entry = self._entry(spec)
+        await self.book.put(spec)
+        self.printers[spec.id] = entry
+        self.candidates.pop(spec.uri, None)
+        log.info("printer %s %s: %s", spec.id, "changed" if existed else "added", spec.uri)
+        await self._poll_printer(entry)  # the relay learns its state and capabilities at once
+        self._publish(printer_event(entry.info()))
+        await self._send_json(stream, 200 if existed else 201, json.dumps(entry.info().to_json()).encode())
+
+    async def _remove_printer(self, stream: H2Stream, printer_id: str) -> None:
+        if not await self.book.remove(printer_id):
+            await self._send_json(
+                stream, 404, json.dumps({"error": f"printer {printer_id} not found"}).encode()
+            )
+            return
+        entry = self.printers.pop(printer_id)
+        log.info("printer %s removed", printer_id)
+        removed = PrinterInfo(id=printer_id, uri=entry.spec.uri, kind=entry.spec.kind, state="removed")
+        self._publish(printer_event(removed))
+        await self._send_json(stream, 200, json.dumps(removed.to_json()).encode())
+
+    async def _sweep(self) -> None:
+        """Discovery every ``discover_interval``: new candidates (not served yet) go to the relay."""
+        config = self.config
+        settings = DiscoverySettings(
+            cups=config.discover_cups, mdns=config.discover_mdns,
+            mdns_interfaces=tuple(config.discover_mdns_interface), cidrs=tuple(config.discover_cidr),
+            ipp_ports=tuple(config.discover_ipp_port), raw_ports=tuple(config.discover_raw_port),
+        )  # fmt: skip
+        while True:
+            try:
+                found = await discover(settings)
+            except ValueError as exc:  # a --discover-cidr that cannot be scanned
+                log.error("discovery sweep failed: %s", exc)
+                found = []
+            served = {p.spec.uri for p in self.printers.values()}
+            for candidate in found:
+                if candidate.uri not in served and candidate.uri not in self.candidates:
+                    self.candidates[candidate.uri] = candidate
+                    log.info("discovered %s (%s, %s)", candidate.uri, candidate.name, candidate.source)
+                    self._publish(candidate_event(candidate))
+            await trio.sleep(config.discover_interval)
 
     async def _prune_ledger(self) -> None:
         while True:

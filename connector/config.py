@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 
 from connector.delivery.cups import parse_cups_uri
 from connector.delivery.lpd import parse_lpd_uri
-from printrelay.settings import option
+from printrelay.settings import option, parse_duration
 
 PRINTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 SCHEMES = ("ipp", "ipps", "socket", "lpd", "cups")
@@ -69,6 +69,31 @@ class ConnectorConfig:
     name: str = option("", "a name for this connector shown at the relay (default: host name)")
     max_jobs: int = option(8, "jobs delivered at once")
     drain_grace: float = option(60.0, "on SIGTERM, how long in-flight jobs may take to finish")
+    status_interval: float = option(
+        30.0, "seconds between polls of each printer's status (IPP Get-Printer-Attributes, TCP connect)",
+        parse=parse_duration,
+    )  # fmt: skip
+    discover: bool = option(
+        False, "look for printers (CUPS queues, DNS-SD, --discover-cidr ranges) every --discover-interval "
+        "and report them to the relay as candidates to adopt",
+    )  # fmt: skip
+    discover_interval: float = option(300.0, "seconds between discovery sweeps", parse=parse_duration)
+    discover_cidr: list[str] = option(
+        [], "an address range to scan for printers (IPP on 631, RAW on 9100); repeat for more",
+        multiple=True, metavar="RANGE",
+    )  # fmt: skip
+    discover_ipp_port: list[int] = option(
+        [631], "ports the range scan probes with IPP", parse=int, multiple=True, metavar="PORT"
+    )
+    discover_raw_port: list[int] = option(
+        [9100], "ports the range scan probes as RAW printers", parse=int, multiple=True, metavar="PORT"
+    )
+    discover_mdns: bool = option(True, "include DNS-SD (Bonjour) in discovery sweeps")
+    discover_mdns_interface: list[str] = option(
+        [], "browse DNS-SD only on the interface with this address (default: all); repeat for more",
+        multiple=True, metavar="ADDRESS",
+    )  # fmt: skip
+    discover_cups: bool = option(True, "include the host's CUPS queues in discovery sweeps")
     log_level: str = option("info", "debug, info, warning or error")
     log_format: str = option("auto", "json, text, or auto (text on a terminal, else json)")
 

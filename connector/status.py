@@ -184,7 +184,7 @@ async def poll(backend: Backend, *, within: float = 15.0) -> PrinterStatus:
     with trio.move_on_after(within):
         if isinstance(backend, IppBackend):  # CupsBackend too
             try:
-                response = await backend.get_printer_attributes(["printer-description"])
+                response = await backend.get_printer_attributes(["printer-description", "job-template"])
             except DeliveryError as exc:
                 return offline(exc.message)
             group = response.group(DelimiterTag.PRINTER_ATTRIBUTES)

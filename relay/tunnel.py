@@ -22,7 +22,7 @@ from trio_websocket import WebSocketRequest, serve_websocket
 
 from relay.auth import AuthError, Principal, authenticate, bearer
 from relay.store.base import ConnectorRecord, Printer
-from tunnel.messages import Inventory, LineSplitter, MessageError, PrinterInfo, decode_event
+from tunnel.messages import Inventory, LineSplitter, MessageError, PrinterCandidate, PrinterInfo, parse_event
 from tunnel.protocol import TunnelSettings
 from tunnel.session import H2Session, SessionClosed, StreamClosed
 from tunnel.wsstream import MAX_MESSAGE_BYTES, SUBPROTOCOL, TUNNEL_PATH, WebSocketStream
@@ -35,6 +35,7 @@ log = logging.getLogger("printrelay.relay.tunnel")
 HANDSHAKE_TIMEOUT = 10.0
 INVENTORY_TIMEOUT = 30.0
 RETRY_AFTER_AUTH = 30  # seconds a refused connector should wait
+MAX_CANDIDATES = 1000  # discovered printers kept per session (a connector resends them on reconnect)
 
 
 class Wakeup:
@@ -110,6 +111,7 @@ class ConnectorSession:
         self.opened_at = time.time()
         self.inventory: Inventory | None = None
         self.registered = trio.Event()
+        self.candidates: dict[str, PrinterCandidate] = {}  # by URI: printers it found, not serving yet
 
     async def run(self) -> None:
         from relay.dispatch import Dispatcher
@@ -174,6 +176,10 @@ class ConnectorSession:
             self.tenant, self.connector_id, [self._printer(p) for p in inventory.printers]
         )
 
+    def printer_record(self, info: PrinterInfo) -> Printer:
+        """A printer this connector reports, as the store keeps it."""
+        return self._printer(info)
+
     def _printer(self, info: PrinterInfo) -> Printer:
         return Printer(
             tenant=self.tenant,
@@ -196,10 +202,13 @@ class ConnectorSession:
             splitter = LineSplitter()
             async for chunk in stream.iter_data():
                 for line in splitter.feed(chunk):
-                    info = decode_event(line)
-                    if info is not None:
-                        await self.relay.store.update_printer(self._printer(info))
+                    event = parse_event(line)
+                    if isinstance(event, PrinterInfo):
+                        await self.relay.store.update_printer(self._printer(event))
+                        self.candidates.pop(event.uri, None)
                         self.relay.registry.wake(self.tenant, self.connector_id)
+                    elif isinstance(event, PrinterCandidate) and len(self.candidates) < MAX_CANDIDATES:
+                        self.candidates[event.uri] = event
         except (StreamClosed, SessionClosed):
             return
         except MessageError as exc:

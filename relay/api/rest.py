@@ -10,6 +10,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from relay import adoption
 from relay.api.ipp import IppEndpoint
 from relay.auth import AuthError, Principal, authenticate, bearer
 from relay.capabilities import OPTION_NAMES, OptionRefused, validate_option
@@ -24,6 +25,7 @@ Route = Callable[[Request, Principal, re.Match[str]], Awaitable[Response]]
 
 MAX_LIST = 500
 MAX_IDEMPOTENCY_KEY = 255
+MAX_ADMIN_BODY = 16 * 1024
 FORMAT_RE = re.compile(r"^[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+$")
 
 
@@ -66,6 +68,14 @@ class RestApi:
             ("POST", re.compile(r"^/v1/printers/(?P<printer>[^/]+)/jobs$"), "jobs:submit", self.submit_job),
             ("GET", re.compile(r"^/v1/printers$"), "jobs:read", self.list_printers),
             ("GET", re.compile(r"^/v1/printers/(?P<printer>[^/]+)$"), "jobs:read", self.get_printer),
+            ("POST", re.compile(r"^/v1/printers$"), "printers:admin", self.put_printer),
+            (
+                "DELETE",
+                re.compile(r"^/v1/printers/(?P<printer>[^/]+)$"),
+                "printers:admin",
+                self.remove_printer,
+            ),
+            ("GET", re.compile(r"^/v1/candidates$"), "printers:admin", self.list_candidates),
             ("GET", re.compile(r"^/v1/jobs$"), "jobs:read", self.list_jobs),
             ("GET", re.compile(r"^/v1/jobs/(?P<job>[^/]+)$"), "jobs:read", self.get_job),
             ("GET", re.compile(r"^/v1/jobs/(?P<job>[^/]+)/events$"), "jobs:read", self.job_events),
@@ -185,3 +195,25 @@ class RestApi:
         if printer is None:
             raise HTTPError(404, f"printer {match['printer']} not found")
         return Response.json(printer.public())
+
+    async def put_printer(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
+        """Adopt a discovered candidate, or add or change a printer: ``{"uri", "id"?, "connector_id"?}``."""
+        body = await request.body.read(MAX_ADMIN_BODY, limit_name="max_admin_body")
+        try:
+            printer, created = await adoption.put_printer(self.relay, principal.tenant, body)
+        except adoption.AdoptionError as exc:
+            raise HTTPError(exc.status, exc.message) from None
+        return Response.json(
+            printer.public(), 201 if created else 200, [("location", f"/v1/printers/{printer.id}")]
+        )
+
+    async def remove_printer(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
+        try:
+            printer = await adoption.remove_printer(self.relay, principal.tenant, match["printer"])
+        except adoption.AdoptionError as exc:
+            raise HTTPError(exc.status, exc.message) from None
+        return Response.json(printer.public())
+
+    async def list_candidates(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
+        views = adoption.candidates(self.relay, principal.tenant)
+        return Response.json({"candidates": [v.public() for v in views]})

@@ -370,6 +370,9 @@ class SqliteStore:
                 "WHERE id IN (SELECT j.id FROM jobs j JOIN printers p "
                 "ON p.tenant = j.tenant AND p.id = j.printer_id "
                 "WHERE j.tenant = ? AND j.connector_id = ? AND p.connector_id = ? AND j.state = 'queued' "
+                # a stopped or unreachable printer holds its jobs instead of spending their attempts;
+                # its next state event wakes the dispatcher
+                "AND p.state NOT IN ('stopped', 'offline') "
                 "AND j.next_attempt_at <= ? ORDER BY j.created_at LIMIT ?) RETURNING *",
                 (now, tenant, connector_id, connector_id, now, limit),
             ).fetchall()
@@ -419,8 +422,11 @@ class SqliteStore:
     async def next_due(self, tenant: str, connector_id: str) -> float | None:
         row = await self._run(
             lambda c: c.execute(
-                "SELECT MIN(next_attempt_at) FROM jobs WHERE tenant = ? AND connector_id = ? "
-                "AND state = 'queued'",
+                # the same held printers as claim_jobs: their jobs are not due, or the dispatcher would spin
+                "SELECT MIN(j.next_attempt_at) FROM jobs j JOIN printers p "
+                "ON p.tenant = j.tenant AND p.id = j.printer_id "
+                "WHERE j.tenant = ? AND j.connector_id = ? AND j.state = 'queued' "
+                "AND p.state NOT IN ('stopped', 'offline')",
                 (tenant, connector_id),
             ).fetchone()
         )
