@@ -1,2 +1,3 @@
 from fixtures_printers import *  # noqa: F403
+from fixtures_processes import *  # noqa: F403
 from fixtures_relay import *  # noqa: F403

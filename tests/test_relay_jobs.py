@@ -6,7 +6,6 @@ import hashlib
 import os
 
 import trio
-
 from fixtures_printers import RawSink
 from fixtures_relay import RelayStack
 

@@ -198,16 +198,17 @@ class H2Stream:
 
     # --- called by the session ----------------------------------------------------------------------
 
-    def _close(self, reason: str, error_code: int | None = None) -> None:
+    def _close(self, reason: str, error_code: int | None = None, *, keep_data: bool = False) -> None:
         if self._closed_reason is None:
             self._closed_reason = reason
             self._reset_code = error_code
-        # Data nobody will read still occupies the connection window: give it back.
-        leftover = self._unacked + sum(flow for _, flow in self._chunks)
-        self._chunks.clear()
-        self._unacked = 0
-        if leftover:
-            self._session._acknowledge(self.stream_id, leftover)
+        if not keep_data:
+            # Data nobody will read still occupies the connection window: give it back.
+            leftover = self._unacked + sum(flow for _, flow in self._chunks)
+            self._chunks.clear()
+            self._unacked = 0
+            if leftover:
+                self._session._acknowledge(self.stream_id, leftover)
         self._changed.fire()
 
 
@@ -422,7 +423,10 @@ class H2Session:
             stream = self._streams.pop(event.stream_id, None)
             if stream is not None:
                 name = _code_name(event.error_code)
-                stream._close(f"stream reset by peer ({name})", event.error_code)
+                # RST_STREAM(NO_ERROR) after a complete response only says "stop sending" (RFC 9113
+                # §8.1): the response stays readable.
+                complete = event.error_code == ErrorCodes.NO_ERROR and stream._ended
+                stream._close(f"stream reset by peer ({name})", event.error_code, keep_data=complete)
             self._flow_changed.fire()
         elif isinstance(event, (h2.events.WindowUpdated, h2.events.RemoteSettingsChanged)):
             self._flow_changed.fire()
@@ -464,7 +468,7 @@ class H2Session:
         self._goaway_received = True
         self._closed = self._closed or f"peer sent GOAWAY ({_code_name(event.error_code)})"
         for stream in list(self._streams.values()):
-            stream._close(self._closed)
+            stream._close(self._closed, keep_data=stream._ended)
         self._streams.clear()
         self._flow_changed.fire()
         if self._nursery is not None:
@@ -481,7 +485,8 @@ class H2Session:
 
     def _shutdown(self, reason: str) -> None:
         for stream in list(self._streams.values()):
-            stream._close(f"session closed: {reason}")
+            # A body that arrived whole stays readable: its consumer may still be handing it on.
+            stream._close(f"session closed: {reason}", keep_data=stream._ended)
         self._streams.clear()
         self._flow_changed.fire()
         self._out_drained.fire()

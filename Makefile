@@ -1,0 +1,35 @@
+# printrelay — the two commands of the README, and the checks behind them.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test setup system-deps lint typecheck bench loadtest clean
+
+$(BIN)/printrelay: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(BIN)/printrelay
+
+system-deps:
+	./scripts/install-system-deps.sh
+
+## relay + connector + a printer, and a test print through the tunnel
+demo: setup system-deps
+	$(BIN)/printrelay demo
+
+## the whole test suite, with lint and type checks
+test: setup system-deps lint typecheck
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) printrelay-data printrelay-demo .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Debian packages the demo and the tests use: real printers (ippeveprinter, ipptool), CUPS, avahi/D-Bus
+# for DNS-SD, Prometheus (promtool), websockify (benchmark baseline), iproute2 (network namespaces).
+set -euo pipefail
+PACKAGES=(cups-ipp-utils cups cups-client avahi-daemon dbus prometheus websockify iproute2)
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "printrelay: these Debian packages are needed: ${missing[*]}" >&2
+  echo "  run as root: apt-get update && apt-get install -y ${missing[*]}" >&2
+  exit 1
+fi
+# Installing cups or prometheus would start their system services; tests run private instances instead.
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+  chmod 755 /usr/sbin/policy-rc.d
+  trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q --no-install-recommends "${missing[@]}"
