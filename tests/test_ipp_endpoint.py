@@ -584,3 +584,17 @@ async def test_document_larger_than_max_job_bytes(relay_stack: RelayStack) -> No
     response = await client.print_job(os.urandom(300_000))
     assert response.code == Status.CLIENT_ERROR_REQUEST_ENTITY_TOO_LARGE, status(response)
     assert "max_job_bytes" in str(response.value(OP, "status-message"))
+
+
+async def test_printer_uri_is_ipps_behind_tls(relay_stack: RelayStack) -> None:
+    await offline_printer(relay_stack)
+    object.__setattr__(relay_stack.relay.config, "public_url", "https://print.example.com")
+    client = Ipp(relay_stack, "away")
+    response = await client.send(client.request(Operation.GET_PRINTER_ATTRIBUTES))
+    port = relay_stack.api_url.rsplit(":", 1)[1]
+    assert response.value(PRINTER, "printer-uri-supported") == f"ipps://127.0.0.1:{port}/ipp/print/away"
+    assert response.value(PRINTER, "uri-security-supported") == "tls"
+    # a Host header that is not a host name falls back to the public URL's
+    reply = await client.post_raw(encode(client.request(Operation.GET_PRINTER_ATTRIBUTES)), host="a b/c")
+    printer_uri = decode(reply.content)[0].value(PRINTER, "printer-uri-supported")
+    assert printer_uri == "ipps://print.example.com/ipp/print/away"
