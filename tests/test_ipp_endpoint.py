@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import os
 import struct
@@ -598,3 +599,40 @@ async def test_printer_uri_is_ipps_behind_tls(relay_stack: RelayStack) -> None:
     reply = await client.post_raw(encode(client.request(Operation.GET_PRINTER_ATTRIBUTES)), host="a b/c")
     printer_uri = decode(reply.content)[0].value(PRINTER, "printer-uri-supported")
     assert printer_uri == "ipps://print.example.com/ipp/print/away"
+
+
+async def test_send_document_cut_short_can_be_sent_again(relay_stack: RelayStack) -> None:
+    await offline_printer(relay_stack)
+    client = Ipp(relay_stack, "away")
+    job_id = (await client.send(client.request(Operation.CREATE_JOB))).value(JOB, "job-id")
+    assert isinstance(job_id, int)
+    request = client.request(
+        Operation.SEND_DOCUMENT, job_id=(ValueTag.INTEGER, job_id), last_document=(ValueTag.BOOLEAN, True)
+    )
+    head, body = encode(request), b"x" * 100_000
+    port = int(relay_stack.api_url.rsplit(":", 1)[1])
+    credentials = base64.b64encode(f"acme:{relay_stack.api_token}".encode()).decode()
+    store = relay_stack.relay.store
+
+    async def wait_for(state: str) -> None:
+        with trio.fail_after(10):
+            while True:
+                record = await store.get_ipp_job("acme", job_id)
+                if record is not None and record.state == state:
+                    return
+                await trio.sleep(0.02)  # polling the store: no event is published for this
+
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(
+            f"POST {client.path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/ipp\r\n"
+            f"Authorization: Basic {credentials}\r\n"
+            f"Content-Length: {len(head) + 10 * len(body)}\r\n\r\n".encode()
+            + head
+            + body
+        )
+        await wait_for("receiving")  # the upload is under way ...
+    await wait_for("incoming")  # ... and undone when the client leaves mid-document
+    again = await client.send(request, b"complete document")
+    assert again.code == Status.SUCCESSFUL_OK, status(again)
+    assert await client.job_state(job_id) == JobState.PENDING

@@ -32,6 +32,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from ipp import (
     Attribute,
     DelimiterTag,
@@ -84,6 +86,8 @@ CHALLENGE = [("www-authenticate", 'Basic realm="printrelay"')]
 IPP_CONTENT_TYPE = "application/ipp"
 #: a Create-Job's document upload that never finished (the relay restarted mid-upload) is given up after
 RECEIVING_TIMEOUT = 3600.0
+#: bound on the store write that undoes a failed Send-Document (it runs even while being cancelled)
+STORE_CLEANUP_TIMEOUT = 10.0
 
 # Operation attributes the relay reads, and the syntaxes RFC 8011 gives them.
 _NAME = (ValueTag.NAME, ValueTag.NAME_WITH_LANGUAGE)
@@ -660,12 +664,18 @@ class IppEndpoint:
             # state): the dispatcher leaves it alone until Close-Job releases it.
             job = await self._accept(call, printer, document_format, ticket, hold=not last)
         except BaseException:
-            await store.set_ipp_job_state(call.tenant, record.number, "receiving", "incoming", time.time())
+            # Also when the client left (cancelled): the job must take a document again.
+            with trio.CancelScope(shield=True), trio.move_on_after(STORE_CLEANUP_TIMEOUT):
+                await store.set_ipp_job_state(
+                    call.tenant, record.number, "receiving", "incoming", time.time()
+                )
             raise
         state = "attached" if last else "open"
-        if not await store.set_ipp_job_state(
-            call.tenant, record.number, "receiving", state, time.time(), job_id=job.id
-        ):
+        with trio.CancelScope(shield=True):  # the relay job exists now: record it, client or not
+            attached = await store.set_ipp_job_state(
+                call.tenant, record.number, "receiving", state, time.time(), job_id=job.id
+            )
+        if not attached:
             # canceled while the document streamed in: the new relay job is canceled as well
             await self._cancel_relay_job(job)
             raise _ipp_error(Status.SERVER_ERROR_JOB_CANCELED, f"job {record.number} was canceled")
