@@ -11,6 +11,7 @@ Routes on the tunnel (the relay opens every stream):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import platform
@@ -18,6 +19,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -43,7 +45,7 @@ from tunnel.messages import (
     printer_event,
 )
 from tunnel.sealing import IntegrityError, PayloadOpener, open_key
-from tunnel.session import H2Session, H2Stream, StreamClosed
+from tunnel.session import H2Session, H2Stream, SessionClosed, StreamClosed
 
 log = logging.getLogger("printrelay.connector")
 
@@ -74,6 +76,20 @@ class PrinterEntry:
         )
 
 
+async def _read_file(path: Path, size: int = 256 * 1024) -> AsyncIterator[bytes]:
+    async with await trio.open_file(path, "rb") as file:
+        while chunk := await file.read(size):
+            yield chunk
+
+
+@dataclass
+class Delivery:
+    job_id: str
+    session: H2Session | None
+    status: JobStatus | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+
+
 class Connector:
     def __init__(self, config: ConnectorConfig) -> None:
         self.config = config
@@ -88,7 +104,7 @@ class Connector:
         self.tunnel = TunnelClient(config.relay, config.token, self.handle_stream)
         self._job_slots = trio.Semaphore(config.max_jobs)
         self._event_watchers: set[trio.MemorySendChannel[bytes]] = set()
-        self._jobs_in_flight: dict[str, H2Session] = {}
+        self._deliveries: dict[str, Delivery] = {}
         self._draining_sessions: set[int] = set()
         self._jobs_changed = trio.Event()
         self.deliveries = 0
@@ -114,7 +130,7 @@ class Connector:
         self.draining = True
         self.tunnel.stopping = True
         with trio.move_on_after(grace):
-            while self._jobs_in_flight:
+            while self._deliveries:
                 await self._jobs_changed.wait()
         if self.tunnel.session is not None:
             self.tunnel.session.close("connector shutting down")
@@ -187,7 +203,7 @@ class Connector:
             self._nursery.start_soon(self._close_when_idle, session)
 
     async def _close_when_idle(self, session: H2Session) -> None:
-        while any(s is session for s in self._jobs_in_flight.values()):
+        while any(d.session is session for d in self._deliveries.values()):
             await self._jobs_changed.wait()
         session.close("relay asked us to drain")
 
@@ -196,47 +212,68 @@ class Connector:
     async def _serve_job(self, stream: H2Stream, job_id: str) -> None:
         session = self.tunnel.session
         if self.draining or (session is not None and id(session) in self._draining_sessions):
-            await self._status(stream, JobStatus("retry", "connector is draining", retry_after=1), start=True)
-            stream.reset(0)
+            await self._answer_early(stream, JobStatus("retry", "connector is draining", retry_after=1))
             return
         try:
             ticket = JobTicketMessage.decode(stream.header(TICKET_HEADER) or "")
             if ticket.job_id != job_id:
                 raise MessageError("ticket is for another job")
         except MessageError as exc:
-            await self._status(stream, JobStatus("failed", f"bad job ticket: {exc}"), start=True)
-            stream.reset(0)
+            await self._answer_early(stream, JobStatus("failed", f"bad job ticket: {exc}"))
             return
         printer = self.printers.get(ticket.printer_id)
         if printer is None:
-            await self._status(
-                stream, JobStatus("failed", f"printer {ticket.printer_id} is not served here"), start=True
+            await self._answer_early(
+                stream, JobStatus("failed", f"printer {ticket.printer_id} is not served here")
             )
-            stream.reset(0)
             return
 
+        running = self._deliveries.get(job_id)
+        if running is not None:
+            # A resend while the first delivery still runs (its tunnel dropped): wait for its outcome.
+            await running.done.wait()
         entry = await self.ledger.get(job_id)
         if entry is not None and entry.state in ("handed", "completed", "failed"):
             state = "failed" if entry.state == "failed" else "completed"
             message = entry.message or "delivered before"
-            await self._status(
-                stream, JobStatus(state, message, entry.printer_job_id, duplicate=True), start=True
-            )
-            stream.reset(0)  # stop the upload: nothing will be printed
+            await self._answer_early(stream, JobStatus(state, message, entry.printer_job_id, duplicate=True))
             return
 
         await stream.send_response(200, [("content-type", NDJSON)])
-        async with self._job_slots:
-            if session is not None:
-                self._jobs_in_flight[job_id] = session
-            try:
-                status = await self._deliver(stream, ticket, printer)
-            finally:
-                self._jobs_in_flight.pop(job_id, None)
-                self._jobs_changed.set()
-                self._jobs_changed = trio.Event()
-        await self._status(stream, status)
+        delivery = Delivery(job_id, session)
+        self._deliveries[job_id] = delivery
+        # The delivery belongs to the connector, not to the tunnel session: if the tunnel drops while a
+        # printer is being fed, the printer still gets the whole job and the ledger records it, so the
+        # relay's resend is answered from the ledger instead of printing a fragment.
+        self._nursery.start_soon(self._run_delivery, delivery, stream, ticket, printer)
+        await delivery.done.wait()
+        assert delivery.status is not None
+        await self._status(stream, delivery.status)
         await stream.end()
+
+    async def _run_delivery(
+        self, delivery: Delivery, stream: H2Stream, ticket: JobTicketMessage, printer: PrinterEntry
+    ) -> None:
+        try:
+            async with self._job_slots:
+                try:
+                    delivery.status = await self._deliver(stream, ticket, printer)
+                except (StreamClosed, SessionClosed) as exc:
+                    delivery.status = JobStatus("retry", f"tunnel lost during delivery: {exc}")
+        finally:
+            if delivery.status is None:
+                delivery.status = JobStatus("retry", "delivery interrupted")
+            del self._deliveries[delivery.job_id]
+            delivery.done.set()
+            self._jobs_changed.set()
+            self._jobs_changed = trio.Event()
+
+    async def _answer_early(self, stream: H2Stream, status: JobStatus) -> None:
+        """Answer a job stream without reading its body: the status, then RST_STREAM(NO_ERROR) so the
+        relay stops uploading (RFC 9113 §8.1)."""
+        await stream.send_response(200, [("content-type", NDJSON)])
+        await stream.send_data(status.encode(), end_stream=True)
+        stream.reset(0)
 
     async def _deliver(self, stream: H2Stream, ticket: JobTicketMessage, printer: PrinterEntry) -> JobStatus:
         job_id = ticket.job_id
@@ -244,11 +281,20 @@ class Connector:
             dek = open_key(ticket.wrapped_key, self.keys.private_for(ticket.key_id), context=job_id.encode())
         except (KeyError, IntegrityError) as exc:
             return JobStatus("failed", f"cannot open the job's data key: {exc}")
-        opener = PayloadOpener(dek, job_id)
         handed_on_accept = printer.spec.kind in ("ipp", "ipps")
+        # RAW and LPD printers print whatever bytes reach them, so a tunnel that drops mid-job would print
+        # a fragment. For them the sealed payload is first received whole and verified into a local file
+        # (still encrypted), then replayed. IPP printers discard an unfinished request by themselves.
+        buffered: Path | None = None
+        if not handed_on_accept:
+            try:
+                buffered = await self._receive_verified(stream, dek, job_id)
+            except IntegrityError as exc:
+                return await self._integrity_failure(job_id, printer, exc)
 
         async def document() -> AsyncIterator[bytes]:
-            async for chunk in stream.iter_data():
+            opener = PayloadOpener(dek, job_id)
+            async for chunk in _read_file(buffered) if buffered else stream.iter_data():
                 for plain in opener.feed(chunk):
                     yield plain
             opener.finish()
@@ -260,7 +306,8 @@ class Connector:
             if state == "printing":
                 if handed_on_accept:
                     await self.ledger.record(job_id, printer.spec.id, "handed", message)
-                await self._status(stream, JobStatus("printing", message))
+                with contextlib.suppress(StreamClosed, SessionClosed):
+                    await self._status(stream, JobStatus("printing", message))
 
         job = JobTicket(
             job_id=job_id,
@@ -277,9 +324,7 @@ class Connector:
             async with printer.busy:
                 result = await printer.backend.deliver(job, document(), progress)
         except IntegrityError as exc:
-            log.error("job %s failed its integrity check: %s", job_id, exc, extra={"job_id": job_id})
-            await self.ledger.record(job_id, printer.spec.id, "failed", f"integrity error: {exc}")
-            return JobStatus("failed", f"payload integrity check failed: {exc}")
+            return await self._integrity_failure(job_id, printer, exc)
         except DeliveryError as exc:
             if exc.retryable:
                 return JobStatus("retry", exc.message)
@@ -287,6 +332,9 @@ class Connector:
             return JobStatus("failed", exc.message)
         except StreamClosed:
             raise  # the relay went away; it will resend, the ledger says how far we got
+        finally:
+            if buffered is not None:
+                await trio.Path(buffered).unlink(missing_ok=True)
         self.deliveries += 1
         await self.ledger.record(job_id, printer.spec.id, result.state, result.message, result.printer_job_id)
         log.info(
@@ -294,6 +342,29 @@ class Connector:
             time.monotonic() - started, result.message, extra={"job_id": job_id},
         )  # fmt: skip
         return JobStatus(result.state, result.message, result.printer_job_id)
+
+    async def _integrity_failure(self, job_id: str, printer: PrinterEntry, exc: IntegrityError) -> JobStatus:
+        log.error("job %s failed its integrity check: %s", job_id, exc, extra={"job_id": job_id})
+        await self.ledger.record(job_id, printer.spec.id, "failed", f"integrity error: {exc}")
+        return JobStatus("failed", f"payload integrity check failed: {exc}")
+
+    async def _receive_verified(self, stream: H2Stream, dek: bytes, job_id: str) -> Path:
+        """Receive the whole sealed payload into ``incoming/``, checking every chunk as it arrives."""
+        incoming = trio.Path(self.config.state_dir / "incoming")
+        await incoming.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = incoming / f"{job_id}.sealed"
+        opener = PayloadOpener(dek, job_id)
+        try:
+            async with await trio.open_file(path, "wb") as file:
+                async for chunk in stream.iter_data():
+                    opener.feed(chunk)
+                    await file.write(chunk)
+            opener.finish()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await path.unlink(missing_ok=True)
+            raise
+        return Path(path)
 
     async def _status(self, stream: H2Stream, status: JobStatus, *, start: bool = False) -> None:
         if start:
