@@ -30,8 +30,9 @@ from connector.discovery import DiscoverySettings, discover
 from connector.keys import KeyRing
 from connector.ledger import Ledger
 from connector.printerbook import MAX_REQUEST_BYTES, PrinterBook, parse_printer_request
+from connector.proxy import proxy_for
 from connector.status import PrinterStatus, poll
-from connector.tunnel import TunnelClient
+from connector.tunnel import TunnelClient, client_ssl_context
 from tunnel.messages import (
     NDJSON,
     TICKET_HEADER,
@@ -101,7 +102,11 @@ class Connector:
         self._status_wakeup = trio.Event()
         self.status_rounds = 0  # completed polls of every printer (tests wait on it)
         self.name = config.name or platform.node() or "connector"
-        self.tunnel = TunnelClient(config.relay, config.token, self.handle_stream)
+        self.tunnel = TunnelClient(
+            config.relay, config.token, self.handle_stream,
+            ssl_context=client_ssl_context(config.ca_file) if config.relay.startswith("wss:") else None,
+            proxy=proxy_for(config.relay, config.proxy),
+        )  # fmt: skip
         self._job_slots = trio.Semaphore(config.max_jobs)
         self._event_watchers: set[trio.MemorySendChannel[bytes]] = set()
         self._deliveries: dict[str, Delivery] = {}

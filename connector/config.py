@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,6 +10,7 @@ from urllib.parse import urlsplit
 
 from connector.delivery.cups import parse_cups_uri
 from connector.delivery.lpd import parse_lpd_uri
+from connector.proxy import parse_proxy
 from printrelay.settings import option, parse_duration
 
 PRINTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -55,10 +57,32 @@ def check_printer_uri(printer_id: str, uri: str) -> None:
         raise ValueError(f"printer {printer_id}: {exc}") from None
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only (plain ws:// is allowed to it without --insecure)."""
+    if host.lower() in ("localhost", "localhost.") or host.lower().endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True)
 class ConnectorConfig:
     relay: str = option("ws://127.0.0.1:8081/v1/tunnel", "the relay's tunnel URL (ws:// or wss://)")
     token: str = option("", "connector token (printrelay token create --kind connector)", secret=True)
+    ca_file: Path | None = option(
+        None, "PEM file of CAs that may sign the relay's certificate (default: the system store)",
+        parse=Path, metavar="FILE",
+    )  # fmt: skip
+    insecure: bool = option(
+        False, "allow an unencrypted ws:// relay URL to a non-loopback address (certificates of wss:// "
+        "relays are verified regardless)",
+    )  # fmt: skip
+    proxy: str = option(
+        "", "HTTP proxy for the tunnel, http://[USER:PASSWORD@]HOST:PORT, or 'none' (default: HTTPS_PROXY "
+        "for wss://, HTTP_PROXY for ws://, honouring NO_PROXY)", secret=True,
+    )  # fmt: skip
     printer: list[PrinterSpec] = option(
         [], "a printer this connector serves, ID=URI; repeat for more", parse=parse_printer,
         multiple=True, metavar="ID=URI",
@@ -101,6 +125,14 @@ class ConnectorConfig:
         scheme = urlsplit(self.relay).scheme
         if scheme not in {"ws", "wss"}:
             raise ValueError(f"relay must be a ws:// or wss:// URL, not {self.relay!r}")
+        host = urlsplit(self.relay).hostname or ""
+        if scheme == "ws" and not self.insecure and not is_loopback(host):
+            raise ValueError(
+                f"relay {self.relay} is not encrypted and {host or 'its host'} is not a loopback address: "
+                "use wss://, or --insecure to allow plain ws://"
+            )
+        if self.proxy.strip() and self.proxy.strip().lower() not in ("none", "direct"):
+            parse_proxy(self.proxy)
         ids = [p.id for p in self.printer]
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:

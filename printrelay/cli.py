@@ -165,6 +165,14 @@ def _database(data_dir: Path) -> sqlite3.Connection:
     return conn
 
 
+def _audit(action: str, *, tenant: str, target: str, **details: object) -> None:
+    """Token commands write the audit entry to their own stderr (the relay is another process)."""
+    from relay import audit
+
+    setup_logging("info", "auto")
+    audit.record(action, tenant=tenant, actor="cli", target=target, **details)
+
+
 def run_token_create(args: argparse.Namespace) -> int:
     from relay.auth import new_token
     from relay.store.sqlite import add_token_sync
@@ -180,6 +188,11 @@ def run_token_create(args: argparse.Namespace) -> int:
     )
     with contextlib.closing(_database(args.data_dir)) as conn:
         add_token_sync(conn, record)
+    _audit(
+        "token.created", tenant=record.tenant, target=f"token:{record.id}", kind=record.kind,
+        scopes=",".join(record.scopes) or None, connector_id=record.connector_id, label=record.label or None,
+        expires_at=record.expires_at,
+    )  # fmt: skip
     print(secret)
     detail = (
         f"connector {record.connector_id}"
@@ -210,11 +223,14 @@ def run_token_list(args: argparse.Namespace) -> int:
 
 
 def run_token_revoke(args: argparse.Namespace) -> int:
-    from relay.store.sqlite import revoke_token_sync
+    from relay.store.sqlite import list_tokens_sync, revoke_token_sync
 
     with contextlib.closing(_database(args.data_dir)) as conn:
         if not revoke_token_sync(conn, args.token_id, time.time()):
             raise CommandError(f"no active token with id {args.token_id}")
+        tenant = next((t.tenant for t in list_tokens_sync(conn, None) if t.id == args.token_id), "")
+    # A running relay re-reads its sessions' tokens every 2 s and closes the revoked one's sessions.
+    _audit("token.revoked", tenant=tenant, target=f"token:{args.token_id}")
     print(f"token {args.token_id} revoked", file=sys.stderr)
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -13,9 +14,11 @@ from relay.config import RelayConfig
 from relay.http.server import HttpServer
 from relay.jobs import IllegalTransition, Job, JobEvent
 from relay.metrics import RelayMetrics
+from relay.ratelimit import TokenRateLimiter
 from relay.spool import Spool
 from relay.store.base import Store
 from relay.store.sqlite import SqliteStore
+from relay.tls import ServerTls
 from relay.tunnel import ConnectorRegistry, TunnelListener
 
 log = logging.getLogger("printrelay.relay")
@@ -38,8 +41,10 @@ class Relay:
         self.spool = Spool(config.spool_dir)
         self.registry = ConnectorRegistry()
         self.metrics = RelayMetrics()
+        self.rate_limiter = TokenRateLimiter(config.rate_limit, config.rate_burst)
+        self.tls = ServerTls(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
         self.api = RestApi(self)
-        self.http = HttpServer(self.api.handle)
+        self.http = HttpServer(self.api.handle, ssl_context=self.tls.context if self.tls else None)
         self.accepting = False
 
     async def run(self, *, task_status: trio.TaskStatus[RelayAddresses] = trio.TASK_STATUS_IGNORED) -> None:
@@ -51,8 +56,12 @@ class Relay:
                 host, port = config.listen
                 http_port = await nursery.start(self.http.serve, host, port)
                 thost, tport = config.tunnel_listen
-                tunnel_port = await nursery.start(TunnelListener(self).serve, thost, tport)
+                listener = TunnelListener(self, ssl_context=self.tls.context if self.tls else None)
+                tunnel_port = await nursery.start(listener.serve, thost, tport)
                 nursery.start_soon(self._expire_jobs)
+                nursery.start_soon(self.registry.watch_tokens, self.store)
+                if self.tls and threading.current_thread() is threading.main_thread():
+                    await nursery.start(self.tls.reload_on_sighup)
                 self.accepting = True
                 log.info("relay ready: API on %s:%d, tunnel on %s:%d", host, http_port, thost, tunnel_port)
                 task_status.started(RelayAddresses(http_port, tunnel_port))

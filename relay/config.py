@@ -34,6 +34,13 @@ class RelayConfig:
     )
     retry_cap: float = option(300.0, "longest retry delay", parse=parse_duration)
     max_streams_per_connector: int = option(32, "jobs streamed to one connector session at once")
+    tls_cert: Path | None = option(
+        None, "PEM certificate chain: serve HTTPS and WSS (reloaded on SIGHUP); unset behind a TLS ingress",
+        parse=Path, metavar="FILE",
+    )  # fmt: skip
+    tls_key: Path | None = option(None, "PEM private key of --tls-cert", parse=Path, metavar="FILE")
+    rate_limit: float = option(50.0, "API requests per second per token, on average (0: no limit)")
+    rate_burst: int = option(100, "API requests a token may make at once before --rate-limit applies")
     log_level: str = option("info", "debug, info, warning or error")
     log_format: str = option("auto", "json, text, or auto (text on a terminal, else json)")
 
@@ -44,6 +51,10 @@ class RelayConfig:
             raise ValueError("max_attempts must be at least 1")
         if self.max_streams_per_connector < 1:
             raise ValueError("max_streams_per_connector must be at least 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
+        if self.rate_limit < 0 or self.rate_burst < 1:
+            raise ValueError("rate_limit must be >= 0 and rate_burst at least 1")
         if self.log_format not in {"json", "text", "auto"}:
             raise ValueError(f"log_format must be json, text or auto, not {self.log_format!r}")
 

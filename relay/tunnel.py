@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 import trio
 from trio_websocket import WebSocketRequest, serve_websocket
 
+from relay import audit
 from relay.auth import AuthError, Principal, authenticate, bearer
-from relay.store.base import ConnectorRecord, Printer
+from relay.store.base import ConnectorRecord, Printer, Store
 from tunnel.messages import Inventory, LineSplitter, MessageError, PrinterCandidate, PrinterInfo, parse_event
 from tunnel.protocol import TunnelSettings
 from tunnel.session import H2Session, SessionClosed, StreamClosed
@@ -36,6 +37,9 @@ HANDSHAKE_TIMEOUT = 10.0
 INVENTORY_TIMEOUT = 30.0
 RETRY_AFTER_AUTH = 30  # seconds a refused connector should wait
 MAX_CANDIDATES = 1000  # discovered printers kept per session (a connector resends them on reconnect)
+# Tokens are revoked by another process (printrelay token revoke) that only writes the store; the relay
+# re-reads the tokens of its live sessions this often, so a revoked connector is cut off within ~2 s.
+TOKEN_RECHECK_INTERVAL = 2.0
 
 
 class Wakeup:
@@ -90,6 +94,29 @@ class ConnectorRegistry:
         for session in closing:
             session.h2.close(reason)
         return len(closing)
+
+    async def watch_tokens(self, store: Store, interval: float = TOKEN_RECHECK_INTERVAL) -> None:
+        """Close the sessions of connector tokens revoked, expired or deleted since they registered."""
+        while True:
+            await trio.sleep(interval)
+            now = time.time()
+            for token_id in sorted({s.principal.token_id for s in self.sessions()}):
+                record = await store.get_token(token_id)
+                if record is None:
+                    reason = "token deleted"
+                elif record.revoked_at is not None:
+                    reason = "token revoked"
+                elif record.expires_at is not None and record.expires_at <= now:
+                    reason = "token expired"
+                else:
+                    continue
+                tenants = {s.tenant for s in self.sessions() if s.principal.token_id == token_id}
+                closed = self.close_token_sessions(token_id, reason)
+                for tenant in tenants:
+                    audit.record(
+                        "connector.session_closed", tenant=tenant, actor="relay", target=f"token:{token_id}",
+                        reason=reason, sessions=closed,
+                    )  # fmt: skip
 
     def close_all(self, reason: str) -> None:
         for session in self.sessions():

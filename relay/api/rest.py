@@ -7,11 +7,13 @@ that do not exist. Errors are JSON ``{"error": "..."}`` naming the limit or the 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from relay import adoption
+from relay import adoption, audit
 from relay.api.ipp import IppEndpoint
+from relay.api.openapi import OPENAPI
 from relay.auth import AuthError, Principal, authenticate, bearer
 from relay.capabilities import OPTION_NAMES, OptionRefused, validate_option
 from relay.http.message import HTTPError, Request, Response
@@ -86,6 +88,8 @@ class RestApi:
             return Response.json({"status": "alive"})
         if request.path == "/readyz":
             return await self.ready()
+        if request.path == "/openapi.json":
+            return Response.json(OPENAPI)
         if request.path.startswith("/ipp/"):
             return await IppEndpoint(self.relay).handle(request)
         allowed: list[str] = []
@@ -97,6 +101,7 @@ class RestApi:
                 allowed.append(method)
                 continue
             principal = await self._authenticate(request)
+            self.rate_limit(principal)
             if not principal.allows(scope):
                 raise HTTPError(403, f"token lacks the {scope} scope")
             return await route(request, principal, match)
@@ -113,6 +118,18 @@ class RestApi:
             return await authenticate(self.relay.store, token, kind="api")
         except AuthError as exc:
             raise HTTPError(401, str(exc), challenge) from None
+
+    def rate_limit(self, principal: Principal) -> None:
+        """Spend one request of the token's budget (after authentication: see relay.ratelimit)."""
+        limiter = self.relay.rate_limiter
+        wait = limiter.check(principal.token_id, time.monotonic())
+        if wait is not None:
+            raise HTTPError(
+                429,
+                f"token {principal.token_id} exceeds rate_limit={limiter.rate:g} requests/s "
+                f"(rate_burst={limiter.burst:g}); retry after {wait:.1f} s",
+                [("retry-after", limiter.retry_after_header(wait))],
+            )
 
     async def ready(self) -> Response:
         try:
@@ -203,6 +220,11 @@ class RestApi:
             printer, created = await adoption.put_printer(self.relay, principal.tenant, body)
         except adoption.AdoptionError as exc:
             raise HTTPError(exc.status, exc.message) from None
+        audit.record(
+            "printer.adopted" if created else "printer.changed", tenant=principal.tenant,
+            actor=audit.actor_of(principal.token_id), target=f"printer:{printer.id}",
+            connector_id=printer.connector_id, uri=printer.uri,
+        )  # fmt: skip
         return Response.json(
             printer.public(), 201 if created else 200, [("location", f"/v1/printers/{printer.id}")]
         )
@@ -212,6 +234,10 @@ class RestApi:
             printer = await adoption.remove_printer(self.relay, principal.tenant, match["printer"])
         except adoption.AdoptionError as exc:
             raise HTTPError(exc.status, exc.message) from None
+        audit.record(
+            "printer.removed", tenant=principal.tenant, actor=audit.actor_of(principal.token_id),
+            target=f"printer:{printer.id}", connector_id=printer.connector_id,
+        )  # fmt: skip
         return Response.json(printer.public())
 
     async def list_candidates(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:

@@ -1,0 +1,354 @@
+"""The REST API's OpenAPI 3.1 document, served at ``/openapi.json``.
+
+Written as data, next to the routes it describes (``relay/api/rest.py``); ``tests/test_openapi.py``
+checks that every route is described and every described operation is routed, with the same scope, and
+fuzzes the API from this document. ``x-scope`` names the token scope an operation needs (``admin``
+implies every scope).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from relay.capabilities import OPTION_NAMES
+from relay.jobs import JobState
+
+VERSION = "0.1.0"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+def _path_param(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string", "minLength": 1, "maxLength": 128},
+    }
+
+
+def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+
+
+PRINTER = _path_param("printer", "printer id (unique within the tenant)")
+JOB = _path_param("job", "job id")
+
+AUTH_ERRORS: dict[str, Any] = {
+    "401": _error("missing, invalid, expired or revoked token"),
+    "403": _error("the token lacks this operation's scope"),
+    "429": {
+        "description": "the token exceeds its request rate; wait Retry-After seconds",
+        "headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 1}}},
+        "content": {"application/json": {"schema": _ref("Error")}},
+    },
+}
+NOT_FOUND = {"404": _error("no such id in the caller's tenant (ids of other tenants answer the same)")}
+
+
+def _op(
+    summary: str,
+    scope: str,
+    responses: dict[str, Any],
+    *,
+    parameters: list[dict[str, Any]] | None = None,
+    body: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "x-scope": scope,
+        "security": [{"bearer": []}],
+        "parameters": parameters or [],
+        "responses": {**responses, **AUTH_ERRORS},
+    }
+    if body is not None:
+        op["requestBody"] = body
+    return op
+
+
+SUBMIT_PARAMETERS = [
+    PRINTER,
+    _query("title", {"type": "string", "maxLength": 255}, "job name (default: X-Job-Title or 'untitled')"),
+    _query("copies", {"type": "integer", "minimum": 1, "maximum": 999}, "copies (default 1)"),
+    _query("user", {"type": "string", "maxLength": 255}, "requesting user shown to the printer"),
+    _query("hold", {"type": "string", "enum": ["true", "false", "1", "0"]}, "hold for release (pull print)"),
+    _query(
+        "expires_in",
+        {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h|d)?$"},
+        "undelivered job expires after this long, e.g. 2h (at most 365 days)",
+    ),
+    *[_query(name, {"type": "string", "maxLength": 255}, f"IPP {name}") for name in OPTION_NAMES],
+    {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+        "description": "a retried submission with the same key returns the first job (200)",
+    },
+    {"name": "X-Job-Title", "in": "header", "required": False, "schema": {"type": "string"}},
+]
+
+PRINTER_CHANGE = {
+    "type": "object",
+    "properties": {
+        "uri": {"type": "string", "description": "ipp://, ipps://, socket://, lpd:// or cups: URI"},
+        "id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"},
+        "connector_id": {"type": "string"},
+    },
+    "required": ["uri"],
+}
+
+PATHS: dict[str, dict[str, Any]] = {
+    "/v1/printers/{printer}/jobs": {
+        "post": _op(
+            "Submit a document (the raw body) to a printer",
+            "jobs:submit",
+            {
+                "201": _json(_ref("Job"), "accepted: spooled and queued (or held)"),
+                "200": _json(_ref("Job"), "an earlier submission with this Idempotency-Key"),
+                "400": _error("a bad parameter"),
+                "413": _error("document exceeds max_job_bytes"),
+                "507": _error("spool full"),
+                **NOT_FOUND,
+            },
+            parameters=SUBMIT_PARAMETERS,
+            body={
+                "required": True,
+                "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+            },
+        )
+    },
+    "/v1/printers": {
+        "get": _op(
+            "List the tenant's printers",
+            "jobs:read",
+            {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "properties": {"printers": {"type": "array", "items": _ref("Printer")}},
+                    },
+                    "printers",
+                )
+            },
+        ),
+        "post": _op(
+            "Adopt a discovered candidate, or add or change a printer, on a connected connector",
+            "printers:admin",
+            {
+                "201": _json(_ref("Printer"), "added"),
+                "200": _json(_ref("Printer"), "changed"),
+                "400": _error("malformed request"),
+                "503": _error("the connector is not connected"),
+                **NOT_FOUND,
+            },
+            body={"required": True, "content": {"application/json": {"schema": PRINTER_CHANGE}}},
+        ),
+    },
+    "/v1/printers/{printer}": {
+        "get": _op(
+            "One printer",
+            "jobs:read",
+            {"200": _json(_ref("Printer"), "the printer"), **NOT_FOUND},
+            parameters=[PRINTER],
+        ),
+        "delete": _op(
+            "Remove a printer from its connector",
+            "printers:admin",
+            {
+                "200": _json(_ref("Printer"), "removed"),
+                "503": _error("connector not connected"),
+                **NOT_FOUND,
+            },
+            parameters=[PRINTER],
+        ),
+    },
+    "/v1/candidates": {
+        "get": _op(
+            "Printers the tenant's connectors discovered and do not serve yet",
+            "printers:admin",
+            {"200": _json({"type": "object", "properties": {"candidates": {"type": "array"}}}, "candidates")},
+        )
+    },
+    "/v1/jobs": {
+        "get": _op(
+            "List the tenant's jobs, newest first",
+            "jobs:read",
+            {
+                "200": _json(
+                    {"type": "object", "properties": {"jobs": {"type": "array", "items": _ref("Job")}}},
+                    "jobs",
+                ),
+                "400": _error("a bad parameter"),
+            },
+            parameters=[
+                _query("state", {"type": "string", "enum": [s.value for s in JobState]}, "only this state"),
+                _query("printer_id", {"type": "string"}, "only this printer"),
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": 500}, "at most (default 100)"),
+            ],
+        )
+    },
+    "/v1/jobs/{job}": {
+        "get": _op(
+            "One job", "jobs:read", {"200": _json(_ref("Job"), "the job"), **NOT_FOUND}, parameters=[JOB]
+        )
+    },
+    "/v1/jobs/{job}/events": {
+        "get": _op(
+            "A job's state history",
+            "jobs:read",
+            {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "properties": {"job_id": {"type": "string"}, "events": {"type": "array"}},
+                    },
+                    "history",
+                ),
+                **NOT_FOUND,
+            },
+            parameters=[JOB],
+        )
+    },
+    "/v1/jobs/{job}/watch": {
+        "get": _op(
+            "Server-Sent Events: the history, then each change until the job is final",
+            "jobs:read",
+            {"200": {"description": "event stream", "content": {"text/event-stream": {}}}, **NOT_FOUND},
+            parameters=[JOB],
+        )
+    },
+    "/v1/jobs/{job}/cancel": {
+        "post": _op(
+            "Cancel a job that is not final yet",
+            "jobs:submit",
+            {"200": _json(_ref("Job"), "canceled"), "409": _error("already final"), **NOT_FOUND},
+            parameters=[JOB],
+        )
+    },
+    "/v1/jobs/{job}/release": {
+        "post": _op(
+            "Release a held job, optionally to another printer of the tenant",
+            "jobs:submit",
+            {"200": _json(_ref("Job"), "queued"), "409": _error("not held"), **NOT_FOUND},
+            parameters=[JOB, _query("printer_id", {"type": "string"}, "print on this printer instead")],
+            body={
+                "required": False,
+                "content": {
+                    "application/json": {
+                        "schema": {"type": "object", "properties": {"printer_id": {"type": "string"}}}
+                    }
+                },
+            },
+        )
+    },
+}
+
+# Served without a token: probes, this document, and the IPP endpoint (its own Basic/Bearer auth).
+PUBLIC_PATHS: dict[str, dict[str, Any]] = {
+    "/healthz": {
+        "get": {
+            "summary": "Liveness",
+            "security": [],
+            "responses": {"200": _json({"type": "object"}, "alive")},
+        }
+    },
+    "/readyz": {
+        "get": {
+            "summary": "Readiness: store writable and listeners up",
+            "security": [],
+            "responses": {
+                "200": _json({"type": "object"}, "ready"),
+                "503": _json({"type": "object"}, "not ready"),
+            },
+        }
+    },
+    "/openapi.json": {
+        "get": {
+            "summary": "This document",
+            "security": [],
+            "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")},
+        }
+    },
+    "/ipp/print/{printer}": {
+        "post": {
+            "summary": "IPP endpoint (RFC 8010 over HTTP); HTTP Basic (tenant, API token) or Bearer",
+            "security": [{"basic": []}, {"bearer": []}],
+            "parameters": [PRINTER],
+            "requestBody": {"required": True, "content": {"application/ipp": {}}},
+            "responses": {
+                "200": {"description": "an IPP response", "content": {"application/ipp": {}}},
+                "401": _error("credentials required"),
+            },
+        }
+    },
+}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]},
+    "Job": {
+        "type": "object",
+        "required": ["id", "state", "printer_id"],
+        "properties": {
+            "id": {"type": "string"},
+            "state": {"type": "string", "enum": [s.value for s in JobState]},
+            "printer_id": {"type": "string"},
+            "title": {"type": "string"},
+            "document_format": {"type": "string"},
+            "copies": {"type": "integer"},
+            "user": {"type": "string"},
+            "size": {"type": "integer"},
+            "attempts": {"type": "integer"},
+            "max_attempts": {"type": "integer"},
+            "last_error": {"type": ["string", "null"]},
+            "options": {"type": "object"},
+            "created_at": {"type": "string"},
+            "updated_at": {"type": "string"},
+            "completed_at": {"type": ["string", "null"]},
+            "expires_at": {"type": ["string", "null"]},
+        },
+    },
+    "Printer": {
+        "type": "object",
+        "required": ["id", "connector_id", "online", "state"],
+        "properties": {
+            "id": {"type": "string"},
+            "connector_id": {"type": "string"},
+            "online": {"type": "boolean"},
+            "state": {"type": "string"},
+            "printer_state": {"type": "string"},
+            "reasons": {"type": "array", "items": {"type": "string"}},
+            "kind": {"type": "string"},
+            "capabilities": {"type": "object"},
+        },
+    },
+}
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "printrelay",
+        "version": VERSION,
+        "description": "Submit print jobs to printers behind connectors. Every id is scoped to the tenant "
+        "of the bearer token; another tenant's ids answer 404 like ids that do not exist.",
+    },
+    "paths": {**PATHS, **PUBLIC_PATHS},
+    "components": {
+        "schemas": SCHEMAS,
+        "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer", "description": "pra_<id>_<secret> API token"},
+            "basic": {"type": "http", "scheme": "basic", "description": "IPP only: tenant and API token"},
+        },
+    },
+}
