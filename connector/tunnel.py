@@ -173,7 +173,10 @@ class TunnelClient:
                         await ws.aclose()
                     nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            raise _sole(group) from None
+            sole = _sole(group)
+            if sole is group:
+                raise
+            raise sole from sole.__cause__  # keeps the cause (the certificate error, say)
 
     async def _dial(
         self, host: str, port: int, secure: bool

@@ -77,6 +77,41 @@ class RateLimit:
         return False
 
 
+CLIENT_PREFACE_BYTES = 24  # b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+FRAME_HEADER_BYTES = 9
+RST_STREAM = 0x3
+
+
+class FrameScanner:
+    """Frame types as their headers go by, without parsing frames (h2 does that).
+
+    h2 drops some frames without an event — RST_STREAM on a stream that is already closed — so counting
+    events would let a peer send those without limit. The scanner sees every frame header.
+    """
+
+    def __init__(self, *, skip: int = 0) -> None:
+        self._skip = skip  # bytes of the current payload (or the preface) still to pass over
+        self._header = bytearray()
+
+    def feed(self, data: bytes) -> list[int]:
+        types: list[int] = []
+        view = memoryview(data)
+        while view:
+            if self._skip:
+                n = min(self._skip, len(view))
+                self._skip -= n
+                view = view[n:]
+                continue
+            need = FRAME_HEADER_BYTES - len(self._header)
+            self._header += view[:need]
+            view = view[need:]
+            if len(self._header) == FRAME_HEADER_BYTES:
+                types.append(self._header[3])
+                self._skip = int.from_bytes(self._header[:3], "big")
+                self._header.clear()
+        return types
+
+
 class TunnelProtocol:
     """One HTTP/2 connection of the tunnel: the relay is the client, the connector the server."""
 
@@ -102,6 +137,7 @@ class TunnelProtocol:
         self._resets = RateLimit(settings.max_resets_per_second, settings.max_resets_per_second * 2)
         self._pings = RateLimit(settings.max_pings_per_second, settings.max_pings_per_second * 2)
         self._settings_changes = RateLimit(settings.max_settings_per_second)
+        self._frames = FrameScanner(skip=0 if client_side else CLIENT_PREFACE_BYTES)
 
     def initiate(self) -> None:
         """Queue our preface and settings (prior knowledge: both sides send at once) and open the
@@ -113,6 +149,13 @@ class TunnelProtocol:
 
     def receive_data(self, data: bytes, now: float) -> list[h2.events.Event]:
         """Feed bytes from the peer; return h2 events, or raise :class:`ProtocolViolation`."""
+        for frame_type in self._frames.feed(data):
+            if frame_type == RST_STREAM and not self._resets.allow(now):
+                raise ProtocolViolation(
+                    "stream resets exceed "
+                    f"max_resets_per_second={self.settings.max_resets_per_second:g} (rapid reset)",
+                    h2.errors.ErrorCodes.ENHANCE_YOUR_CALM,
+                )
         try:
             events = self.conn.receive_data(data)
         except h2.exceptions.FrameTooLargeError as exc:
@@ -129,14 +172,8 @@ class TunnelProtocol:
 
     def _check_rates(self, event: h2.events.Event, now: float) -> None:
         calm = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
-        if isinstance(event, h2.events.StreamReset) and event.remote_reset:
-            if not self._resets.allow(now):
-                raise ProtocolViolation(
-                    "stream resets exceed "
-                    f"max_resets_per_second={self.settings.max_resets_per_second:g} (rapid reset)",
-                    calm,
-                )
-        elif isinstance(event, h2.events.PingReceived):
+        # Resets are counted by frame in receive_data (some never become events).
+        if isinstance(event, h2.events.PingReceived):
             if not self._pings.allow(now):
                 raise ProtocolViolation(
                     f"PINGs exceed max_pings_per_second={self.settings.max_pings_per_second:g}",
