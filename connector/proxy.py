@@ -154,6 +154,8 @@ class ConnectExchange:
     def receive(self, data: bytes) -> bool:
         """Feed the proxy's bytes (``b""`` at EOF). True once the tunnel is open; False for more data.
         Raises :class:`ProxyError` for a refusal or a malformed answer."""
+        if not data:  # EOF: the answer is not complete, or receive() would have returned True already
+            raise ProxyError(f"proxy {self.proxy.address} closed the connection before answering CONNECT")
         self._h11.receive_data(data)
         while True:
             try:
