@@ -46,7 +46,7 @@ from tunnel.messages import (
     printer_event,
 )
 from tunnel.sealing import IntegrityError, PayloadOpener, open_key
-from tunnel.session import H2Session, H2Stream, SessionClosed, StreamClosed
+from tunnel.session import ErrorCodes, H2Session, H2Stream, SessionClosed, StreamClosed
 
 log = logging.getLogger("printrelay.connector")
 
@@ -89,6 +89,8 @@ class Delivery:
     session: H2Session | None
     status: JobStatus | None = None
     done: trio.Event = field(default_factory=trio.Event)
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    canceled: bool = False
 
 
 class Connector:
@@ -238,8 +240,8 @@ class Connector:
             # A resend while the first delivery still runs (its tunnel dropped): wait for its outcome.
             await running.done.wait()
         entry = await self.ledger.get(job_id)
-        if entry is not None and entry.state in ("handed", "completed", "failed"):
-            state = "failed" if entry.state == "failed" else "completed"
+        if entry is not None and entry.state in ("handed", "completed", "failed", "canceled"):
+            state = entry.state if entry.state in ("failed", "canceled") else "completed"
             message = entry.message or "delivered before"
             await self._answer_early(stream, JobStatus(state, message, entry.printer_job_id, duplicate=True))
             return
@@ -251,20 +253,37 @@ class Connector:
         # printer is being fed, the printer still gets the whole job and the ledger records it, so the
         # relay's resend is answered from the ledger instead of printing a fragment.
         self._nursery.start_soon(self._run_delivery, delivery, stream, ticket, printer)
-        await delivery.done.wait()
+        async with trio.open_nursery() as watch:
+            watch.start_soon(self._cancel_on_reset, stream, delivery)
+            await delivery.done.wait()
+            watch.cancel_scope.cancel()
         assert delivery.status is not None
         await self._status(stream, delivery.status)
         await stream.end()
+
+    async def _cancel_on_reset(self, stream: H2Stream, delivery: Delivery) -> None:
+        """RST_STREAM(CANCEL) from the relay means the job was canceled: stop delivering it. A stream that
+        merely died with its tunnel does not stop the delivery (see _serve_job)."""
+        if await stream.wait_closed() == ErrorCodes.CANCEL:
+            delivery.canceled = True
+            delivery.scope.cancel()
 
     async def _run_delivery(
         self, delivery: Delivery, stream: H2Stream, ticket: JobTicketMessage, printer: PrinterEntry
     ) -> None:
         try:
-            async with self._job_slots:
-                try:
-                    delivery.status = await self._deliver(stream, ticket, printer)
-                except (StreamClosed, SessionClosed) as exc:
-                    delivery.status = JobStatus("retry", f"tunnel lost during delivery: {exc}")
+            with delivery.scope:
+                async with self._job_slots:
+                    try:
+                        delivery.status = await self._deliver(stream, ticket, printer)
+                    except (StreamClosed, SessionClosed) as exc:
+                        delivery.status = JobStatus("retry", f"tunnel lost during delivery: {exc}")
+            if delivery.canceled:
+                delivery.status = JobStatus("canceled", "canceled by the relay")
+                with trio.CancelScope(shield=True):
+                    await self.ledger.record(
+                        ticket.job_id, printer.spec.id, "canceled", "canceled by the relay"
+                    )
         finally:
             if delivery.status is None:
                 delivery.status = JobStatus("retry", "delivery interrupted")

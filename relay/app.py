@@ -12,14 +12,16 @@ import trio
 from relay.api.rest import RestApi
 from relay.config import RelayConfig
 from relay.http.server import HttpServer
-from relay.jobs import IllegalTransition, Job, JobEvent
+from relay.jobs import Job, JobEvent, JobHistoryEntry, JobState
+from relay.lifecycle import JobLifecycle
 from relay.metrics import RelayMetrics
 from relay.ratelimit import TokenRateLimiter
 from relay.spool import Spool
 from relay.store.base import Store
 from relay.store.sqlite import SqliteStore
 from relay.tls import ServerTls
-from relay.tunnel import ConnectorRegistry, TunnelListener
+from relay.tunnel import ConnectorRegistry, TunnelListener, Wakeup
+from relay.webhooks import WebhookSender
 
 log = logging.getLogger("printrelay.relay")
 
@@ -41,6 +43,12 @@ class Relay:
         self.spool = Spool(config.spool_dir)
         self.registry = ConnectorRegistry()
         self.metrics = RelayMetrics()
+        self.jobs = JobLifecycle(self)
+        self.webhooks = WebhookSender(
+            self.store, max_attempts=config.webhook_max_attempts, retry_base=config.webhook_retry_base
+        )
+        self.jobs.listeners.append(self.webhooks.notify)
+        self._expiry_wakeup = Wakeup()
         self.rate_limiter = TokenRateLimiter(config.rate_limit, config.rate_burst)
         self.tls = ServerTls(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
         self.api = RestApi(self)
@@ -59,6 +67,7 @@ class Relay:
                 listener = TunnelListener(self, ssl_context=self.tls.context if self.tls else None)
                 tunnel_port = await nursery.start(listener.serve, thost, tport)
                 nursery.start_soon(self._expire_jobs)
+                await nursery.start(self.webhooks.run)
                 nursery.start_soon(self.registry.watch_tokens, self.store)
                 if self.tls and threading.current_thread() is threading.main_thread():
                     await nursery.start(self.tls.reload_on_sighup)
@@ -82,15 +91,20 @@ class Relay:
             log.info("removed %d orphaned spool files", removed)
 
     async def job_finished(self, job: Job) -> None:
-        """A job reached a final state: erase its payload (crypto-shred) and count it."""
-        await self.spool.erase(job.id)
-        self.metrics.jobs_finished.labels(str(job.state)).inc()
-        if job.completed_at is not None:
-            self.metrics.delivery_latency.observe(max(0.0, job.completed_at - job.created_at))
-        log.info("job %s %s", job.id, job.state, extra={"job_id": job.id, "tenant": job.tenant})
+        """A job reached a final state through the store directly: apply the consequences."""
+        await self.jobs.changed(job, JobHistoryEntry(job.id, job.updated_at, job.state, str(job.state)))
 
     def job_queued(self, job: Job) -> None:
         self.registry.wake(job.tenant, job.connector_id)
+
+    def job_accepted(self, job: Job) -> None:
+        if job.state is JobState.QUEUED:
+            self.job_queued(job)
+        if job.expires_at is not None:
+            self._expiry_wakeup.fire()  # it may expire before the sweep planned to wake
+
+    async def cancel_job(self, job: Job, reason: str = "canceled") -> bool:
+        return await self.jobs.cancel(job, reason) is not None
 
     def metrics_registration_failed(self, reason: str) -> None:
         label = "revoked" if "revoked" in reason else "expired" if "expired" in reason else "invalid"
@@ -99,12 +113,8 @@ class Relay:
     async def _expire_jobs(self) -> None:
         while True:
             for job in await self.store.expired_jobs(time.time(), 500):
-                try:
-                    done = await self.store.transition(
-                        job.id, JobEvent.EXPIRE, "not delivered before expires_at", time.time()
-                    )
-                except IllegalTransition:
-                    continue
-                if done is not None:
-                    await self.job_finished(done)
-            await trio.sleep(EXPIRY_INTERVAL)
+                await self.jobs.transition(job.id, JobEvent.EXPIRE, "not delivered before expires_at")
+            soonest = await self.store.next_expiry()
+            delay = EXPIRY_INTERVAL if soonest is None else min(EXPIRY_INTERVAL, soonest - time.time())
+            with trio.move_on_after(max(0.05, delay)):
+                await self._expiry_wakeup.wait()

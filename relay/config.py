@@ -33,6 +33,12 @@ class RelayConfig:
         2.0, "first retry delay; doubles per attempt, with jitter", parse=parse_duration
     )
     retry_cap: float = option(300.0, "longest retry delay", parse=parse_duration)
+    tenant_max_spool_bytes: int = option(
+        50 * GiB,
+        "quota: a tenant's undelivered documents may take this much spool (507 above)",
+        parse=parse_size,
+    )
+    tenant_max_jobs: int = option(100_000, "quota: a tenant's undelivered jobs (429 above)")
     max_streams_per_connector: int = option(32, "jobs streamed to one connector session at once")
     tls_cert: Path | None = option(
         None, "PEM certificate chain: serve HTTPS and WSS (reloaded on SIGHUP); unset behind a TLS ingress",
@@ -41,6 +47,11 @@ class RelayConfig:
     tls_key: Path | None = option(None, "PEM private key of --tls-cert", parse=Path, metavar="FILE")
     rate_limit: float = option(50.0, "API requests per second per token, on average (0: no limit)")
     rate_burst: int = option(100, "API requests a token may make at once before --rate-limit applies")
+    webhook_max_attempts: int = option(10, "webhook delivery attempts before a change is dropped (logged)")
+    webhook_retry_base: float = option(
+        300.0, "first webhook retry delay; doubles per attempt up to 6 h, with jitter (10 attempts: ~1 day)",
+        parse=parse_duration,
+    )  # fmt: skip
     log_level: str = option("info", "debug, info, warning or error")
     log_format: str = option("auto", "json, text, or auto (text on a terminal, else json)")
 
@@ -55,6 +66,8 @@ class RelayConfig:
             raise ValueError("tls_cert and tls_key go together: give both or neither")
         if self.rate_limit < 0 or self.rate_burst < 1:
             raise ValueError("rate_limit must be >= 0 and rate_burst at least 1")
+        if self.webhook_max_attempts < 1 or self.webhook_retry_base <= 0:
+            raise ValueError("webhook_max_attempts must be at least 1 and webhook_retry_base positive")
         if self.log_format not in {"json", "text", "auto"}:
             raise ValueError(f"log_format must be json, text or auto, not {self.log_format!r}")
 

@@ -22,13 +22,13 @@ import logging
 import random
 import time
 from contextlib import aclosing
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
-from relay.jobs import IllegalTransition, Job, JobEvent
+from relay.jobs import Job, JobEvent, JobHistoryEntry
 from tunnel.messages import NDJSON, TICKET_HEADER, JobStatus, JobTicketMessage, LineSplitter, MessageError
-from tunnel.session import H2Stream, SessionClosed, StreamClosed
+from tunnel.session import ErrorCodes, H2Stream, SessionClosed, StreamClosed
 
 if TYPE_CHECKING:
     from relay.app import Relay
@@ -38,7 +38,9 @@ log = logging.getLogger("printrelay.relay.dispatch")
 
 IDLE_POLL = 5.0  # re-check the queue this often even without a wakeup (retries coming due)
 RESPONSE_TIMEOUT = 60.0  # connector must answer a job stream's headers within this
-PROGRESS_TIMEOUT = 24 * 3600.0  # a job may print for a long time; the tunnel's PINGs detect dead peers
+# A job may print for a long time; the tunnel's PINGs detect dead peers.
+PROGRESS_TIMEOUT = 24 * 3600.0
+NO_ANSWER = "connector did not answer in time"
 
 
 def retry_delay(attempts: int, base: float, cap: float) -> float:
@@ -53,6 +55,13 @@ class Dispatcher:
         self.session = session
         self.in_flight = 0
         self._slot_freed = trio.Event()
+        self._streams: dict[str, H2Stream] = {}
+
+    def cancel(self, job_id: str) -> None:
+        """The job was canceled while streaming: reset its stream; the connector stops it at the printer."""
+        stream = self._streams.get(job_id)
+        if stream is not None:
+            stream.reset(ErrorCodes.CANCEL)
 
     async def run(self) -> None:
         relay, session = self.relay, self.session
@@ -68,6 +77,12 @@ class Dispatcher:
                     )
                 for job in jobs:
                     self.in_flight += 1
+                    relay.jobs.publish(
+                        job,
+                        JobHistoryEntry(
+                            job.id, job.updated_at, job.state, f"attempt {job.attempts}: sending"
+                        ),
+                    )
                     nursery.start_soon(self._deliver, job)
                 if jobs and len(jobs) == free:
                     continue  # there may be more; claim again once a slot frees
@@ -103,36 +118,48 @@ class Dispatcher:
             attempt=job.attempts,
             options=job.options,
         )
-        final: JobStatus | None = None
         try:
             stream = await h2.open_stream(
                 "POST",
                 f"/v1/jobs/{job.id}",
-                [(TICKET_HEADER, ticket.encode()), ("content-length", str(job.sealed_size))],
+                [(TICKET_HEADER, ticket.encode())],  # size is in the ticket; the connector checks integrity
             )
+        except (StreamClosed, SessionClosed) as exc:
+            await self._requeue(job, f"tunnel lost before sending: {exc}")
+            return
+        self._streams[job.id] = stream
+        try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._upload, stream, job)
-                with trio.fail_after(RESPONSE_TIMEOUT):
-                    await stream.receive_response()
-                if stream.status != 200:
-                    body = (await stream.read_body(16 * 1024)).decode(errors="replace").strip()
-                    final = JobStatus("retry", f"connector answered {stream.status}: {body}")
-                else:
-                    with trio.fail_after(PROGRESS_TIMEOUT):
-                        final = await self._follow(stream, job)
+                outcome = await self._result(stream, job)
                 nursery.cancel_scope.cancel()  # the connector may answer before it read everything
-        except (StreamClosed, SessionClosed) as exc:
-            await self._requeue(job, f"tunnel lost while sending: {exc}")
+        finally:
+            self._streams.pop(job.id, None)
+            stream.reset(ErrorCodes.NO_ERROR)  # no-op once both sides ended; frees the stream
+        if isinstance(outcome, str):
+            await self._requeue(job, outcome)
+            if outcome == NO_ANSWER:
+                h2.close("connector stopped answering a job stream")
             return
-        except trio.TooSlowError:
-            await self._requeue(job, "connector did not answer in time")
-            h2.close("connector stopped answering a job stream")
-            return
-        except MessageError as exc:
-            final = JobStatus("retry", f"connector sent a malformed status: {exc}")
-        if final is None:
-            final = JobStatus("retry", "connector ended the stream without a result")
+        final = outcome or JobStatus("retry", "connector ended the stream without a result")
         await self._finish(job, final)
+
+    async def _result(self, stream: H2Stream, job: Job) -> JobStatus | str | None:
+        """The connector's final status; a reason string when the job must simply be queued again."""
+        try:
+            with trio.fail_after(RESPONSE_TIMEOUT):
+                await stream.receive_response()
+            if stream.status != 200:
+                body = (await stream.read_body(16 * 1024)).decode(errors="replace").strip()
+                return JobStatus("retry", f"connector answered {stream.status}: {body}")
+            with trio.fail_after(PROGRESS_TIMEOUT):
+                return await self._follow(stream, job)
+        except (StreamClosed, SessionClosed) as exc:
+            return f"tunnel lost while sending: {exc}"
+        except trio.TooSlowError:
+            return NO_ANSWER
+        except MessageError as exc:
+            return JobStatus("retry", f"connector sent a malformed status: {exc}")
 
     async def _upload(self, stream: H2Stream, job: Job) -> None:
         try:
@@ -162,13 +189,8 @@ class Dispatcher:
                     )
         return None
 
-    async def _transition(self, job: Job, event: JobEvent, message: str, **fields: object) -> Job | None:
-        try:
-            return await self.relay.store.transition(job.id, event, message, time.time(), **fields)
-        except IllegalTransition as exc:
-            # e.g. canceled meanwhile: the newer state stands
-            log.info("job %s: %s (%s)", job.id, exc, message, extra={"job_id": job.id})
-            return None
+    async def _transition(self, job: Job, event: JobEvent, message: str, **fields: Any) -> Job | None:
+        return await self.relay.jobs.transition(job.id, event, message, **fields)
 
     async def _requeue(self, job: Job, message: str) -> None:
         with trio.CancelScope(shield=True):
@@ -185,25 +207,20 @@ class Dispatcher:
                 message = status.message or "printed"
                 if status.duplicate:
                     message += " (already delivered earlier; not printed again)"
-                done = await self._transition(job, JobEvent.COMPLETE, message)
+                await self._transition(job, JobEvent.COMPLETE, message)
             elif status.state == "retry" and job.attempts < job.max_attempts:
                 delay = status.retry_after or retry_delay(
                     job.attempts, relay.config.retry_base, relay.config.retry_cap
                 )
-                done = None
                 await self._transition(
                     job, JobEvent.RETRY,
                     f"attempt {job.attempts} failed: {status.message}; retrying in {delay:.0f} s",
                     next_attempt_at=now + delay, last_error=status.message,
                 )  # fmt: skip
             elif status.state == "canceled":
-                done = await self._transition(
-                    job, JobEvent.CANCEL, status.message or "canceled at the printer"
-                )
+                await self._transition(job, JobEvent.CANCEL, status.message or "canceled at the printer")
             else:
                 reason = status.message or "delivery failed"
                 if status.state == "retry":
                     reason = f"gave up after {job.attempts} attempts: {reason}"
-                done = await self._transition(job, JobEvent.FAIL, reason, last_error=status.message)
-            if done is not None and done.state.final:
-                await relay.job_finished(done)
+                await self._transition(job, JobEvent.FAIL, reason, last_error=status.message)

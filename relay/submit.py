@@ -28,6 +28,7 @@ MAX_COPIES = 999
 
 class Refusal(enum.Enum):
     NOT_FOUND = 404
+    QUOTA = 429
     BAD_REQUEST = 400
     CONFLICT = 409
     TOO_LARGE = 413
@@ -53,6 +54,7 @@ class Submission:
     content_length: int | None = None
     idempotency_key: str | None = None
     hold: bool = False
+    expires_in: float | None = None  # seconds; default: the relay's job_ttl
     options: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -83,10 +85,29 @@ async def accept_job(relay: Relay, submission: Submission, body: AsyncIterable[b
     if connector is None or not connector.public_key:
         raise SubmitError(Refusal.UNAVAILABLE, f"printer {printer.id}: its connector never registered a key")
 
+    used_bytes, used_jobs = await store.tenant_usage(submission.tenant)
+    if used_jobs >= config.tenant_max_jobs:
+        raise SubmitError(
+            Refusal.QUOTA,
+            f"quota reached: {used_jobs} undelivered jobs (tenant_max_jobs={config.tenant_max_jobs})",
+        )
+    room = config.tenant_max_spool_bytes - used_bytes
+    quota_name = f"tenant_max_spool_bytes={format_bytes(config.tenant_max_spool_bytes)}"
+    if room <= 0 or (submission.content_length is not None and submission.content_length > room):
+        raise SubmitError(
+            Refusal.STORAGE_FULL, f"quota reached: {format_bytes(max(0, used_bytes))} spooled ({quota_name})"
+        )
+
     job_id = new_job_id()
     try:
-        stored = await relay.spool.store(job_id, body, recipient_public=connector.public_key, max_bytes=limit)
+        stored = await relay.spool.store(
+            job_id, body, recipient_public=connector.public_key, max_bytes=min(limit, room)
+        )
     except PayloadTooLarge:
+        if room < limit:
+            raise SubmitError(
+                Refusal.STORAGE_FULL, f"quota reached: the document exceeds {quota_name}"
+            ) from None
         raise SubmitError(
             Refusal.TOO_LARGE, f"job too large: more than max_job_bytes={format_bytes(limit)}"
         ) from None
@@ -114,7 +135,7 @@ async def accept_job(relay: Relay, submission: Submission, body: AsyncIterable[b
         options=dict(submission.options),
         created_at=now,
         updated_at=now,
-        expires_at=now + config.job_ttl,
+        expires_at=now + (submission.expires_in if submission.expires_in is not None else config.job_ttl),
     )
     try:
         await store.insert_job(job, f"accepted {stored.size} bytes")
@@ -134,6 +155,5 @@ async def accept_job(relay: Relay, submission: Submission, body: AsyncIterable[b
         raise
     relay.metrics.jobs_submitted.inc()
     relay.metrics.job_bytes.inc(stored.size)
-    if job.state is JobState.QUEUED:
-        relay.job_queued(job)
+    relay.job_accepted(job)
     return job, True

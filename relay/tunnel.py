@@ -22,6 +22,7 @@ from trio_websocket import WebSocketRequest, serve_websocket
 
 from relay import audit
 from relay.auth import AuthError, Principal, authenticate, bearer
+from relay.dispatch import Dispatcher
 from relay.store.base import ConnectorRecord, Printer, Store
 from tunnel.messages import Inventory, LineSplitter, MessageError, PrinterCandidate, PrinterInfo, parse_event
 from tunnel.protocol import TunnelSettings
@@ -138,11 +139,14 @@ class ConnectorSession:
         self.opened_at = time.time()
         self.inventory: Inventory | None = None
         self.registered = trio.Event()
+        self.dispatcher: Dispatcher | None = None
         self.candidates: dict[str, PrinterCandidate] = {}  # by URI: printers it found, not serving yet
 
-    async def run(self) -> None:
-        from relay.dispatch import Dispatcher
+    def cancel_stream(self, job_id: str) -> None:
+        if self.dispatcher is not None:
+            self.dispatcher.cancel(job_id)
 
+    async def run(self) -> None:
         store = self.relay.store
         async with trio.open_nursery() as nursery:
             await nursery.start(self.h2.run)
@@ -167,7 +171,8 @@ class ConnectorSession:
             self.registered.set()
             try:
                 nursery.start_soon(self._follow_events)
-                nursery.start_soon(Dispatcher(self.relay, self).run)
+                self.dispatcher = Dispatcher(self.relay, self)
+                nursery.start_soon(self.dispatcher.run)
                 await self.h2.finished.wait()
                 nursery.cancel_scope.cancel()
             finally:

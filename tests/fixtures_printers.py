@@ -160,6 +160,25 @@ class IppEvePrinter:
             and group["job-state"].value in (JobState.COMPLETED, JobState.ABORTED, JobState.CANCELED)
         )
 
+    async def job_states(self) -> list[int]:
+        """job-state of every job the printer knows, oldest first (Get-Jobs which-jobs=all)."""
+        request = new_request(Operation.GET_JOBS, next(self._request_ids), printer_uri=self.plain_uri)
+        request.operation.add("which-jobs", ValueTag.KEYWORD, "all")
+        request.operation.add("requested-attributes", ValueTag.KEYWORD, "job-id", "job-state")
+        async with httpx.AsyncClient(timeout=5) as client:
+            reply = await client.post(
+                f"http://localhost:{self.port}/ipp/print",
+                content=encode(request),
+                headers={"Content-Type": "application/ipp"},
+            )
+        response, _ = decode(reply.content)
+        jobs = [
+            (group["job-id"].value, group["job-state"].value)
+            for group in response.groups_of(DelimiterTag.JOB_ATTRIBUTES)
+            if group.get("job-id") is not None and group.get("job-state") is not None
+        ]
+        return [state for _, state in sorted(jobs)]
+
     async def wait_for_documents(self, count: int, within: float = 30.0) -> list[Path]:
         """Wait until ``count`` jobs have finished, then return their documents."""
         with trio.fail_after(within):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,21 +60,47 @@ class RelayStack:
             timeout=30,
         )
 
-    async def wait_job(self, job_id: str, states: tuple[str, ...] = ("completed", "failed"),
-                       within: float = 30.0) -> dict[str, Any]:  # fmt: skip
-        """Poll the job until it reaches one of ``states`` (the API has no push for tests yet)."""
+    async def wait_job(
+        self, job_id: str, states: tuple[str, ...] = ("completed", "failed"), within: float = 30.0
+    ) -> dict[str, Any]:
+        """Follow the job's live events (SSE) until it reaches one of ``states``; the job as the API shows it."""
         async with self.client() as client:
             with trio.fail_after(within):
-                while True:
-                    job: dict[str, Any] = (await client.get(f"/v1/jobs/{job_id}")).json()
-                    if job["state"] in states:
-                        return job
-                    await trio.sleep(0.05)
+                async for state in self.watch(client, job_id):
+                    if state in states:
+                        break
+                job: dict[str, Any] = (await client.get(f"/v1/jobs/{job_id}")).json()
+                return job
+
+    async def watch(self, client: httpx.AsyncClient, job_id: str) -> AsyncIterator[str]:
+        """The states of GET /v1/jobs/{id}/watch as they arrive."""
+        async with client.stream("GET", f"/v1/jobs/{job_id}/watch") as response:
+            assert response.status_code == 200, await response.aread()
+            async for line in response.aiter_lines():
+                if line.startswith("data: "):
+                    event = json.loads(line[6:])
+                    if "state" in event:
+                        yield event["state"]
 
 
 @pytest.fixture
-async def relay_stack(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[RelayStack]:
-    config = RelayConfig(listen=("127.0.0.1", 0), tunnel_listen=("127.0.0.1", 0), data_dir=tmp_path / "relay")
+def relay_overrides() -> dict[str, Any]:
+    """RelayConfig fields a test module wants changed: override this fixture in the module."""
+    return {}
+
+
+@pytest.fixture
+async def relay_stack(
+    nursery: trio.Nursery, tmp_path: Path, relay_overrides: dict[str, Any]
+) -> AsyncIterator[RelayStack]:
+    config = RelayConfig(
+        **{
+            "listen": ("127.0.0.1", 0),
+            "tunnel_listen": ("127.0.0.1", 0),
+            "data_dir": tmp_path / "relay",
+            **relay_overrides,
+        }
+    )
     relay = Relay(config)
     addresses = await nursery.start(relay.run)
     api_token, record = new_token("acme", "api", scopes=("admin",))

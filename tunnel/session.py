@@ -110,6 +110,12 @@ class H2Stream:
 
     # --- receiving ----------------------------------------------------------------------------------
 
+    async def wait_closed(self) -> int | None:
+        """Wait until the stream is reset or its session ends; the RST_STREAM error code, if any."""
+        while self._closed_reason is None:
+            await self._changed.wait()
+        return self._reset_code
+
     async def receive_response(self) -> Headers:
         """Wait for the response headers (client side)."""
         while self.response_headers is None:

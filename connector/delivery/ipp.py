@@ -13,6 +13,7 @@ received the whole document; IPP gives no way to tell (Create-Job + Send-Documen
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import ssl
 from collections.abc import AsyncIterator, Sequence
@@ -51,6 +52,9 @@ RETRYABLE_STATUSES = frozenset(
 )
 #: HTTP statuses a proxy or a restarting printer gives when it is only temporarily unable
 RETRYABLE_HTTP = frozenset({429, 502, 503, 504})
+
+
+CANCEL_TIMEOUT = 10.0  # seconds to tell a printer a job was canceled
 
 
 class IppBackend:
@@ -176,7 +180,21 @@ class IppBackend:
             state = response.value(DelimiterTag.JOB_ATTRIBUTES, "job-state")
             if isinstance(state, int) and state in (JobState.CANCELED, JobState.ABORTED):
                 return _result(job_id, response)
-            return await self._follow(client, job_id, ticket.user)
+            try:
+                return await self._follow(client, job_id, ticket.user)
+            except trio.Cancelled:
+                # The relay canceled the job while the printer had it: ask the printer to drop it.
+                with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_TIMEOUT):
+                    await self._cancel_printer_job(client, job_id, ticket.user)
+                raise
+
+    async def _cancel_printer_job(self, client: httpx.AsyncClient, job_id: int, user: str) -> None:
+        """Cancel-Job (RFC 8011 §4.3.3), best effort: the job may have finished meanwhile."""
+        request = self._request(Operation.CANCEL_JOB)
+        request.operation.add("job-id", ValueTag.INTEGER, job_id)
+        request.operation.add("requesting-user-name", ValueTag.NAME, user)
+        with contextlib.suppress(DeliveryError):
+            await self._exchange(client, request)
 
     async def _follow(self, client: httpx.AsyncClient, job_id: int, user: str) -> DeliveryResult:
         """Poll Get-Job-Attributes until the job is terminal, a bounded number of errors, or time."""

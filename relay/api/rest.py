@@ -6,34 +6,57 @@ that do not exist. Errors are JSON ``{"error": "..."}`` naming the limit or the 
 
 from __future__ import annotations
 
+import json
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from relay import adoption, audit
+import trio
+
+from printrelay.settings import parse_duration
+from relay import adoption, audit, webhooks
 from relay.api.ipp import IppEndpoint
 from relay.api.openapi import OPENAPI
 from relay.auth import AuthError, Principal, authenticate, bearer
 from relay.capabilities import OPTION_NAMES, OptionRefused, validate_option
 from relay.http.message import HTTPError, Request, Response
 from relay.jobs import Job, JobState
-from relay.submit import MAX_COPIES, Submission, SubmitError, accept_job
+from relay.submit import MAX_COPIES, Refusal, Submission, SubmitError, accept_job
 
 if TYPE_CHECKING:
     from relay.app import Relay
 
 Route = Callable[[Request, Principal, re.Match[str]], Awaitable[Response]]
 
+MAX_EXPIRES_IN = 365 * 86400.0
+SSE_KEEPALIVE = 15.0  # seconds between comments that keep proxies from closing an idle stream
 MAX_LIST = 500
 MAX_IDEMPOTENCY_KEY = 255
 MAX_ADMIN_BODY = 16 * 1024
 FORMAT_RE = re.compile(r"^[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+$")
 
 
+def _sse(data: dict[str, object], event: str = "state") -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
 def _one(request: Request, name: str, default: str | None = None) -> str | None:
     values = request.query.get(name)
     return values[-1] if values else default
+
+
+def _duration_param(request: Request, name: str) -> float | None:
+    raw = _one(request, name)
+    if raw is None:
+        return None
+    try:
+        value = parse_duration(raw)
+    except ValueError as exc:
+        raise HTTPError(400, f"{name}: {exc}") from None
+    if not 0 < value <= MAX_EXPIRES_IN:
+        raise HTTPError(400, f"{name} must be more than 0 and at most {MAX_EXPIRES_IN / 86400:.0f} days")
+    return value
 
 
 def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
@@ -78,9 +101,15 @@ class RestApi:
                 self.remove_printer,
             ),
             ("GET", re.compile(r"^/v1/candidates$"), "printers:admin", self.list_candidates),
+            ("POST", re.compile(r"^/v1/webhooks$"), "printers:admin", self.add_webhook),
+            ("GET", re.compile(r"^/v1/webhooks$"), "printers:admin", self.list_webhooks),
+            ("DELETE", re.compile(r"^/v1/webhooks/(?P<hook>[^/]+)$"), "printers:admin", self.delete_webhook),
             ("GET", re.compile(r"^/v1/jobs$"), "jobs:read", self.list_jobs),
             ("GET", re.compile(r"^/v1/jobs/(?P<job>[^/]+)$"), "jobs:read", self.get_job),
             ("GET", re.compile(r"^/v1/jobs/(?P<job>[^/]+)/events$"), "jobs:read", self.job_events),
+            ("GET", re.compile(r"^/v1/jobs/(?P<job>[^/]+)/watch$"), "jobs:read", self.watch_job),
+            ("POST", re.compile(r"^/v1/jobs/(?P<job>[^/]+)/cancel$"), "jobs:submit", self.cancel_job),
+            ("POST", re.compile(r"^/v1/jobs/(?P<job>[^/]+)/release$"), "jobs:submit", self.release_job),
         ]
 
     async def handle(self, request: Request) -> Response:
@@ -163,12 +192,14 @@ class RestApi:
             content_length=request.body.content_length,
             idempotency_key=idempotency_key,
             hold=hold in ("true", "1"),
+            expires_in=_duration_param(request, "expires_in"),
             options=_options(request),
         )
         try:
             job, created = await accept_job(self.relay, submission, request.body)
         except SubmitError as exc:
-            raise HTTPError(exc.refusal.value, exc.message) from None
+            retry = [("retry-after", "60")] if exc.refusal is Refusal.QUOTA else []
+            raise HTTPError(exc.refusal.value, exc.message, retry) from None
         return Response.json(job.public(), 201 if created else 200, [("location", f"/v1/jobs/{job.id}")])
 
     async def get_job(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
@@ -179,6 +210,81 @@ class RestApi:
         job = await self._job(principal, match["job"])
         history = await self.relay.store.job_history(job.id)
         return Response.json({"job_id": job.id, "events": [h.public() for h in history]})
+
+    async def cancel_job(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
+        job = await self._job(principal, match["job"])
+        if job.state.final:
+            raise HTTPError(409, f"job {job.id} is already {job.state}")
+        done = await self.relay.jobs.cancel(job, f"canceled by {principal.token_id}")
+        if done is None:
+            job = await self._job(principal, job.id)
+            raise HTTPError(409, f"job {job.id} is already {job.state}")
+        return Response.json(done.public())
+
+    async def release_job(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
+        job = await self._job(principal, match["job"])
+        body = await request.body.read(16 * 1024, limit_name="max_release_body")
+        printer_id = _one(request, "printer_id")
+        if body.strip():
+            try:
+                data = json.loads(body)
+            except ValueError:
+                raise HTTPError(400, 'release body must be JSON, e.g. {"printer_id": "office"}') from None
+            if not isinstance(data, dict) or not isinstance(data.get("printer_id", ""), str):
+                raise HTTPError(400, "printer_id must be a string")
+            printer_id = data.get("printer_id") or printer_id
+        if job.state is not JobState.HELD:
+            raise HTTPError(409, f"job {job.id} is {job.state}, not held")
+        try:
+            done = await self.relay.jobs.release(job, printer_id, f"released by {principal.token_id}")
+        except LookupError as exc:
+            raise HTTPError(404, str(exc).strip("'\"")) from None
+        except ValueError as exc:
+            raise HTTPError(409, str(exc)) from None
+        if done is None:
+            job = await self._job(principal, job.id)
+            raise HTTPError(409, f"job {job.id} is {job.state}, not held")
+        return Response.json(done.public())
+
+    async def watch_job(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
+        """Server-Sent Events: the history so far, then each change live, until the job is final."""
+        job = await self._job(principal, match["job"])
+        lifecycle = self.relay.jobs
+        # Subscribe before reading the history, so no change falls between the two.
+        live = lifecycle.watch(job.id)
+        history = await self.relay.store.job_history(job.id)
+
+        async def events() -> AsyncIterator[bytes]:
+            seen = len(history)
+            try:
+                for entry in history:
+                    yield _sse(entry.public())
+                if history and history[-1].state.final:
+                    return
+                while True:
+                    with trio.move_on_after(SSE_KEEPALIVE) as idle:
+                        entry = await live.receive()
+                    if idle.cancelled_caught:
+                        yield b": keep-alive\n\n"
+                        continue
+                    seen += 1
+                    yield _sse(entry.public())
+                    if entry.state.final:
+                        return
+            except trio.EndOfChannel:
+                yield _sse({"error": "watcher fell behind; reconnect to replay", "seen": seen}, "error")
+            finally:
+                lifecycle.unwatch(job.id, live)
+
+        return Response(
+            200,
+            [
+                ("content-type", "text/event-stream"),
+                ("cache-control", "no-store"),
+                ("x-accel-buffering", "no"),
+            ],
+            events(),
+        )
 
     async def list_jobs(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
         state_text = _one(request, "state")
@@ -243,3 +349,26 @@ class RestApi:
     async def list_candidates(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
         views = adoption.candidates(self.relay, principal.tenant)
         return Response.json({"candidates": [v.public() for v in views]})
+
+    # --- webhooks -------------------------------------------------------------------------------
+
+    async def add_webhook(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
+        """Register a URL for the tenant's job changes; the signing secret is shown in this answer only."""
+        body = await request.body.read(webhooks.MAX_BODY, limit_name="max_webhook_body")
+        try:
+            hook = await webhooks.register(self.relay.store, principal.tenant, body)
+        except webhooks.WebhookError as exc:
+            raise HTTPError(exc.status, exc.message) from None
+        return Response.json(
+            {**hook.public(), "secret": hook.secret}, 201, [("location", f"/v1/webhooks/{hook.id}")]
+        )
+
+    async def list_webhooks(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
+        hooks = await self.relay.store.list_webhooks(principal.tenant)
+        return Response.json({"webhooks": [h.public() for h in hooks]})
+
+    async def delete_webhook(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
+        hook = await self.relay.store.delete_webhook(principal.tenant, match["hook"])
+        if hook is None:
+            raise HTTPError(404, f"webhook {match['hook']} not found")
+        return Response.json(hook.public())

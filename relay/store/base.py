@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from relay.jobs import Job, JobEvent, JobHistoryEntry, JobState
+from relay.jobs import Job, JobEvent, JobHistoryEntry, JobState, _iso
 
 
 @dataclass
@@ -90,6 +90,48 @@ class IppJob:
     updated_at: float = 0.0
 
 
+@dataclass
+class Webhook:
+    """A URL that receives its tenant's job state changes (relay/webhooks.py)."""
+
+    id: str
+    tenant: str
+    url: str
+    events: tuple[str, ...]
+    secret: str  # kept in clear: the relay signs with it; shown to the tenant only when created
+    created_at: float = 0.0
+    pending: int = 0  # deliveries waiting in the outbox (listings only)
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "url": self.url,
+            "events": list(self.events),
+            "created_at": _iso(self.created_at),
+            "pending": self.pending,
+        }
+
+
+@dataclass
+class WebhookDelivery:
+    """One outbox row: a job change (with the job as it was then) on its way to one webhook."""
+
+    seq: int  # outbox order
+    id: str  # delivery_id: the same on every attempt, for receivers to dedupe
+    webhook_id: str
+    tenant: str
+    job_id: str
+    at: float
+    state: str
+    message: str
+    job: dict[str, Any]
+    url: str
+    secret: str
+    attempts: int = 0
+    next_attempt_at: float = 0.0
+    last_error: str = ""
+
+
 class StoreError(Exception):
     pass
 
@@ -136,6 +178,8 @@ class Store(Protocol):
     async def next_due(self, tenant: str, connector_id: str) -> float | None: ...
     async def requeue_interrupted(self, at: float) -> list[str]: ...
     async def expired_jobs(self, now: float, limit: int) -> list[Job]: ...
+    async def next_expiry(self) -> float | None: ...
+    async def tenant_usage(self, tenant: str) -> tuple[int, int]: ...
     async def all_job_ids_with_payload(self) -> set[str]: ...
 
     # IPP job numbers (relay/api/ipp.py)
@@ -159,3 +203,24 @@ class Store(Protocol):
     async def list_ipp_jobs(
         self, tenant: str, printer_id: str, states: Sequence[str], limit: int
     ) -> list[IppJob]: ...
+
+    # webhooks (relay/webhooks.py); job changes fill the outbox in the transaction that records them
+    async def add_webhook(self, hook: Webhook, limit: int) -> bool:
+        """False (and nothing stored) if the tenant already has ``limit`` webhooks."""
+        ...
+
+    async def list_webhooks(self, tenant: str) -> list[Webhook]: ...
+    async def delete_webhook(self, tenant: str, webhook_id: str) -> Webhook | None: ...
+    async def due_webhook_deliveries(
+        self, now: float, limit: int, *, per_webhook: int, skip: Sequence[int], skip_webhooks: Sequence[str]
+    ) -> list[WebhookDelivery]:
+        """Due deliveries that head their (webhook, job) line, at most ``per_webhook`` per webhook."""
+        ...
+
+    async def next_webhook_due(
+        self, *, skip: Sequence[int], skip_webhooks: Sequence[str]
+    ) -> float | None: ...
+    async def webhook_delivery_failed(
+        self, seq: int, attempts: int, next_attempt_at: float, error: str
+    ) -> None: ...
+    async def remove_webhook_delivery(self, seq: int) -> None: ...

@@ -18,7 +18,16 @@ from typing import Any, TypeVar
 import trio
 
 from relay.jobs import Job, JobEvent, JobHistoryEntry, JobState, next_state
-from relay.store.base import Conflict, ConnectorRecord, IppJob, Printer, StoreError, TokenRecord
+from relay.store.base import (
+    Conflict,
+    ConnectorRecord,
+    IppJob,
+    Printer,
+    StoreError,
+    TokenRecord,
+    Webhook,
+    WebhookDelivery,
+)
 
 T = TypeVar("T")
 
@@ -71,6 +80,42 @@ SCHEMA = [
     );
     CREATE UNIQUE INDEX ipp_jobs_job ON ipp_jobs (tenant, job_id) WHERE job_id IS NOT NULL;
     CREATE INDEX ipp_jobs_printer ON ipp_jobs (tenant, printer_id, state, number);
+    """,
+    # version 3: webhooks, and their outbox, filled by a trigger in the same transaction as each job event
+    # (so no committed change can miss its deliveries), with the job as it is at that moment
+    """
+    CREATE TABLE webhooks (
+        id TEXT PRIMARY KEY, tenant TEXT NOT NULL, url TEXT NOT NULL,
+        events TEXT NOT NULL, secret TEXT NOT NULL, created_at REAL NOT NULL
+    );
+    CREATE INDEX webhooks_tenant ON webhooks (tenant, created_at);
+    CREATE TABLE webhook_deliveries (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+        webhook_id TEXT NOT NULL REFERENCES webhooks (id) ON DELETE CASCADE,
+        tenant TEXT NOT NULL, job_id TEXT NOT NULL,
+        at REAL NOT NULL, state TEXT NOT NULL, message TEXT NOT NULL, job TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0, next_attempt_at REAL NOT NULL,
+        last_error TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX webhook_deliveries_line ON webhook_deliveries (webhook_id, job_id, seq);
+    CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at);
+    CREATE TRIGGER job_events_webhooks AFTER INSERT ON job_events BEGIN
+        INSERT INTO webhook_deliveries (id, webhook_id, tenant, job_id, at, state, message, job,
+                                        next_attempt_at)
+        SELECT 'whd_' || lower(hex(randomblob(12))), w.id, w.tenant, NEW.job_id, NEW.at, NEW.state,
+            NEW.message,
+            json_object(
+                'id', j.id, 'tenant', j.tenant, 'printer_id', j.printer_id, 'state', j.state,
+                'title', j.title, 'document_format', j.document_format, 'copies', j.copies,
+                'user', j.user, 'size', j.size, 'attempts', j.attempts, 'max_attempts', j.max_attempts,
+                'last_error', j.last_error, 'options', json(j.options), 'created_at', j.created_at,
+                'updated_at', j.updated_at, 'completed_at', j.completed_at, 'expires_at', j.expires_at
+            ),
+            NEW.at
+        FROM jobs j JOIN webhooks w ON w.tenant = j.tenant
+        WHERE j.id = NEW.job_id
+        AND (instr(w.events, ' job.state_changed ') > 0 OR instr(w.events, ' job.' || NEW.state || ' ') > 0);
+    END;
     """,
 ]
 
@@ -461,6 +506,26 @@ class SqliteStore:
         )
         return [_job(r) for r in rows]
 
+    async def next_expiry(self) -> float | None:
+        row = await self._run(
+            lambda c: c.execute(
+                "SELECT MIN(expires_at) FROM jobs WHERE state IN ('held', 'queued') "
+                "AND expires_at IS NOT NULL"
+            ).fetchone()
+        )
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def tenant_usage(self, tenant: str) -> tuple[int, int]:
+        """Spooled bytes and number of jobs not yet final (what a quota counts)."""
+        row = await self._run(
+            lambda c: c.execute(
+                "SELECT COALESCE(SUM(sealed_size), 0), COUNT(*) FROM jobs WHERE tenant = ? "
+                "AND state IN ('held', 'queued', 'sending', 'printing')",
+                (tenant,),
+            ).fetchone()
+        )
+        return int(row[0]), int(row[1])
+
     async def all_job_ids_with_payload(self) -> set[str]:
         rows = await self._run(
             lambda c: c.execute(
@@ -551,6 +616,126 @@ class SqliteStore:
             ).fetchall()
         )
         return [_ipp_job(r) for r in rows]
+
+    # --- webhooks -------------------------------------------------------------------------------
+
+    async def add_webhook(self, hook: Webhook, limit: int) -> bool:
+        def add(c: sqlite3.Connection) -> bool:
+            count = c.execute("SELECT COUNT(*) FROM webhooks WHERE tenant = ?", (hook.tenant,)).fetchone()[0]
+            if count >= limit:
+                return False
+            c.execute(
+                "INSERT INTO webhooks (id, tenant, url, events, secret, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                # spaces around each event: the outbox trigger matches ' job.<state> ' with instr()
+                (hook.id, hook.tenant, hook.url, f" {' '.join(hook.events)} ", hook.secret, hook.created_at),
+            )
+            return True
+
+        return await self._write(add)
+
+    async def list_webhooks(self, tenant: str) -> list[Webhook]:
+        rows = await self._run(
+            lambda c: c.execute(
+                "SELECT w.*, (SELECT COUNT(*) FROM webhook_deliveries d WHERE d.webhook_id = w.id) "
+                "AS pending FROM webhooks w WHERE w.tenant = ? ORDER BY w.created_at, w.id",
+                (tenant,),
+            ).fetchall()
+        )
+        return [_webhook(r) for r in rows]
+
+    async def delete_webhook(self, tenant: str, webhook_id: str) -> Webhook | None:
+        def delete(c: sqlite3.Connection) -> Webhook | None:
+            row = c.execute(
+                "DELETE FROM webhooks WHERE tenant = ? AND id = ? RETURNING *, 0 AS pending",
+                (tenant, webhook_id),
+            ).fetchone()
+            return _webhook(row) if row else None  # its pending deliveries go with it (ON DELETE CASCADE)
+
+        return await self._write(delete)
+
+    async def due_webhook_deliveries(
+        self, now: float, limit: int, *, per_webhook: int, skip: Sequence[int], skip_webhooks: Sequence[str]
+    ) -> list[WebhookDelivery]:
+        where, args = _webhook_heads(skip, skip_webhooks)
+        rows = await self._run(
+            lambda c: c.execute(
+                "SELECT * FROM (SELECT d.*, w.url, w.secret, ROW_NUMBER() OVER "
+                "(PARTITION BY d.webhook_id ORDER BY d.next_attempt_at, d.seq) AS n "
+                f"FROM webhook_deliveries d JOIN webhooks w ON w.id = d.webhook_id WHERE {where} "
+                "AND d.next_attempt_at <= ?) WHERE n <= ? ORDER BY next_attempt_at, seq LIMIT ?",
+                [*args, now, per_webhook, limit],
+            ).fetchall()
+        )
+        return [_webhook_delivery(r) for r in rows]
+
+    async def next_webhook_due(self, *, skip: Sequence[int], skip_webhooks: Sequence[str]) -> float | None:
+        where, args = _webhook_heads(skip, skip_webhooks)
+        row = await self._run(
+            lambda c: c.execute(
+                f"SELECT MIN(d.next_attempt_at) FROM webhook_deliveries d WHERE {where}", args
+            ).fetchone()
+        )
+        return None if row is None or row[0] is None else float(row[0])
+
+    async def webhook_delivery_failed(
+        self, seq: int, attempts: int, next_attempt_at: float, error: str
+    ) -> None:
+        await self._write(
+            lambda c: c.execute(
+                "UPDATE webhook_deliveries SET attempts = ?, next_attempt_at = ?, last_error = ? "
+                "WHERE seq = ?",
+                (attempts, next_attempt_at, error, seq),
+            )
+        )
+
+    async def remove_webhook_delivery(self, seq: int) -> None:
+        await self._write(lambda c: c.execute("DELETE FROM webhook_deliveries WHERE seq = ?", (seq,)))
+
+
+def _webhook_heads(skip: Sequence[int], skip_webhooks: Sequence[str]) -> tuple[str, list[Any]]:
+    """Outbox rows first in their (webhook, job) line — a job's next change waits for the one before —
+    that are not in flight (``skip``) and whose webhook has a free slot."""
+    where = (
+        "d.seq = (SELECT MIN(e.seq) FROM webhook_deliveries e "
+        "WHERE e.webhook_id = d.webhook_id AND e.job_id = d.job_id)"
+    )
+    if skip:
+        where += f" AND d.seq NOT IN ({', '.join('?' * len(skip))})"
+    if skip_webhooks:
+        where += f" AND d.webhook_id NOT IN ({', '.join('?' * len(skip_webhooks))})"
+    return where, [*skip, *skip_webhooks]
+
+
+def _webhook(row: sqlite3.Row) -> Webhook:
+    return Webhook(
+        id=row["id"],
+        tenant=row["tenant"],
+        url=row["url"],
+        events=tuple(row["events"].split()),
+        secret=row["secret"],
+        created_at=row["created_at"],
+        pending=row["pending"],
+    )
+
+
+def _webhook_delivery(row: sqlite3.Row) -> WebhookDelivery:
+    return WebhookDelivery(
+        seq=row["seq"],
+        id=row["id"],
+        webhook_id=row["webhook_id"],
+        tenant=row["tenant"],
+        job_id=row["job_id"],
+        at=row["at"],
+        state=row["state"],
+        message=row["message"],
+        job=json.loads(row["job"]),
+        url=row["url"],
+        secret=row["secret"],
+        attempts=row["attempts"],
+        next_attempt_at=row["next_attempt_at"],
+        last_error=row["last_error"],
+    )
 
 
 # IPP job-id is a signed 32-bit integer (RFC 8011 §5.3.2: 1 to 2**31 - 1).
