@@ -305,7 +305,7 @@ class Connector:
             dek = open_key(ticket.wrapped_key, self.keys.private_for(ticket.key_id), context=job_id.encode())
         except (KeyError, IntegrityError) as exc:
             return JobStatus("failed", f"cannot open the job's data key: {exc}")
-        handed_on_accept = printer.spec.kind in ("ipp", "ipps")
+        handed_on_accept = printer.spec.kind in ("ipp", "ipps", "cups")  # IPP underneath
         # RAW and LPD printers print whatever bytes reach them, so a tunnel that drops mid-job would print
         # a fragment. For them the sealed payload is first received whole and verified into a local file
         # (still encrypted), then replayed. IPP printers discard an unfinished request by themselves.

@@ -32,6 +32,12 @@ class CommandError(Exception):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["connector", "discover"]:
+        # A command of its own under `connector`, whose other flags configure the running connector.
+        from connector.discovery import main_discover
+
+        return main_discover(argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
@@ -96,9 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("token_id", help="the id shown by 'token list' (the part after pra_/prc_)")
     revoke.set_defaults(run=run_token_revoke)
 
-    from printrelay import client, demo
+    from printrelay import client, demo, printers
 
     client.add_submit_parser(commands)
+    printers.add_printers_parser(commands)
     demo.add_demo_parser(commands)
     return parser
 
@@ -125,8 +132,6 @@ def run_connector(args: argparse.Namespace) -> int:
     config = load(ConnectorConfig, args)
     if not config.token:
         raise CommandError("a connector token is required: --token or PRINTRELAY_TOKEN")
-    if not config.printer:
-        raise CommandError("no printers: give at least one --printer ID=URI")
     setup_logging(config.log_level, config.log_format)
     from connector.app import Connector
 

@@ -63,7 +63,7 @@ class RelayStack:
     async def wait_job(
         self, job_id: str, states: tuple[str, ...] = ("completed", "failed"), within: float = 30.0
     ) -> dict[str, Any]:
-        """Follow the job's live events (SSE) until it reaches one of ``states``; the job as the API shows it."""
+        """Follow the job's live events (SSE) until it reaches one of ``states``; return the job."""
         async with self.client() as client:
             with trio.fail_after(within):
                 async for state in self.watch(client, job_id):

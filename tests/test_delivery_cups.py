@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
-from fixtures_peers import *  # noqa: F403  (fixtures)
 from fixtures_peers import Cupsd
 from fixtures_printers import RawSink, free_port
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from fixtures_peers import *  # noqa: F403  (fixtures)
 from fixtures_peers import LpdReceiver
 from fixtures_printers import free_port
 

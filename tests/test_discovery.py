@@ -8,7 +8,6 @@ import uuid
 
 import pytest
 import trio
-from fixtures_peers import *  # noqa: F403  (fixtures)
 from fixtures_peers import Cupsd
 from fixtures_printers import IppEvePrinterFactory, RawSink
 from zeroconf import ServiceInfo

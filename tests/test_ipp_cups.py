@@ -13,7 +13,6 @@ import subprocess
 from pathlib import Path
 
 import trio
-from fixtures_peers import *  # noqa: F403  (fixtures)
 from fixtures_peers import Cupsd
 from fixtures_printers import IppEvePrinter
 from fixtures_relay import RelayStack

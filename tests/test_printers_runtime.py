@@ -10,7 +10,6 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from fixtures_peers import *  # noqa: F403  (fixtures)
 from fixtures_peers import LpdReceiver
 from fixtures_printers import RawSink
 from fixtures_relay import RelayStack

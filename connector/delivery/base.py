@@ -15,7 +15,7 @@ class JobTicket:
     copies: int = 1
     user: str = "printrelay"  # requesting-user-name
     size: int | None = None  # bytes, when known
-    options: Mapping[str, str] = field(default_factory=dict)  # sides, media, ...: not sent yet
+    options: Mapping[str, str] = field(default_factory=dict)  # sides, media, ... (connector/delivery/options.py)
 
 
 @dataclass(frozen=True)
