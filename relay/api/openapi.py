@@ -181,6 +181,52 @@ PATHS: dict[str, dict[str, Any]] = {
             {"200": _json({"type": "object", "properties": {"candidates": {"type": "array"}}}, "candidates")},
         )
     },
+    "/v1/webhooks": {
+        "post": _op(
+            "Register a webhook: job state changes are POSTed to url, signed with the secret (shown once)",
+            "printers:admin",
+            {
+                "201": _json(_ref("Webhook"), "registered; the body carries the secret"),
+                "400": _error("bad url"),
+            },
+            body={
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["url"],
+                            "properties": {
+                                "url": {"type": "string"},
+                                "events": {"type": "array", "items": {"type": "string"}},
+                            },
+                        }
+                    }
+                },
+            },
+        ),
+        "get": _op(
+            "List the tenant's webhooks (without secrets)",
+            "printers:admin",
+            {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "properties": {"webhooks": {"type": "array", "items": _ref("Webhook")}},
+                    },
+                    "webhooks",
+                )
+            },
+        ),
+    },
+    "/v1/webhooks/{hook}": {
+        "delete": _op(
+            "Remove a webhook",
+            "printers:admin",
+            {"200": _json(_ref("Webhook"), "removed"), **NOT_FOUND},
+            parameters=[_path_param("hook", "webhook id")],
+        )
+    },
     "/v1/jobs": {
         "get": _op(
             "List the tenant's jobs, newest first",
@@ -317,6 +363,16 @@ SCHEMAS: dict[str, Any] = {
             "updated_at": {"type": "string"},
             "completed_at": {"type": ["string", "null"]},
             "expires_at": {"type": ["string", "null"]},
+        },
+    },
+    "Webhook": {
+        "type": "object",
+        "required": ["id", "url"],
+        "properties": {
+            "id": {"type": "string"},
+            "url": {"type": "string"},
+            "events": {"type": "array"},
+            "secret": {"type": "string"},
         },
     },
     "Printer": {
