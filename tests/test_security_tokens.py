@@ -1,0 +1,147 @@
+"""Tokens, revocation, rate limits and the audit log."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+from fixtures_printers import RawSink
+from fixtures_relay import RelayStack
+
+from relay import audit
+from relay.auth import AuthError, authenticate, hash_secret, new_token
+from relay.ratelimit import TokenRateLimiter
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "printrelay.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+
+async def test_revoking_a_connector_token_from_the_cli_closes_its_session_within_5_s(
+    relay_stack: RelayStack, raw_sink: RawSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="printrelay.audit")
+    await relay_stack.start_connector({"label": raw_sink.uri}, connector_id="site-1")
+    (session,) = relay_stack.relay.registry.sessions()
+    data_dir = str(relay_stack.relay.config.data_dir)
+    revoked = await trio.to_thread.run_sync(
+        cli, "token", "revoke", "--data-dir", data_dir, session.principal.token_id
+    )
+    started = trio.current_time()
+    assert f"token {session.principal.token_id} revoked" in revoked.stderr
+    entry = json.loads(revoked.stderr.splitlines()[0])["audit"]
+    assert entry["action"] == "token.revoked" and entry["tenant"] == "acme" and entry["actor"] == "cli"
+    with trio.fail_after(5):
+        while session in relay_stack.relay.registry.sessions():
+            await relay_stack.relay.registry.changed.wait()
+    assert trio.current_time() - started < 5
+    assert session.h2.close_reason == "token revoked"
+    closed = [r.__dict__["audit"] for r in caplog.records if r.name == "printrelay.audit"]
+    assert closed[-1]["action"] == "connector.session_closed" and closed[-1]["reason"] == "token revoked"
+    # The connector dials again and is refused before the upgrade.
+    assert await relay_stack.relay.store.get_token(session.principal.token_id) is not None
+
+
+async def test_revoked_api_token_is_refused_at_its_next_request(relay_stack: RelayStack) -> None:
+    token = await relay_stack.token("api", scopes=("jobs:read",))
+    token_id = token.split("_")[1]
+    async with relay_stack.client(token) as client:
+        assert (await client.get("/v1/jobs")).status_code == 200
+        await trio.to_thread.run_sync(
+            cli, "token", "revoke", "--data-dir", str(relay_stack.relay.config.data_dir), token_id
+        )
+        refused = await client.get("/v1/jobs")
+    assert refused.status_code == 401
+    assert refused.json() == {"error": "token revoked"}
+    assert refused.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_cli_token_create_shows_the_secret_once_and_audits_without_it(tmp_path: Path) -> None:
+    created = cli("token", "create", "--data-dir", str(tmp_path), "--tenant", "acme", "--kind", "api",
+                  "--scopes", "jobs:read", "--expires-in", "1d")  # fmt: skip
+    secret = created.stdout.strip()
+    assert secret.startswith("pra_") and len(secret.split("_")[2]) == 43  # 256 bits, base64url
+    assert secret not in created.stderr
+    entry = json.loads(created.stderr.splitlines()[0])["audit"]
+    assert entry["action"] == "token.created" and entry["scopes"] == "jobs:read"
+    assert entry["target"] == f"token:{secret.split('_')[1]}" and entry["expires_at"] > time.time()
+    listing = cli("token", "list", "--data-dir", str(tmp_path))
+    assert secret.split("_")[1] in listing.stdout and secret.split("_")[2] not in listing.stdout
+
+
+async def test_tokens_are_stored_as_hashes_and_expire(relay_stack: RelayStack) -> None:
+    store = relay_stack.relay.store
+    secret, record = new_token("acme", "api", expires_in=60, now=1000.0)
+    await store.add_token(record)
+    stored = await store.get_token(record.id)
+    assert stored is not None and stored.secret_hash == hash_secret(secret) and secret not in repr(stored)
+    assert (await authenticate(store, secret, kind="api", now=1059.0)).tenant == "acme"
+    with pytest.raises(AuthError, match="token expired"):
+        await authenticate(store, secret, kind="api", now=1060.0)
+    with pytest.raises(AuthError, match="invalid api token"):
+        await authenticate(store, secret[:-1] + ("A" if secret[-1] != "A" else "B"), kind="api")
+    with pytest.raises(AuthError, match="invalid connector token"):
+        await authenticate(store, secret, kind="connector")
+
+
+async def test_rate_limit_answers_429_with_retry_after_per_token(relay_stack: RelayStack) -> None:
+    relay_stack.relay.rate_limiter = TokenRateLimiter(rate=1, burst=3)
+    other = await relay_stack.token("api", scopes=("jobs:read",))
+    async with relay_stack.client() as client, relay_stack.client(other) as calm:
+        answers = [(await client.get("/v1/jobs")).status_code for _ in range(3)]
+        limited = await client.get("/v1/jobs")
+        assert (await calm.get("/v1/jobs")).status_code == 200  # another token has its own budget
+    assert answers == [200, 200, 200]
+    assert limited.status_code == 429
+    assert limited.headers["retry-after"] == "1"
+    assert "rate_limit=1 requests/s" in limited.json()["error"]
+
+
+def test_rate_limiter_refills_and_stays_bounded() -> None:
+    limiter = TokenRateLimiter(rate=2, burst=2, max_tracked=100)
+    assert limiter.check("a", 0.0) is None and limiter.check("a", 0.0) is None
+    wait = limiter.check("a", 0.0)
+    assert wait == pytest.approx(0.5)
+    assert limiter.retry_after_header(0.01) == "1" and limiter.retry_after_header(2.2) == "3"
+    assert limiter.check("a", 0.5) is None
+    for i in range(10_000):
+        limiter.check(f"token-{i}", 1.0)
+    assert len(limiter) == 100
+    assert TokenRateLimiter(rate=0, burst=1).check("a", 0.0) is None  # 0 disables
+
+
+async def test_printer_adoption_is_audited(
+    relay_stack: RelayStack, raw_sink: RawSink, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="printrelay.audit")
+    await relay_stack.start_connector({"label": raw_sink.uri}, connector_id="site-1")
+    async with relay_stack.client() as client:
+        added = await client.post("/v1/printers", json={"uri": raw_sink.uri, "id": "second"})
+        assert added.status_code == 201, added.text
+        assert (await client.delete("/v1/printers/second")).status_code == 200
+    entries = [r.__dict__["audit"] for r in caplog.records if r.name == "printrelay.audit"]
+    actor = f"token:{relay_stack.api_token.split('_')[1]}"
+    assert [(e["action"], e["target"], e["actor"]) for e in entries] == [
+        ("printer.adopted", "printer:second", actor),
+        ("printer.removed", "printer:second", actor),
+    ]
+    assert all(relay_stack.api_token not in json.dumps(e) for e in entries)
+
+
+def test_audit_entries_are_bounded_and_named() -> None:
+    entry = audit.entry("job.canceled", tenant="acme", actor="token:x", target="job:1", reason="r" * 10_000)
+    assert len(entry["reason"]) < 300
+    with pytest.raises(ValueError, match="unknown audit action"):
+        audit.entry("job.deleted", tenant="acme", actor="cli", target="job:1")
