@@ -72,13 +72,13 @@ def test_cli_token_create_shows_the_secret_once_and_audits_without_it(tmp_path: 
     created = cli("token", "create", "--data-dir", str(tmp_path), "--tenant", "acme", "--kind", "api",
                   "--scopes", "jobs:read", "--expires-in", "1d")  # fmt: skip
     secret = created.stdout.strip()
-    assert secret.startswith("pra_") and len(secret.split("_")[2]) == 43  # 256 bits, base64url
+    assert secret.startswith("pra_") and len(secret.split("_", 2)[2]) == 43  # 256 bits, base64url
     assert secret not in created.stderr
     entry = json.loads(created.stderr.splitlines()[0])["audit"]
     assert entry["action"] == "token.created" and entry["scopes"] == "jobs:read"
     assert entry["target"] == f"token:{secret.split('_')[1]}" and entry["expires_at"] > time.time()
     listing = cli("token", "list", "--data-dir", str(tmp_path))
-    assert secret.split("_")[1] in listing.stdout and secret.split("_")[2] not in listing.stdout
+    assert secret.split("_")[1] in listing.stdout and secret.split("_", 2)[2] not in listing.stdout
 
 
 async def test_tokens_are_stored_as_hashes_and_expire(relay_stack: RelayStack) -> None:

@@ -50,6 +50,7 @@ from ipp import (
     keyword,
     new_response,
 )
+from relay import audit
 from relay.api.ipp_attributes import (
     MULTIPLE_OPERATION_TIMEOUT,
     RELAY_OPERATIONS,
@@ -344,6 +345,7 @@ class IppEndpoint:
         if content_type != IPP_CONTENT_TYPE:
             raise HTTPError(415, f"Content-Type must be {IPP_CONTENT_TYPE}, not {content_type or 'none'!r}")
         principal = await self._authenticate(request)
+        self.relay.api.rate_limit(principal)  # the REST budget of the token, shared (429 + Retry-After)
         answer = await self._answer(request, principal, match["printer"], match["job"])
         return Response(200, [("content-type", IPP_CONTENT_TYPE)], encode(answer))
 
@@ -767,6 +769,10 @@ class IppEndpoint:
                 Status.CLIENT_ERROR_NOT_POSSIBLE,
                 f"job {record.number} is already {job.state} to the printer and cannot be stopped",
             )
+        audit.record(
+            "job.canceled", tenant=call.tenant, actor=audit.actor_of(call.principal.token_id),
+            target=f"job:{job.id}", printer_id=job.printer_id, via="ipp",
+        )  # fmt: skip
         return new_response(call.request, Status.SUCCESSFUL_OK)
 
     async def _cancel_relay_job(self, job: Job) -> bool:

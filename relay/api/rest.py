@@ -219,6 +219,10 @@ class RestApi:
         if done is None:
             job = await self._job(principal, job.id)
             raise HTTPError(409, f"job {job.id} is already {job.state}")
+        audit.record(
+            "job.canceled", tenant=principal.tenant, actor=audit.actor_of(principal.token_id),
+            target=f"job:{job.id}", printer_id=job.printer_id, state=str(done.state),
+        )  # fmt: skip
         return Response.json(done.public())
 
     async def release_job(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
@@ -244,6 +248,10 @@ class RestApi:
         if done is None:
             job = await self._job(principal, job.id)
             raise HTTPError(409, f"job {job.id} is {job.state}, not held")
+        audit.record(
+            "job.released", tenant=principal.tenant, actor=audit.actor_of(principal.token_id),
+            target=f"job:{job.id}", printer_id=done.printer_id,
+        )  # fmt: skip
         return Response.json(done.public())
 
     async def watch_job(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
