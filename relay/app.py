@@ -15,6 +15,7 @@ from relay.http.server import HttpServer
 from relay.jobs import Job, JobEvent, JobHistoryEntry, JobState
 from relay.lifecycle import JobLifecycle
 from relay.metrics import RelayMetrics
+from relay.ops import ops_listener
 from relay.ratelimit import TokenRateLimiter
 from relay.spool import Spool
 from relay.store.base import Store
@@ -32,6 +33,7 @@ EXPIRY_INTERVAL = 60.0
 class RelayAddresses:
     http_port: int
     tunnel_port: int
+    metrics_port: int | None = None  # with --metrics-listen
 
 
 class Relay:
@@ -42,17 +44,20 @@ class Relay:
         self.store: Store = store or SqliteStore(config.database_path)
         self.spool = Spool(config.spool_dir)
         self.registry = ConnectorRegistry()
-        self.metrics = RelayMetrics()
+        self.metrics = RelayMetrics(per_printer=config.metrics_per_printer)
         self.jobs = JobLifecycle(self)
         self.webhooks = WebhookSender(
-            self.store, max_attempts=config.webhook_max_attempts, retry_base=config.webhook_retry_base
+            self.store,
+            max_attempts=config.webhook_max_attempts,
+            retry_base=config.webhook_retry_base,
+            allow_private=config.webhook_allow_private,
         )
         self.jobs.listeners.append(self.webhooks.notify)
         self._expiry_wakeup = Wakeup()
         self.rate_limiter = TokenRateLimiter(config.rate_limit, config.rate_burst)
         self.tls = ServerTls(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
         self.api = RestApi(self)
-        self.http = HttpServer(self.api.handle, ssl_context=self.tls.context if self.tls else None)
+        self.http = HttpServer(self.metrics.instrument_http(self.api.handle, self.api.routes), ssl_context=self.tls.context if self.tls else None)
         self.accepting = False
 
     async def run(self, *, task_status: trio.TaskStatus[RelayAddresses] = trio.TASK_STATUS_IGNORED) -> None:
@@ -71,9 +76,13 @@ class Relay:
                 nursery.start_soon(self.registry.watch_tokens, self.store)
                 if self.tls and threading.current_thread() is threading.main_thread():
                     await nursery.start(self.tls.reload_on_sighup)
+                metrics_port = None
+                if config.metrics_listen is not None:
+                    mhost, mport = config.metrics_listen
+                    metrics_port = await nursery.start(ops_listener(self).serve, mhost, mport)
                 self.accepting = True
                 log.info("relay ready: API on %s:%d, tunnel on %s:%d", host, http_port, thost, tunnel_port)
-                task_status.started(RelayAddresses(http_port, tunnel_port))
+                task_status.started(RelayAddresses(http_port, tunnel_port, metrics_port))
         finally:
             self.accepting = False
             with trio.CancelScope(shield=True):
@@ -107,8 +116,7 @@ class Relay:
         return await self.jobs.cancel(job, reason) is not None
 
     def metrics_registration_failed(self, reason: str) -> None:
-        label = "revoked" if "revoked" in reason else "expired" if "expired" in reason else "invalid"
-        self.metrics.registration_failures.labels(label).inc()
+        self.metrics.registration_failed(reason)
 
     async def _expire_jobs(self) -> None:
         while True:

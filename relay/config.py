@@ -47,11 +47,22 @@ class RelayConfig:
     tls_key: Path | None = option(None, "PEM private key of --tls-cert", parse=Path, metavar="FILE")
     rate_limit: float = option(50.0, "API requests per second per token, on average (0: no limit)")
     rate_burst: int = option(100, "API requests a token may make at once before --rate-limit applies")
+    webhook_allow_private: bool = option(
+        False,
+        "let webhooks reach loopback, private and link-local addresses (off: no probing the relay's network)",
+    )
     webhook_max_attempts: int = option(10, "webhook delivery attempts before a change is dropped (logged)")
     webhook_retry_base: float = option(
         300.0, "first webhook retry delay; doubles per attempt up to 6 h, with jitter (10 attempts: ~1 day)",
         parse=parse_duration,
     )  # fmt: skip
+    metrics_listen: tuple[str, int] | None = option(
+        None, "serve /metrics, /healthz and /readyz on this HOST:PORT (off when unset)", parse=parse_hostport,
+        metavar="HOST:PORT",
+    )  # fmt: skip
+    metrics_per_printer: bool = option(
+        False, "label job metrics with printer ids (one series per printer: mind the cardinality)"
+    )
     log_level: str = option("info", "debug, info, warning or error")
     log_format: str = option("auto", "json, text, or auto (text on a terminal, else json)")
 

@@ -77,6 +77,7 @@ class Dispatcher:
                     )
                 for job in jobs:
                     self.in_flight += 1
+                    relay.metrics.job_dispatched(job, time.time())
                     relay.jobs.publish(
                         job,
                         JobHistoryEntry(
@@ -96,7 +97,8 @@ class Dispatcher:
 
     async def _deliver(self, job: Job) -> None:
         try:
-            await self._stream_job(job)
+            with self.relay.metrics.job_streams.track_inprogress():
+                await self._stream_job(job)
         finally:
             self.in_flight -= 1
             self._slot_freed.set()

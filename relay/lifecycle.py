@@ -51,17 +51,15 @@ class JobLifecycle:
         """Consequences of a state change already in the store."""
         self.publish(job, entry)
         if job.state.final:
-            await self._finished(job)
+            await self._finished(job, entry.message)
         elif job.state is JobState.QUEUED:
             self.relay.registry.wake(job.tenant, job.connector_id)
 
-    async def _finished(self, job: Job) -> None:
+    async def _finished(self, job: Job, message: str) -> None:
         relay = self.relay
         with trio.CancelScope(shield=True):
             await relay.spool.erase(job.id)  # crypto-shred: the wrapped key dies with the row's use
-        relay.metrics.jobs_finished.labels(str(job.state)).inc()
-        if job.completed_at is not None:
-            relay.metrics.delivery_latency.observe(max(0.0, job.completed_at - job.created_at))
+        relay.metrics.job_finished(job, message)
         log.info("job %s %s", job.id, job.state, extra={"job_id": job.id, "tenant": job.tenant})
 
     def publish(self, job: Job, entry: JobHistoryEntry) -> None:

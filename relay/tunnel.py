@@ -158,6 +158,7 @@ class ConnectorSession:
                     "connector %s/%s registration failed: %s", self.tenant, self.connector_id, exc,
                     extra={"tenant": self.tenant, "connector_id": self.connector_id},
                 )  # fmt: skip
+                self.relay.metrics.registration_failures.labels("inventory").inc()
                 self.h2.close(f"registration failed: {exc}")
                 nursery.cancel_scope.cancel()
                 return
@@ -314,4 +315,5 @@ class TunnelListener:
             settings=self.settings,
             name=f"tunnel {principal.tenant}/{principal.connector_id}",
         )
-        await ConnectorSession(self.relay, principal, h2, remote).run()
+        with self.relay.metrics.tunnel_session(h2):
+            await ConnectorSession(self.relay, principal, h2, remote).run()

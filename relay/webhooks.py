@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import secrets
@@ -135,6 +136,25 @@ def validate_url(url: object) -> str:
     return url
 
 
+async def private_destination(url: str) -> str | None:
+    """Why ``url`` must not be sent to from a hosted relay, or None.
+
+    A tenant's webhook must not become a probe of the relay's own network (cloud metadata at
+    169.254.169.254, services on loopback, the cluster's private ranges). Every address the host name
+    resolves to is checked just before sending.
+    """
+    host = urlsplit(url).hostname or ""
+    try:
+        infos = await trio.socket.getaddrinfo(host, None, type=trio.socket.SOCK_STREAM)
+    except (OSError, ValueError) as exc:  # ValueError: a host name IDNA cannot encode
+        return f"cannot resolve {host}: {exc}"
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+        if not address.is_global or address.is_multicast:
+            return f"{host} resolves to the non-public address {address}"
+    return None
+
+
 def validate_events(events: object) -> tuple[str, ...]:
     if events is None:
         return (EVENT_TYPE,)
@@ -235,8 +255,10 @@ class WebhookSender:
         concurrency: int = MAX_CONCURRENCY,
         per_webhook: int = MAX_PER_WEBHOOK,
         transport: httpx.AsyncBaseTransport | None = None,
+        allow_private: bool = False,
     ) -> None:
         self.store = store
+        self.allow_private = allow_private
         self.max_attempts = max_attempts
         self.retry_base = retry_base
         self.retry_cap = retry_cap
@@ -336,6 +358,10 @@ class WebhookSender:
             "Printrelay-Delivery": delivery.id,
             "Printrelay-Event": EVENT_TYPE,
         }
+        if not self.allow_private:
+            refusal = await private_destination(delivery.url)
+            if refusal:
+                return Outcome(False, f"{refusal}; set webhook_allow_private to send there")
         try:
             with trio.fail_after(self.timeout):
                 async with client.stream("POST", delivery.url, content=body, headers=headers) as response:

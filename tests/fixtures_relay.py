@@ -101,6 +101,7 @@ async def relay_stack(
             # Tests are one very busy client (fuzzers send hundreds of requests a second with one
             # token); per-token limits are tested where a test sets them (test_security_tokens.py).
             "rate_limit": 0,
+            "webhook_allow_private": True,  # test receivers listen on loopback
             **relay_overrides,
         }
     )

@@ -115,7 +115,7 @@ async def running_relay(nursery: trio.Nursery, tmp_path: Path, **overrides: Any)
         tunnel_listen=("127.0.0.1", 0),
         data_dir=tmp_path / "relay",
         webhook_retry_base=RETRY_BASE,
-        **overrides,
+        **{"webhook_allow_private": True, **overrides},  # the receivers listen on loopback
     )
     relay = Relay(config)
     stopped = trio.Event()
@@ -339,7 +339,9 @@ async def test_a_receiver_that_hangs_or_redirects_is_an_error(nursery: trio.Nurs
         return Response(302, [("location", "http://169.254.169.254/")])
 
     port = await nursery.start(HttpServer(handler).serve, "127.0.0.1", 0)
-    sender = webhooks.WebhookSender(SqliteStore(Path("unused")), max_attempts=3, retry_base=1, timeout=0.3)
+    sender = webhooks.WebhookSender(
+        SqliteStore(Path("unused")), max_attempts=3, retry_base=1, timeout=0.3, allow_private=True
+    )
     async with httpx.AsyncClient() as http:
         hung = await sender.send(http, delivery(f"http://127.0.0.1:{port}/hang"), b"{}")
         moved = await sender.send(http, delivery(f"http://127.0.0.1:{port}/moved"), b"{}")
@@ -392,3 +394,13 @@ def test_urls() -> None:
     ):
         with pytest.raises(webhooks.WebhookError):
             webhooks.validate_url(bad)
+
+
+async def test_webhooks_to_private_addresses_are_refused_unless_allowed() -> None:
+    from relay.webhooks import private_destination
+
+    for url in ("http://127.0.0.1:8080/hook", "http://169.254.169.254/latest/meta-data",
+                "http://10.1.2.3/x", "http://[::1]/x", "http://localhost/x"):  # fmt: skip
+        reason = await private_destination(url)
+        assert reason is not None and "non-public" in reason, url
+    assert await private_destination("http://93.184.216.34/hook") is None

@@ -132,6 +132,16 @@ class WebhookDelivery:
     last_error: str = ""
 
 
+@dataclass(frozen=True)
+class StoreSample:
+    """The fleet and the queue as /metrics shows them (all replicas: read from the store)."""
+
+    jobs_by_state: dict[str, int]  # jobs not final yet
+    oldest_queued_at: float | None  # created_at of the oldest queued job
+    connectors_online: int  # connectors with a valid token and a session to some replica
+    connectors_offline: int  # connectors with a valid token and no session
+
+
 class StoreError(Exception):
     pass
 
@@ -181,6 +191,7 @@ class Store(Protocol):
     async def next_expiry(self) -> float | None: ...
     async def tenant_usage(self, tenant: str) -> tuple[int, int]: ...
     async def all_job_ids_with_payload(self) -> set[str]: ...
+    async def sample(self, now: float) -> StoreSample: ...
 
     # IPP job numbers (relay/api/ipp.py)
     async def ipp_job_numbers(

@@ -24,6 +24,7 @@ from relay.store.base import (
     IppJob,
     Printer,
     StoreError,
+    StoreSample,
     TokenRecord,
     Webhook,
     WebhookDelivery,
@@ -533,6 +534,25 @@ class SqliteStore:
             ).fetchall()
         )
         return {r[0] for r in rows}
+
+    async def sample(self, now: float) -> StoreSample:
+        def read(c: sqlite3.Connection) -> StoreSample:
+            states = c.execute(
+                "SELECT state, COUNT(*) FROM jobs WHERE state IN ('held', 'queued', 'sending', 'printing') "
+                "GROUP BY state"
+            ).fetchall()
+            oldest = c.execute("SELECT MIN(created_at) FROM jobs WHERE state = 'queued'").fetchone()[0]
+            # A connector whose tokens are all revoked or expired is retired, not down.
+            online, offline = c.execute(
+                "SELECT COALESCE(SUM(sessions > 0), 0), COALESCE(SUM(sessions = 0), 0) FROM connectors c "
+                "WHERE EXISTS (SELECT 1 FROM tokens t WHERE t.tenant = c.tenant AND t.kind = 'connector' "
+                "AND t.connector_id = c.id AND t.revoked_at IS NULL "
+                "AND (t.expires_at IS NULL OR t.expires_at > ?))",
+                (now,),
+            ).fetchone()
+            return StoreSample({s: n for s, n in states}, oldest, int(online), int(offline))
+
+        return await self._run(read)
 
     # --- IPP job numbers ------------------------------------------------------------------------
 
