@@ -29,6 +29,8 @@ from connector.delivery import Backend, DeliveryError, JobTicket, backend_for_ur
 from connector.discovery import DiscoverySettings, discover
 from connector.keys import KeyRing
 from connector.ledger import Ledger
+from connector.metrics import ConnectorMetrics
+from connector.ops import ops_listener
 from connector.printerbook import MAX_REQUEST_BYTES, PrinterBook, parse_printer_request
 from connector.proxy import proxy_for
 from connector.status import PrinterStatus, poll
@@ -116,6 +118,17 @@ class Connector:
         self._jobs_changed = trio.Event()
         self.deliveries = 0
         self.draining = False
+        self.metrics = ConnectorMetrics(self)
+        self.metrics_port: int | None = None  # with --metrics-listen
+
+    @property
+    def deliveries_in_progress(self) -> int:
+        return len(self._deliveries)
+
+    @property
+    def registered(self) -> bool:
+        """A tunnel session is up and the relay follows its events: the relay registered it."""
+        return self.tunnel.session is not None and bool(self._event_watchers)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await self.ledger.open()
@@ -127,6 +140,9 @@ class Connector:
                     nursery.start_soon(self._sweep)
                 nursery.start_soon(self._prune_ledger)
                 nursery.start_soon(self.tunnel.run)
+                if self.config.metrics_listen is not None:
+                    host, port = self.config.metrics_listen
+                    self.metrics_port = await nursery.start(ops_listener(self).serve, host, port)
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):
@@ -243,6 +259,7 @@ class Connector:
         if entry is not None and entry.state in ("handed", "completed", "failed", "canceled"):
             state = entry.state if entry.state in ("failed", "canceled") else "completed"
             message = entry.message or "delivered before"
+            self.metrics.delivery_done(printer.spec.kind, "duplicate", 0.0)
             await self._answer_early(stream, JobStatus(state, message, entry.printer_job_id, duplicate=True))
             return
 
@@ -271,6 +288,7 @@ class Connector:
     async def _run_delivery(
         self, delivery: Delivery, stream: H2Stream, ticket: JobTicketMessage, printer: PrinterEntry
     ) -> None:
+        started = time.monotonic()
         try:
             with delivery.scope:
                 async with self._job_slots:
@@ -287,6 +305,7 @@ class Connector:
         finally:
             if delivery.status is None:
                 delivery.status = JobStatus("retry", "delivery interrupted")
+            self.metrics.delivery_done(printer.spec.kind, delivery.status.state, time.monotonic() - started)
             del self._deliveries[delivery.job_id]
             delivery.done.set()
             self._jobs_changed.set()
@@ -320,6 +339,7 @@ class Connector:
             opener = PayloadOpener(dek, job_id)
             async for chunk in _read_file(buffered) if buffered else stream.iter_data():
                 for plain in opener.feed(chunk):
+                    self.metrics.printer_bytes.labels(printer.spec.kind).inc(len(plain))
                     yield plain
             opener.finish()
             if not handed_on_accept:
@@ -469,8 +489,10 @@ class Connector:
         while True:
             try:
                 found = await discover(settings)
+                self.metrics.sweeps.labels("ok").inc()
             except ValueError as exc:  # a --discover-cidr that cannot be scanned
                 log.error("discovery sweep failed: %s", exc)
+                self.metrics.sweeps.labels("error").inc()
                 found = []
             served = {p.spec.uri for p in self.printers.values()}
             for candidate in found:

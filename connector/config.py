@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from connector.delivery.cups import parse_cups_uri
 from connector.delivery.lpd import parse_lpd_uri
 from connector.proxy import parse_proxy
-from printrelay.settings import option, parse_duration
+from printrelay.settings import option, parse_duration, parse_hostport
 
 PRINTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 SCHEMES = ("ipp", "ipps", "socket", "lpd", "cups")
@@ -118,6 +118,10 @@ class ConnectorConfig:
         multiple=True, metavar="ADDRESS",
     )  # fmt: skip
     discover_cups: bool = option(True, "include the host's CUPS queues in discovery sweeps")
+    metrics_listen: tuple[str, int] | None = option(
+        None, "serve /metrics, /healthz and /readyz on this HOST:PORT (off when unset)", parse=parse_hostport,
+        metavar="HOST:PORT",
+    )  # fmt: skip
     log_level: str = option("info", "debug, info, warning or error")
     log_format: str = option("auto", "json, text, or auto (text on a terminal, else json)")
 

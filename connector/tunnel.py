@@ -13,6 +13,7 @@ CONNECT tunnel first (:mod:`connector.proxy`); TLS runs inside it, end to end wi
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import ssl
@@ -102,24 +103,29 @@ class TunnelClient:
         self.session: H2Session | None = None
         self.connected = trio.Event()
         self.sessions_opened = 0
+        self.retries: collections.Counter[str] = collections.Counter()  # why each redial happened
         self.stopping = False
 
     async def run(self) -> None:
         while not self.stopping:
             retry_after: float | None = None
+            reason = "session_ended"
             started = trio.current_time()
             try:
                 await self._one_session()
             except ConnectionRejected as exc:
                 retry_after = _retry_after(exc)
+                reason = "refused"
                 body = (exc.body or b"").decode(errors="replace").strip()
                 log.error("relay refused the tunnel: HTTP %s %s", exc.status_code, body)
             except (HandshakeError, OSError, trio.TooSlowError, trio.BrokenResourceError, ProxyError) as exc:
+                reason = "unreachable"
                 via = f" through proxy {self.proxy.address}" if self.proxy else ""
                 log.warning("cannot reach the relay at %s%s: %s", self.url, via, _reason(exc))
             self.backoff.session_ended(trio.current_time() - started)
             if self.stopping:
                 return
+            self.retries[reason] += 1
             delay = self.backoff.next_delay(retry_after)
             log.info("reconnecting in %.1f s", delay)
             await trio.sleep(delay)

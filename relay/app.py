@@ -57,7 +57,10 @@ class Relay:
         self.rate_limiter = TokenRateLimiter(config.rate_limit, config.rate_burst)
         self.tls = ServerTls(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
         self.api = RestApi(self)
-        self.http = HttpServer(self.metrics.instrument_http(self.api.handle, self.api.routes), ssl_context=self.tls.context if self.tls else None)
+        self.http = HttpServer(
+            self.metrics.instrument_http(self.api.handle, self.api.routes),
+            ssl_context=self.tls.context if self.tls else None,
+        )
         self.accepting = False
 
     async def run(self, *, task_status: trio.TaskStatus[RelayAddresses] = trio.TASK_STATUS_IGNORED) -> None:
