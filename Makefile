@@ -31,5 +31,10 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
+## load test: relay + connector swarm + Locust headless; report and plots in loadtest-results/
+LOADTEST_ARGS ?= --users 50 --spawn-rate 10 --duration 60s --connectors 20 --printers-per-connector 5
+loadtest: setup
+	$(BIN)/python loadtest/run.py $(LOADTEST_ARGS) --out loadtest-results
+
 clean:
 	rm -rf $(VENV) printrelay-data printrelay-demo .pytest_cache .mypy_cache .ruff_cache
