@@ -320,6 +320,7 @@ class Connector:
 
     async def _deliver(self, stream: H2Stream, ticket: JobTicketMessage, printer: PrinterEntry) -> JobStatus:
         job_id = ticket.job_id
+        earlier = await self.ledger.get(job_id)
         try:
             dek = open_key(ticket.wrapped_key, self.keys.private_for(ticket.key_id), context=job_id.encode())
         except (KeyError, IntegrityError) as exc:
@@ -361,12 +362,21 @@ class Connector:
             user=ticket.user or "printrelay",
             size=ticket.size,
             options=ticket.options,
+            earlier_printer_job=earlier.printer_job_id if earlier and earlier.state == "created" else None,
         )
-        await self.ledger.record(job_id, printer.spec.id, "started", f"attempt {ticket.attempt}")
+        if job.earlier_printer_job is None:
+            await self.ledger.record(job_id, printer.spec.id, "started", f"attempt {ticket.attempt}")
+
+        async def journal(printer_job_id: int) -> None:
+            # Durable before the first document byte leaves: see connector/ledger.py.
+            await self.ledger.record(
+                job_id, printer.spec.id, "created", f"printer job {printer_job_id} created", printer_job_id
+            )
+
         started = time.monotonic()
         try:
             async with printer.busy:
-                result = await printer.backend.deliver(job, document(), progress)
+                result = await printer.backend.deliver(job, document(), progress, journal)
         except IntegrityError as exc:
             return await self._integrity_failure(job_id, printer, exc)
         except DeliveryError as exc:

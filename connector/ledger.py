@@ -4,14 +4,19 @@ A relay resends a job whenever it cannot be sure the job was delivered (a tunnel
 restarted). Before delivering, the connector looks the job up here:
 
 * no entry, or ``started`` — the printer never took the whole job: deliver it (again);
+* ``created`` — an IPP printer holds a job made with Create-Job whose document may or may not have
+  arrived: the backend asks the printer (Get-Job-Attributes) and either follows that job to its end or
+  cancels it and delivers anew;
 * ``handed`` — the printer took the job but we did not learn its end (the connector restarted):
   do not print again; report it delivered;
 * ``completed`` / ``failed`` — answer with the recorded result, print nothing.
 
-Every write is committed with ``synchronous=FULL`` before the job moves on. The one window that cannot
-be closed: the printer has taken the last byte and the connector dies before ``handed`` is on disk. The
-resend then prints a second copy. ``handed`` is written the moment the printer confirms (IPP: the
-Print-Job response; RAW/LPD: the last byte written), so the window is one round trip wide.
+Every write is committed with ``synchronous=FULL`` before the job moves on. For IPP printers that take
+Create-Job + Send-Document (IPP Everywhere printers do) no window is left: the printer job id is on disk
+before the first document byte leaves. The window that cannot be closed is for RAW and LPD (and IPP
+printers without Create-Job): the printer has taken the last byte and the connector dies before
+``handed`` is on disk; the resend then prints a second copy. ``handed`` is written the moment the
+printer confirms (Print-Job response; RAW/LPD: the last byte written), so the window is one round trip.
 """
 
 from __future__ import annotations

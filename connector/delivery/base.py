@@ -15,7 +15,12 @@ class JobTicket:
     copies: int = 1
     user: str = "printrelay"  # requesting-user-name
     size: int | None = None  # bytes, when known
-    options: Mapping[str, str] = field(default_factory=dict)  # sides, media, ... (connector/delivery/options.py)
+    options: Mapping[str, str] = field(
+        default_factory=dict
+    )  # sides, media, ... (connector/delivery/options.py)
+    # A job an earlier attempt created at the printer (IPP Create-Job) whose fate is unknown: the
+    # connector died between creating it and hearing how it ended. The backend resolves it first.
+    earlier_printer_job: int | None = None
 
 
 @dataclass(frozen=True)
@@ -41,10 +46,18 @@ class DeliveryError(Exception):
 #: (state, message): called with ("printing", ...) once the printer has accepted the job
 Progress = Callable[[str, str], Awaitable[None]]
 
+#: called with the printer's job id after Create-Job and before any document byte is sent, so a
+#: connector that dies mid-delivery knows which printer job to look at when the job comes again
+Journal = Callable[[int], Awaitable[None]]
+
 
 class Backend(Protocol):
     async def deliver(
-        self, ticket: JobTicket, document: AsyncIterator[bytes], progress: Progress
+        self,
+        ticket: JobTicket,
+        document: AsyncIterator[bytes],
+        progress: Progress,
+        journal: Journal | None = None,
     ) -> DeliveryResult:
         """Send the document to the printer and follow it to a final state.
 

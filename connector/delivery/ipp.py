@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 import httpx
 import trio
 
-from connector.delivery.base import DeliveryError, DeliveryResult, JobTicket, Progress
+from connector.delivery.base import DeliveryError, DeliveryResult, JobTicket, Journal, Progress
 from connector.delivery.options import OptionError, ipp_job_attributes
 from ipp import (
     DEFAULT_LIMITS,
@@ -88,6 +88,7 @@ class IppBackend:
             connect=connect_timeout, read=io_timeout, write=io_timeout, pool=connect_timeout
         )
         self._request_ids = itertools.count(1)
+        self._create_job: bool | None = None  # does the printer take Create-Job + Send-Document?
 
     def __repr__(self) -> str:
         return f"IppBackend({self.uri!r})"
@@ -155,38 +156,121 @@ class IppBackend:
             ) from exc
 
     async def deliver(
-        self, ticket: JobTicket, document: AsyncIterator[bytes], progress: Progress
+        self,
+        ticket: JobTicket,
+        document: AsyncIterator[bytes],
+        progress: Progress,
+        journal: Journal | None = None,
     ) -> DeliveryResult:
-        request = self._request(Operation.PRINT_JOB)
-        op = request.operation
-        op.add("requesting-user-name", ValueTag.NAME, ticket.user)
-        op.add("job-name", ValueTag.NAME, ticket.title)
-        op.add("document-format", ValueTag.MIME_MEDIA_TYPE, ticket.document_format)
+        """Hand the job to the printer and follow it to its end.
+
+        With a ``journal`` and a printer that supports it, the job is made with Create-Job and its id is
+        journaled before Send-Document carries the document: a connector that dies mid-delivery can then
+        tell, when the job comes again, whether the printer already has it (no second print) or not.
+        Otherwise one Print-Job.
+        """
         try:
             attributes = ipp_job_attributes(ticket.copies, ticket.options)
         except OptionError as exc:
             raise DeliveryError(f"{self.uri}: {exc.message}", retryable=False) from None
-        if attributes:
-            group = request.add_group(DelimiterTag.JOB_ATTRIBUTES)
-            for attribute in attributes:
-                group.attributes[attribute.name] = attribute
         async with self._client() as client:
-            response = await self._exchange(client, request, document)
-            _check_status(self.uri, response)
-            job_id = response.value(DelimiterTag.JOB_ATTRIBUTES, "job-id")
-            if not isinstance(job_id, int):
-                return DeliveryResult("completed", "printer accepted the job without a job-id")
+            if ticket.earlier_printer_job is not None:
+                earlier = await self._resolve_earlier(client, ticket)
+                if earlier is not None:
+                    await progress(
+                        "printing", f"printer job {ticket.earlier_printer_job} already had the document"
+                    )
+                    return await self._settle(client, ticket, ticket.earlier_printer_job, earlier)
+            two_step = journal is not None and await self._supports_create_job(client)
+            request = self._request(Operation.CREATE_JOB if two_step else Operation.PRINT_JOB)
+            op = request.operation
+            op.add("requesting-user-name", ValueTag.NAME, ticket.user)
+            op.add("job-name", ValueTag.NAME, ticket.title)
+            if not two_step:
+                op.add("document-format", ValueTag.MIME_MEDIA_TYPE, ticket.document_format)
+            if attributes:
+                group = request.add_group(DelimiterTag.JOB_ATTRIBUTES)
+                for attribute in attributes:
+                    group.attributes[attribute.name] = attribute
+            if two_step:
+                assert journal is not None
+                created = await self._exchange(client, request)
+                _check_status(self.uri, created)
+                job_id = created.value(DelimiterTag.JOB_ATTRIBUTES, "job-id")
+                if not isinstance(job_id, int):
+                    raise DeliveryError(f"{self.uri}: Create-Job answered without a job-id", retryable=True)
+                await journal(job_id)
+                send = self._request(Operation.SEND_DOCUMENT)
+                send.operation.add("job-id", ValueTag.INTEGER, job_id)
+                send.operation.add("requesting-user-name", ValueTag.NAME, ticket.user)
+                send.operation.add("document-format", ValueTag.MIME_MEDIA_TYPE, ticket.document_format)
+                send.operation.add("last-document", ValueTag.BOOLEAN, True)
+                try:
+                    response = await self._exchange(client, send, document)
+                    _check_status(self.uri, response)
+                except BaseException:
+                    # The printer holds a job that will never get its document: drop it (best effort).
+                    with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_TIMEOUT):
+                        await self._cancel_printer_job(client, job_id, ticket.user)
+                    raise
+            else:
+                response = await self._exchange(client, request, document)
+                _check_status(self.uri, response)
+                job_id = response.value(DelimiterTag.JOB_ATTRIBUTES, "job-id")
+                if not isinstance(job_id, int):
+                    return DeliveryResult("completed", "printer accepted the job without a job-id")
             await progress("printing", f"printer job {job_id} accepted")
-            state = response.value(DelimiterTag.JOB_ATTRIBUTES, "job-state")
-            if isinstance(state, int) and state in (JobState.CANCELED, JobState.ABORTED):
-                return _result(job_id, response)
+            return await self._settle(client, ticket, job_id, response)
+
+    async def _settle(
+        self, client: httpx.AsyncClient, ticket: JobTicket, job_id: int, response: Message
+    ) -> DeliveryResult:
+        state = response.value(DelimiterTag.JOB_ATTRIBUTES, "job-state")
+        if isinstance(state, int) and state >= JobState.CANCELED:
+            return _result(job_id, response)
+        try:
+            return await self._follow(client, job_id, ticket.user)
+        except trio.Cancelled:
+            # The relay canceled the job while the printer had it: ask the printer to drop it.
+            with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_TIMEOUT):
+                await self._cancel_printer_job(client, job_id, ticket.user)
+            raise
+
+    async def _supports_create_job(self, client: httpx.AsyncClient) -> bool:
+        if self._create_job is None:
+            request = self._request(Operation.GET_PRINTER_ATTRIBUTES)
+            request.operation.add("requested-attributes", ValueTag.KEYWORD, "operations-supported")
             try:
-                return await self._follow(client, job_id, ticket.user)
-            except trio.Cancelled:
-                # The relay canceled the job while the printer had it: ask the printer to drop it.
-                with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_TIMEOUT):
-                    await self._cancel_printer_job(client, job_id, ticket.user)
-                raise
+                response = await self._exchange(client, request)
+            except DeliveryError:
+                return False  # ask again next time; Print-Job meanwhile
+            supported = response.attribute(DelimiterTag.PRINTER_ATTRIBUTES, "operations-supported")
+            values = set(supported.values) if supported is not None else set()
+            self._create_job = {Operation.CREATE_JOB, Operation.SEND_DOCUMENT} <= values
+        return self._create_job
+
+    async def _resolve_earlier(self, client: httpx.AsyncClient, ticket: JobTicket) -> Message | None:
+        """The earlier attempt's printer job, if the printer got its whole document; else None (after
+        canceling a job that still waits for a document, so it cannot print later)."""
+        job_id = ticket.earlier_printer_job
+        assert job_id is not None
+        request = self._request(Operation.GET_JOB_ATTRIBUTES)
+        request.operation.add("job-id", ValueTag.INTEGER, job_id)
+        request.operation.add("requesting-user-name", ValueTag.NAME, ticket.user)
+        request.operation.add("requested-attributes", ValueTag.KEYWORD, "job-state", "job-state-reasons")
+        response = await self._exchange(client, request)
+        if response.code == Status.CLIENT_ERROR_NOT_FOUND:
+            return None
+        _check_status(self.uri, response)
+        state = response.value(DelimiterTag.JOB_ATTRIBUTES, "job-state")
+        reasons = response.attribute(DelimiterTag.JOB_ATTRIBUTES, "job-state-reasons")
+        waiting = {"job-incoming", "job-data-insufficient"} & set(reasons.values if reasons else ())
+        if state in (JobState.PENDING, JobState.PENDING_HELD) or waiting:
+            await self._cancel_printer_job(client, job_id, ticket.user)
+            return None
+        if state in (JobState.CANCELED, JobState.ABORTED):
+            return None  # it did not print; print it now
+        return response  # processing, stopped or completed: the printer has the document
 
     async def _cancel_printer_job(self, client: httpx.AsyncClient, job_id: int, user: str) -> None:
         """Cancel-Job (RFC 8011 §4.3.3), best effort: the job may have finished meanwhile."""

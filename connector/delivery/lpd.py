@@ -28,7 +28,7 @@ from urllib.parse import unquote, urlsplit
 
 import trio
 
-from connector.delivery.base import DeliveryError, DeliveryResult, JobTicket, Progress
+from connector.delivery.base import DeliveryError, DeliveryResult, JobTicket, Journal, Progress
 from connector.delivery.options import OptionError, refuse_for_stream
 from connector.delivery.spoolfile import SpoolFile
 
@@ -150,7 +150,11 @@ class LpdBackend:
             raise LpdProtocolError(f"{self._where} refused {what}: {shown}")
 
     async def deliver(
-        self, ticket: JobTicket, document: AsyncIterator[bytes], progress: Progress
+        self,
+        ticket: JobTicket,
+        document: AsyncIterator[bytes],
+        progress: Progress,
+        journal: Journal | None = None,  # a socket has no job to journal
     ) -> DeliveryResult:
         try:
             refuse_for_stream("LPD", ticket.options)

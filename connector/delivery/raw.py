@@ -12,7 +12,7 @@ from pathlib import Path
 
 import trio
 
-from connector.delivery.base import DeliveryError, DeliveryResult, JobTicket, Progress
+from connector.delivery.base import DeliveryError, DeliveryResult, JobTicket, Journal, Progress
 from connector.delivery.options import OptionError, refuse_for_stream
 from connector.delivery.spoolfile import SpoolFile
 
@@ -60,7 +60,11 @@ class RawBackend:
             raise DeliveryError(f"cannot connect to {self._where}: {exc}", retryable=True) from exc
 
     async def deliver(
-        self, ticket: JobTicket, document: AsyncIterator[bytes], progress: Progress
+        self,
+        ticket: JobTicket,
+        document: AsyncIterator[bytes],
+        progress: Progress,
+        journal: Journal | None = None,  # a socket has no job to journal
     ) -> DeliveryResult:
         try:
             refuse_for_stream("RAW", ticket.options)
