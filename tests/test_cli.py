@@ -1,0 +1,118 @@
+"""The command line: settings precedence, --help, tokens, the tunnel's door, and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+from fixtures_processes import printrelay
+from fixtures_relay import RelayStack
+from trio_websocket import ConnectionRejected, open_websocket_url
+
+from printrelay.cli import build_parser
+from printrelay.settings import SettingsError, load
+from relay.config import RelayConfig
+from tunnel.wsstream import SUBPROTOCOL
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["serve", *argv])
+
+
+def test_flag_beats_environment_beats_file_beats_default(tmp_path: Path) -> None:
+    config_file = tmp_path / "relay.toml"
+    config_file.write_text('listen = "0.0.0.0:9000"\ndata-dir = "/srv/from-file"\nmax_job_bytes = "20MiB"\n')
+    env = {"PRINTRELAY_DATA_DIR": "/srv/from-env", "PRINTRELAY_MAX_ATTEMPTS": "9"}
+    config = load(RelayConfig, parse("--config", str(config_file), "--max-attempts", "3"), env)
+    assert config.listen == ("0.0.0.0", 9000)  # file
+    assert config.data_dir == Path("/srv/from-env")  # env beats file
+    assert config.max_attempts == 3  # flag beats env
+    assert config.max_job_bytes == 20 * 1024 * 1024  # file, with a unit
+    assert config.tunnel_listen == ("127.0.0.1", 8081)  # default
+    # the config file can come from the environment too
+    config = load(RelayConfig, parse(), {"PRINTRELAY_CONFIG": str(config_file)})
+    assert config.data_dir == Path("/srv/from-file")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("no_such_setting = 1\n", "unknown setting 'no_such_setting'"),
+        ("listen = [\n", "not valid TOML"),
+        ('max_job_bytes = "lots"\n', "max_job_bytes: not a size"),
+        ('listen = "nowhere"\n', "not HOST:PORT"),
+    ],
+)
+def test_bad_config_files_name_the_setting(tmp_path: Path, content: str, message: str) -> None:
+    config_file = tmp_path / "bad.toml"
+    config_file.write_text(content)
+    with pytest.raises(SettingsError, match=message):
+        load(RelayConfig, parse("--config", str(config_file)), {})
+
+
+def test_help_shows_defaults_and_environment_names() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "printrelay.cli", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    text = " ".join(result.stdout.split())
+    assert "--tunnel-listen HOST:PORT" in text
+    assert "(default: printrelay-data; env PRINTRELAY_DATA_DIR)" in text
+
+
+def test_a_bad_setting_is_one_readable_line(tmp_path: Path) -> None:
+    result = printrelay("serve", "--listen", "nowhere", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "printrelay: --listen: not HOST:PORT: 'nowhere'"
+
+
+async def test_a_bad_token_is_refused_with_401_before_the_upgrade(relay_stack: RelayStack) -> None:
+    for token in ("prc_aaaaaaaaaa_" + "b" * 43, await relay_stack.token("api")):
+        with pytest.raises(ConnectionRejected) as info:
+            async with open_websocket_url(
+                relay_stack.tunnel_url,
+                subprotocols=[SUBPROTOCOL],
+                extra_headers=[(b"authorization", f"Bearer {token}".encode())],
+            ):
+                pass
+        assert info.value.status_code == 401
+
+
+async def test_a_token_created_while_the_relay_runs_is_honoured_at_once(relay_stack: RelayStack) -> None:
+    data_dir = relay_stack.relay.config.data_dir
+    result = await trio.to_thread.run_sync(
+        lambda: printrelay(
+            "token", "create", "--data-dir", str(data_dir), "--tenant", "acme", "--kind", "api"
+        )
+    )
+    token = result.stdout.strip()
+    async with relay_stack.client(token) as client:
+        assert (await client.get("/v1/jobs")).status_code == 200
+    listing = await trio.to_thread.run_sync(lambda: printrelay("token", "list", "--data-dir", str(data_dir)))
+    token_id = token.split("_")[1]
+    assert token_id in listing.stdout
+    await trio.to_thread.run_sync(
+        lambda: printrelay("token", "revoke", "--data-dir", str(data_dir), token_id)
+    )
+    async with relay_stack.client(token) as client:
+        response = await client.get("/v1/jobs")
+    assert response.status_code == 401 and response.json()["error"] == "token revoked"
+
+
+def test_the_demo_prints_a_page_through_the_tunnel(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "printrelay.cli", "demo", "--once", "--data-dir", str(tmp_path / "demo"),
+         "--listen", "127.0.0.1:0", "--tunnel-listen", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "(byte-identical to what was submitted)" in result.stdout
+    assert "ippeveprinter on port" in result.stdout  # the real printer, not the fallback
+    printed = list((tmp_path / "demo" / "printed").iterdir())
+    assert printed and printed[0].read_bytes().startswith(b"%PDF-1.4")
