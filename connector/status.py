@@ -24,9 +24,9 @@ from typing import Any
 import trio
 
 from connector.delivery import Backend, CupsBackend, DeliveryError, IppBackend, LpdBackend, RawBackend
-from connector.delivery.options import OPTION_NAMES, ORIENTATIONS, PRINT_QUALITIES
 from ipp import Attribute, AttributeGroup, DelimiterTag, PrinterState, Range
 from ipp.jsonattrs import attributes_to_json
+from ipp.options import OPTION_NAMES, ORIENTATIONS, PRINT_QUALITIES
 
 OFFLINE = "offline"
 OFFLINE_REASON = "offline-report"  # the IPP keyword for "the printer is not reachable"

@@ -70,16 +70,14 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def test_page() -> bytes:
-    """A one-page PDF saying what it is (hand-built: no PDF library needed)."""
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    text = f"BT /F1 24 Tf 72 720 Td (printrelay test page) Tj 0 -36 Td /F1 12 Tf ({stamp}) Tj ET".encode()
+def one_page_pdf(width: int = 612, height: int = 792, content: bytes = b"") -> bytes:
+    """A one-page PDF with a valid xref table (offsets computed, not guessed); no PDF library needed."""
     objects = [
         b"<< /Type /Catalog /Pages 2 0 R >>",
         b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
-        b"/Resources << /Font << /F1 5 0 R >> >> >>",
-        b"<< /Length %d >>\nstream\n%s\nendstream" % (len(text), text),
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 %d %d] /Contents 4 0 R "
+        b"/Resources << /Font << /F1 5 0 R >> >> >>" % (width, height),
+        b"<< /Length %d >>\nstream\n%s\nendstream" % (len(content), content),
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
     ]
     out = bytearray(b"%PDF-1.4\n")
@@ -92,6 +90,13 @@ def test_page() -> bytes:
     out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
     out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
     return bytes(out)
+
+
+def test_page() -> bytes:
+    """The demo's page, saying what it is and when it was printed."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    text = f"BT /F1 24 Tf 72 720 Td (printrelay test page) Tj 0 -36 Td /F1 12 Tf ({stamp}) Tj ET".encode()
+    return one_page_pdf(content=text)
 
 
 @dataclass

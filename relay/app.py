@@ -21,8 +21,9 @@ from relay.spool import Spool
 from relay.store.base import Store
 from relay.store.sqlite import SqliteStore
 from relay.tls import ServerTls
-from relay.tunnel import ConnectorRegistry, TunnelListener, Wakeup
+from relay.tunnel import ConnectorRegistry, TunnelListener
 from relay.webhooks import WebhookSender
+from tunnel.signal import Signal
 
 log = logging.getLogger("printrelay.relay")
 
@@ -53,7 +54,7 @@ class Relay:
             allow_private=config.webhook_allow_private,
         )
         self.jobs.listeners.append(self.webhooks.notify)
-        self._expiry_wakeup = Wakeup()
+        self._expiry_wakeup = Signal()
         self.rate_limiter = TokenRateLimiter(config.rate_limit, config.rate_burst)
         self.tls = ServerTls(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
         self.api = RestApi(self)

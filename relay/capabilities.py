@@ -7,28 +7,25 @@ printer cannot print as asked is refused at submit time with 400 naming the opti
 later at the printer. A printer whose capabilities are not known yet (never probed, or a protocol with
 no way to ask) is given the benefit of the doubt: only what the summary states is checked.
 
-The connector keeps the same vocabulary in ``connector/delivery/options.py`` (a test keeps them equal);
-the relay does not import the connector.
+The vocabulary is shared with the connector through ``ipp/options.py``.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
-SIDES = ("one-sided", "two-sided-long-edge", "two-sided-short-edge")
-PRINT_COLOR_MODES = (
-    "auto", "auto-monochrome", "bi-level", "color", "highlight", "monochrome",
-    "process-bi-level", "process-monochrome",
-)  # fmt: skip
-ORIENTATIONS = {"portrait": 3, "landscape": 4, "reverse-landscape": 5, "reverse-portrait": 6, "none": 7}
-PRINT_QUALITIES = {"draft": 3, "normal": 4, "high": 5}
-MEDIA_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,254}$")
-PAGE_RANGES_RE = re.compile(r"^\d{1,9}(-\d{1,9})?(,\d{1,9}(-\d{1,9})?)*$")
-MAX_PAGE_RANGES = 100
+from ipp.options import (
+    MAX_PAGE_RANGES,
+    MEDIA_RE,
+    OPTION_NAMES,
+    ORIENTATIONS,
+    PAGE_RANGES_RE,
+    PRINT_COLOR_MODES,
+    PRINT_QUALITIES,
+    SIDES,
+)
 
-OPTION_NAMES = ("sides", "media", "print-color-mode", "page-ranges", "orientation-requested", "print-quality")
 #: the keyword list in the capabilities summary that bounds each option's values
 SUMMARY_KEYS = {
     "sides": "sides",

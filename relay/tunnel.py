@@ -18,7 +18,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 import trio
-from trio_websocket import WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 from relay import audit
 from relay.auth import AuthError, Principal, authenticate, bearer
@@ -27,6 +27,7 @@ from relay.store.base import ConnectorRecord, Printer, Store
 from tunnel.messages import Inventory, LineSplitter, MessageError, PrinterCandidate, PrinterInfo, parse_event
 from tunnel.protocol import TunnelSettings
 from tunnel.session import H2Session, SessionClosed, StreamClosed
+from tunnel.signal import Signal
 from tunnel.wsstream import MAX_MESSAGE_BYTES, SUBPROTOCOL, TUNNEL_PATH, WebSocketStream
 
 if TYPE_CHECKING:
@@ -43,26 +44,12 @@ MAX_CANDIDATES = 1000  # discovered printers kept per session (a connector resen
 TOKEN_RECHECK_INTERVAL = 2.0
 
 
-class Wakeup:
-    """Wake the dispatcher of one connector when a job for it may have become due."""
-
-    def __init__(self) -> None:
-        self._event = trio.Event()
-
-    def fire(self) -> None:
-        self._event.set()
-        self._event = trio.Event()
-
-    async def wait(self) -> None:
-        await self._event.wait()
-
-
 class ConnectorRegistry:
     """The sessions this relay process holds, by (tenant, connector id)."""
 
     def __init__(self) -> None:
         self._sessions: dict[tuple[str, str], list[ConnectorSession]] = defaultdict(list)
-        self._wakeups: dict[tuple[str, str], Wakeup] = defaultdict(Wakeup)
+        self._wakeups: dict[tuple[str, str], Signal] = defaultdict(Signal)
         self.changed = trio.Event()
 
     def add(self, session: ConnectorSession) -> None:
@@ -84,7 +71,7 @@ class ConnectorRegistry:
     def sessions(self, tenant: str | None = None) -> list[ConnectorSession]:
         return [s for key, ss in self._sessions.items() for s in ss if tenant is None or key[0] == tenant]
 
-    def wakeup(self, tenant: str, connector_id: str) -> Wakeup:
+    def wakeup(self, tenant: str, connector_id: str) -> Signal:
         return self._wakeups[(tenant, connector_id)]
 
     def wake(self, tenant: str, connector_id: str) -> None:
@@ -283,7 +270,20 @@ class TunnelListener:
             task_status.started(server.port)
 
     async def _handle(self, request: WebSocketRequest) -> None:
-        remote = str(request.remote)
+        """One connection's failure ends that connection only. trio-websocket lets a handler's exception
+        end serve_websocket, and with it the relay: a client that left before its 401 did exactly that."""
+        try:
+            remote = str(request.remote)
+        except OSError:  # getpeername() of a peer that already left
+            remote = "a departed peer"
+        try:
+            await self._serve_request(request, remote)
+        except ConnectionClosed as exc:
+            log.debug("tunnel from %s closed during the handshake or session: %s", remote, exc)
+        except Exception:
+            log.exception("tunnel connection from %s failed", remote)
+
+    async def _serve_request(self, request: WebSocketRequest, remote: str) -> None:
         if request.path.split("?")[0] != TUNNEL_PATH:
             await request.reject(404, body=b"not found: the tunnel is at /v1/tunnel\n")
             return

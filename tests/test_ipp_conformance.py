@@ -14,29 +14,15 @@ import trio
 from fixtures_printers import IppEvePrinter
 from fixtures_relay import RelayStack
 
+from printrelay.demo import one_page_pdf
+
 SUITES = Path("/usr/share/cups/ipptool")
 #: operations the relay does not claim; their tests must be skipped, never failed
 UNCLAIMED = ("Print-URI", "Send-URI")
 
 
 def pdf(width: int, height: int) -> bytes:
-    """A one-page PDF with a valid xref table (byte offsets computed, not guessed)."""
-    objects = [
-        b"<< /Type /Catalog /Pages 2 0 R >>",
-        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
-        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 %d %d] /Contents 4 0 R >>" % (width, height),
-        b"<< /Length 0 >>\nstream\n\nendstream",
-    ]
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
-    return bytes(out)
+    return one_page_pdf(width, height)
 
 
 # A 1x1 baseline JPEG (the smallest that decoders accept).

@@ -27,6 +27,7 @@ import h2.exceptions
 import trio
 
 from tunnel.protocol import ProtocolViolation, TunnelProtocol, TunnelSettings
+from tunnel.signal import Signal
 from tunnel.wsstream import MAX_BATCH_BYTES
 
 log = logging.getLogger("printrelay.tunnel")
@@ -46,20 +47,6 @@ class StreamClosed(Exception):
     def __init__(self, message: str, *, error_code: int | None = None) -> None:
         super().__init__(message)
         self.error_code = error_code
-
-
-class _Signal:
-    """Wake every waiter when something changed; waiters re-check their condition."""
-
-    def __init__(self) -> None:
-        self._event = trio.Event()
-
-    def fire(self) -> None:
-        self._event.set()
-        self._event = trio.Event()
-
-    async def wait(self) -> None:
-        await self._event.wait()
 
 
 @dataclass
@@ -84,7 +71,7 @@ class H2Stream:
         self._ended = False
         self._closed_reason: str | None = None
         self._reset_code: int | None = None
-        self._changed = _Signal()
+        self._changed = Signal()
 
     # --- request metadata (server side) ---------------------------------------------------------------
 
@@ -239,9 +226,9 @@ class H2Session:
         self._handler = handler
         self._streams: dict[int, H2Stream] = {}
         self._out = bytearray()
-        self._out_wanted = _Signal()
-        self._out_drained = _Signal()
-        self._flow_changed = _Signal()
+        self._out_wanted = Signal()
+        self._out_drained = Signal()
+        self._flow_changed = Signal()
         self._nursery: trio.Nursery | None = None
         self._closed: str | None = None
         self._goaway_received = False
@@ -353,7 +340,9 @@ class H2Session:
             except ProtocolViolation as exc:
                 log.warning("%s: closing session: %s", self.name, exc.reason)
                 self.close(exc.reason, exc.error_code)
-                return
+                # Returning would cancel the session before _final_flush sent the GOAWAY that tells the
+                # peer why; _final_flush ends the session (within a second) instead.
+                await trio.sleep_forever()
             for event in events:
                 self._dispatch(event)
             self._flush()

@@ -11,28 +11,21 @@ here because the connector never trusts what comes over the tunnel.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 
 from ipp import Attribute, Range, ValueTag
+from ipp.options import (
+    MAX_PAGE_RANGES,
+    MEDIA_RE,
+    OPTION_NAMES,
+    ORIENTATIONS,
+    PAGE_RANGES_RE,
+    PRINT_COLOR_MODES,
+    PRINT_QUALITIES,
+    SIDES,
+)
 
-#: keyword options and their legal values (RFC 8011 §5.2.8, PWG 5100.13 §5.2.3)
-SIDES = ("one-sided", "two-sided-long-edge", "two-sided-short-edge")
-PRINT_COLOR_MODES = (
-    "auto", "auto-monochrome", "bi-level", "color", "highlight", "monochrome",
-    "process-bi-level", "process-monochrome",
-)  # fmt: skip
-#: enum options: the keyword a user writes, and the enum value on the wire (RFC 8011 §5.2.10, §5.2.13)
-ORIENTATIONS = {"portrait": 3, "landscape": 4, "reverse-landscape": 5, "reverse-portrait": 6, "none": 7}
-PRINT_QUALITIES = {"draft": 3, "normal": 4, "high": 5}
-
-#: PWG 5101.1 self-describing media names (iso_a4_210x297mm) and legacy names (a4, na_letter) alike
-MEDIA_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,254}$")
-PAGE_RANGES_RE = re.compile(r"^\d{1,9}(-\d{1,9})?(,\d{1,9}(-\d{1,9})?)*$")
-#: more ranges than any real selection; bounds the attribute we build
-MAX_PAGE_RANGES = 100
-
-OPTION_NAMES = ("sides", "media", "print-color-mode", "page-ranges", "orientation-requested", "print-quality")
+# The vocabulary itself lives in ipp/options.py, shared with the relay's checks.
 
 
 class OptionError(ValueError):

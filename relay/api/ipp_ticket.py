@@ -13,7 +13,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from ipp import Attribute, Range, ValueTag
-from relay.capabilities import ORIENTATIONS, PRINT_QUALITIES, OptionRefused, validate_option
+from ipp.options import ORIENTATIONS, PRINT_QUALITIES
+from relay.capabilities import OptionRefused, validate_option
 
 #: options that reach the printer, and their IPP syntax
 FORWARDED = {

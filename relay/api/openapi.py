@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from relay.capabilities import OPTION_NAMES
+from ipp.options import OPTION_NAMES
 from relay.jobs import JobState
 
 VERSION = "0.1.0"

@@ -14,12 +14,13 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ipp.options import OPTION_NAMES
 from printrelay.settings import parse_duration
 from relay import adoption, audit, webhooks
 from relay.api.ipp import IppEndpoint
 from relay.api.openapi import OPENAPI
 from relay.auth import AuthError, Principal, authenticate, bearer
-from relay.capabilities import OPTION_NAMES, OptionRefused, validate_option
+from relay.capabilities import OptionRefused, validate_option
 from relay.http.message import HTTPError, Request, Response
 from relay.jobs import Job, JobState
 from relay.submit import MAX_COPIES, Refusal, Submission, SubmitError, accept_job

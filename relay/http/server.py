@@ -40,6 +40,7 @@ from relay.http.message import (
     Response,
     format_bytes,
 )
+from tunnel.signal import Signal
 
 __all__ = ["HttpLimits", "HttpServer"]
 
@@ -216,20 +217,6 @@ class _Timeout(Exception):
     pass
 
 
-class _Signal:
-    """A re-armable event: waiters wake on the next `fire()`."""
-
-    def __init__(self) -> None:
-        self._event = trio.Event()
-
-    def fire(self) -> None:
-        self._event.set()
-        self._event = trio.Event()
-
-    async def wait(self) -> None:
-        await self._event.wait()
-
-
 class _Connection:
     def __init__(self, server: HttpServer, stream: trio.abc.Stream, client: tuple[str, int] | None) -> None:
         self._server = server
@@ -247,8 +234,8 @@ class _Connection:
         self._eof = False  # the peer closed or the receive side broke
         self._eof_fed = False
         self._discard = False  # lingering close: drop what arrives
-        self._data_arrived = _Signal()
-        self._space_freed = _Signal()
+        self._data_arrived = Signal()
+        self._space_freed = Signal()
         self._handler_scope: trio.CancelScope | None = None
         self._reading_body = False
         self._requests = 0
