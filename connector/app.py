@@ -393,12 +393,16 @@ class Connector:
         await self.ledger.record(job_id, printer.spec.id, result.state, result.message, result.printer_job_id)
         log.info(
             "job %s %s on %s in %.2f s: %s", job_id, result.state, printer.spec.id,
-            time.monotonic() - started, result.message, extra={"job_id": job_id},
+            time.monotonic() - started, result.message,
+            extra={"job_id": job_id, "printer_id": printer.spec.id},
         )  # fmt: skip
         return JobStatus(result.state, result.message, result.printer_job_id)
 
     async def _integrity_failure(self, job_id: str, printer: PrinterEntry, exc: IntegrityError) -> JobStatus:
-        log.error("job %s failed its integrity check: %s", job_id, exc, extra={"job_id": job_id})
+        log.error(
+            "job %s failed its integrity check: %s", job_id, exc,
+            extra={"job_id": job_id, "printer_id": printer.spec.id},
+        )  # fmt: skip
         await self.ledger.record(job_id, printer.spec.id, "failed", f"integrity error: {exc}")
         return JobStatus("failed", f"payload integrity check failed: {exc}")
 
@@ -450,7 +454,10 @@ class Connector:
         ):
             return
         if status.state != printer.state:
-            log.info("printer %s: %s -> %s %s", printer.spec.id, printer.state, status.state, status.message)
+            log.info(
+                "printer %s: %s -> %s %s", printer.spec.id, printer.state, status.state, status.message,
+                extra={"printer_id": printer.spec.id},
+            )  # fmt: skip
         printer.state, printer.reasons, printer.capabilities = status.state, reasons, status.capabilities
         self._publish(printer_event(printer.info()))
 

@@ -30,6 +30,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """One readable line; the context fields follow as ``key=value`` so a terminal shows them too."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        context = [
+            f"{name}={record.__dict__[name]}"
+            for name in CONTEXT_FIELDS
+            if name != "audit" and record.__dict__.get(name) is not None
+        ]
+        if not context:
+            return line
+        head, sep, rest = line.partition("\n")  # a traceback stays below the context
+        return f"{head} [{' '.join(context)}]{sep}{rest}"
+
+
 def setup_logging(level: str = "info", fmt: str = "auto") -> None:
     numeric = logging.getLevelName(level.upper())
     if not isinstance(numeric, int):
@@ -40,9 +59,7 @@ def setup_logging(level: str = "info", fmt: str = "auto") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S")
-        )
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)

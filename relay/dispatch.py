@@ -174,7 +174,10 @@ class Dispatcher:
             pass  # the response side reports what happened
         except FileNotFoundError:
             stream.reset()
-            log.error("payload of job %s is missing from the spool", job.id, extra={"job_id": job.id})
+            log.error(
+                "payload of job %s is missing from the spool", job.id,
+                extra={"job_id": job.id, "tenant": job.tenant, "connector_id": job.connector_id},
+            )  # fmt: skip
 
     async def _follow(self, stream: H2Stream, job: Job) -> JobStatus | None:
         if NDJSON not in (stream.header("content-type", stream.response_headers) or ""):

@@ -60,7 +60,11 @@ class JobLifecycle:
         with trio.CancelScope(shield=True):
             await relay.spool.erase(job.id)  # crypto-shred: the wrapped key dies with the row's use
         relay.metrics.job_finished(job, message)
-        log.info("job %s %s", job.id, job.state, extra={"job_id": job.id, "tenant": job.tenant})
+        log.info(
+            "job %s %s", job.id, job.state,
+            extra={"job_id": job.id, "tenant": job.tenant, "connector_id": job.connector_id,
+                   "printer_id": job.printer_id},
+        )  # fmt: skip
 
     def publish(self, job: Job, entry: JobHistoryEntry) -> None:
         for channel in list(self._watchers.get(job.id, ())):

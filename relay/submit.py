@@ -8,6 +8,7 @@ A rejected submission leaves nothing behind and never touches jobs accepted befo
 from __future__ import annotations
 
 import enum
+import logging
 import time
 from collections.abc import AsyncIterable, Mapping
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from relay.store.base import Conflict
 
 if TYPE_CHECKING:
     from relay.app import Relay
+
+log = logging.getLogger("printrelay.relay.submit")
 
 MAX_TITLE = 255
 MAX_COPIES = 999
@@ -155,5 +158,10 @@ async def accept_job(relay: Relay, submission: Submission, body: AsyncIterable[b
         raise
     relay.metrics.jobs_submitted.inc()
     relay.metrics.job_bytes.inc(stored.size)
+    log.info(
+        "job %s accepted for printer %s: %d bytes, %s", job.id, job.printer_id, stored.size, job.state,
+        extra={"job_id": job.id, "tenant": job.tenant, "printer_id": job.printer_id,
+               "connector_id": job.connector_id},
+    )  # fmt: skip
     relay.job_accepted(job)
     return job, True

@@ -232,7 +232,10 @@ class ConnectorSession:
         except (StreamClosed, SessionClosed):
             return
         except MessageError as exc:
-            log.warning("connector %s/%s sent a bad event: %s", self.tenant, self.connector_id, exc)
+            log.warning(
+                "connector %s/%s sent a bad event: %s", self.tenant, self.connector_id, exc,
+                extra={"tenant": self.tenant, "connector_id": self.connector_id},
+            )  # fmt: skip
 
 
 class TunnelListener:
@@ -294,7 +297,7 @@ class TunnelListener:
                 raise AuthError("missing bearer token")
             principal = await authenticate(self.relay.store, token, kind="connector")
         except AuthError as exc:
-            log.warning("tunnel from %s refused: %s", remote, exc)
+            log.warning("tunnel from %s refused: %s", remote, exc, extra={"remote": remote})
             self.relay.metrics_registration_failed(str(exc))
             await request.reject(
                 401,
