@@ -1,0 +1,277 @@
+"""Hostile input against the whole relay: hostile connectors on the tunnel, misbehaving HTTP clients, and
+storms of abrupt disconnects. Each ends in a bounded, logged refusal; the relay keeps serving another
+tenant meanwhile, and its fd and task counts return to their baseline afterwards.
+
+(tests/test_http_abuse.py storms the HTTP server alone; tests/test_tunnel_protocol.py checks the caps with
+bytes. Here the real listeners, the real WebSocket and the real relay are on the other end.)
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import hyperframe.frame
+import pytest
+import trio
+from fixtures_relay import RelayStack
+from test_http_server import RawClient, open_fds, task_count, wait_until
+from test_ipp_endpoint import offline_printer
+from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
+
+from relay.http import HttpLimits
+from tunnel.protocol import FrameScanner, ProtocolViolation, TunnelProtocol, TunnelSettings
+from tunnel.wsstream import MAX_MESSAGE_BYTES, SUBPROTOCOL
+
+CALM = h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+class HostileConnector:
+    """A connector with a valid token that speaks raw HTTP/2 frames of its choosing."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+        self.h2.initiate_connection()
+        self.events: list[h2.events.Event] = []
+
+    async def flush(self) -> None:
+        await self.ws.send_message(self.h2.data_to_send())
+
+    async def read_until(self, wanted: Callable[[h2.events.Event], bool]) -> h2.events.Event | None:
+        """Feed the relay's bytes to h2 until an event matches (None if the WebSocket closes first)."""
+        with trio.fail_after(10):
+            while True:
+                try:
+                    message = await self.ws.get_message()
+                except ConnectionClosed:
+                    return None
+                assert isinstance(message, bytes)
+                try:
+                    events = self.h2.receive_data(message)
+                except h2.exceptions.ProtocolError:
+                    return None
+                self.events += events
+                for event in events:
+                    if wanted(event):
+                        return event
+
+
+@pytest.fixture
+async def hostile(relay_stack: RelayStack) -> AsyncIterator[Callable[[], object]]:
+    token = await relay_stack.token("connector", "mallory", connector_id="evil")
+
+    def connect() -> object:
+        return open_websocket_url(
+            relay_stack.tunnel_url,
+            subprotocols=[SUBPROTOCOL],
+            extra_headers=[(b"authorization", f"Bearer {token}".encode())],
+            max_message_size=16 * MAX_MESSAGE_BYTES,
+        )
+
+    yield connect
+
+
+async def _other_tenant_is_served(stack: RelayStack) -> None:
+    async with stack.client() as client:
+        assert (await client.get("/v1/printers")).status_code == 200
+
+
+async def _baseline(stack: RelayStack) -> tuple[int, int]:
+    await _other_tenant_is_served(stack)  # warms up the httpx/ssl imports and the store
+    await stack.token("api")  # a write: SQLite opens its WAL and shared-memory files on the first one
+    await trio.testing.wait_all_tasks_blocked()
+    return open_fds(), task_count()
+
+
+async def _back_to(baseline: tuple[int, int], stack: RelayStack) -> None:
+    fds, tasks = baseline
+    await wait_until(lambda: stack.relay.registry.sessions() == [] and stack.relay.http.open_connections == 0)
+    try:
+        await wait_until(lambda: open_fds() <= fds and task_count() <= tasks, within=10)
+    except trio.TooSlowError:
+        raise AssertionError(
+            f"fds {open_fds()} (baseline {fds}), tasks {task_count()} (baseline {tasks})"
+        ) from None
+
+
+def _goaway(event: h2.events.Event) -> bool:
+    return isinstance(event, h2.events.ConnectionTerminated)
+
+
+async def test_ping_flood_from_a_hostile_connector(
+    relay_stack: RelayStack, hostile: Callable[[], object], caplog: pytest.LogCaptureFixture
+) -> None:
+    baseline = await _baseline(relay_stack)
+    async with hostile() as ws:  # type: ignore[attr-defined]
+        evil = HostileConnector(ws)
+        for i in range(1000):
+            evil.h2.ping(i.to_bytes(8, "big"))
+        await evil.flush()
+        event = await evil.read_until(_goaway)
+    # GOAWAY(ENHANCE_YOUR_CALM) is sent best effort (bounded by a second); the close is what counts.
+    assert event is None or (isinstance(event, h2.events.ConnectionTerminated) and event.error_code == CALM)
+    await _other_tenant_is_served(relay_stack)
+    await _back_to(baseline, relay_stack)
+    assert "max_pings_per_second" in caplog.text
+
+
+async def test_rapid_reset_from_a_hostile_connector(
+    relay_stack: RelayStack, hostile: Callable[[], object], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The relay opens GET /v1/printers on stream 1; the connector resets it, then floods resets of that
+    (now closed) stream, which h2 itself would ignore without a trace."""
+    baseline = await _baseline(relay_stack)
+    async with hostile() as ws:  # type: ignore[attr-defined]
+        evil = HostileConnector(ws)
+        await evil.flush()
+        await evil.read_until(lambda e: isinstance(e, h2.events.RequestReceived))
+        frame = hyperframe.frame.RstStreamFrame(1)
+        frame.error_code = h2.errors.ErrorCodes.CANCEL
+        await ws.send_message(frame.serialize() * 2000)
+        event = await evil.read_until(_goaway)
+    # GOAWAY(ENHANCE_YOUR_CALM) is sent best effort (bounded by a second); the close is what counts.
+    assert event is None or (isinstance(event, h2.events.ConnectionTerminated) and event.error_code == CALM)
+    assert "rapid reset" in caplog.text
+    await _other_tenant_is_served(relay_stack)
+    await _back_to(baseline, relay_stack)
+
+
+async def test_oversized_header_list_from_a_hostile_connector(
+    relay_stack: RelayStack, hostile: Callable[[], object]
+) -> None:
+    baseline = await _baseline(relay_stack)
+    async with hostile() as ws:  # type: ignore[attr-defined]
+        evil = HostileConnector(ws)
+        await evil.flush()
+        request = await evil.read_until(lambda e: isinstance(e, h2.events.RequestReceived))
+        assert isinstance(request, h2.events.RequestReceived)
+        evil.h2.send_headers(1, [(":status", "200"), ("x-big", "a" * 200_000)])
+        await evil.flush()
+        event = await evil.read_until(_goaway)
+    assert event is None or isinstance(event, h2.events.ConnectionTerminated)
+    assert relay_stack.relay.registry.sessions() == []
+    await _back_to(baseline, relay_stack)
+
+
+@pytest.mark.parametrize("message", [b"x" * (MAX_MESSAGE_BYTES + 1), "a text message"])
+async def test_oversized_or_text_websocket_messages_close_the_session(
+    relay_stack: RelayStack, hostile: Callable[[], object], message: bytes | str
+) -> None:
+    async def attack() -> None:
+        async with hostile() as ws:  # type: ignore[attr-defined]
+            evil = HostileConnector(ws)
+            await evil.flush()
+            await ws.send_message(message)
+            assert await evil.read_until(lambda e: False) is None
+            assert ws.closed is not None
+            # 1009 message too big; a text message gets 1003, or 1006 when the session's teardown
+            # closes the transport first. Either way the session is over.
+            assert ws.closed.code in ((1009,) if isinstance(message, bytes) else (1003, 1006))
+
+    await attack()  # the first close opens one fd for good (measured: it never grows); baseline after it
+    baseline = await _baseline(relay_stack)
+    for _ in range(3):
+        await attack()
+    await _other_tenant_is_served(relay_stack)
+    await _back_to(baseline, relay_stack)
+
+
+async def test_slow_and_oversized_http_clients_meet_named_limits(relay_stack: RelayStack) -> None:
+    relay_stack.relay.http.limits = HttpLimits(
+        header_timeout=0.5, body_chunk_timeout=0.5, body_min_rate=2000, body_rate_grace=0.3
+    )
+    port = int(relay_stack.api_url.rsplit(":", 1)[1])
+    await offline_printer(relay_stack, "p")  # a printer whose jobs would queue: the body gets read
+    baseline = await _baseline(relay_stack)
+    auth = f"Authorization: Bearer {relay_stack.api_token}\r\n".encode()
+
+    slowloris = await RawClient.connect(port)
+    await slowloris.send(b"GET /v1/printers HTTP/1.1\r\nHost: r\r\n")
+    answer = await slowloris.response()
+    assert answer.status == 408 and b"header_timeout" in answer.body
+
+    trickle = await RawClient.connect(port)
+    await trickle.send(
+        b"POST /v1/printers/p/jobs HTTP/1.1\r\nHost: r\r\n" + auth + b"Content-Length: 100000\r\n\r\n"
+    )
+    with trio.move_on_after(5):
+        try:
+            while True:
+                await trickle.send(b"x")
+                await trio.sleep(0.05)  # the point: bytes trickle in slower than body_min_rate
+        except trio.BrokenResourceError:
+            pass  # the relay answered and closed
+    answer = await trickle.response()
+    assert answer.status == 408 and b"body_min_rate" in answer.body
+    await _other_tenant_is_served(relay_stack)
+    for client in (slowloris, trickle):
+        await client.aclose()
+    await _back_to(baseline, relay_stack)
+
+
+async def test_thousand_abrupt_disconnects_on_both_listeners(
+    relay_stack: RelayStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = int(relay_stack.api_url.rsplit(":", 1)[1])
+    tunnel_port = int(relay_stack.tunnel_url.rsplit(":", 1)[1].split("/")[0])
+    baseline = await _baseline(relay_stack)
+    auth = f"Authorization: Bearer {relay_stack.api_token}\r\n".encode()
+    openings = [
+        b"",
+        b"GET /v1/prin",
+        b"GET /v1/printers HTTP/1.1\r\nHost: r\r\n" + auth + b"\r\n",
+        b"POST /v1/printers/p/jobs HTTP/1.1\r\nHost: r\r\n" + auth + b"Content-Length: 99999\r\n\r\nabc",
+        b"GET /v1/tunnel HTTP/1.1\r\nHost: r\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    ]
+
+    async def abrupt(i: int) -> None:
+        c = await RawClient.connect(tunnel_port if i % 4 == 0 else port)
+        try:
+            if openings[i % len(openings)]:
+                await c.send(openings[i % len(openings)])
+        finally:
+            await (c.reset() if i % 2 else c.aclose())
+
+    for batch in range(20):
+        async with trio.open_nursery() as nursery:
+            for i in range(50):
+                nursery.start_soon(abrupt, batch * 50 + i)
+        if batch % 5 == 0:
+            await _other_tenant_is_served(relay_stack)
+    await _other_tenant_is_served(relay_stack)
+    await _back_to(baseline, relay_stack)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_frame_scanner_sees_every_frame_header_across_reads() -> None:
+    frame = hyperframe.frame.RstStreamFrame(1)
+    frame.error_code = 8
+    ping = hyperframe.frame.PingFrame(0)
+    ping.opaque_data = b"12345678"
+    data = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame.serialize() + ping.serialize() + frame.serialize()
+    scanner = FrameScanner(skip=24)
+    seen = [t for i in range(len(data)) for t in scanner.feed(data[i : i + 1])]
+    assert seen == [0x3, 0x6, 0x3]
+
+
+def test_resets_of_closed_streams_count_toward_the_cap() -> None:
+    relay_side = TunnelProtocol(TunnelSettings(max_resets_per_second=50), client_side=True)
+    relay_side.initiate()
+    evil = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    evil.initiate_connection()
+    evil.receive_data(relay_side.data_to_send())
+    relay_side.receive_data(evil.data_to_send(), 0.0)
+    relay_side.conn.send_headers(
+        1, [(":method", "GET"), (":scheme", "https"), (":authority", "c"), (":path", "/")]
+    )
+    frame = hyperframe.frame.RstStreamFrame(1)
+    frame.error_code = 8
+    with pytest.raises(ProtocolViolation, match="max_resets_per_second=50"):
+        for _ in range(200):
+            relay_side.receive_data(frame.serialize(), 0.0)
