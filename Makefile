@@ -36,5 +36,12 @@ LOADTEST_ARGS ?= --users 50 --spawn-rate 10 --duration 60s --connectors 20 --pri
 loadtest: setup
 	$(BIN)/python loadtest/run.py $(LOADTEST_ARGS) --out loadtest-results
 
+## benchmarks, each next to its baseline (direct TCP, websockify, CUPS); JSON in bench-results/
+BENCH_IDLE_CONNECTORS ?= 10000
+bench: setup system-deps
+	$(BIN)/python loadtest/bench_tunnel.py --out bench-results
+	$(BIN)/python loadtest/bench_small_jobs.py --out bench-results
+	$(BIN)/python loadtest/bench_idle.py --connectors $(BENCH_IDLE_CONNECTORS) --out bench-results
+
 clean:
 	rm -rf $(VENV) printrelay-data printrelay-demo .pytest_cache .mypy_cache .ruff_cache

@@ -55,6 +55,8 @@ def machine() -> dict[str, object]:
         "memory_gib": round(memory / 2**30, 1),
         "python": sys.version.split()[0],
         "kernel": os.uname().release,
+        # Other work on the machine skews every figure; the baselines of the same run share it.
+        "load_average_1m": round(os.getloadavg()[0], 2),
     }
 
 
