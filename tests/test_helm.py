@@ -1,0 +1,599 @@
+"""helm/printrelay: rendered with the real Helm engine (helm-python-sdk), linted strictly, every manifest
+validated against the Kubernetes schemas, and held to the programs' own contract: the PRINTRELAY_*
+variables and the TOML file the pods get load into RelayConfig/ConnectorConfig, the probes answer on a
+real relay, and the values schema knows exactly the settings the dataclasses declare."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import re
+import typing
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import kubernetes_validate  # type: ignore[import-untyped]
+import pytest
+import trio
+import yaml
+from helm_python.chart import Chart, lint
+from helm_python.errors import HelmError
+from yamllint import linter  # type: ignore[import-untyped]
+from yamllint.config import YamlLintConfig  # type: ignore[import-untyped]
+
+from connector.config import PRINTER_ID_RE, ConnectorConfig
+from printrelay.cli import build_parser
+from printrelay.settings import env_name, load, parse_duration, parse_size
+from relay.app import Relay
+from relay.config import RelayConfig
+from tunnel.wsstream import TUNNEL_PATH
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART_DIR = ROOT / "helm" / "printrelay"
+ALERTS = ROOT / "docs" / "ops" / "alerts.yml"
+RELEASE, NAMESPACE = "pr", "print"
+RELAY, CONNECTOR = "pr-printrelay", "pr-printrelay-connector"
+
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schemas at hand.
+KUBE_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+CRD_GROUPS = ("monitoring.coreos.com/",)
+
+# Settings the chart sets itself from structured values (ports, volumes, TLS Secret, ingress host, logging);
+# every other setting is a key of relay.settings / connector.settings.
+RELAY_CHART_OWNED = {"listen", "tunnel_listen", "metrics_listen", "data_dir", "public_url", "tls_cert",
+                     "tls_key", "log_level", "log_format"}  # fmt: skip
+CONNECTOR_CHART_OWNED = {"relay", "token", "insecure", "printer", "state_dir", "name", "drain_grace",
+                         "metrics_listen", "log_level", "log_format"}  # fmt: skip
+
+FULL: dict[str, Any] = {
+    "image": {"repository": "registry.example.com/printrelay", "tag": "0.1.0-rc1", "pullPolicy": "Always"},
+    "imagePullSecrets": [{"name": "regcred"}],
+    "relay": {
+        "publicUrl": "https://print.example.com",
+        "logLevel": "debug",
+        "settings": {
+            "max_job_bytes": "2GiB",
+            "job_ttl": "7d",
+            "max_attempts": 7,
+            "retry_base": "500ms",
+            "tenant_max_spool_bytes": 1073741824,
+            "rate_limit": 12.5,
+            "rate_burst": 40,
+            "webhook_allow_private": True,
+            "metrics_per_printer": True,
+        },
+        "tls": {"secretName": "relay-tls"},
+        "persistence": {"storageClassName": "fast-ssd", "size": "100Gi"},
+        "tunnel": {
+            "service": {
+                "type": "LoadBalancer",
+                "port": 443,
+                "externalTrafficPolicy": "Local",
+                "loadBalancerSourceRanges": ["203.0.113.0/24"],
+            }
+        },
+        "extraEnv": [{"name": "PRINTRELAY_MAX_STREAMS_PER_CONNECTOR", "value": "64"}],
+        "extraVolumes": [{"name": "extra", "emptyDir": {}}],
+        "extraVolumeMounts": [{"name": "extra", "mountPath": "/extra"}],
+        "podAnnotations": {"example.com/team": "print"},
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "print", "effect": "NoSchedule"}],
+        "priorityClassName": "high",
+        "podDisruptionBudget": {"minAvailable": 1},
+    },
+    "ingress": {
+        "enabled": True,
+        "className": "nginx",
+        "host": "print.example.com",
+        "tls": {"secretName": "print-example-com"},
+    },
+    "metrics": {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus"}},
+        "prometheusRule": {"enabled": True},
+    },
+    "connector": {
+        "enabled": True,
+        "relayUrl": "wss://print.example.com/v1/tunnel",
+        "token": {"value": "prc_example"},
+        "printers": [
+            {"id": "office", "uri": "ipp://10.0.0.5:631/ipp/print"},
+            {"id": "labels", "uri": "socket://10.0.0.9:9100"},
+            {"id": "old.lp", "uri": "lpd://10.0.0.7/lp"},
+        ],
+        "name": "cluster-site",
+        "drainGraceSeconds": 90,
+        "settings": {
+            "max_jobs": 4,
+            "discover": True,
+            "discover_cidr": ["10.0.0.0/28", "10.0.1.0/28"],
+            "discover_ipp_port": [631, 8631],
+            "discover_mdns": False,
+            "status_interval": "1m",
+        },
+    },
+}
+# The other branches: no persistence, existing claims and Secrets, an in-cluster ws:// connector, percentages.
+ALTERNATE: dict[str, Any] = {
+    "fullnameOverride": "relay",
+    "serviceAccount": {"create": False},
+    "relay": {
+        "bindAddress": "[::]",
+        "ports": {"http": 9080, "tunnel": 9081, "metrics": 9090},
+        "persistence": {"existingClaim": "relay-data"},
+        "podDisruptionBudget": {"maxUnavailable": "100%"},
+    },
+    "connector": {
+        "enabled": True,
+        "relayUrl": "ws://relay-tunnel:8081/v1/tunnel",
+        "insecure": True,
+        "token": {"existingSecret": "site-token", "key": "secret"},
+        "persistence": {"enabled": False},
+    },
+}
+VALUE_SETS = {"default": {}, "full": FULL, "alternate": ALTERNATE}
+
+
+@pytest.fixture(scope="module")
+def chart() -> Iterator[Chart]:
+    with Chart.load(CHART_DIR) as loaded:
+        yield loaded
+
+
+def render(chart: Chart, values: dict[str, Any]) -> dict[str, str]:
+    return chart.render(values=copy.deepcopy(values), name=RELEASE, namespace=NAMESPACE)
+
+
+def manifests(chart: Chart, values: dict[str, Any]) -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    for path, text in sorted(render(chart, values).items()):
+        if path.endswith(".yaml"):
+            docs.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return docs
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    matches = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} rendered"
+    return matches[0]
+
+
+def container(workload: dict[str, Any]) -> dict[str, Any]:
+    (only,) = workload["spec"]["template"]["spec"]["containers"]
+    c: dict[str, Any] = only
+    return c
+
+
+def plain_env(c: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in c["env"] if "value" in e}
+
+
+def settings_of(cls: type[Any]) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(cls) if "help" in f.metadata}
+
+
+# --- the chart as Helm sees it ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", VALUE_SETS)
+def test_lint_strict_passes(which: str) -> None:
+    report = lint(CHART_DIR, copy.deepcopy(VALUE_SETS[which]), strict=True, namespace=NAMESPACE)
+    assert report["errors"] == []
+    # Severity 1 is information ("icon is recommended"); warnings and errors fail under strict.
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("which", VALUE_SETS)
+def test_manifests_validate_against_kubernetes_schemas(chart: Chart, which: str) -> None:
+    docs = manifests(chart, VALUE_SETS[which])
+    validated = set()
+    for doc in docs:
+        for version in KUBE_VERSIONS:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+                validated.add(doc["kind"])
+            except kubernetes_validate.SchemaNotFoundError:
+                # Only the prometheus-operator CRDs have no built-in schema.
+                assert doc["apiVersion"].startswith(CRD_GROUPS), doc["apiVersion"]
+            except kubernetes_validate.ValidationError as exc:
+                path = ".".join(map(str, exc.path))
+                pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} on {version}: {path}: {exc.message}")
+    assert {"StatefulSet", "Service", "ConfigMap", "PodDisruptionBudget"} <= validated
+    if which == "full":
+        assert {"Ingress", "Deployment", "Secret", "PersistentVolumeClaim"} <= validated
+        assert {d["kind"] for d in docs} >= {"ServiceMonitor", "PrometheusRule"}
+
+
+@pytest.mark.parametrize("which", VALUE_SETS)
+def test_rendered_yaml_is_clean(chart: Chart, which: str) -> None:
+    config = YamlLintConfig(
+        "extends: default\n"
+        "rules:\n"
+        "  document-start: disable\n"
+        "  line-length: {max: 160}\n"
+        "  indentation: {spaces: 2, indent-sequences: whatever}\n"
+    )
+    for path, text in render(chart, VALUE_SETS[which]).items():
+        if path.endswith(".yaml") and text.strip():
+            problems = [f"{path}:{p.line}: {p.desc} ({p.rule})" for p in linter.run(text, config)]
+            assert problems == []
+
+
+# --- the programs' contract: settings, paths, ports ------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", VALUE_SETS)
+def test_every_printrelay_variable_is_a_setting(chart: Chart, which: str) -> None:
+    docs = manifests(chart, VALUE_SETS[which])
+    known = {
+        "relay": {env_name(f) for f in settings_of(RelayConfig).values()} | {"PRINTRELAY_CONFIG"},
+        "connector": {env_name(f) for f in settings_of(ConnectorConfig).values()} | {"PRINTRELAY_CONFIG"},
+    }
+    workloads = [d for d in docs if d["kind"] in ("StatefulSet", "Deployment")]
+    assert workloads
+    for workload in workloads:
+        c = container(workload)
+        names = {e["name"] for e in c["env"] if e["name"].startswith("PRINTRELAY_")}
+        assert names, workload["metadata"]["name"]
+        assert names <= known[c["name"]], names - known[c["name"]]
+
+
+def relay_config(chart: Chart, values: dict[str, Any], tmp_path: Path) -> RelayConfig:
+    """The RelayConfig the relay pod builds: its environment, and the ConfigMap's TOML as --config."""
+    docs = manifests(chart, values)
+    sts = next(d for d in docs if d["kind"] == "StatefulSet")
+    c = container(sts)
+    assert c["args"] == ["serve"]
+    env = plain_env(c)
+    (toml_mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == env["PRINTRELAY_CONFIG"]]
+    config_map = find(docs, "ConfigMap", sts["metadata"]["name"])
+    toml_file = tmp_path / "relay.toml"
+    toml_file.write_text(config_map["data"][toml_mount["subPath"]])
+    env["PRINTRELAY_CONFIG"] = str(toml_file)
+    return load(RelayConfig, argparse.Namespace(), environ=env)
+
+
+def connector_config(chart: Chart, values: dict[str, Any], tmp_path: Path) -> ConnectorConfig:
+    """The ConnectorConfig the connector pod builds from its arguments, environment and TOML."""
+    docs = manifests(chart, values)
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    c = container(deployment)
+    assert c["command"] == ["printrelay"]
+    args = build_parser().parse_args(c["args"])
+    env = plain_env(c)
+    (token,) = [e for e in c["env"] if e["name"] == "PRINTRELAY_TOKEN"]
+    secret_ref = token["valueFrom"]["secretKeyRef"]
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    if secret_ref["name"] in secrets:
+        env["PRINTRELAY_TOKEN"] = secrets[secret_ref["name"]]["stringData"][secret_ref["key"]]
+    (toml_mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == env["PRINTRELAY_CONFIG"]]
+    config_map = find(docs, "ConfigMap", deployment["metadata"]["name"])
+    toml_file = tmp_path / "connector.toml"
+    toml_file.write_text(config_map["data"][toml_mount["subPath"]])
+    env["PRINTRELAY_CONFIG"] = str(toml_file)
+    return load(ConnectorConfig, args, environ=env)
+
+
+def test_default_relay_settings(chart: Chart, tmp_path: Path) -> None:
+    config = relay_config(chart, {}, tmp_path)
+    assert config.listen == ("0.0.0.0", 8080)
+    assert config.tunnel_listen == ("0.0.0.0", 8081)
+    assert config.metrics_listen == ("0.0.0.0", 9464)
+    assert config.data_dir == Path("/var/lib/printrelay")
+    assert config.tls_cert is None and config.public_url == ""
+    assert config.log_format == "json"
+    # Everything else keeps the program's defaults.
+    assert config.max_job_bytes == RelayConfig().max_job_bytes
+
+
+def test_full_relay_settings_reach_the_relay(chart: Chart, tmp_path: Path) -> None:
+    config = relay_config(chart, FULL, tmp_path)
+    assert config.max_job_bytes == 2 * 1024**3
+    assert config.job_ttl == 7 * 86400
+    assert config.max_attempts == 7
+    assert config.retry_base == 0.5
+    assert config.tenant_max_spool_bytes == 1073741824
+    assert (config.rate_limit, config.rate_burst) == (12.5, 40)
+    assert config.webhook_allow_private and config.metrics_per_printer
+    assert config.public_url == "https://print.example.com"
+    assert config.tls_cert == Path("/etc/printrelay/tls/tls.crt")
+    assert config.tls_key == Path("/etc/printrelay/tls/tls.key")
+    assert config.log_level == "debug"
+
+
+def test_public_url_follows_the_ingress(chart: Chart, tmp_path: Path) -> None:
+    values = {"ingress": {"enabled": True, "host": "relay.example.org", "tls": {"secretName": "t"}}}
+    assert relay_config(chart, values, tmp_path).public_url == "https://relay.example.org"
+
+
+def test_alternate_relay_binds_ipv6_ports(chart: Chart, tmp_path: Path) -> None:
+    config = relay_config(chart, ALTERNATE, tmp_path)
+    assert config.listen == ("::", 9080)
+    assert config.metrics_listen == ("::", 9090)
+
+
+def test_connector_settings_reach_the_connector(chart: Chart, tmp_path: Path) -> None:
+    config = connector_config(chart, FULL, tmp_path)
+    assert config.relay == "wss://print.example.com/v1/tunnel"
+    assert config.token == "prc_example"
+    assert [(p.id, p.uri) for p in config.printer] == [
+        ("office", "ipp://10.0.0.5:631/ipp/print"),
+        ("labels", "socket://10.0.0.9:9100"),
+        ("old.lp", "lpd://10.0.0.7/lp"),
+    ]
+    assert config.state_dir == Path("/var/lib/printrelay-connector")
+    assert config.name == "cluster-site" and config.drain_grace == 90
+    assert config.max_jobs == 4 and config.discover and not config.discover_mdns
+    assert config.discover_cidr == ["10.0.0.0/28", "10.0.1.0/28"]
+    assert config.discover_ipp_port == [631, 8631]
+    assert config.status_interval == 60
+    assert config.metrics_listen == ("0.0.0.0", 9465)
+
+
+def test_in_cluster_connector_with_existing_secret(chart: Chart, tmp_path: Path) -> None:
+    docs = manifests(chart, ALTERNATE)
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    c = container(find(docs, "Deployment", "relay-connector"))
+    (token,) = [e for e in c["env"] if e["name"] == "PRINTRELAY_TOKEN"]
+    assert token["valueFrom"]["secretKeyRef"] == {"name": "site-token", "key": "secret"}
+    env = plain_env(c)
+    assert env["PRINTRELAY_INSECURE"] == "true"
+    volumes = {v["name"]: v for v in find(docs, "Deployment", "relay-connector")["spec"]["template"]["spec"]
+               ["volumes"]}  # fmt: skip
+    assert volumes["state"] == {"name": "state", "emptyDir": {}}
+
+
+async def test_probes_answer_on_a_real_relay(chart: Chart, tmp_path: Path) -> None:
+    """The relay pod's probes, sent to a relay built from the pod's own settings (on free local ports)."""
+    sts = find(manifests(chart, {}), "StatefulSet", RELAY)
+    c = container(sts)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    config = relay_config(chart, {}, tmp_path)
+    assert ports == {"http": config.listen[1], "tunnel": config.tunnel_listen[1], "metrics": 9464}
+    assert config.metrics_listen is not None and config.metrics_listen[1] == ports["metrics"]
+    probes = {kind: c[kind]["httpGet"] for kind in ("startupProbe", "livenessProbe", "readinessProbe")}
+    assert {p["port"] for p in probes.values()} == {"metrics"}
+    assert probes["readinessProbe"]["path"] == "/readyz"
+    assert probes["livenessProbe"]["path"] == "/healthz"
+
+    local = ("127.0.0.1", 0)
+    config = dataclasses.replace(
+        config, listen=local, tunnel_listen=local, metrics_listen=local, data_dir=tmp_path / "data"
+    )
+    relay = Relay(config)
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(15):
+            addresses = await nursery.start(relay.run)
+            assert addresses.metrics_port is not None
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{addresses.metrics_port}") as client:
+                for kind, probe in probes.items():
+                    response = await client.get(probe["path"])
+                    assert response.status_code == 200, (kind, response.text)
+        nursery.cancel_scope.cancel()
+
+
+def test_tunnel_ingress_reaches_the_tunnel_listener(chart: Chart) -> None:
+    docs = manifests(chart, FULL)
+    api, tunnel = find(docs, "Ingress", RELAY), find(docs, "Ingress", f"{RELAY}-tunnel")
+    (path,) = tunnel["spec"]["rules"][0]["http"]["paths"]
+    assert path["path"] == TUNNEL_PATH and path["pathType"] == "Exact"
+    service = find(docs, "Service", path["backend"]["service"]["name"])
+    (port,) = service["spec"]["ports"]
+    assert port["name"] == path["backend"]["service"]["port"]["name"]
+    assert port["targetPort"] == "tunnel"
+    # Long-lived WebSocket sessions: the tunnel's read timeout is far above the 45 s dead-session limit.
+    assert int(tunnel["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 3600
+    assert api["spec"]["rules"][0]["host"] == tunnel["spec"]["rules"][0]["host"] == "print.example.com"
+    assert service["spec"]["type"] == "LoadBalancer"
+    assert service["spec"]["loadBalancerSourceRanges"] == ["203.0.113.0/24"]
+
+
+def test_relay_is_one_stateful_replica(chart: Chart) -> None:
+    for values in VALUE_SETS.values():
+        docs = manifests(chart, values)
+        (sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
+        assert sts["spec"]["replicas"] == 1
+        assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+    sts = find(manifests(chart, {}), "StatefulSet", RELAY)
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    mounts = {m["name"]: m["mountPath"] for m in container(sts)["volumeMounts"]}
+    assert mounts[claim["metadata"]["name"]] == plain_env(container(sts))["PRINTRELAY_DATA_DIR"]
+    assert sts["spec"]["persistentVolumeClaimRetentionPolicy"]["whenDeleted"] == "Retain"
+    alternate = find(manifests(chart, ALTERNATE), "StatefulSet", "relay")
+    assert "volumeClaimTemplates" not in alternate["spec"]
+    volumes = {v["name"]: v for v in alternate["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["data"]["persistentVolumeClaim"] == {"claimName": "relay-data"}
+
+
+@pytest.mark.parametrize("which", VALUE_SETS)
+def test_pods_run_locked_down(chart: Chart, which: str) -> None:
+    for workload in [
+        d for d in manifests(chart, VALUE_SETS[which]) if d["kind"] in ("StatefulSet", "Deployment")
+    ]:
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["automountServiceAccountToken"] is False
+        c = container(workload)
+        security = c["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"]["drop"] == ["ALL"]
+        # The only writable places: the data (or state) directory and /tmp.
+        env = plain_env(c)
+        data = env.get("PRINTRELAY_DATA_DIR") or env["PRINTRELAY_STATE_DIR"]
+        writable = {m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")}
+        assert {data, "/tmp"} <= writable
+        assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
+
+
+def test_termination_leaves_time_to_drain(chart: Chart) -> None:
+    docs = manifests(chart, FULL)
+    sts = find(docs, "StatefulSet", RELAY)
+    pre_stop = container(sts)["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert 0 < pre_stop < sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    deployment = find(docs, "Deployment", CONNECTOR)
+    grace = float(plain_env(container(deployment))["PRINTRELAY_DRAIN_GRACE"])
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > grace
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    pdb = find(docs, "PodDisruptionBudget", RELAY)
+    assert pdb["spec"]["minAvailable"] == 1 and "maxUnavailable" not in pdb["spec"]
+    default_pdb = find(manifests(chart, {}), "PodDisruptionBudget", RELAY)
+    assert default_pdb["spec"]["maxUnavailable"] == 1
+
+
+def test_monitoring_uses_the_alert_rules_and_job_names(chart: Chart) -> None:
+    docs = manifests(chart, FULL)
+    rule = find(docs, "PrometheusRule", RELAY)
+    assert rule["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"]
+    jobs = set()
+    for monitor in [d for d in docs if d["kind"] == "ServiceMonitor"]:
+        (endpoint,) = monitor["spec"]["endpoints"]
+        selected = [
+            d for d in docs
+            if d["kind"] == "Service"
+            and monitor["spec"]["selector"]["matchLabels"].items() <= d["metadata"]["labels"].items()
+        ]  # fmt: skip
+        assert len(selected) == 1 and selected[0]["spec"]["ports"][0]["name"] == endpoint["port"]
+        (relabel,) = endpoint["relabelings"]
+        assert relabel["targetLabel"] == "job"
+        jobs.add(relabel["replacement"])
+        assert monitor["metadata"]["labels"]["release"] == "kube-prometheus"
+    assert jobs == {"printrelay-relay", "printrelay-connector"}
+    # The names the alert rules select on (docs/ops/alerts.yml).
+    assert 'job="printrelay-relay"' in ALERTS.read_text()
+
+
+# --- values.schema.json -------------------------------------------------------------------------------------
+
+
+def schema_kind(cls: type[Any], field: dataclasses.Field[Any]) -> dict[str, Any]:
+    """The JSON schema type a setting takes in values, derived from its declaration."""
+    parse = field.metadata["parse"]
+    if field.metadata["multiple"]:
+        item = {"type": "integer"} if parse is int else {"type": "string"}
+        return {"type": "array", "items": item}
+    if parse is parse_size:
+        return {"type": ["string", "integer"]}
+    if parse is parse_duration:
+        return {"type": ["string", "number"]}
+    hint = typing.get_type_hints(cls)[field.name]
+    return {
+        bool: {"type": "boolean"},
+        int: {"type": "integer"},
+        float: {"type": "number"},
+        str: {"type": "string"},
+    }.get(hint, {"type": "string"})
+
+
+@pytest.mark.parametrize(
+    ("cls", "owned", "section"),
+    [(RelayConfig, RELAY_CHART_OWNED, "relay"), (ConnectorConfig, CONNECTOR_CHART_OWNED, "connector")],
+)
+def test_schema_settings_are_the_dataclass_settings(
+    chart: Chart, cls: type[Any], owned: set[str], section: str
+) -> None:
+    fields = settings_of(cls)
+    assert owned <= set(fields), owned - set(fields)
+    schema = chart.schema
+    assert schema is not None
+    properties = schema["properties"][section]["properties"]["settings"]["properties"]
+    assert set(properties) == set(fields) - owned
+    for name, prop in properties.items():
+        expected = schema_kind(cls, fields[name])
+        actual = {key: prop[key] for key in expected}
+        if "items" in expected:
+            actual["items"] = {"type": prop["items"]["type"]}
+        assert actual == expected, name
+
+
+def test_every_default_passes_the_schema(chart: Chart) -> None:
+    def defaults(config: Any, owned: set[str]) -> dict[str, Any]:
+        values = {name: getattr(config, name) for name in settings_of(type(config)) if name not in owned}
+        return {k: str(v) if isinstance(v, Path) else v for k, v in values.items() if v is not None}
+
+    relay = defaults(RelayConfig(), RELAY_CHART_OWNED)
+    connector = defaults(ConnectorConfig(), CONNECTOR_CHART_OWNED)
+    assert "max_job_bytes" in relay and "discover_ipp_port" in connector
+    chart.validate_schema({"relay": {"settings": relay}, "connector": {"settings": connector}})
+    chart.validate_schema(copy.deepcopy(FULL))
+    chart.validate_schema(copy.deepcopy(ALTERNATE))
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"relay": {"settings": {"max_job_byte": "1GiB"}}}, "max_job_byte"),
+        ({"relay": {"settings": {"listen": "0.0.0.0:80"}}}, "listen"),
+        ({"relay": {"settings": {"max_job_bytes": "1 gigabyte"}}}, "max_job_bytes"),
+        ({"relay": {"settings": {"job_ttl": "two weeks"}}}, "job_ttl"),
+        ({"relay": {"settings": {"max_attempts": 2.5}}}, "max_attempts"),
+        ({"relay": {"settings": {"webhook_allow_private": "yes"}}}, "webhook_allow_private"),
+        ({"relay": {"replicas": 3}}, "replicas"),
+        ({"relay": {"ports": {"http": 70000}}}, "http"),
+        ({"relay": {"logLevel": "verbose"}}, "logLevel"),
+        ({"relay": {"tunnel": {"service": {"type": "ExternalName"}}}}, "type"),
+        ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
+        ({"connector": {"printers": [{"id": "-bad", "uri": "ipp://p/ipp/print"}]}}, "id"),
+        ({"connector": {"printers": [{"id": "p", "uri": "http://p/"}]}}, "uri"),
+        ({"connector": {"printers": [{"id": "p", "uri": "cups:Queue"}]}}, "uri"),
+        ({"connector": {"relayUrl": "https://relay.example.com"}}, "relayUrl"),
+        ({"connector": {"settings": {"discover_ipp_port": ["ipp"]}}}, "discover_ipp_port"),
+        ({"connector": {"settings": {"token": "prc_x"}}}, "token"),
+        ({"unknown": True}, "unknown"),
+    ],
+)
+def test_schema_rejects_bad_values(chart: Chart, values: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(HelmError, match=re.escape(complaint)):
+        chart.validate_schema(values)
+    with pytest.raises(HelmError):
+        render(chart, values)
+
+
+@pytest.mark.parametrize(
+    ("values", "complaint"),
+    [
+        ({"relay": {"tunnel": {"service": {"type": "LoadBalancer"}}}}, "relay.tls.secretName"),
+        ({"connector": {"enabled": True, "token": {"value": "prc_x"}}}, "connector.relayUrl"),
+        ({"connector": {"enabled": True, "relayUrl": "wss://r/v1/tunnel"}}, "connector.token"),
+        ({"ingress": {"enabled": True, "host": ""}}, "ingress.host"),
+    ],
+)
+def test_templates_refuse_incomplete_values(chart: Chart, values: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(HelmError, match=re.escape(complaint)):
+        render(chart, values)
+
+
+def test_printer_id_pattern_is_the_connectors(chart: Chart) -> None:
+    schema = chart.schema
+    assert schema is not None
+    printer = schema["properties"]["connector"]["properties"]["printers"]["items"]["properties"]
+    assert printer["id"]["pattern"] == PRINTER_ID_RE.pattern
+
+
+def parses(parse: Any, text: str) -> bool:
+    try:
+        parse(text)
+    except ValueError:
+        return False
+    return True
+
+
+SIZES = ["1048576", "64KiB", "1 GiB", " 20MB ", "5k", "1.5g", "10b", "1x", "GiB", "1KiBB", "-1", "1ki"]
+DURATIONS = ["30", "500ms", "15s", "10m", "14d", "1.5h", "1 d", "2w", "ms", "-5s", "5S"]
+
+
+@pytest.mark.parametrize(
+    ("setting", "parse", "text"),
+    [("max_job_bytes", parse_size, t) for t in SIZES] + [("job_ttl", parse_duration, t) for t in DURATIONS],
+)
+def test_schema_patterns_agree_with_the_parsers(chart: Chart, setting: str, parse: Any, text: str) -> None:
+    schema = chart.schema
+    assert schema is not None
+    pattern = schema["properties"]["relay"]["properties"]["settings"]["properties"][setting]["pattern"]
+    assert (re.search(pattern, text) is not None) == parses(parse, text)
+
+
+def test_alerts_file_is_the_ops_alerts() -> None:
+    assert (CHART_DIR / "files" / "alerts.yml").resolve() == ALERTS.resolve()
