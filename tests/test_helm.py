@@ -9,6 +9,7 @@ import argparse
 import copy
 import dataclasses
 import re
+import tomllib
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -335,14 +336,21 @@ def test_connector_settings_reach_the_connector(chart: Chart, tmp_path: Path) ->
 def test_in_cluster_connector_with_existing_secret(chart: Chart, tmp_path: Path) -> None:
     docs = manifests(chart, ALTERNATE)
     assert not [d for d in docs if d["kind"] == "Secret"]
-    c = container(find(docs, "Deployment", "relay-connector"))
-    (token,) = [e for e in c["env"] if e["name"] == "PRINTRELAY_TOKEN"]
+    deployment = find(docs, "Deployment", "relay-connector")
+    (token,) = [e for e in container(deployment)["env"] if e["name"] == "PRINTRELAY_TOKEN"]
     assert token["valueFrom"]["secretKeyRef"] == {"name": "site-token", "key": "secret"}
-    env = plain_env(c)
-    assert env["PRINTRELAY_INSECURE"] == "true"
-    volumes = {v["name"]: v for v in find(docs, "Deployment", "relay-connector")["spec"]["template"]["spec"]
-               ["volumes"]}  # fmt: skip
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     assert volumes["state"] == {"name": "state", "emptyDir": {}}
+    # A plain ws:// URL inside the cluster passes the connector's own check only with insecure.
+    config = connector_config(chart, ALTERNATE, tmp_path)
+    assert config.insecure and config.relay == "ws://relay-tunnel:8081/v1/tunnel"
+    assert config.printer == [] and config.metrics_listen == ("::", 9465)
+
+
+def test_chart_app_version_is_the_package_version() -> None:
+    chart_meta = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert chart_meta["appVersion"] == project["version"]
 
 
 async def test_probes_answer_on_a_real_relay(chart: Chart, tmp_path: Path) -> None:
