@@ -85,7 +85,7 @@ async def wait_online(client: httpx.AsyncClient, count: int, within: float) -> f
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="printrelay-bench-idle-"))
     results: dict[str, Any] = {
-        "command": shlex.join([sys.executable, "loadtest/bench_idle.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "loadtest/bench_idle.py", *sys.argv[1:]]),
         "machine": machine(),
         "connectors": args.connectors,
     }

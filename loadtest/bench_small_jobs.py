@@ -293,7 +293,7 @@ async def wait_listening(port: int, service: Service) -> None:
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="printrelay-bench-small-"))
     results: dict[str, Any] = {
-        "command": shlex.join([sys.executable, "loadtest/bench_small_jobs.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "loadtest/bench_small_jobs.py", *sys.argv[1:]]),
         "machine": machine(),
     }
     try:

@@ -187,7 +187,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="printrelay-bench-tunnel-"))
     sink = Sink()
     results: dict[str, Any] = {
-        "command": shlex.join([sys.executable, "loadtest/bench_tunnel.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "loadtest/bench_tunnel.py", *sys.argv[1:]]),
         "machine": machine(),
         "cases": {},
     }

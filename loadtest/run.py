@@ -163,7 +163,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     summary = summarize(matching)
     totals = locust_totals(csv_prefix)
     report: dict[str, Any] = {
-        "command": shlex.join([sys.executable, "loadtest/run.py", *sys.argv[1:]]),
+        "command": shlex.join(["python", "loadtest/run.py", *sys.argv[1:]]),
         "machine": machine(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "load_seconds": round(load_end - load_start, 1),

@@ -7,7 +7,7 @@ appended to ``--arrivals`` (NDJSON); ``--status`` is rewritten twice a second wi
 are connected, so a driver in another process can wait for the swarm without polling the relay.
 
     python loadtest/swarm.py --relay ws://127.0.0.1:8081/v1/tunnel --connectors tokens.json \\
-        --printers-per-connector 4 --state-dir /tmp/swarm --arrivals arrivals.ndjson
+        --printers-per-connector 4 --state-dir swarm-state --arrivals arrivals.ndjson
 
 ``tokens.json`` maps connector ids to connector tokens. Printer ids are ``<connector id>-p<n>``.
 """
