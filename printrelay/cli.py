@@ -15,7 +15,7 @@ import signal
 import sqlite3
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import trio
@@ -121,8 +121,8 @@ def run_serve(args: argparse.Namespace) -> int:
     async def serve() -> None:
         relay = Relay(config)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_signals, nursery.cancel_scope)
             await nursery.start(relay.run)
+            await _drain_then_stop(nursery.cancel_scope, relay.drain, config.drain_grace)
 
     trio.run(serve)
     return 0
@@ -139,22 +139,28 @@ def run_connector(args: argparse.Namespace) -> int:
         connector = Connector(config)
         async with trio.open_nursery() as nursery:
             await nursery.start(connector.run)
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
-                    # First signal: drain (finish in-flight jobs within the grace period); second: stop now.
-                    nursery.start_soon(connector.drain, config.drain_grace)
-                    async for _ in signals:
-                        nursery.cancel_scope.cancel()
+            await _drain_then_stop(nursery.cancel_scope, connector.drain, config.drain_grace)
 
     trio.run(serve)
     return 0
 
 
-async def _cancel_on_signals(scope: trio.CancelScope) -> None:
+async def _drain_then_stop(
+    scope: trio.CancelScope, drain: Callable[[float], Awaitable[None]], grace: float
+) -> None:
+    """SIGTERM or SIGINT: drain within ``grace`` seconds, then stop; a second signal stops at once."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for _ in signals:
+            break
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_second_signal() -> None:
+                async for _ in signals:
+                    scope.cancel()
+
+            nursery.start_soon(stop_on_second_signal)
+            await drain(grace)
             scope.cancel()
-            return
 
 
 # --- tokens -----------------------------------------------------------------------------------------

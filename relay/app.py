@@ -55,6 +55,8 @@ class Relay:
         )
         self.jobs.listeners.append(self.webhooks.notify)
         self._expiry_wakeup = Signal()
+        self.draining = False
+        self.streams_changed = Signal()
         self.rate_limiter = TokenRateLimiter(config.rate_limit, config.rate_burst)
         self.tls = ServerTls(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
         self.api = RestApi(self)
@@ -106,6 +108,22 @@ class Relay:
     async def job_finished(self, job: Job) -> None:
         """A job reached a final state through the store directly: apply the consequences."""
         await self.jobs.changed(job, JobHistoryEntry(job.id, job.updated_at, job.state, str(job.state)))
+
+    def jobs_in_flight(self) -> int:
+        return sum(s.dispatcher.in_flight for s in self.registry.sessions() if s.dispatcher is not None)
+
+    async def drain(self, grace: float) -> None:
+        """Before stopping: report not ready (load balancers move away), start no new job streams, and
+        let the ones in flight finish for up to ``grace`` seconds. Whatever is still in flight after that
+        is queued again at the next start; the connector's ledger keeps it from printing twice."""
+        self.draining = True
+        self.accepting = False
+        for session in self.registry.sessions():
+            self.registry.wake(session.tenant, session.connector_id)
+        with trio.move_on_after(grace):
+            while self.jobs_in_flight():
+                await self.streams_changed.wait()
+        log.info("drained; %d job streams still in flight", self.jobs_in_flight())
 
     def job_queued(self, job: Job) -> None:
         self.registry.wake(job.tenant, job.connector_id)

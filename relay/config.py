@@ -63,6 +63,9 @@ class RelayConfig:
     metrics_per_printer: bool = option(
         False, "label job metrics with printer ids (one series per printer: mind the cardinality)"
     )
+    drain_grace: float = option(
+        20.0, "on SIGTERM, how long job streams in flight may take to finish", parse=parse_duration
+    )
     log_level: str = option("info", "debug, info, warning or error")
     log_format: str = option("auto", "json, text, or auto (text on a terminal, else json)")
 

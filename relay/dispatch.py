@@ -69,7 +69,8 @@ class Dispatcher:
         wakeup = relay.registry.wakeup(session.tenant, session.connector_id)
         async with trio.open_nursery() as nursery:
             while session.h2.is_open:
-                free = limit - self.in_flight
+                # A draining relay finishes what it streams and starts nothing new.
+                free = 0 if relay.draining else limit - self.in_flight
                 jobs = []
                 if free > 0:
                     jobs = await relay.store.claim_jobs(
@@ -103,6 +104,7 @@ class Dispatcher:
             self.in_flight -= 1
             self._slot_freed.set()
             self._slot_freed = trio.Event()
+            self.relay.streams_changed.fire()
 
     async def _stream_job(self, job: Job) -> None:
         h2 = self.session.h2

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import trio
-from fixtures_processes import printrelay
+from fixtures_printers import RawSink
+from fixtures_processes import ProcessStack, printrelay
 from fixtures_relay import RelayStack
 from trio_websocket import ConnectionRejected, open_websocket_url
 
@@ -116,3 +118,18 @@ def test_the_demo_prints_a_page_through_the_tunnel(tmp_path: Path) -> None:
     assert "ippeveprinter on port" in result.stdout  # the real printer, not the fallback
     printed = list((tmp_path / "demo" / "printed").iterdir())
     assert printed and printed[0].read_bytes().startswith(b"%PDF-1.4")
+
+
+async def test_sigterm_drains_and_stops_relay_and_connector(
+    process_stack: ProcessStack, raw_sink: RawSink
+) -> None:
+    relay = process_stack.start_relay()
+    await process_stack.wait_ready()
+    connector = process_stack.start_connector({"label": raw_sink.uri})
+    await process_stack.wait_printers_online("label")
+    for service in (connector, relay):
+        assert service.process is not None
+        service.process.send_signal(signal.SIGTERM)
+        # nothing is in flight, so each stops at once instead of waiting for a second signal
+        code = await trio.to_thread.run_sync(lambda p=service.process: p.wait(timeout=10))
+        assert code == 0, service.log()

@@ -123,6 +123,18 @@ async def test_cancel_before_sending_never_prints(relay_stack: RelayStack, raw_s
     assert not [p for p in files_under(relay_stack.relay.config.data_dir) if p.suffix == ".sealed"]
 
 
+async def test_cancel_a_queued_job_of_an_unreachable_printer(relay_stack: RelayStack) -> None:
+    await relay_stack.start_connector({"label": f"socket://127.0.0.1:{free_port()}"}, status_interval=0.2)
+    async with relay_stack.client() as client:
+        job = await submit(client, "label", b"never")
+        assert job["state"] == "queued"
+        response = await client.post(f"/v1/jobs/{job['id']}/cancel")
+        assert response.status_code == 200 and response.json()["state"] == "canceled"
+        history = (await client.get(f"/v1/jobs/{job['id']}/events")).json()["events"]
+    assert history[-1]["state"] == "canceled"
+    assert not [p for p in files_under(relay_stack.relay.config.data_dir) if p.suffix == ".sealed"]
+
+
 async def test_cancel_while_printing_cancels_the_job_at_the_ipp_printer(
     relay_stack: RelayStack, ippeveprinter_factory: Any
 ) -> None:
