@@ -85,7 +85,8 @@ async def hostile(relay_stack: RelayStack) -> AsyncIterator[Callable[[], object]
 
 async def _other_tenant_is_served(stack: RelayStack) -> None:
     async with stack.client() as client:
-        assert (await client.get("/v1/printers")).status_code == 200
+        response = await client.get("/v1/printers")
+        assert response.status_code == 200, response.text
 
 
 async def _baseline(stack: RelayStack) -> tuple[int, int]:
