@@ -6,6 +6,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+import trio
+
 
 @dataclass(frozen=True)
 class JobTicket:
@@ -69,3 +71,17 @@ class Backend(Protocol):
     async def probe(self) -> bool:
         """Is the printer reachable? Bounded by the backend's timeout; never raises."""
         ...
+
+
+async def connect_printer(host: str, port: int, connect_timeout: float, where: str) -> trio.SocketStream:
+    """A TCP connection to a printer (RAW, LPD); failures are retryable DeliveryErrors naming ``where``."""
+    try:
+        with trio.fail_after(connect_timeout):
+            return await trio.open_tcp_stream(host, port)
+    except trio.TooSlowError:
+        raise DeliveryError(
+            f"cannot connect to {where}: no answer within connect_timeout={connect_timeout:g} s",
+            retryable=True,
+        ) from None
+    except OSError as exc:
+        raise DeliveryError(f"cannot connect to {where}: {exc}", retryable=True) from exc

@@ -28,7 +28,14 @@ from urllib.parse import unquote, urlsplit
 
 import trio
 
-from connector.delivery.base import DeliveryError, DeliveryResult, JobTicket, Journal, Progress
+from connector.delivery.base import (
+    DeliveryError,
+    DeliveryResult,
+    JobTicket,
+    Journal,
+    Progress,
+    connect_printer,
+)
 from connector.delivery.options import OptionError, refuse_for_stream
 from connector.delivery.spoolfile import SpoolFile
 
@@ -130,17 +137,7 @@ class LpdBackend:
         return f"lpd://{self.host}:{self.port}/{self.queue}"
 
     async def _connect(self) -> trio.SocketStream:
-        try:
-            with trio.fail_after(self.connect_timeout):
-                return await trio.open_tcp_stream(self.host, self.port)
-        except trio.TooSlowError:
-            raise DeliveryError(
-                f"cannot connect to {self._where}: no answer within "
-                f"connect_timeout={self.connect_timeout:g} s",
-                retryable=True,
-            ) from None
-        except OSError as exc:
-            raise DeliveryError(f"cannot connect to {self._where}: {exc}", retryable=True) from exc
+        return await connect_printer(self.host, self.port, self.connect_timeout, self._where)
 
     async def _ack(self, stream: trio.SocketStream, what: str) -> None:
         with trio.fail_after(self.io_timeout):

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import trio
 
-from connector.delivery.base import DeliveryError, DeliveryResult, JobTicket, Journal, Progress
+from connector.delivery.base import (
+    DeliveryError,
+    DeliveryResult,
+    JobTicket,
+    Journal,
+    Progress,
+    connect_printer,
+)
 from connector.delivery.options import OptionError, refuse_for_stream
 from connector.delivery.spoolfile import SpoolFile
 
@@ -47,17 +54,7 @@ class RawBackend:
         return f"{self.host}:{self.port}"
 
     async def _connect(self) -> trio.SocketStream:
-        try:
-            with trio.fail_after(self.connect_timeout):
-                return await trio.open_tcp_stream(self.host, self.port)
-        except trio.TooSlowError:
-            raise DeliveryError(
-                f"cannot connect to {self._where}: no answer within "
-                f"connect_timeout={self.connect_timeout:g} s",
-                retryable=True,
-            ) from None
-        except OSError as exc:
-            raise DeliveryError(f"cannot connect to {self._where}: {exc}", retryable=True) from exc
+        return await connect_printer(self.host, self.port, self.connect_timeout, self._where)
 
     async def deliver(
         self,
