@@ -19,6 +19,7 @@ Final states erase the payload.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from contextlib import aclosing
@@ -36,7 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("printrelay.relay.dispatch")
 
-IDLE_POLL = 5.0  # re-check the queue this often even without a wakeup (retries coming due)
 RESPONSE_TIMEOUT = 60.0  # connector must answer a job stream's headers within this
 # A job may print for a long time; the tunnel's PINGs detect dead peers.
 PROGRESS_TIMEOUT = 24 * 3600.0
@@ -69,6 +69,7 @@ class Dispatcher:
         wakeup = relay.registry.wakeup(session.tenant, session.connector_id)
         async with trio.open_nursery() as nursery:
             while session.h2.is_open:
+                woken = wakeup.next_firing()
                 # A draining relay finishes what it streams and starts nothing new.
                 free = 0 if relay.draining else limit - self.in_flight
                 jobs = []
@@ -88,13 +89,16 @@ class Dispatcher:
                     nursery.start_soon(self._deliver, job)
                 if jobs and len(jobs) == free:
                     continue  # there may be more; claim again once a slot frees
-                due = await relay.store.next_due(session.tenant, session.connector_id)
-                timeout = IDLE_POLL if due is None else max(0.0, min(IDLE_POLL, due - time.time()))
                 if self.in_flight >= limit:
                     await self._slot_freed.wait()
-                else:
-                    with trio.move_on_after(timeout):
-                        await wakeup.wait()
+                    continue
+                # Without a retry coming due, sleep until woken: every path that makes a job of this
+                # connector claimable (submit, release, retry, requeue, a printer back online) wakes it,
+                # so an idle session costs no store calls at all.
+                due = await relay.store.next_due(session.tenant, session.connector_id)
+                timeout = math.inf if due is None else max(0.0, due - time.time())
+                with trio.move_on_after(timeout):
+                    await woken.wait()
 
     async def _deliver(self, job: Job) -> None:
         try:

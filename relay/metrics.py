@@ -162,21 +162,21 @@ class TunnelTraffic(Collector):
     """Counters over all sessions, past and present: live sessions' stats plus what closed ones left."""
 
     def __init__(self) -> None:
-        self._live: list[SessionStats] = []
+        # by identity: thousands of sessions come and go in a reconnect storm, so no list scans
+        self._live: dict[int, SessionStats] = {}
         self._closed = SessionStats()
 
     def track(self, stats: SessionStats) -> None:
-        self._live.append(stats)
+        self._live[id(stats)] = stats
 
     def untrack(self, stats: SessionStats) -> None:
-        if stats in self._live:
-            self._live.remove(stats)
+        if self._live.pop(id(stats), None) is not None:
             self._closed.bytes_in += stats.bytes_in
             self._closed.bytes_out += stats.bytes_out
             self._closed.flow_stalls += stats.flow_stalls
 
     def collect(self) -> Iterator[Metric]:
-        everyone = [self._closed, *self._live]
+        everyone = [self._closed, *self._live.values()]
         for name, doc, value in (
             ("printrelay_tunnel_received_bytes", "Bytes received from connectors on tunnels (HTTP/2 wire)",
              sum(s.bytes_in for s in everyone)),

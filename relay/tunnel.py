@@ -88,8 +88,10 @@ class ConnectorRegistry:
         while True:
             await trio.sleep(interval)
             now = time.time()
-            for token_id in sorted({s.principal.token_id for s in self.sessions()}):
-                record = await store.get_token(token_id)
+            live = sorted({s.principal.token_id for s in self.sessions()})
+            records = await store.get_tokens(live) if live else {}
+            for token_id in live:
+                record = records.get(token_id)
                 if record is None:
                     reason = "token deleted"
                 elif record.revoked_at is not None:

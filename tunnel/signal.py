@@ -20,3 +20,8 @@ class Signal:
 
     async def wait(self) -> None:
         await self._event.wait()
+
+    def next_firing(self) -> trio.Event:
+        """The event the next :meth:`fire` sets. Take it *before* a check that awaits (a store query),
+        then wait on it: a firing during the check is not lost."""
+        return self._event

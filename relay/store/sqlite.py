@@ -31,6 +31,7 @@ from relay.store.base import (
 )
 
 T = TypeVar("T")
+MAX_SQL_VARIABLES = 500  # well under SQLite's oldest default limit of 999 bound parameters
 
 SCHEMA = [
     # version 1
@@ -275,6 +276,19 @@ class SqliteStore:
             lambda c: c.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
         )
         return _token(row) if row else None
+
+    async def get_tokens(self, token_ids: Sequence[str]) -> dict[str, TokenRecord]:
+        def select(c: sqlite3.Connection) -> dict[str, TokenRecord]:
+            found: dict[str, TokenRecord] = {}
+            ids = list(token_ids)
+            for start in range(0, len(ids), MAX_SQL_VARIABLES):
+                batch = ids[start : start + MAX_SQL_VARIABLES]
+                marks = ",".join("?" * len(batch))
+                for row in c.execute(f"SELECT * FROM tokens WHERE id IN ({marks})", batch):
+                    found[row["id"]] = _token(row)
+            return found
+
+        return await self._run(select)
 
     async def list_tokens(self, tenant: str | None = None) -> list[TokenRecord]:
         return await self._run(lambda c: list_tokens_sync(c, tenant))
