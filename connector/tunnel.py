@@ -115,9 +115,13 @@ class TunnelClient:
                 await self._one_session()
             except ConnectionRejected as exc:
                 retry_after = _retry_after(exc)
-                reason = "refused"
                 body = (exc.body or b"").decode(errors="replace").strip()
-                log.error("relay refused the tunnel: HTTP %s %s", exc.status_code, body)
+                if exc.status_code == 503:  # overloaded or draining: normal after a relay restart
+                    reason = "busy"
+                    log.warning("relay busy: %s", body or "HTTP 503")
+                else:
+                    reason = "refused"
+                    log.error("relay refused the tunnel: HTTP %s %s", exc.status_code, body)
             except (HandshakeError, OSError, trio.TooSlowError, trio.BrokenResourceError, ProxyError) as exc:
                 reason = "unreachable"
                 via = f" through proxy {self.proxy.address}" if self.proxy else ""

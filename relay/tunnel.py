@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import functools
 import logging
+import random
 import ssl
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import trio
@@ -42,6 +44,41 @@ MAX_CANDIDATES = 1000  # discovered printers kept per session (a connector resen
 # Tokens are revoked by another process (printrelay token revoke) that only writes the store; the relay
 # re-reads the tokens of its live sessions this often, so a revoked connector is cut off within ~2 s.
 TOKEN_RECHECK_INTERVAL = 2.0
+# Connectors between their first byte and a finished registration (token check, upgrade, inventory, store
+# writes). After a relay restart every connector dials within seconds; working on all of them at once makes
+# each one slower than its connect timeout, so they give up, redial, and the work done for them is wasted.
+# Beyond this many the relay answers 503 with a Retry-After at once, which costs almost nothing.
+MAX_REGISTERING = 128
+BUSY_RETRY_AFTER = (2, 20)  # seconds, drawn at random so refused connectors come back spread out
+
+
+class Admission:
+    """Bounds how many connectors register at once (see MAX_REGISTERING)."""
+
+    def __init__(self, limit: int = MAX_REGISTERING) -> None:
+        self.limit = limit
+        self.registering = 0
+
+    def enter(self) -> AdmissionTicket | None:
+        """A ticket to register now, or None when the relay is busy."""
+        if self.registering >= self.limit:
+            return None
+        self.registering += 1
+        return AdmissionTicket(self)
+
+    def retry_after(self) -> int:
+        return random.randint(*BUSY_RETRY_AFTER)
+
+
+class AdmissionTicket:
+    def __init__(self, admission: Admission) -> None:
+        self._admission: Admission | None = admission
+
+    def release(self) -> None:
+        """Registered, or gave up: the slot is free (idempotent)."""
+        if self._admission is not None:
+            self._admission.registering -= 1
+            self._admission = None
 
 
 class ConnectorRegistry:
@@ -51,6 +88,7 @@ class ConnectorRegistry:
         self._sessions: dict[tuple[str, str], list[ConnectorSession]] = defaultdict(list)
         self._wakeups: dict[tuple[str, str], Signal] = defaultdict(Signal)
         self.changed = trio.Event()
+        self.admission = Admission()  # connectors between their first byte and registration
 
     def add(self, session: ConnectorSession) -> None:
         self._sessions[session.key].append(session)
@@ -116,8 +154,17 @@ class ConnectorRegistry:
 class ConnectorSession:
     """One registered tunnel: an HTTP/2 client session to a connector and the tasks that serve it."""
 
-    def __init__(self, relay: Relay, principal: Principal, h2: H2Session, remote: str) -> None:
+    def __init__(
+        self,
+        relay: Relay,
+        principal: Principal,
+        h2: H2Session,
+        remote: str,
+        *,
+        on_registered: Callable[[], None] | None = None,
+    ) -> None:
         assert principal.connector_id is not None
+        self._on_registered = on_registered
         self.relay = relay
         self.principal = principal
         self.tenant = principal.tenant
@@ -159,6 +206,8 @@ class ConnectorSession:
                 extra={"tenant": self.tenant, "connector_id": self.connector_id},
             )  # fmt: skip
             self.registered.set()
+            if self._on_registered is not None:
+                self._on_registered()
             try:
                 nursery.start_soon(self._follow_events)
                 self.dispatcher = Dispatcher(self.relay, self)
@@ -292,6 +341,24 @@ class TunnelListener:
         if request.path.split("?")[0] != TUNNEL_PATH:
             await request.reject(404, body=b"not found: the tunnel is at /v1/tunnel\n")
             return
+        admission = self.relay.registry.admission
+        ticket = admission.enter()
+        if ticket is None:
+            retry_after = admission.retry_after()
+            self.relay.metrics.registration_failures.labels("busy").inc()
+            await request.reject(
+                503,
+                extra_headers=[(b"retry-after", str(retry_after).encode())],
+                body=f"relay busy: {admission.registering} connectors are registering "
+                f"(at most {admission.limit} at once); retry in {retry_after} s\n".encode(),
+            )
+            return
+        try:
+            await self._admitted(request, remote, ticket.release)
+        finally:
+            ticket.release()
+
+    async def _admitted(self, request: WebSocketRequest, remote: str, registered: Callable[[], None]) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
         token = bearer(headers.get("authorization"))
         try:
@@ -321,4 +388,4 @@ class TunnelListener:
             name=f"tunnel {principal.tenant}/{principal.connector_id}",
         )
         with self.relay.metrics.tunnel_session(h2):
-            await ConnectorSession(self.relay, principal, h2, remote).run()
+            await ConnectorSession(self.relay, principal, h2, remote, on_registered=registered).run()

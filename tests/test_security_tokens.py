@@ -9,14 +9,18 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 from fixtures_printers import RawSink
 from fixtures_relay import RelayStack
 
+from connector.app import Connector
+from connector.config import ConnectorConfig, parse_printer
 from relay import audit
 from relay.auth import AuthError, authenticate, hash_secret, new_token
 from relay.ratelimit import TokenRateLimiter
+from tunnel.wsstream import SUBPROTOCOL
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -145,3 +149,48 @@ def test_audit_entries_are_bounded_and_named() -> None:
     assert len(entry["reason"]) < 300
     with pytest.raises(ValueError, match="unknown audit action"):
         audit.entry("job.deleted", tenant="acme", actor="cli", target="job:1")
+
+
+async def test_a_relay_busy_registering_answers_503_with_retry_after_and_the_connector_comes_back(
+    relay_stack: RelayStack, raw_sink: RawSink
+) -> None:
+    admission = relay_stack.relay.registry.admission
+    admission.limit = 0  # as if 128 connectors were registering right now
+    token = await relay_stack.token("connector", connector_id="site-1")
+    async with httpx.AsyncClient() as client:
+        url = relay_stack.tunnel_url.replace("ws://", "http://")
+        response = await client.get(
+            url,
+            headers={
+                "authorization": f"Bearer {token}",
+                "connection": "upgrade",
+                "upgrade": "websocket",
+                "sec-websocket-version": "13",
+                "sec-websocket-key": "dGhlIHNhbXBsZSBub25jZQ==",
+                "sec-websocket-protocol": SUBPROTOCOL,
+            },
+        )
+    assert response.status_code == 503
+    assert 2 <= int(response.headers["retry-after"]) <= 20
+    assert "at most 0 at once" in response.text
+    assert admission.registering == 0
+
+    config = ConnectorConfig(
+        relay=relay_stack.tunnel_url,
+        token=token,
+        printer=[parse_printer(f"label={raw_sink.uri}")],
+        state_dir=relay_stack.tmp_path / "connector",
+    )
+    connector = Connector(config)
+    connector.tunnel.backoff.cap = 0.1  # come back at once instead of after the Retry-After
+    relay_stack.nursery.start_soon(connector.run)
+    with trio.fail_after(10):
+        while not connector.tunnel.retries["busy"]:  # noqa: ASYNC110 - a plain counter, no event to wait on
+            await trio.sleep(0.05)
+    admission.limit = 128
+    with trio.fail_after(10):
+        while not relay_stack.relay.registry.sessions():
+            await relay_stack.relay.registry.changed.wait()
+        await relay_stack.relay.registry.sessions()[0].registered.wait()
+    assert admission.registering == 0  # the registered session gave its slot back
+    connector.tunnel.stopping = True
