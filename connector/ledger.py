@@ -11,22 +11,26 @@ restarted). Before delivering, the connector looks the job up here:
   do not print again; report it delivered;
 * ``completed`` / ``failed`` — answer with the recorded result, print nothing.
 
-Every write is committed with ``synchronous=FULL`` before the job moves on. For IPP printers that take
-Create-Job + Send-Document (IPP Everywhere printers do) no window is left: the printer job id is on disk
-before the first document byte leaves. The window that cannot be closed is for RAW and LPD (and IPP
-printers without Create-Job): the printer has taken the last byte and the connector dies before
-``handed`` is on disk; the resend then prints a second copy. ``handed`` is written the moment the
-printer confirms (Print-Job response; RAW/LPD: the last byte written), so the window is one round trip.
+Every write is committed with ``synchronous=FULL`` before the job moves on (the writes of concurrent
+deliveries share one transaction and one fsync, group commit; each caller still waits for its commit).
+For IPP printers that take Create-Job + Send-Document (IPP Everywhere printers do) no window is left:
+the printer job id is on disk before the first document byte leaves. The window that cannot be closed
+is for RAW and LPD (and IPP printers without Create-Job): the printer has taken the last byte and the
+connector dies before ``handed`` is on disk; the resend then prints a second copy. ``handed`` is written
+the moment the printer confirms (Print-Job response; RAW/LPD: the last byte written), so the window is
+one round trip.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import outcome
 import trio
 
 SCHEMA = """
@@ -50,12 +54,23 @@ class LedgerEntry:
     updated_at: float
 
 
+@dataclass(eq=False)
+class _Call:
+    fn: Callable[[sqlite3.Connection], list[Any]]
+    write: bool
+    result: outcome.Outcome[list[Any]] | None = None
+
+
 class Ledger:
     def __init__(self, path: Path, *, keep_days: float = 30.0) -> None:
         self.path = path
         self.keep_seconds = keep_days * 86400
         self._conn: sqlite3.Connection | None = None
         self._limiter = trio.CapacityLimiter(1)
+        self._pending: list[_Call] = []  # calls waiting for the next batch
+        self._running = False
+        self._batch_done = trio.Event()
+        self.batches = 0  # committed write batches (tests look at it)
 
     async def open(self) -> None:
         def _open() -> sqlite3.Connection:
@@ -73,13 +88,67 @@ class Ledger:
             conn, self._conn = self._conn, None
             await trio.to_thread.run_sync(conn.close, limiter=self._limiter)
 
-    async def _run(self, sql: str, args: tuple[Any, ...]) -> list[Any]:
-        conn = self._conn
-        if conn is None:
+    async def _run(self, sql: str, args: tuple[Any, ...], *, write: bool = False) -> list[Any]:
+        """Run one statement with the next batch. A write returns once its batch is committed.
+
+        Group commit: calls made while a batch runs wait for the next one, which the first of them runs
+        in one worker-thread hop, its writes in one transaction (one fsync for all of them).
+        """
+        if self._conn is None:
             raise RuntimeError("ledger is not open")
-        return await trio.to_thread.run_sync(
-            lambda: conn.execute(sql, args).fetchall(), limiter=self._limiter
-        )
+        call = _Call(lambda c: c.execute(sql, args).fetchall(), write)
+        self._pending.append(call)
+        while call.result is None:
+            if not self._running:
+                await self._run_batch()
+                continue
+            try:
+                await self._batch_done.wait()
+            except trio.Cancelled:
+                if call in self._pending:  # not started: drop it
+                    self._pending.remove(call)
+                    raise
+                with trio.CancelScope(shield=True):  # started: wait for its end, like a worker thread
+                    while call.result is None:
+                        await self._batch_done.wait()
+                raise
+        return call.result.unwrap()
+
+    async def _run_batch(self) -> None:
+        batch, self._pending = self._pending, []
+        self._running = True
+        try:
+            with trio.CancelScope(shield=True):  # others' calls are in this batch
+                await trio.to_thread.run_sync(self._execute, batch, limiter=self._limiter)
+        finally:
+            self._running = False
+            done, self._batch_done = self._batch_done, trio.Event()
+            done.set()
+
+    def _execute(self, batch: list[_Call]) -> None:
+        conn = self._conn
+        assert conn is not None
+        writes = [c for c in batch if c.write]
+        for call in batch:
+            if not call.write:
+                call.result = outcome.capture(call.fn, conn)
+        if not writes:
+            return
+        self.batches += 1
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for call in writes:
+                conn.execute("SAVEPOINT call")
+                call.result = outcome.capture(call.fn, conn)
+                if isinstance(call.result, outcome.Error):
+                    conn.execute("ROLLBACK TO call")
+                conn.execute("RELEASE call")
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            for call in writes:
+                call.result = outcome.Error(exc)
 
     async def get(self, job_id: str) -> LedgerEntry | None:
         rows = await self._run(
@@ -100,6 +169,7 @@ class Ledger:
             "message = excluded.message, printer_job_id = COALESCE(excluded.printer_job_id, printer_job_id), "
             "updated_at = excluded.updated_at",
             (job_id, printer_id, state, message, printer_job_id, now, now),
+            write=True,
         )
 
     async def size(self) -> int:
@@ -112,5 +182,6 @@ class Ledger:
         rows = await self._run(
             "DELETE FROM deliveries WHERE updated_at < ? AND state IN ('completed', 'failed') RETURNING 1",
             (cutoff,),
+            write=True,
         )
         return len(rows)

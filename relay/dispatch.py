@@ -72,9 +72,10 @@ class Dispatcher:
                 woken = wakeup.next_firing()
                 # A draining relay finishes what it streams and starts nothing new.
                 free = 0 if relay.draining else limit - self.in_flight
-                jobs = []
+                jobs: list[Job] = []
+                due: float | None = None
                 if free > 0:
-                    jobs = await relay.store.claim_jobs(
+                    jobs, due = await relay.store.claim_jobs_and_next_due(
                         session.tenant, session.connector_id, time.time(), free
                     )
                 for job in jobs:
@@ -95,7 +96,8 @@ class Dispatcher:
                 # Without a retry coming due, sleep until woken: every path that makes a job of this
                 # connector claimable (submit, release, retry, requeue, a printer back online) wakes it,
                 # so an idle session costs no store calls at all.
-                due = await relay.store.next_due(session.tenant, session.connector_id)
+                if free <= 0:  # draining: nothing was claimed, so nothing was looked up
+                    due = await relay.store.next_due(session.tenant, session.connector_id)
                 timeout = math.inf if due is None else max(0.0, due - time.time())
                 with trio.move_on_after(timeout):
                     await woken.wait()
@@ -171,6 +173,15 @@ class Dispatcher:
 
     async def _upload(self, stream: H2Stream, job: Job) -> None:
         try:
+            inline = (
+                await self.relay.store.get_payload(job.id)
+                if job.sealed_size <= self.relay.spool.inline_max
+                else None
+            )
+            if inline is not None:
+                await stream.send_data(inline, end_stream=True)
+                self.relay.metrics.tunnel_bytes_out(len(inline))
+                return
             async with aclosing(self.relay.spool.open(job.id)) as chunks:
                 async for chunk in chunks:
                     await stream.send_data(chunk)

@@ -57,8 +57,10 @@ class JobLifecycle:
 
     async def _finished(self, job: Job, message: str) -> None:
         relay = self.relay
-        with trio.CancelScope(shield=True):
-            await relay.spool.erase(job.id)  # crypto-shred: the wrapped key dies with the row's use
+        # A small payload had no file: the store erased it with the final state.
+        if job.sealed_size > relay.spool.inline_max:
+            with trio.CancelScope(shield=True):
+                await relay.spool.erase(job.id)  # crypto-shred: the wrapped key dies with the row's use
         relay.metrics.job_finished(job, message)
         log.info(
             "job %s %s", job.id, job.state,

@@ -1,7 +1,8 @@
 """Accepting a job: the one path every front door (REST, IPP) takes into the spool and the store.
 
 The document streams into the spool, sealed to the printer's connector as it arrives; the job row is
-committed only after the payload is on disk (fsync), and only then does the caller answer "accepted".
+committed only after the payload is on disk (fsync) — or, for a small payload, in the same transaction
+as the row — and only then does the caller answer "accepted".
 A rejected submission leaves nothing behind and never touches jobs accepted before it.
 """
 
@@ -13,6 +14,8 @@ import time
 from collections.abc import AsyncIterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+import trio
 
 from relay.capabilities import OptionRefused, check_options
 from relay.http.message import format_bytes
@@ -65,7 +68,7 @@ async def accept_job(relay: Relay, submission: Submission, body: AsyncIterable[b
     """Spool and commit a job. Returns the job and whether it is new (False: an Idempotency-Key replay)."""
     config = relay.config
     store = relay.store
-    printer = await store.get_printer(submission.tenant, submission.printer_id)
+    printer, connector = await store.printer_and_connector(submission.tenant, submission.printer_id)
     if printer is None:
         raise SubmitError(Refusal.NOT_FOUND, f"printer {submission.printer_id} not found")
     limit = config.max_job_bytes
@@ -84,7 +87,6 @@ async def accept_job(relay: Relay, submission: Submission, body: AsyncIterable[b
         )  # fmt: skip
     except OptionRefused as exc:
         raise SubmitError(Refusal.BAD_REQUEST, f"printer {printer.id}: {exc.message}") from None
-    connector = await store.get_connector(submission.tenant, printer.connector_id)
     if connector is None or not connector.public_key:
         raise SubmitError(Refusal.UNAVAILABLE, f"printer {printer.id}: its connector never registered a key")
 
@@ -141,9 +143,10 @@ async def accept_job(relay: Relay, submission: Submission, body: AsyncIterable[b
         expires_at=now + (submission.expires_in if submission.expires_in is not None else config.job_ttl),
     )
     try:
-        await store.insert_job(job, f"accepted {stored.size} bytes")
+        await store.insert_job(job, f"accepted {stored.size} bytes", payload=stored.inline)
     except Conflict:
-        await relay.spool.erase(job_id)
+        if stored.inline is None:
+            await relay.spool.erase(job_id)
         key = submission.idempotency_key
         earlier = await store.find_job_by_idempotency_key(submission.tenant, key) if key else None
         if earlier is None:
@@ -154,7 +157,9 @@ async def accept_job(relay: Relay, submission: Submission, body: AsyncIterable[b
             ) from None
         return earlier, False
     except BaseException:
-        await relay.spool.erase(job_id)
+        if stored.inline is None:
+            with trio.CancelScope(shield=True):
+                await relay.spool.erase(job_id)
         raise
     relay.metrics.jobs_submitted.inc()
     relay.metrics.job_bytes.inc(stored.size)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from relay.spool import PayloadTooLarge, Spool, SpoolFull, StoredPayload
+from relay.spool import INLINE_MAX, PayloadTooLarge, Spool, SpoolFull, StoredPayload
 from tunnel.sealing import (
     IntegrityError,
     PayloadOpener,
@@ -31,7 +31,7 @@ PUBLIC = public_bytes(KEY)
 
 @pytest.fixture
 def spool(tmp_path: Path) -> Spool:
-    return Spool(tmp_path / "spool", chunk_size=CHUNK)
+    return Spool(tmp_path / "spool", chunk_size=CHUNK, inline_max=0)  # every payload a file
 
 
 async def pieces(parts: Iterable[bytes]) -> AsyncIterator[bytes]:
@@ -297,3 +297,36 @@ async def test_failure_after_rename_removes_final_file(spool: Spool, monkeypatch
     monkeypatch.undo()
     assert calls == 2
     assert all_files(spool.root) == []
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK, 3 * CHUNK + 7])
+async def test_small_payload_stays_inline(tmp_path: Path, size: int) -> None:
+    """A payload whose sealed form fits in inline_max comes back as bytes and makes no file at all."""
+    spool = Spool(tmp_path / "spool", chunk_size=CHUNK, inline_max=sealed_size(3 * CHUNK + 7, CHUNK))
+    body = document(size)
+    stored = await spool.store("job1", pieces(split(body, 1500)), recipient_public=PUBLIC, max_bytes=size)
+    assert stored.inline is not None and len(stored.inline) == stored.sealed_size == sealed_size(size, CHUNK)
+    assert all_files(tmp_path) == []
+    if size >= len(MARKER):
+        assert MARKER not in stored.inline
+    dek = open_key(stored.wrapped_key, KEY, context=b"job1")
+    opener = PayloadOpener(dek, "job1")
+    plain = b"".join(opener.feed(stored.inline))
+    opener.finish()
+    assert plain == body
+
+
+async def test_payload_past_inline_max_goes_to_a_file(tmp_path: Path) -> None:
+    limit = sealed_size(2 * CHUNK, CHUNK)
+    spool = Spool(tmp_path / "spool", chunk_size=CHUNK, inline_max=limit)
+    body = document(2 * CHUNK + 1)  # one byte more: one more record, past the limit
+    stored = await spool.store(
+        "job1", pieces(split(body, 1500)), recipient_public=PUBLIC, max_bytes=len(body)
+    )
+    assert stored.inline is None
+    assert all_files(spool.root) == [spool.path("job1")]
+    assert await read_back(spool, "job1", stored) == body
+
+
+async def test_inline_max_is_capped(tmp_path: Path) -> None:
+    assert Spool(tmp_path, inline_max=10**9).inline_max == INLINE_MAX
