@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import trio
 
@@ -28,7 +28,7 @@ from connector.config import ConnectorConfig, PrinterSpec
 from connector.delivery import Backend, DeliveryError, JobTicket, backend_for_uri
 from connector.discovery import DiscoverySettings, discover
 from connector.keys import KeyRing
-from connector.ledger import Ledger
+from connector.ledger import Ledger, LedgerEntry
 from connector.metrics import ConnectorMetrics
 from connector.ops import ops_listener
 from connector.printerbook import MAX_REQUEST_BYTES, PrinterBook, parse_printer_request
@@ -79,10 +79,56 @@ class PrinterEntry:
         )
 
 
-async def _read_file(path: Path, size: int = 256 * 1024) -> AsyncIterator[bytes]:
-    async with await trio.open_file(path, "rb") as file:
-        while chunk := await file.read(size):
-            yield chunk
+# A RAW/LPD job's sealed payload is received whole before the printer gets a byte (see _deliver): up to
+# IN_MEMORY_MAX bytes in memory, beyond that in incoming/. Files are written, read and checked in batches of
+# FILE_BATCH bytes in a worker thread (AES-GCM releases the GIL), so the event loop keeps serving the
+# tunnel meanwhile and pays one thread hop per batch instead of one per HTTP/2 DATA frame.
+IN_MEMORY_MAX = 1024 * 1024
+FILE_BATCH = 1024 * 1024
+
+
+def _check_and_write(opener: PayloadOpener, chunks: list[bytes], file: BinaryIO) -> None:
+    for chunk in chunks:
+        opener.feed(chunk)  # the plaintext is dropped: this pass only authenticates
+    file.writelines(chunks)
+
+
+def _open_sealed(path: Path) -> BinaryIO:
+    return path.open("rb", buffering=0)
+
+
+def _read_and_open(file: BinaryIO, opener: PayloadOpener, size: int) -> list[bytes] | None:
+    data = file.read(size)
+    return opener.feed(data) if data else None
+
+
+async def _read_file(
+    source: Path | bytes, opener: PayloadOpener, size: int = FILE_BATCH
+) -> AsyncIterator[bytes]:
+    """The plaintext of a payload that ``_receive_verified`` kept: in memory, or a sealed file read and
+    opened ``size`` bytes at a time in a worker thread. ``opener.finish()`` is the caller's."""
+    if isinstance(source, bytes):
+        for plain in opener.feed(source):
+            yield plain
+        return
+    file = await trio.to_thread.run_sync(_open_sealed, source)
+    try:
+        while (opened := await trio.to_thread.run_sync(_read_and_open, file, opener, size)) is not None:
+            for piece in opened:
+                yield piece
+    finally:
+        file.close()
+
+
+def _create_incoming(path: Path) -> BinaryIO:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path.open("wb")
+
+
+async def _open_stream(stream: H2Stream, opener: PayloadOpener) -> AsyncIterator[bytes]:
+    async for chunk in stream.iter_data():
+        for plain in opener.feed(chunk):
+            yield plain
 
 
 @dataclass
@@ -269,7 +315,7 @@ class Connector:
         # The delivery belongs to the connector, not to the tunnel session: if the tunnel drops while a
         # printer is being fed, the printer still gets the whole job and the ledger records it, so the
         # relay's resend is answered from the ledger instead of printing a fragment.
-        self._nursery.start_soon(self._run_delivery, delivery, stream, ticket, printer)
+        self._nursery.start_soon(self._run_delivery, delivery, stream, ticket, printer, entry)
         async with trio.open_nursery() as watch:
             watch.start_soon(self._cancel_on_reset, stream, delivery)
             await delivery.done.wait()
@@ -286,14 +332,19 @@ class Connector:
             delivery.scope.cancel()
 
     async def _run_delivery(
-        self, delivery: Delivery, stream: H2Stream, ticket: JobTicketMessage, printer: PrinterEntry
+        self,
+        delivery: Delivery,
+        stream: H2Stream,
+        ticket: JobTicketMessage,
+        printer: PrinterEntry,
+        earlier: LedgerEntry | None,
     ) -> None:
         started = time.monotonic()
         try:
             with delivery.scope:
                 async with self._job_slots:
                     try:
-                        delivery.status = await self._deliver(stream, ticket, printer)
+                        delivery.status = await self._deliver(stream, ticket, printer, earlier)
                     except (StreamClosed, SessionClosed) as exc:
                         delivery.status = JobStatus("retry", f"tunnel lost during delivery: {exc}")
             if delivery.canceled:
@@ -318,9 +369,12 @@ class Connector:
         await stream.send_data(status.encode(), end_stream=True)
         stream.reset(0)
 
-    async def _deliver(self, stream: H2Stream, ticket: JobTicketMessage, printer: PrinterEntry) -> JobStatus:
+    async def _deliver(
+        self, stream: H2Stream, ticket: JobTicketMessage, printer: PrinterEntry, earlier: LedgerEntry | None
+    ) -> JobStatus:
+        """Deliver one job; ``earlier``: its ledger entry, read after any earlier delivery of it ended
+        (``_deliveries`` keeps a second one from starting meanwhile)."""
         job_id = ticket.job_id
-        earlier = await self.ledger.get(job_id)
         try:
             dek = open_key(ticket.wrapped_key, self.keys.private_for(ticket.key_id), context=job_id.encode())
         except (KeyError, IntegrityError) as exc:
@@ -329,7 +383,7 @@ class Connector:
         # RAW and LPD printers print whatever bytes reach them, so a tunnel that drops mid-job would print
         # a fragment. For them the sealed payload is first received whole and verified into a local file
         # (still encrypted), then replayed. IPP printers discard an unfinished request by themselves.
-        buffered: Path | None = None
+        buffered: Path | bytes | None = None
         if not handed_on_accept:
             try:
                 buffered = await self._receive_verified(stream, dek, job_id)
@@ -338,10 +392,10 @@ class Connector:
 
         async def document() -> AsyncIterator[bytes]:
             opener = PayloadOpener(dek, job_id)
-            async for chunk in _read_file(buffered) if buffered else stream.iter_data():
-                for plain in opener.feed(chunk):
-                    self.metrics.printer_bytes.labels(printer.spec.kind).inc(len(plain))
-                    yield plain
+            printed = self.metrics.printer_bytes.labels(printer.spec.kind)
+            async for plain in _read_file(buffered, opener) if buffered else _open_stream(stream, opener):
+                printed.inc(len(plain))
+                yield plain
             opener.finish()
             if not handed_on_accept:
                 # RAW/LPD: pulling past the last chunk means the printer took every byte.
@@ -387,7 +441,7 @@ class Connector:
         except StreamClosed:
             raise  # the relay went away; it will resend, the ledger says how far we got
         finally:
-            if buffered is not None:
+            if isinstance(buffered, Path):
                 await trio.Path(buffered).unlink(missing_ok=True)
         self.deliveries += 1
         await self.ledger.record(job_id, printer.spec.id, result.state, result.message, result.printer_job_id)
@@ -406,23 +460,39 @@ class Connector:
         await self.ledger.record(job_id, printer.spec.id, "failed", f"integrity error: {exc}")
         return JobStatus("failed", f"payload integrity check failed: {exc}")
 
-    async def _receive_verified(self, stream: H2Stream, dek: bytes, job_id: str) -> Path:
-        """Receive the whole sealed payload into ``incoming/``, checking every chunk as it arrives."""
-        incoming = trio.Path(self.config.state_dir / "incoming")
-        await incoming.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = incoming / f"{job_id}.sealed"
+    async def _receive_verified(self, stream: H2Stream, dek: bytes, job_id: str) -> Path | bytes:
+        """Receive the whole sealed payload, authenticating every record: the bytes themselves when they
+        fit in IN_MEMORY_MAX, else a file in ``incoming/`` (written and checked FILE_BATCH bytes at a time in
+        a worker thread; the HTTP/2 window keeps the tunnel busy meanwhile)."""
         opener = PayloadOpener(dek, job_id)
+        batch: list[bytes] = []
+        held = 0
+        path = self.config.state_dir / "incoming" / f"{job_id}.sealed"
+        file: BinaryIO | None = None
         try:
-            async with await trio.open_file(path, "wb") as file:
-                async for chunk in stream.iter_data():
-                    opener.feed(chunk)
-                    await file.write(chunk)
+            async for chunk in stream.iter_data():
+                batch.append(chunk)
+                held += len(chunk)
+                if held >= FILE_BATCH and (file is not None or held > IN_MEMORY_MAX):
+                    if file is None:
+                        file = await trio.to_thread.run_sync(_create_incoming, path)
+                    await trio.to_thread.run_sync(_check_and_write, opener, batch, file)
+                    batch, held = [], 0
+            if file is None:
+                payload = b"".join(batch)
+                opener.feed(payload)
+                opener.finish()
+                return payload
+            await trio.to_thread.run_sync(_check_and_write, opener, batch, file)
             opener.finish()
+            await trio.to_thread.run_sync(file.close)
         except BaseException:
-            with trio.CancelScope(shield=True):
-                await path.unlink(missing_ok=True)
+            if file is not None:
+                file.close()
+                with trio.CancelScope(shield=True):
+                    await trio.Path(path).unlink(missing_ok=True)
             raise
-        return Path(path)
+        return path
 
     async def _status(self, stream: H2Stream, status: JobStatus, *, start: bool = False) -> None:
         if start:

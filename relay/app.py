@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -55,6 +56,7 @@ class Relay:
         )
         self.jobs.listeners.append(self.webhooks.notify)
         self._expiry_wakeup = Signal()
+        self._next_sweep_at = math.inf  # when the expiry sweep plans to look again
         self.draining = False
         self.streams_changed = Signal()
         self.rate_limiter = TokenRateLimiter(config.rate_limit, config.rate_burst)
@@ -131,8 +133,8 @@ class Relay:
     def job_accepted(self, job: Job) -> None:
         if job.state is JobState.QUEUED:
             self.job_queued(job)
-        if job.expires_at is not None:
-            self._expiry_wakeup.fire()  # it may expire before the sweep planned to wake
+        if job.expires_at is not None and job.expires_at < self._next_sweep_at:
+            self._expiry_wakeup.fire()  # it expires before the sweep planned to wake
 
     async def cancel_job(self, job: Job, reason: str = "canceled") -> bool:
         return await self.jobs.cancel(job, reason) is not None
@@ -142,9 +144,14 @@ class Relay:
 
     async def _expire_jobs(self) -> None:
         while True:
+            # A job accepted while we look wakes the next round at once; afterwards only one that
+            # expires before the planned round does (not every submit: each round is two queries).
+            self._next_sweep_at = math.inf
+            woken = self._expiry_wakeup.next_firing()
             for job in await self.store.expired_jobs(time.time(), 500):
                 await self.jobs.transition(job.id, JobEvent.EXPIRE, "not delivered before expires_at")
             soonest = await self.store.next_expiry()
             delay = EXPIRY_INTERVAL if soonest is None else min(EXPIRY_INTERVAL, soonest - time.time())
+            self._next_sweep_at = time.time() + max(0.05, delay)
             with trio.move_on_after(max(0.05, delay)):
-                await self._expiry_wakeup.wait()
+                await woken.wait()
