@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from relay.jobs import Job, JobEvent, JobState, new_job_id
 from relay.store.base import Conflict
@@ -77,6 +79,35 @@ async def test_a_cancelled_caller_does_not_lose_the_batch_of_others(store: Sqlit
             await store.insert_job(second, "accepted")
     assert await store.get_job("acme", first.id) is not None
     await store.insert_job(new_job(), "accepted")  # the store still works
+
+
+async def test_a_write_cancelled_while_its_batch_runs_reports_that_it_happened(store: SqliteStore) -> None:
+    """Like trio.to_thread: a write that reached the database returns normally even if its caller was
+    cancelled meanwhile, so the caller never undoes (erases the payload of) a job that is committed."""
+    job = new_job()
+    gate = threading.Event()
+    scope = trio.CancelScope()
+    returned: list[Job] = []
+
+    async def submitter() -> None:
+        with scope:
+            returned.append(await store.insert_job(job, "accepted"))
+
+    async def other_writer() -> None:
+        await store._write(lambda c: gate.wait(10))
+        # runs the next batch at once (no checkpoint in between), so the insert is in a batch it does not
+        # run itself; this write then cancels the inserting caller from inside that batch
+        await store._write(lambda c: trio.from_thread.run_sync(scope.cancel))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other_writer)
+        await trio.testing.wait_all_tasks_blocked()  # its first batch is in the worker thread
+        nursery.start_soon(submitter)
+        await trio.testing.wait_all_tasks_blocked()  # the insert waits for the next batch
+        gate.set()
+    assert scope.cancel_called
+    assert returned == [job]
+    assert await store.get_job("acme", job.id) is not None
 
 
 async def test_tenant_usage_counts_unfinished_jobs_and_survives_a_reopen(

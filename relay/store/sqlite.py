@@ -328,11 +328,14 @@ class SqliteStore:
                 if call in self._pending:  # not started: drop it
                     self._pending.remove(call)
                     raise
-                # Started: like a worker thread, it cannot be abandoned halfway; wait for its end.
+                # Started: like a worker thread, it cannot be abandoned halfway; wait for its end and
+                # return what it did, as trio.to_thread does. Raising Cancelled here would tell the
+                # caller that a committed write did not happen (submit would then erase the payload of
+                # a job it had just made durable). The scope stays cancelled: the caller's next
+                # checkpoint raises.
                 with trio.CancelScope(shield=True):
                     while call.result is None:
                         await self._batch_done.wait()
-                raise
         return call.result.unwrap()
 
     async def _run_batch(self) -> None:
