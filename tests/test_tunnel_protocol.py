@@ -6,6 +6,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import hyperframe.frame
 import pytest
 
 from tunnel.backoff import Backoff
@@ -28,7 +29,7 @@ def test_our_settings_and_windows_are_advertised() -> None:
     server, attacker = connector_and_hostile_relay(TunnelSettings())
     attacker.receive_data(server.data_to_send())
     remote = attacker.remote_settings
-    assert remote.initial_window_size == 1024 * 1024
+    assert remote.initial_window_size == 8 * 1024 * 1024
     assert remote.max_frame_size == 256 * 1024
     assert attacker.outbound_flow_control_window >= 16 * 1024 * 1024
 
@@ -121,3 +122,12 @@ def test_backoff_is_full_jitter_capped_and_resets_after_a_stable_session() -> No
     assert backoff.attempt > 0
     backoff.session_ended(lasted=31)
     assert backoff.attempt == 0
+
+
+def test_data_frames_are_not_hex_encoded_whole_for_h2s_trace_line() -> None:
+    """h2 formats every received frame (``repr``) even with no logger: the text must come from the first
+    bytes, not from the whole payload, and still read like hyperframe's."""
+    big = hyperframe.frame.DataFrame(1, b"\xab" * (1024 * 1024))
+    assert repr(big).endswith("<hex:abababababababababab...>")
+    assert repr(hyperframe.frame.DataFrame(1, b"\x01\x02")).endswith("<hex:0102>")
+    assert repr(hyperframe.frame.DataFrame(1, b"")).endswith("None")
