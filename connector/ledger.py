@@ -108,10 +108,11 @@ class Ledger:
                 if call in self._pending:  # not started: drop it
                     self._pending.remove(call)
                     raise
-                with trio.CancelScope(shield=True):  # started: wait for its end, like a worker thread
+                # Started: wait for its end and return what it did, like trio.to_thread (the caller's
+                # next checkpoint raises Cancelled); raising now would deny a write that is on disk.
+                with trio.CancelScope(shield=True):
                     while call.result is None:
                         await self._batch_done.wait()
-                raise
         return call.result.unwrap()
 
     async def _run_batch(self) -> None:

@@ -32,7 +32,11 @@ async def wait_completed(
                 for job_id in job_ids:
                     if job_id in done:
                         continue
-                    job = (await client.get(f"/v1/jobs/{job_id}")).json()
+                    response = await client.get(f"/v1/jobs/{job_id}")
+                    if response.status_code == 429:  # polling faster than the token's rate_limit
+                        await trio.sleep(float(response.headers.get("retry-after", "0.1")) or 0.1)
+                        continue
+                    job = response.json()
                     if job["state"] in ("completed", "failed", "canceled", "expired"):
                         done[job_id] = job
                 await trio.sleep(0.1)
