@@ -419,7 +419,7 @@ class Connector:
             earlier_printer_job=earlier.printer_job_id if earlier and earlier.state == "created" else None,
         )
         if job.earlier_printer_job is None:
-            await self.ledger.record(job_id, printer.spec.id, "started", f"attempt {ticket.attempt}")
+            self.ledger.note_started(job_id, printer.spec.id, f"attempt {ticket.attempt}")
 
         async def journal(printer_job_id: int) -> None:
             # Durable before the first document byte leaves: see connector/ledger.py.

@@ -54,6 +54,21 @@ class LedgerEntry:
     updated_at: float
 
 
+RECORD = (
+    "INSERT INTO deliveries (job_id, printer_id, state, message, printer_job_id, started_at, updated_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET state = excluded.state, "
+    "message = excluded.message, printer_job_id = COALESCE(excluded.printer_job_id, printer_job_id), "
+    "updated_at = excluded.updated_at"
+)
+
+
+def _record_args(
+    job_id: str, printer_id: str, state: str, message: str, printer_job_id: int | None
+) -> tuple[Any, ...]:
+    now = time.time()
+    return (job_id, printer_id, state, message, printer_job_id, now, now)
+
+
 @dataclass(eq=False)
 class _Call:
     fn: Callable[[sqlite3.Connection], list[Any]]
@@ -84,6 +99,8 @@ class Ledger:
         self._conn = await trio.to_thread.run_sync(_open)
 
     async def close(self) -> None:
+        if self._pending and self._conn is not None and not self._running:
+            await self._run_batch()  # queued notes (``note_started``) go to disk too
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await trio.to_thread.run_sync(conn.close, limiter=self._limiter)
@@ -162,16 +179,18 @@ class Ledger:
     async def record(
         self, job_id: str, printer_id: str, state: str, message: str = "", printer_job_id: int | None = None
     ) -> None:
-        now = time.time()
-        await self._run(
-            "INSERT INTO deliveries (job_id, printer_id, state, message, printer_job_id, started_at, "
-            "updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET state = excluded.state, "
-            "message = excluded.message, printer_job_id = COALESCE(excluded.printer_job_id, printer_job_id), "
-            "updated_at = excluded.updated_at",
-            (job_id, printer_id, state, message, printer_job_id, now, now),
-            write=True,
-        )
+        """Record the job's state; returns once it is on disk."""
+        await self._run(RECORD, _record_args(job_id, printer_id, state, message, printer_job_id), write=True)
+
+    def note_started(self, job_id: str, printer_id: str, message: str) -> None:
+        """Record ``started`` with the next batch, without waiting for it (no fsync on the job's path).
+
+        Only ``started`` may skip the wait: the ledger treats it like no entry at all (deliver again),
+        so a crash that loses it changes nothing. The next call (this delivery's ``handed``, or any
+        other) commits it first: batches run their writes in order.
+        """
+        args = _record_args(job_id, printer_id, "started", message, None)
+        self._pending.append(_Call(lambda c: c.execute(RECORD, args).fetchall(), write=True))
 
     async def size(self) -> int:
         rows = await self._run("SELECT COUNT(*) FROM deliveries", ())

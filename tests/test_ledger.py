@@ -46,3 +46,21 @@ async def test_a_cancelled_caller_leaves_the_ledger_usable(tmp_path: Path) -> No
     await ledger.record("c", "p1", "completed")
     assert (await ledger.get("c")) is not None
     await ledger.close()
+
+
+async def test_started_is_noted_without_a_wait_and_committed_before_the_next_record(tmp_path: Path) -> None:
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    await ledger.open()
+    ledger.note_started("a", "p1", "attempt 1")
+    batches = ledger.batches
+    await ledger.record("a", "p1", "handed", "printer took every byte")
+    assert ledger.batches == batches + 1  # one commit for both
+    entry = await ledger.get("a")
+    assert entry is not None and entry.state == "handed"  # in order: started, then handed
+    ledger.note_started("b", "p1", "attempt 1")
+    await ledger.close()  # a note nobody followed is committed at close
+    reopened = Ledger(tmp_path / "ledger.sqlite3")
+    await reopened.open()
+    entry = await reopened.get("b")
+    assert entry is not None and entry.state == "started" and entry.message == "attempt 1"
+    await reopened.close()
