@@ -173,7 +173,9 @@ class H2Stream:
                 continue
             size = min(len(view), window)
             last = end_stream and size == len(view)
-            session._send_data(self.stream_id, bytes(view[:size]), end_stream=last)
+            # Whole: no copy (h2 only reads it); part of it: a copy that h2 may keep.
+            piece = data if size == len(data) and isinstance(data, bytes) else bytes(view[:size])
+            session._send_data(self.stream_id, piece, end_stream=last)
             view = view[size:]
             await session._wait_output_room()
             if last:

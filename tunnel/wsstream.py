@@ -36,8 +36,11 @@ class WebSocketStream(trio.abc.Stream):
         return self._ws
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
         try:
+            if isinstance(data, bytes) and len(data) <= MAX_BATCH_BYTES:
+                await self._ws.send_message(data)  # the common case: the session's writer sends batches
+                return
+            view = memoryview(data)
             for start in range(0, len(view), MAX_BATCH_BYTES):
                 await self._ws.send_message(bytes(view[start : start + MAX_BATCH_BYTES]))
         except ConnectionClosed as exc:
