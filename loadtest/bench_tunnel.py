@@ -18,7 +18,7 @@ SHA-256 of every job it receives, hashing in a worker thread so that it is not t
 ``direct (sink not hashing)`` is the same copy into a sink that only counts bytes: the machine's ceiling,
 not a baseline (every other path is verified).
 
-Cases: one 1 GiB job; 32 jobs of 64 MiB at once (32 printers). While the 1 GiB job streams, the RSS of the
+Cases: one 1 GiB job; 32 jobs of 64 MiB at once (32 printers). While the jobs stream, the CPU and RSS of the
 relay and of the connector are sampled every 0.1 s.
 """
 
@@ -387,10 +387,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                         entry["job_vs_websockify"] = round(
                             entry["printrelay_job_mb_s"] / entry["websockify_mb_s"], 2
                         )
-                        if case.jobs == 1:
-                            window = (p["released_at"], p["done_at"])
-                            entry["relay_streaming"] = monitor.summary("relay", *window)
-                            entry["connector_streaming"] = monitor.summary("connector", *window)
+                        window = (p["released_at"], p["done_at"])
+                        entry["relay_streaming"] = monitor.summary("relay", *window)
+                        entry["connector_streaming"] = monitor.summary("connector", *window)
                         results["cases"][case.name] = entry
                         print(f"{case.name}: {json.dumps(entry)}", flush=True)
                     results["relay_overall"] = monitor.summary("relay")
@@ -433,11 +432,12 @@ def main(argv: list[str] | None = None) -> int:
             f"({entry['tunnel_vs_websockify']}x websockify, {entry['tunnel_vs_direct']}x direct), "
             f"whole RAW job {entry['printrelay_job_mb_s']} MB/s"
         )
-        if "relay_streaming" in entry:
-            print(
-                f"  RSS while streaming: relay peak {entry['relay_streaming']['max_sampled_rss_mib']} MiB, "
-                f"connector peak {entry['connector_streaming']['max_sampled_rss_mib']} MiB"
-            )
+        relay, connector = entry["relay_streaming"], entry["connector_streaming"]
+        print(
+            f"  while streaming: relay {relay['cpu_percent']} % CPU, "
+            f"peak RSS {relay['max_sampled_rss_mib']} MiB; "
+            f"connector {connector['cpu_percent']} % CPU, peak RSS {connector['max_sampled_rss_mib']} MiB"
+        )
     return 0
 
 
