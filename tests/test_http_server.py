@@ -530,3 +530,28 @@ async def test_http_error_raised_inside_handler_nursery(nursery: trio.Nursery) -
     await c.send(get("/"))
     r = await c.response()
     assert r.status == 404 and json.loads(r.body) == {"error": "printer p1 not found"}
+
+
+async def test_a_complete_answer_leaves_in_one_write(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Head, body and end of a bytes response go out in one send (one syscall per answer)."""
+    from relay.http import server as server_module
+
+    writes: list[bytes] = []
+    original = server_module._Connection._send
+
+    async def counting_send(
+        self: server_module._Connection, data: bytes | None, within: float | None = None
+    ) -> None:
+        if data:
+            writes.append(data)
+        await original(self, data, within)
+
+    monkeypatch.setattr(server_module._Connection, "_send", counting_send)
+    _, port = await start_server(nursery)
+    c = await RawClient.connect(port)
+    await c.send(get("/hello"))
+    r = await c.response()
+    assert r.status == 200 and json.loads(r.body)["path"] == "/hello"
+    assert len(writes) == 1 and writes[0].endswith(r.body)

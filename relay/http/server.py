@@ -547,12 +547,16 @@ class _Connection:
             await _aclose_body(body)
             await self._send_error(500, "internal server error")
             return
-        await self._send(self._h11.send(head))
-
         if isinstance(body, bytes | bytearray | memoryview):
+            # Head, body and end in one write: one syscall (and one packet) for most answers.
+            data = self._h11.send(head) or b""
             if body and not bodyless:
-                await self._send(self._h11.send(h11.Data(data=bytes(body))))
-        elif bodyless:
+                data += self._h11.send(h11.Data(data=bytes(body))) or b""
+            data += self._h11.send(h11.EndOfMessage()) or b""
+            await self._send(data)
+            return
+        await self._send(self._h11.send(head))
+        if bodyless:
             await _aclose_body(body)
         else:
             await self._stream_body(request, body)
