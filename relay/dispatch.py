@@ -23,9 +23,10 @@ import math
 import random
 import time
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
+from hpack import NeverIndexedHeaderTuple
 
 from relay.jobs import Job, JobEvent, JobHistoryEntry
 from tunnel.messages import NDJSON, TICKET_HEADER, JobStatus, JobTicketMessage, LineSplitter, MessageError
@@ -132,7 +133,10 @@ class Dispatcher:
             stream = await h2.open_stream(
                 "POST",
                 f"/v1/jobs/{job.id}",
-                [(TICKET_HEADER, ticket.encode())],  # size is in the ticket; the connector checks integrity
+                # Never indexed (RFC 7541 §7.1.3): the ticket carries the wrapped key, and each one is unique,
+                # so adding it to the HPACK tables would only evict useful entries, on both sides.
+                # The size is in the ticket; the connector checks integrity.
+                [cast(tuple[str, str], NeverIndexedHeaderTuple(TICKET_HEADER, ticket.encode()))],
             )
         except (StreamClosed, SessionClosed) as exc:
             await self._requeue(job, f"tunnel lost before sending: {exc}")
