@@ -82,9 +82,11 @@ class PrinterEntry:
 # A RAW/LPD job's sealed payload is received whole before the printer gets a byte (see _deliver): up to
 # IN_MEMORY_MAX bytes in memory, beyond that in incoming/. Files are written, read and checked in batches of
 # FILE_BATCH bytes in a worker thread (AES-GCM releases the GIL), so the event loop keeps serving the
-# tunnel meanwhile and pays one thread hop per batch instead of one per HTTP/2 DATA frame.
+# tunnel meanwhile and pays one thread hop per batch instead of one per HTTP/2 DATA frame. A delivery
+# holds about two batches at a time, and --max-jobs deliveries run at once: with 32 jobs of 64 MiB, 1 MiB
+# batches cost the connector ~20 MiB more RSS than 512 KiB ones, for no measurable gain on one job.
 IN_MEMORY_MAX = 1024 * 1024
-FILE_BATCH = 1024 * 1024
+FILE_BATCH = 512 * 1024
 
 
 def _check_and_write(opener: PayloadOpener, chunks: list[bytes], file: BinaryIO) -> None:
