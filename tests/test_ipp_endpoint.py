@@ -279,13 +279,14 @@ async def test_cancel_job_before_and_after_the_document(relay_stack: RelayStack)
     assert isinstance(queued, int) and printed.value(JOB, "job-state") == JobState.PENDING
     async with relay_stack.client() as rest:
         [job] = (await rest.get("/v1/jobs?state=queued")).json()["jobs"]
-    assert relay_stack.relay.spool.path(job["id"]).exists()
+    assert await relay_stack.relay.store.get_payload(job["id"]) is not None  # small: kept with the job row
     by_uri = client.request(Operation.CANCEL_JOB)
     del by_uri.operation.attributes["printer-uri"]
     by_uri.operation.add("job-uri", ValueTag.URI, f"{client.uri}/{queued}")
     assert (await client.send(by_uri)).code == Status.SUCCESSFUL_OK
     assert await client.job_state(queued) == JobState.CANCELED
-    assert not relay_stack.relay.spool.path(job["id"]).exists()  # erased at once
+    assert await relay_stack.relay.store.get_payload(job["id"]) is None  # erased at once
+    assert not relay_stack.relay.spool.path(job["id"]).exists()
     again = await client.send(client.request(Operation.CANCEL_JOB, job_id=(ValueTag.INTEGER, queued)))
     assert again.code == Status.CLIENT_ERROR_NOT_POSSIBLE
 

@@ -134,7 +134,8 @@ async def test_relay_and_connector_expositions(relay_stack: RelayStack, raw_sink
             assert r.status_code == 201, r.text
             ids.append(r.json()["id"])
         assert (await client.get("/v1/jobs/nope")).status_code == 404
-        held = await client.post("/v1/printers/label/jobs?hold=true", content=b"later")
+        # larger than INLINE_MAX, so its payload is a spool file (smaller ones live in the database)
+        held = await client.post("/v1/printers/label/jobs?hold=true", content=b"later" * 20_000)
         assert held.status_code == 201
     for job_id in ids:
         assert (await relay_stack.wait_job(job_id))["state"] == "completed"
