@@ -29,7 +29,7 @@ def test_our_settings_and_windows_are_advertised() -> None:
     server, attacker = connector_and_hostile_relay(TunnelSettings())
     attacker.receive_data(server.data_to_send())
     remote = attacker.remote_settings
-    assert remote.initial_window_size == 8 * 1024 * 1024
+    assert remote.initial_window_size == 256 * 1024  # a stream's window before anyone reads it
     assert remote.max_frame_size == 256 * 1024
     assert attacker.outbound_flow_control_window >= 16 * 1024 * 1024
 

@@ -198,3 +198,32 @@ async def test_close_sends_goaway_and_both_sides_end() -> None:
             await stream.receive_response()
         with pytest.raises(SessionClosed):
             await client.open_stream("POST", "/v1/jobs/b")
+
+
+async def test_streams_waiting_for_their_printer_do_not_starve_the_one_being_printed() -> None:
+    """One printer, one job at a time (the connector's ``printer.busy``): the streams queued behind it are
+    not read, and must not use up the connection window that the job being printed needs."""
+    settings = TunnelSettings()  # 8 MiB per stream being read, 16 MiB per connection
+    printer = trio.Lock()
+    printed: dict[str, int] = {}
+
+    async def one_printer(stream: H2Stream) -> None:
+        async with printer:
+            printed[stream.path] = sum([len(chunk) async for chunk in stream.iter_data()])
+        await stream.send_response(200, end_stream=True)
+
+    async def submit(client: H2Session, path: str, size: int) -> None:
+        stream = await client.open_stream("POST", path)
+        await stream.send_data(b"x" * size, end_stream=True)
+        await stream.receive_response()
+
+    async with session_pair(one_printer, settings) as (client, _server):
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for n in range(8):  # 8 x 4 MiB waiting would be 32 MiB of a 16 MiB connection window
+                    nursery.start_soon(submit, client, f"/v1/jobs/{n}", 4 * 1024 * 1024)
+                nursery.start_soon(submit, client, "/v1/jobs/big", 20 * 1024 * 1024)
+    assert printed == {
+        **{f"/v1/jobs/{n}": 4 * 1024 * 1024 for n in range(8)},
+        "/v1/jobs/big": 20 * 1024 * 1024,
+    }

@@ -29,11 +29,14 @@ MiB = 1024 * KiB
 class TunnelSettings:
     """Limits and windows of one tunnel session; both sides use the same defaults."""
 
-    # Flow control (DESIGN §4): a stream may have 8 MiB in flight, the connection 16 MiB; data is
-    # acknowledged only once the consumer (the printer side) took it. The consumer takes data in batches
-    # (the connector checks and writes 1 MiB at a time) and the two processes share a busy machine: with a
-    # 1 MiB stream window the relay sat waiting for WINDOW_UPDATEs (a single stream ran at 0.6-0.8x).
+    # Flow control (DESIGN §4): a stream being read may have 8 MiB in flight, the connection 16 MiB; data
+    # is acknowledged only once the consumer (the printer side) took it. The consumer takes data in
+    # batches and the two processes share a busy machine: with a 1 MiB stream window the relay sat waiting
+    # for WINDOW_UPDATEs. A stream nobody reads yet (a job waiting for its printer) gets only
+    # unread_stream_window, the window every stream starts with: streams waiting their turn must not use
+    # up the connection window that the stream being printed needs (32 waiting jobs x 256 KiB = 8 MiB).
     stream_window: int = 8 * MiB
+    unread_stream_window: int = 256 * KiB
     connection_window: int = 16 * MiB
     # Pure-Python h2 pays per frame, so large frames are cheaper; the WebSocket batch caps them anyway.
     max_frame_size: int = 256 * KiB
@@ -144,7 +147,7 @@ class TunnelProtocol:
         self.conn.local_settings = h2.settings.Settings(
             client=client_side,
             initial_values={
-                codes.INITIAL_WINDOW_SIZE: settings.stream_window,
+                codes.INITIAL_WINDOW_SIZE: min(settings.unread_stream_window, settings.stream_window),
                 codes.MAX_FRAME_SIZE: settings.max_frame_size,
                 codes.MAX_CONCURRENT_STREAMS: settings.max_concurrent_streams,
                 codes.MAX_HEADER_LIST_SIZE: settings.max_header_list_size,

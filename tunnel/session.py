@@ -68,6 +68,7 @@ class H2Stream:
         self.response_headers: Headers | None = None
         self._chunks: deque[tuple[bytes, int]] = deque()
         self._unacked = 0
+        self._window_opened = False
         self._ended = False
         self._closed_reason: str | None = None
         self._reset_code: int | None = None
@@ -111,7 +112,11 @@ class H2Stream:
         return self.response_headers
 
     async def iter_data(self) -> AsyncIterator[bytes]:
-        """Yield the body as it arrives; each chunk is acknowledged when the next one is asked for."""
+        """Yield the body as it arrives; each chunk is acknowledged when the next one is asked for.
+
+        The stream starts with the small unread_stream_window; reading it opens the full stream_window.
+        """
+        self._session._open_window(self)
         while True:
             self._acknowledge()
             while not self._chunks:
@@ -518,6 +523,22 @@ class H2Session:
             return int(self._conn.local_flow_control_window(stream_id))
         except h2.exceptions.ProtocolError as exc:
             raise StreamClosed(f"stream {stream_id} closed: {exc}") from exc
+
+    def _open_window(self, stream: H2Stream) -> None:
+        """Raise a stream's receive window from unread_stream_window to stream_window, once."""
+        if stream._window_opened or self._closed is not None:
+            return
+        stream._window_opened = True
+        increment = self.settings.stream_window - min(
+            self.settings.unread_stream_window, self.settings.stream_window
+        )
+        if increment <= 0:
+            return
+        try:
+            self._conn.increment_flow_control_window(increment, stream_id=stream.stream_id)
+        except h2.exceptions.ProtocolError:
+            return  # the stream is already closed: no window to open
+        self._flush()
 
     def _acknowledge(self, stream_id: int, size: int) -> None:
         if self._closed is not None:
