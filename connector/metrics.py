@@ -45,8 +45,8 @@ class _LiveState(Collector):
         reconnects = CounterMetricFamily(
             "printrelay_connector_tunnel_reconnects",
             "Times the connector dialed the relay again, by why the last attempt ended "
-            "(session_ended, refused: HTTP 401 or similar, busy: HTTP 503 from a relay under a reconnect storm, "
-            "unreachable)",
+            "(session_ended, refused: HTTP 401 or similar, "
+            "busy: HTTP 503 from a relay under a reconnect storm, unreachable)",
             labels=["reason"],
         )
         for reason in ("session_ended", "refused", "busy", "unreachable"):
