@@ -44,6 +44,10 @@ PROGRESS_TIMEOUT = 24 * 3600.0
 NO_ANSWER = "connector did not answer in time"
 
 
+class PayloadMissing(Exception):
+    """The spool no longer holds a job's payload (lost disk, hand-deleted file)."""
+
+
 def retry_delay(attempts: int, base: float, cap: float) -> float:
     """Exponential backoff with jitter: half fixed, half random, so retries neither bunch nor vanish."""
     ceiling = min(cap, base * 2.0 ** max(0, attempts - 1))
@@ -142,11 +146,15 @@ class Dispatcher:
             await self._requeue(job, f"tunnel lost before sending: {exc}")
             return
         self._streams[job.id] = stream
+        outcome: JobStatus | str | None
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._upload, stream, job)
                 outcome = await self._result(stream, job)
                 nursery.cancel_scope.cancel()  # the connector may answer before it read everything
+        except* PayloadMissing:
+            # No attempt can ever succeed, so fail the job instead of queueing it again.
+            outcome = JobStatus("failed", "payload is missing from the relay's spool")
         finally:
             self._streams.pop(job.id, None)
             stream.reset(ErrorCodes.NO_ERROR)  # no-op once both sides ended; frees the stream
@@ -176,6 +184,7 @@ class Dispatcher:
             return JobStatus("retry", f"connector sent a malformed status: {exc}")
 
     async def _upload(self, stream: H2Stream, job: Job) -> None:
+        """Send the sealed payload; PayloadMissing if the spool has lost it."""
         try:
             inline = (
                 await self.relay.store.get_payload(job.id)
@@ -194,11 +203,13 @@ class Dispatcher:
         except (StreamClosed, SessionClosed):
             pass  # the response side reports what happened
         except FileNotFoundError:
-            stream.reset()
+            # Not CANCEL: to the connector that means the user canceled the job.
+            stream.reset(ErrorCodes.INTERNAL_ERROR)
             log.error(
                 "payload of job %s is missing from the spool", job.id,
                 extra={"job_id": job.id, "tenant": job.tenant, "connector_id": job.connector_id},
             )  # fmt: skip
+            raise PayloadMissing(job.id) from None
 
     async def _follow(self, stream: H2Stream, job: Job) -> JobStatus | None:
         if NDJSON not in (stream.header("content-type", stream.response_headers) or ""):

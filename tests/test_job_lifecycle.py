@@ -78,6 +78,21 @@ async def test_a_tampered_payload_fails_with_an_integrity_error_and_prints_nothi
     assert raw_sink.documents == []
 
 
+async def test_a_payload_lost_from_the_spool_fails_the_job_and_is_not_taken_for_a_cancel(
+    relay_stack: RelayStack, raw_sink: RawSink
+) -> None:
+    await relay_stack.start_connector({"label": raw_sink.uri})
+    async with relay_stack.client() as client:
+        job = await submit(client, "label", os.urandom(700_000), hold="true")
+        [path] = [p for p in files_under(relay_stack.relay.config.data_dir) if p.suffix == ".sealed"]
+        path.unlink()
+        await client.post(f"/v1/jobs/{job['id']}/release")
+    done = await relay_stack.wait_job(job["id"])
+    assert done["state"] == "failed", done
+    assert "missing" in done["last_error"] and done["attempts"] == 1
+    assert raw_sink.documents == []
+
+
 async def test_hold_release_to_another_printer_of_the_same_connector(
     relay_stack: RelayStack, raw_sink: RawSink
 ) -> None:
