@@ -141,6 +141,25 @@ async def test_ping_measures_rtt_and_a_silent_peer_is_declared_dead(
         assert "silent" in (client.close_reason or "")
 
 
+async def test_the_relay_side_pings_only_a_quiet_peer_and_once_a_minute_for_the_rtt(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    settings = TunnelSettings(ping_interval=15, dead_after=45, rtt_interval=60)
+    left, right = trio.testing.memory_stream_pair()
+    relay = H2Session(left, client_side=True, settings=settings)
+    connector = H2Session(right, client_side=False, settings=settings, handler=echo_digest)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(relay.run)
+        await nursery.start(connector.run)
+        await trio.sleep(610)
+        assert relay.is_open and connector.is_open
+        nursery.cancel_scope.cancel()
+    assert connector.stats.pings_sent == 40
+    assert relay.stats.last_rtt is not None
+    # the first PING at 15 s, then one per rtt_interval: the connector's PINGs show it is alive
+    assert relay.stats.pings_sent == 1 + (610 - 15) // 60
+
+
 async def test_a_session_killed_mid_stream_fails_the_stream() -> None:
     got_some = trio.Event()
 

@@ -51,6 +51,8 @@ class TunnelSettings:
     # Writers pause above this many unsent bytes, so a fast sender cannot fill memory.
     output_high_water: int = 1 * MiB
     ping_interval: float = 15.0
+    # The client side (the relay) pings only a quiet peer, plus once per rtt_interval for the round trip.
+    rtt_interval: float = 60.0
     dead_after: float = 45.0
     send_timeout: float = 45.0
 
