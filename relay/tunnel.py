@@ -122,22 +122,37 @@ class ConnectorRegistry:
         return len(closing)
 
     async def watch_tokens(self, store: Store, interval: float = TOKEN_RECHECK_INTERVAL) -> None:
-        """Close the sessions of connector tokens revoked, expired or deleted since they registered."""
+        """Close the sessions of connector tokens revoked, expired or deleted since they registered.
+
+        Only another process (the CLI) revokes or deletes tokens, so the store is asked again only about
+        tokens it has not been asked about since its last outside write; expiry is checked in memory.
+        """
+        valid: dict[str, float | None] = {}  # token id -> expires_at, read since outside write `version`
+        version: int | None = None
         while True:
             await trio.sleep(interval)
+            live = {s.principal.token_id for s in self.sessions()}
+            current = await store.outside_writes()  # before the reads, so a revoke in between is seen
+            if current != version:
+                version, valid = current, {}
+            unknown = sorted(live - valid.keys())
+            records = await store.get_tokens(unknown) if unknown else {}
             now = time.time()
-            live = sorted({s.principal.token_id for s in self.sessions()})
-            records = await store.get_tokens(live) if live else {}
-            for token_id in live:
+            closing: dict[str, str] = {}
+            for token_id in unknown:
                 record = records.get(token_id)
                 if record is None:
-                    reason = "token deleted"
+                    closing[token_id] = "token deleted"
                 elif record.revoked_at is not None:
-                    reason = "token revoked"
-                elif record.expires_at is not None and record.expires_at <= now:
-                    reason = "token expired"
+                    closing[token_id] = "token revoked"
                 else:
-                    continue
+                    valid[token_id] = record.expires_at
+            valid = {t: expires_at for t, expires_at in valid.items() if t in live}
+            for token_id, expires_at in list(valid.items()):
+                if expires_at is not None and expires_at <= now:
+                    closing[token_id] = "token expired"
+                    del valid[token_id]
+            for token_id, reason in sorted(closing.items()):
                 tenants = {s.tenant for s in self.sessions() if s.principal.token_id == token_id}
                 closed = self.close_token_sessions(token_id, reason)
                 for tenant in tenants:

@@ -35,9 +35,15 @@ class RelayStack:
         return secret
 
     async def start_connector(
-        self, printers: dict[str, str], *, tenant: str = "acme", connector_id: str = "site-1", **kw: Any
+        self,
+        printers: dict[str, str],
+        *,
+        tenant: str = "acme",
+        connector_id: str = "site-1",
+        token_expires_in: float | None = None,
+        **kw: Any,
     ) -> Connector:
-        token = await self.token("connector", tenant, connector_id=connector_id)
+        token = await self.token("connector", tenant, connector_id=connector_id, expires_in=token_expires_in)
         config = ConnectorConfig(
             relay=self.tunnel_url,
             token=token,

@@ -7,7 +7,9 @@ import logging
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
@@ -18,8 +20,11 @@ from fixtures_relay import RelayStack
 from connector.app import Connector
 from connector.config import ConnectorConfig, parse_printer
 from relay import audit
-from relay.auth import AuthError, authenticate, hash_secret, new_token
+from relay.auth import AuthError, Principal, authenticate, hash_secret, new_token
 from relay.ratelimit import TokenRateLimiter
+from relay.store.base import TokenRecord
+from relay.store.sqlite import SqliteStore, open_connection, revoke_token_sync
+from relay.tunnel import ConnectorRegistry, ConnectorSession
 from tunnel.wsstream import SUBPROTOCOL
 
 
@@ -56,6 +61,17 @@ async def test_revoking_a_connector_token_from_the_cli_closes_its_session_within
     assert closed[-1]["action"] == "connector.session_closed" and closed[-1]["reason"] == "token revoked"
     # The connector dials again and is refused before the upgrade.
     assert await relay_stack.relay.store.get_token(session.principal.token_id) is not None
+
+
+async def test_a_connector_session_ends_when_its_token_expires(
+    relay_stack: RelayStack, raw_sink: RawSink
+) -> None:
+    await relay_stack.start_connector({"label": raw_sink.uri}, token_expires_in=3)
+    (session,) = relay_stack.relay.registry.sessions()
+    with trio.fail_after(10):
+        while session in relay_stack.relay.registry.sessions():
+            await relay_stack.relay.registry.changed.wait()
+    assert session.h2.close_reason == "token expired"
 
 
 async def test_revoked_api_token_is_refused_at_its_next_request(relay_stack: RelayStack) -> None:
@@ -194,3 +210,77 @@ async def test_a_relay_busy_registering_answers_503_with_retry_after_and_the_con
         await relay_stack.relay.registry.sessions()[0].registered.wait()
     assert admission.registering == 0  # the registered session gave its slot back
     connector.tunnel.stopping = True
+
+
+class StandInSession:
+    """What watch_tokens uses of a ConnectorSession."""
+
+    def __init__(self, registry: ConnectorRegistry, connector_id: str, token_id: str) -> None:
+        self.key = ("acme", connector_id)
+        self.tenant = "acme"
+        self.principal = Principal("acme", "connector", token_id, connector_id=connector_id)
+        self.h2 = self
+        self.closed: str | None = None
+        self._registry = registry
+
+    def close(self, reason: str) -> None:
+        self.closed = reason
+        self._registry.remove(cast(ConnectorSession, self))
+
+
+class CountingStore(SqliteStore):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.asked: list[list[str]] = []
+        self.rounds = 0
+        self.round_done = trio.Event()
+
+    async def get_tokens(self, token_ids: Sequence[str]) -> dict[str, TokenRecord]:
+        self.asked.append(list(token_ids))
+        return await super().get_tokens(token_ids)
+
+    async def outside_writes(self) -> int:
+        self.rounds += 1
+        self.round_done.set()
+        self.round_done = trio.Event()
+        return await super().outside_writes()
+
+
+async def test_idle_sessions_tokens_are_read_again_only_after_another_process_writes(tmp_path: Path) -> None:
+    store = CountingStore(tmp_path / "relay.sqlite3")
+    await store.open()
+    registry = ConnectorRegistry()
+    sessions = []
+    for n in range(3):
+        _, record = new_token("acme", "connector", connector_id=f"c{n}")
+        await store.add_token(record)
+        sessions.append(StandInSession(registry, f"c{n}", record.id))
+        registry.add(cast(ConnectorSession, sessions[-1]))
+
+    async def rounds(n: int) -> None:
+        target = store.rounds + n
+        while store.rounds < target:
+            await store.round_done.wait()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(registry.watch_tokens, store, 0.01)
+            with trio.fail_after(10):
+                await rounds(5)
+            assert store.asked == [sorted(s.principal.token_id for s in sessions)]  # once, all together
+
+            def revoke_elsewhere() -> None:
+                conn = open_connection(tmp_path / "relay.sqlite3")
+                revoke_token_sync(conn, sessions[1].principal.token_id, time.time())
+                conn.close()
+
+            await trio.to_thread.run_sync(revoke_elsewhere)
+            with trio.fail_after(10):
+                while sessions[1].closed is None:
+                    await registry.changed.wait()
+            assert sessions[1].closed == "token revoked"
+            assert store.asked[1] == sorted(s.principal.token_id for s in sessions)
+            assert sessions[0].closed is None and sessions[2].closed is None
+            nursery.cancel_scope.cancel()
+    finally:
+        await store.close()

@@ -435,6 +435,9 @@ class SqliteStore:
 
         return await self._run(select)
 
+    async def outside_writes(self) -> int:
+        return await self._run(lambda c: int(c.execute("PRAGMA data_version").fetchone()[0]))
+
     async def list_tokens(self, tenant: str | None = None) -> list[TokenRecord]:
         return await self._run(lambda c: list_tokens_sync(c, tenant))
 
