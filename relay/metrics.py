@@ -279,8 +279,13 @@ class RelayMetrics:
         r.register(self.traffic)
 
         # spool
-        self.spool_bytes = Gauge("printrelay_spool_bytes", "Sealed payload bytes in the spool", registry=r)
-        self.spool_files = Gauge("printrelay_spool_files", "Payload files in the spool", registry=r)
+        # Payloads up to spool.inline_max (64 KiB) live in the database, not in files: see tenant usage.
+        self.spool_bytes = Gauge(
+            "printrelay_spool_bytes", "Sealed payload bytes in spool files (payloads over 64 KiB)", registry=r
+        )
+        self.spool_files = Gauge(
+            "printrelay_spool_files", "Payload files in the spool (payloads over 64 KiB)", registry=r
+        )
         self.spool_fs_avail = Gauge(
             "printrelay_spool_filesystem_avail_bytes", "Free bytes on the spool's filesystem", registry=r
         )
