@@ -131,3 +131,20 @@ def test_data_frames_are_not_hex_encoded_whole_for_h2s_trace_line() -> None:
     assert repr(big).endswith("<hex:abababababababababab...>")
     assert repr(hyperframe.frame.DataFrame(1, b"\x01\x02")).endswith("<hex:0102>")
     assert repr(hyperframe.frame.DataFrame(1, b"")).endswith("None")
+
+
+def test_headers_are_sent_without_huffman_coding_and_still_decode() -> None:
+    relay = TunnelProtocol(TunnelSettings(), client_side=True)
+    connector = TunnelProtocol(TunnelSettings(), client_side=False)
+    relay.initiate()
+    connector.initiate()
+    connector.receive_data(relay.data_to_send(), now=0.0)
+    relay.receive_data(connector.data_to_send(), now=0.0)
+    ticket = "eyJqb2JfaWQiOiJqXzEyMyIsIndyYXBwZWRfa2V5IjoiQUFBQSJ9" * 8
+    headers = [(":method", "POST"), (":scheme", "https"), (":authority", "c"), (":path", "/v1/jobs/j_123")]
+    stream_id = relay.conn.get_next_available_stream_id()
+    relay.conn.send_headers(stream_id, [*headers, ("x-job-ticket", ticket)])
+    wire = relay.data_to_send()
+    assert ticket.encode() in wire  # a literal string, not Huffman-coded (RFC 7541 §5.2, H bit clear)
+    [request] = [e for e in connector.receive_data(wire, now=0.0) if isinstance(e, h2.events.RequestReceived)]
+    assert ("x-job-ticket", ticket) in request.headers
