@@ -116,8 +116,11 @@ def test_backoff_is_full_jitter_capped_and_resets_after_a_stable_session() -> No
     assert all(0 <= d <= 60 for d in delays)
     assert delays[0] <= 1 and delays[1] <= 2 and delays[2] <= 4
     assert max(delays[8:]) > 8  # the ceiling grew to the cap
-    assert backoff.next_delay(retry_after=30) >= 30
+    attempt = backoff.attempt
+    assert 30 <= backoff.next_delay(retry_after=30) <= 31
     assert backoff.next_delay(retry_after=600) <= 60
+    assert 2 <= backoff.next_delay(retry_after=2) <= 3  # the server's time, not the grown window
+    assert backoff.attempt == attempt
     backoff.session_ended(lasted=5)
     assert backoff.attempt > 0
     backoff.session_ended(lasted=31)

@@ -21,13 +21,18 @@ class Backoff:
     attempt: int = 0
 
     def next_delay(self, retry_after: float | None = None) -> float:
-        """The delay before the next attempt; a server's ``Retry-After`` is a floor, still capped."""
+        """The delay before the next attempt.
+
+        A server that answered with ``Retry-After`` is up and has said when to come back (a busy relay
+        draws it at random, spreading the storm itself): wait that long plus up to a second, capped,
+        without growing the exponential. Otherwise a relay back from a restart would see each refused
+        connector wait out a window doubled by every 503 on top of the time it asked for.
+        """
+        if retry_after is not None:
+            return min(self.cap, max(0.0, retry_after) + self.rng.uniform(0, 1))
         ceiling = min(self.cap, self.base * (2**self.attempt))
         self.attempt = min(self.attempt + 1, 32)
-        delay = self.rng.uniform(0, ceiling)
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.cap))
-        return delay
+        return self.rng.uniform(0, ceiling)
 
     def session_ended(self, lasted: float) -> None:
         """Tell the backoff how long the last session stayed up."""
