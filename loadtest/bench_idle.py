@@ -52,17 +52,39 @@ def swarm_status(paths: list[Path]) -> dict[str, int]:
     return total
 
 
-async def wait_connected(paths: list[Path], swarms: list[Service], count: int, within: float) -> float:
-    """Seconds until the swarms report ``count`` connected connectors (their status files)."""
+async def wait_connected(
+    paths: list[Path],
+    swarms: list[Service],
+    count: int,
+    within: float,
+    timeline: list[tuple[float, int]] | None = None,
+    since: float | None = None,
+) -> float:
+    """Seconds until the swarms report ``count`` connected connectors (their status files); ``timeline``
+    gets (seconds since ``since``, connected) at every change."""
     started = time.monotonic()
+    since = started if since is None else since
     with trio.fail_after(within):
         while True:
             dead = [s for s in swarms if not s.running()]
             if dead:
                 raise RuntimeError(f"swarm exited:\n{dead[0].tail()}")
-            if swarm_status(paths)["connected"] >= count:
+            connected = swarm_status(paths)["connected"]
+            if timeline is not None and (not timeline or timeline[-1][1] != connected):
+                timeline.append((round(time.monotonic() - since, 1), connected))
+            if connected >= count:
                 return time.monotonic() - started
             await trio.sleep(0.2)
+
+
+def swarms_cpu(monitor: Monitor, count: int, since: float) -> float:
+    """CPU of all swarm processes together since ``since`` (% of one core)."""
+    return round(sum(monitor.summary(f"swarm-{i}", since)["cpu_percent"] for i in range(count)), 1)
+
+
+def reached(timeline: list[tuple[float, int]], count: int, share: float) -> float | None:
+    """When the timeline first had ``share`` of ``count`` connected."""
+    return next((t for t, n in timeline if n >= share * count), None)
 
 
 async def online_count(client: httpx.AsyncClient) -> int:
@@ -118,6 +140,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 )  # fmt: skip
                 swarm.start()
                 swarms.append(swarm)
+                monitor.pids[f"swarm-{index}"] = swarm.pid
             results["connect_seconds"] = round(
                 await wait_connected(status_paths, swarms, args.connectors, args.ramp_seconds + 300), 1
             )
@@ -128,6 +151,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 rest_start = time.time()
                 await trio.sleep(args.rest_seconds)
                 results["rest"] = monitor.summary("relay", rest_start)
+                results["rest_swarms_cpu_percent"] = swarms_cpu(monitor, len(swarms), rest_start)
                 print(f"at rest: {results['rest']}", flush=True)
 
                 tags = []
@@ -143,17 +167,29 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 restarted = time.monotonic()
                 relay.start()
                 await relay.wait_ready()
-                monitor.pids = {"relay": relay.service.pid}
+                results["relay_back_seconds"] = round(time.monotonic() - restarted, 1)
+                monitor.pids["relay"] = relay.service.pid
+                storm_start = time.time()
                 # The swarms see the drop; wait until they notice before waiting for "all connected".
                 with trio.move_on_after(30):
                     while True:
                         if swarm_status(status_paths)["connected"] < args.connectors:
                             break
                         await trio.sleep(0.1)
-                await wait_connected(status_paths, swarms, args.connectors, args.reconnect_limit)
+                timeline: list[tuple[float, int]] = []
+                await wait_connected(
+                    status_paths, swarms, args.connectors, args.reconnect_limit, timeline, since=restarted
+                )
                 results["reconnect_seconds"] = round(time.monotonic() - restarted, 1)
+                results["reconnect_timeline"] = timeline
+                results["reconnect_reached"] = {
+                    f"{int(share * 100)}%": reached(timeline, args.connectors, share)
+                    for share in (0.25, 0.5, 0.9, 0.99)
+                }
                 await wait_online(client, args.connectors, args.reconnect_limit)
                 results["reregistered_seconds"] = round(time.monotonic() - restarted, 1)
+                results["storm"] = monitor.summary("relay", storm_start)
+                results["storm_swarms_cpu_percent"] = swarms_cpu(monitor, len(swarms), storm_start)
                 with trio.move_on_after(120):
                     while True:
                         seen = [a["tag"] for a in read_ndjson(arrivals)]
@@ -207,6 +243,14 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"relay restart: all reconnected in {results['reconnect_seconds']} s, all registered in "
         f"{results['reregistered_seconds']} s; gave up: {results['gave_up']}; jobs {results['restart_jobs']}"
+    )
+    shares = ", ".join(f"{k} at {v} s" for k, v in results["reconnect_reached"].items())
+    print(f"  relay ready again {results['relay_back_seconds']} s after the stop; connected: {shares}")
+    storm = results["storm"]["cpu_percent"]
+    print(
+        f"  CPU (% of one core) at rest: relay {rest['cpu_percent']}, swarms "
+        f"{results['rest_swarms_cpu_percent']}; during the reconnect: relay {storm}, swarms "
+        f"{results['storm_swarms_cpu_percent']}"
     )
     return 0
 
