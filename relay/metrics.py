@@ -263,7 +263,7 @@ class RelayMetrics:
         )
         self.registration_failures = Counter(
             "printrelay_tunnel_registration_failures_total",
-            "Tunnel connections refused (bad token) or not registered (no inventory)",
+            "Tunnel connections refused (bad token; busy: too many registering at once) or not registered",
             ["reason"],
             registry=r,
         )
