@@ -142,7 +142,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 swarms.append(swarm)
                 monitor.pids[f"swarm-{index}"] = swarm.pid
             results["connect_seconds"] = round(
-                await wait_connected(status_paths, swarms, args.connectors, args.ramp_seconds + 300), 1
+                await wait_connected(
+                    status_paths, swarms, args.connectors, args.ramp_seconds + args.connect_limit
+                ),
+                1,
             )
             async with httpx.AsyncClient(
                 base_url=relay.api_url, headers={"authorization": f"Bearer {tokens.api}"}, timeout=60
@@ -227,6 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rest-seconds", type=float, default=30.0)
     parser.add_argument("--baseline-seconds", type=float, default=5.0)
     parser.add_argument("--jobs", type=int, default=200, help="jobs in flight across the restart")
+    parser.add_argument(
+        "--connect-limit",
+        type=float,
+        default=300.0,
+        help="give up on the first connects this long after the ramp",
+    )
     parser.add_argument("--reconnect-limit", type=float, default=300.0, help="give up measuring after")
     parser.add_argument("--out", type=Path, default=Path("bench-results"))
     args = parser.parse_args(argv)
