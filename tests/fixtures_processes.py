@@ -38,6 +38,8 @@ class Service:
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            raise RuntimeError(f"{self.name} is already running (pid {self.process.pid})")
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "printrelay.cli", *self.args],

@@ -40,11 +40,15 @@ async def submit_until_accepted(stack: ProcessStack, key: str, body: bytes) -> s
                 await trio.sleep(0.1)
 
 
-async def kill_and_restart(service: Service, after: float, ready: trio.Event | None = None) -> None:
-    await trio.sleep(after)
-    service.kill(signal.SIGKILL)
-    await trio.sleep(random.uniform(0.1, 0.8))
-    service.start()
+async def crash_repeatedly(service: Service, count: int, earliest: float, latest: float) -> None:
+    """SIGKILL and restart ``service`` ``count`` times at random moments, one crash after the other: two
+    overlapping restarts would start a second process and leave the first one running."""
+    started = trio.current_time()
+    for moment in sorted(random.uniform(earliest, latest) for _ in range(count)):
+        await trio.sleep_until(max(started + moment, trio.current_time()))
+        service.kill(signal.SIGKILL)
+        await trio.sleep(random.uniform(0.1, 0.8))
+        service.start()
 
 
 async def test_every_accepted_job_is_printed_exactly_once_across_crashes(
@@ -60,10 +64,8 @@ async def test_every_accepted_job_is_printed_exactly_once_across_crashes(
 
     async with trio.open_nursery() as crashes:
         # Crashes at random moments while jobs are being submitted and delivered.
-        for delay in sorted(random.uniform(0.5, 12) for _ in range(4)):
-            crashes.start_soon(kill_and_restart, relay, delay)
-        for delay in sorted(random.uniform(1, 12) for _ in range(2)):
-            crashes.start_soon(kill_and_restart, connector, delay)
+        crashes.start_soon(crash_repeatedly, relay, 4, 0.5, 12)
+        crashes.start_soon(crash_repeatedly, connector, 2, 1, 12)
         limiter = trio.CapacityLimiter(8)
         async with trio.open_nursery() as submitters:
             for index, body in enumerate(bodies):
