@@ -83,8 +83,12 @@ def swarms_cpu(monitor: Monitor, count: int, since: float) -> float:
 
 
 def reached(timeline: list[tuple[float, int]], count: int, share: float) -> float | None:
-    """When the timeline first had ``share`` of ``count`` connected."""
-    return next((t for t, n in timeline if n >= share * count), None)
+    """When the timeline first had ``share`` of ``count`` connected again, counted from its lowest point:
+    before it, connectors that have not yet noticed the restart still count as connected."""
+    if not timeline:
+        return None
+    trough = min(range(len(timeline)), key=lambda index: timeline[index][1])
+    return next((t for t, n in timeline[trough:] if n >= share * count), None)
 
 
 async def online_count(client: httpx.AsyncClient) -> int:

@@ -16,6 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # loadtest/ is tooling next to the packages, not an installed package
 
+from loadtest.bench_idle import reached  # noqa: E402
 from loadtest.report import Matching, percentile, summarize  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -94,3 +95,13 @@ def test_percentile_nearest_rank() -> None:
     assert percentile(values, 99) == 99.0
     assert percentile(values, 100) == 100.0
     assert percentile([], 99) == 0.0
+
+
+def test_reconnect_shares_count_from_the_trough() -> None:
+    # Right after a restart most connectors have not noticed yet: those early samples are not "reached".
+    timeline = [(2.0, 997), (4.8, 400), (5.8, 0), (12.0, 300), (20.0, 600), (31.0, 1000)]
+    assert reached(timeline, 1000, 0.25) == 12.0
+    assert reached(timeline, 1000, 0.5) == 20.0
+    assert reached(timeline, 1000, 0.99) == 31.0
+    assert reached([(1.0, 10), (2.0, 200)], 1000, 0.5) is None
+    assert reached([], 1000, 0.5) is None
