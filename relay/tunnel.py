@@ -49,35 +49,68 @@ TOKEN_RECHECK_INTERVAL = 2.0
 # each one slower than its connect timeout, so they give up, redial, and the work done for them is wasted.
 # Beyond this many the relay answers 503 with a Retry-After at once, which costs almost nothing.
 MAX_REGISTERING = 128
-BUSY_RETRY_AFTER = (2, 20)  # seconds, drawn at random so refused connectors come back spread out
+# A refused connector is asked back at an appointment: no sooner than the first figure, no later than the
+# second (connectors cap their wait at 60 s; see tunnel/backoff.py).
+BUSY_RETRY_AFTER = (2, 60)
+# How long a registration holds its slot, assumed until the first ones finish (then measured).
+ASSUMED_REGISTRATION_SECONDS = 1.0
 
 
 class Admission:
-    """Bounds how many connectors register at once (see MAX_REGISTERING)."""
+    """Bounds how many connectors register at once (see MAX_REGISTERING), and tells each connector it
+    refuses when to come back.
 
-    def __init__(self, limit: int = MAX_REGISTERING) -> None:
+    Each refusal is a TCP and WebSocket handshake the relay pays for. Asked back at random, the thousands
+    waiting after a restart came back every few seconds until they were let in, and those refusals took
+    the CPU the registrations needed. So refused connectors get appointments instead, one per slot the
+    relay expects to free, at the rate it has been registering (Little's law: slots / time per
+    registration); most are then refused once. Beyond BUSY_RETRY_AFTER's latest appointment they are
+    asked back at random within it, and get an appointment when they return.
+    """
+
+    def __init__(self, limit: int = MAX_REGISTERING, clock: Callable[[], float] = time.monotonic) -> None:
         self.limit = limit
         self.registering = 0
+        self._clock = clock
+        self._next_appointment = 0.0
+        self._seconds_per_registration = ASSUMED_REGISTRATION_SECONDS  # moving average
 
     def enter(self) -> AdmissionTicket | None:
         """A ticket to register now, or None when the relay is busy."""
         if self.registering >= self.limit:
             return None
         self.registering += 1
-        return AdmissionTicket(self)
+        return AdmissionTicket(self, self._clock())
+
+    def rate(self) -> float:
+        """Registrations per second while every slot is busy."""
+        return max(self.limit, 1) / self._seconds_per_registration
 
     def retry_after(self) -> int:
-        return random.randint(*BUSY_RETRY_AFTER)
+        """Whole seconds until this refused connector's appointment."""
+        now = self._clock()
+        soonest, latest = BUSY_RETRY_AFTER
+        appointment = max(self._next_appointment, now + soonest)
+        if appointment - now > latest:
+            return random.randint(soonest, latest)
+        self._next_appointment = appointment + 1 / self.rate()
+        return max(soonest, int(appointment - now))
+
+    def _released(self, entered: float) -> None:
+        self.registering -= 1
+        held = max(self._clock() - entered, 0.001)
+        self._seconds_per_registration += 0.1 * (held - self._seconds_per_registration)
 
 
 class AdmissionTicket:
-    def __init__(self, admission: Admission) -> None:
+    def __init__(self, admission: Admission, entered: float) -> None:
         self._admission: Admission | None = admission
+        self._entered = entered
 
     def release(self) -> None:
         """Registered, or gave up: the slot is free (idempotent)."""
         if self._admission is not None:
-            self._admission.registering -= 1
+            self._admission._released(self._entered)
             self._admission = None
 
 

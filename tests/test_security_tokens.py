@@ -24,7 +24,7 @@ from relay.auth import AuthError, Principal, authenticate, hash_secret, new_toke
 from relay.ratelimit import TokenRateLimiter
 from relay.store.base import TokenRecord
 from relay.store.sqlite import SqliteStore, open_connection, revoke_token_sync
-from relay.tunnel import ConnectorRegistry, ConnectorSession
+from relay.tunnel import Admission, ConnectorRegistry, ConnectorSession
 from tunnel.wsstream import SUBPROTOCOL
 
 
@@ -167,6 +167,42 @@ def test_audit_entries_are_bounded_and_named() -> None:
         audit.entry("job.deleted", tenant="acme", actor="cli", target="job:1")
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_refused_connectors_get_appointments_at_the_rate_the_relay_registers() -> None:
+    clock = FakeClock()
+    admission = Admission(limit=4, clock=clock)
+    # 4 slots, 1 s each until measured: 4 registrations a second, so 4 appointments per second from 2 s on.
+    assert [admission.retry_after() for _ in range(12)] == [2, 2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4]
+    tickets = [admission.enter() for _ in range(5)]
+    assert tickets[4] is None and admission.registering == 4
+    clock.now += 0.1  # registrations now take 0.1 s: the rate estimate rises towards 40/s
+    for ticket in tickets[:4]:
+        assert ticket is not None
+        ticket.release()
+        ticket.release()  # idempotent
+    assert admission.registering == 0
+    assert 4 < admission.rate() < 40
+    # Later refusals queue behind the appointments already given (the next free one is at +5 s, now +4.9 s).
+    assert admission.retry_after() == 4
+
+
+def test_appointments_beyond_a_minute_are_asked_back_at_random_without_booking() -> None:
+    clock = FakeClock()
+    admission = Admission(limit=1, clock=clock)  # one a second
+    assert [admission.retry_after() for _ in range(59)] == list(range(2, 61))
+    overflow = [admission.retry_after() for _ in range(200)]
+    assert all(2 <= wait <= 60 for wait in overflow) and len(set(overflow)) > 1
+    clock.now += 30  # half the book is used up: appointments resume after the last one given
+    assert admission.retry_after() == 31
+
+
 async def test_a_relay_busy_registering_answers_503_with_retry_after_and_the_connector_comes_back(
     relay_stack: RelayStack, raw_sink: RawSink
 ) -> None:
@@ -187,7 +223,7 @@ async def test_a_relay_busy_registering_answers_503_with_retry_after_and_the_con
             },
         )
     assert response.status_code == 503
-    assert 2 <= int(response.headers["retry-after"]) <= 20
+    assert 2 <= int(response.headers["retry-after"]) <= 60
     assert "at most 0 at once" in response.text
     assert admission.registering == 0
 
