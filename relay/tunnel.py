@@ -47,7 +47,7 @@ TOKEN_RECHECK_INTERVAL = 2.0
 # Connectors between their first byte and a finished registration (token check, upgrade, inventory, store
 # writes). After a relay restart every connector dials within seconds; working on all of them at once makes
 # each one slower than its connect timeout, so they give up, redial, and the work done for them is wasted.
-# Beyond this many the relay answers 503 with a Retry-After at once, which costs almost nothing.
+# Beyond this many the relay answers 503 at once, with a Retry-After appointment (see Admission).
 MAX_REGISTERING = 128
 # A refused connector is asked back at an appointment: no sooner than the first figure, no later than the
 # second (connectors cap their wait at 60 s; see tunnel/backoff.py).
