@@ -32,6 +32,7 @@ if __package__ in (None, ""):
 from connector.app import Connector
 from connector.config import ConnectorConfig, PrinterSpec
 from loadtest.sink import ArrivalLog, RawSink
+from relay.runtime import tune_gc
 
 STATUS_INTERVAL = 0.5
 
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     tokens: dict[str, str] = json.loads(Path(args.connectors).read_text())
+    tune_gc()  # thousands of connectors in one process: a heap as large as a busy relay's
 
     async def serve(file: IO[str]) -> None:
         swarm = Swarm(args, tokens, ArrivalLog(file))

@@ -117,6 +117,9 @@ def run_serve(args: argparse.Namespace) -> int:
     config = load(RelayConfig, args)
     setup_logging(config.log_level, config.log_format)
     from relay.app import Relay
+    from relay.runtime import tune_gc
+
+    tune_gc()
 
     async def serve() -> None:
         relay = Relay(config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import signal
 import subprocess
 import sys
@@ -15,9 +16,11 @@ from fixtures_processes import ProcessStack, printrelay
 from fixtures_relay import RelayStack
 from trio_websocket import ConnectionRejected, open_websocket_url
 
+from printrelay import cli
 from printrelay.cli import build_parser
 from printrelay.settings import SettingsError, load
 from relay.config import RelayConfig
+from relay.runtime import GC_THRESHOLDS
 from tunnel.wsstream import SUBPROTOCOL
 
 
@@ -66,6 +69,24 @@ def test_help_shows_defaults_and_environment_names() -> None:
     text = " ".join(result.stdout.split())
     assert "--tunnel-listen HOST:PORT" in text
     assert "(default: printrelay-data; env PRINTRELAY_DATA_DIR)" in text
+
+
+def test_serve_collects_garbage_less_often_than_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[int, int, int]] = []
+
+    def run_instead(*args: object) -> None:
+        seen.append(gc.get_threshold())  # what the event loop would have run with
+
+    default = gc.get_threshold()
+    monkeypatch.setattr(cli.trio, "run", run_instead)
+    try:
+        assert cli.main(["serve", "--data-dir", str(tmp_path / "data")]) == 0
+    finally:
+        gc.set_threshold(*default)
+    assert seen == [GC_THRESHOLDS]
+    assert GC_THRESHOLDS[0] > default[0] and GC_THRESHOLDS[2] > default[2]
 
 
 def test_a_bad_setting_is_one_readable_line(tmp_path: Path) -> None:
