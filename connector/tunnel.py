@@ -170,12 +170,19 @@ class TunnelClient:
             async with trio.open_nursery() as nursery:
                 with trio.fail_after(CONNECT_TIMEOUT):
                     stream = await self._dial(host, port, secure)
-                    ws = await wrap_client_stream(
-                        nursery, stream, host_header, resource, subprotocols=[SUBPROTOCOL],
-                        extra_headers=[(b"authorization", f"Bearer {self.token}".encode())],
-                        max_message_size=MAX_MESSAGE_BYTES,
-                        receive_buffer_size=None,  # its 4 KiB default halves throughput (DESIGN §8)
-                    )  # fmt: skip
+                    try:
+                        ws = await wrap_client_stream(
+                            nursery, stream, host_header, resource, subprotocols=[SUBPROTOCOL],
+                            extra_headers=[(b"authorization", f"Bearer {self.token}".encode())],
+                            max_message_size=MAX_MESSAGE_BYTES,
+                            receive_buffer_size=None,  # its 4 KiB default halves throughput (DESIGN §8)
+                        )  # fmt: skip
+                    except BaseException:
+                        # trio-websocket leaves the connection open when the upgrade fails or times
+                        # out. Left to the garbage collector, it held a relay registration slot until
+                        # the relay's own timeout: after a restart all 128 slots stalled for 30 s.
+                        await trio.aclose_forcefully(stream)
+                        raise
                 try:
                     yield ws
                 finally:

@@ -238,12 +238,14 @@ class ConnectorSession:
                 with trio.fail_after(INVENTORY_TIMEOUT):
                     await self._register()
             except (trio.TooSlowError, SessionClosed, StreamClosed, MessageError) as exc:
+                timed_out = isinstance(exc, trio.TooSlowError)  # whose str() is empty
+                why = f"no inventory within {INVENTORY_TIMEOUT:g} s" if timed_out else str(exc)
                 log.warning(
-                    "connector %s/%s registration failed: %s", self.tenant, self.connector_id, exc,
+                    "connector %s/%s registration failed: %s", self.tenant, self.connector_id, why,
                     extra={"tenant": self.tenant, "connector_id": self.connector_id},
                 )  # fmt: skip
                 self.relay.metrics.registration_failures.labels("inventory").inc()
-                self.h2.close(f"registration failed: {exc}")
+                self.h2.close(f"registration failed: {why}")
                 nursery.cancel_scope.cancel()
                 return
             self.relay.registry.add(self)

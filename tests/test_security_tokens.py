@@ -17,14 +17,17 @@ import trio
 from fixtures_printers import RawSink
 from fixtures_relay import RelayStack
 
+from connector import tunnel as connector_tunnel
 from connector.app import Connector
 from connector.config import ConnectorConfig, parse_printer
+from connector.tunnel import TunnelClient
 from relay import audit
 from relay.auth import AuthError, Principal, authenticate, hash_secret, new_token
 from relay.ratelimit import TokenRateLimiter
 from relay.store.base import TokenRecord
 from relay.store.sqlite import SqliteStore, open_connection, revoke_token_sync
 from relay.tunnel import Admission, ConnectorRegistry, ConnectorSession
+from tunnel.session import H2Stream
 from tunnel.wsstream import SUBPROTOCOL
 
 
@@ -246,6 +249,34 @@ async def test_a_relay_busy_registering_answers_503_with_retry_after_and_the_con
         await relay_stack.relay.registry.sessions()[0].registered.wait()
     assert admission.registering == 0  # the registered session gave its slot back
     connector.tunnel.stopping = True
+
+
+async def _no_streams(stream: H2Stream) -> None:
+    raise AssertionError("no stream expected")
+
+
+async def test_a_connector_that_gives_up_on_the_upgrade_hangs_up(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A relay too busy to answer the upgrade in time: the connector must close the connection, or the
+    # relay keeps a registration slot for it until its own timeout.
+    monkeypatch.setattr(connector_tunnel, "CONNECT_TIMEOUT", 0.3)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    hung_up = trio.Event()
+
+    async def never_answers(stream: trio.SocketStream) -> None:
+        with trio.fail_after(10):
+            while await stream.receive_some(65536):
+                pass  # the upgrade request
+        hung_up.set()
+
+    nursery.start_soon(trio.serve_listeners, never_answers, listeners)
+    client = TunnelClient(f"ws://127.0.0.1:{port}/v1/tunnel", "token", _no_streams)
+    with pytest.raises(trio.TooSlowError):
+        await client._one_session()
+    with trio.fail_after(5):
+        await hung_up.wait()
 
 
 class StandInSession:
