@@ -17,6 +17,12 @@ from connector.config import ConnectorConfig, parse_printer
 from relay.app import Relay
 from relay.auth import new_token
 from relay.config import RelayConfig
+from tunnel.session import H2Stream
+
+
+async def no_streams(stream: H2Stream) -> None:
+    """A connector handler for tunnels that must never carry a job (refused, unverified, never up)."""
+    raise AssertionError(f"no stream expected, got {stream.method} {stream.path}")
 
 
 @dataclass

@@ -19,7 +19,7 @@ import pytest
 import trio
 import trustme
 from fixtures_printers import RawSink
-from fixtures_relay import RelayStack
+from fixtures_relay import RelayStack, no_streams
 from test_tls import start_tls_relay, trusting
 
 from connector.proxy import (
@@ -31,7 +31,6 @@ from connector.proxy import (
     proxy_for,
 )
 from connector.tunnel import TunnelClient, client_ssl_context
-from tunnel.session import H2Stream
 
 RELAY_NAME = "relay.invalid"
 MAX_HEAD = 16 * 1024
@@ -120,10 +119,6 @@ async def named_relay(nursery: trio.Nursery, tmp_path: Path, ca: trustme.CA) -> 
     yield dataclasses.replace(stack, tunnel_url=f"wss://{RELAY_NAME}:{port}/v1/tunnel")
 
 
-async def _no_streams(stream: H2Stream) -> None:
-    raise AssertionError("no stream expected")
-
-
 async def _print_through(stack: RelayStack, ca: trustme.CA, sink: RawSink, body: bytes) -> None:
     async with httpx.AsyncClient(
         base_url=stack.api_url, verify=trusting(ca), headers={"authorization": f"Bearer {stack.api_token}"}
@@ -136,7 +131,7 @@ async def _print_through(stack: RelayStack, ca: trustme.CA, sink: RawSink, body:
 
 async def test_direct_connection_is_impossible(named_relay: RelayStack, ca_file: Path) -> None:
     token = await named_relay.token("connector", connector_id="site-1")
-    client = TunnelClient(named_relay.tunnel_url, token, _no_streams, ssl_context=client_ssl_context(ca_file))
+    client = TunnelClient(named_relay.tunnel_url, token, no_streams, ssl_context=client_ssl_context(ca_file))
     with pytest.raises(OSError):
         await client._one_session()
 
@@ -182,7 +177,7 @@ async def test_proxy_refusals_are_named(
     proxy = await _start_proxy(nursery, ConnectProxy({RELAY_NAME: "127.0.0.1"}, ("corp", "s3cret")))
     token = await named_relay.token("connector", connector_id="site-1")
     client = TunnelClient(
-        named_relay.tunnel_url, token, _no_streams, ssl_context=client_ssl_context(ca_file),
+        named_relay.tunnel_url, token, no_streams, ssl_context=client_ssl_context(ca_file),
         proxy=parse_proxy(url.format(port=proxy.port)),
     )  # fmt: skip
     with pytest.raises(ProxyError, match=message) as info:

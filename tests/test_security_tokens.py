@@ -15,7 +15,7 @@ import httpx
 import pytest
 import trio
 from fixtures_printers import RawSink
-from fixtures_relay import RelayStack
+from fixtures_relay import RelayStack, no_streams
 
 from connector import tunnel as connector_tunnel
 from connector.app import Connector
@@ -27,7 +27,6 @@ from relay.ratelimit import TokenRateLimiter
 from relay.store.base import TokenRecord
 from relay.store.sqlite import SqliteStore, open_connection, revoke_token_sync
 from relay.tunnel import Admission, ConnectorRegistry, ConnectorSession
-from tunnel.session import H2Stream
 from tunnel.wsstream import SUBPROTOCOL
 
 
@@ -251,10 +250,6 @@ async def test_a_relay_busy_registering_answers_503_with_retry_after_and_the_con
     connector.tunnel.stopping = True
 
 
-async def _no_streams(stream: H2Stream) -> None:
-    raise AssertionError("no stream expected")
-
-
 async def test_a_connector_that_gives_up_on_the_upgrade_hangs_up(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -272,7 +267,7 @@ async def test_a_connector_that_gives_up_on_the_upgrade_hangs_up(
         hung_up.set()
 
     nursery.start_soon(trio.serve_listeners, never_answers, listeners)
-    client = TunnelClient(f"ws://127.0.0.1:{port}/v1/tunnel", "token", _no_streams)
+    client = TunnelClient(f"ws://127.0.0.1:{port}/v1/tunnel", "token", no_streams)
     with pytest.raises(trio.TooSlowError):
         await client._one_session()
     with trio.fail_after(5):

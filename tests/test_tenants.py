@@ -18,13 +18,12 @@ from typing import Any
 import pytest
 import trio
 from fixtures_printers import RawSink
-from fixtures_relay import RelayStack
+from fixtures_relay import RelayStack, no_streams
 from test_ipp_endpoint import Ipp
 from trio_websocket import ConnectionRejected
 
 from connector.tunnel import TunnelClient
 from ipp import DelimiterTag, Operation, Status, ValueTag
-from tunnel.session import H2Stream
 
 MISSING = "zz-no-such-id"
 
@@ -144,9 +143,6 @@ async def test_tokens_of_one_kind_do_not_open_the_other_door(tenants: Tenants) -
     connector_token = await stack.token("connector", connector_id="site-a")
     async with stack.client(connector_token) as client:
         assert (await client.get("/v1/printers")).status_code == 401
-
-    async def no_streams(stream: H2Stream) -> None:
-        raise AssertionError("unreachable")
 
     tunnel = TunnelClient(stack.tunnel_url, stack.api_token, no_streams)
     with pytest.raises(ConnectionRejected) as info:

@@ -22,7 +22,7 @@ import trio
 import trustme
 from fixtures_printers import RawSink
 from fixtures_processes import ProcessStack, Service
-from fixtures_relay import RelayStack
+from fixtures_relay import RelayStack, no_streams
 
 from connector.config import ConnectorConfig
 from connector.tunnel import TunnelClient, _reason, client_ssl_context
@@ -30,7 +30,6 @@ from relay.app import Relay
 from relay.auth import new_token
 from relay.config import RelayConfig
 from relay.tls import ServerTls, TlsError
-from tunnel.session import H2Stream
 
 
 def write_pair(cert: trustme.LeafCert, directory: Path, name: str = "relay") -> tuple[Path, Path]:
@@ -127,10 +126,6 @@ async def test_tls_12_is_the_floor(tls_stack: RelayStack, ca: trustme.CA) -> Non
     await trio.aclose_forcefully(stream)
 
 
-async def _no_streams(stream: H2Stream) -> None:
-    raise AssertionError("no stream may arrive over an unverified tunnel")
-
-
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
@@ -153,7 +148,7 @@ async def test_connector_refuses_a_relay_it_cannot_verify(
         cert = trustme.CA().issue_cert("127.0.0.1")
     stack = await start_tls_relay(nursery, tmp_path, cert)
     token = await stack.token("connector", connector_id="site-1")
-    client = TunnelClient(stack.tunnel_url, token, _no_streams, ssl_context=client_ssl_context(ca_file))
+    client = TunnelClient(stack.tunnel_url, token, no_streams, ssl_context=client_ssl_context(ca_file))
     with pytest.raises(trio.BrokenResourceError) as info:
         await client._one_session()
     assert isinstance(info.value.__cause__, ssl.SSLCertVerificationError)
@@ -166,7 +161,7 @@ async def test_system_store_is_the_default_and_does_not_trust_a_private_ca(
     tls_stack: RelayStack,
 ) -> None:
     token = await tls_stack.token("connector", connector_id="site-1")
-    client = TunnelClient(tls_stack.tunnel_url, token, _no_streams)  # no CA file: the system store
+    client = TunnelClient(tls_stack.tunnel_url, token, no_streams)  # no CA file: the system store
     with pytest.raises(trio.BrokenResourceError) as info:
         await client._one_session()
     assert "certificate verify failed" in _reason(info.value)
