@@ -28,7 +28,7 @@ from connector.proxy import Proxy, ProxyError, open_connect_tunnel
 from tunnel.backoff import Backoff
 from tunnel.protocol import TunnelSettings
 from tunnel.session import H2Session, H2Stream
-from tunnel.wsstream import MAX_MESSAGE_BYTES, SUBPROTOCOL, WebSocketStream
+from tunnel.wsstream import MAX_MESSAGE_BYTES, SUBPROTOCOL, ReaderTasks, WebSocketStream
 
 log = logging.getLogger("printrelay.connector.tunnel")
 
@@ -172,7 +172,9 @@ class TunnelClient:
                     stream = await self._dial(host, port, secure)
                     try:
                         ws = await wrap_client_stream(
-                            nursery, stream, host_header, resource, subprotocols=[SUBPROTOCOL],
+                            # Its reader's errors end this connection only (see ReaderTasks).
+                            ReaderTasks(nursery, f"tunnel to {self.url}").nursery(),
+                            stream, host_header, resource, subprotocols=[SUBPROTOCOL],
                             extra_headers=[(b"authorization", f"Bearer {self.token}".encode())],
                             max_message_size=MAX_MESSAGE_BYTES,
                             receive_buffer_size=None,  # its 4 KiB default halves throughput (DESIGN §8)

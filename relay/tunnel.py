@@ -10,17 +10,16 @@ again.
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
 import ssl
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
 
 from relay import audit
 from relay.auth import AuthError, Principal, authenticate, bearer
@@ -30,7 +29,7 @@ from tunnel.messages import Inventory, LineSplitter, MessageError, PrinterCandid
 from tunnel.protocol import TunnelSettings
 from tunnel.session import H2Session, SessionClosed, StreamClosed
 from tunnel.signal import Signal
-from tunnel.wsstream import MAX_MESSAGE_BYTES, SUBPROTOCOL, TUNNEL_PATH, WebSocketStream
+from tunnel.wsstream import MAX_MESSAGE_BYTES, SUBPROTOCOL, TUNNEL_PATH, ReaderTasks, WebSocketStream
 
 if TYPE_CHECKING:
     from relay.app import Relay
@@ -38,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("printrelay.relay.tunnel")
 
 HANDSHAKE_TIMEOUT = 10.0
+DISCONNECT_TIMEOUT = 5.0  # for the WebSocket closing handshake
 INVENTORY_TIMEOUT = 30.0
 RETRY_AFTER_AUTH = 30  # seconds a refused connector should wait
 MAX_CANDIDATES = 1000  # discovered printers kept per session (a connector resends them on reconnect)
@@ -356,36 +356,41 @@ class TunnelListener:
     async def serve(
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        tcp = await trio.open_tcp_listeners(port, host=host or None)
+        bound_port = int(tcp[0].socket.getsockname()[1])
+        listeners: list[trio.abc.Listener[Any]] = list(tcp)
+        if self.ssl_context is not None:
+            listeners = [trio.SSLListener(t, self.ssl_context, https_compatible=True) for t in tcp]
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(
-                functools.partial(
-                    serve_websocket,
-                    self._handle,
-                    host or None,
-                    port,
-                    self.ssl_context,
-                    max_message_size=MAX_MESSAGE_BYTES,
-                    # trio-websocket's 4 KiB default read size halves throughput (DESIGN §8).
-                    receive_buffer_size=None,
-                    connect_timeout=HANDSHAKE_TIMEOUT,
-                    disconnect_timeout=5,
-                )
-            )
-            task_status.started(server.port)
+            # trio.serve_listeners, not trio-websocket's serve_websocket: each connection gets a nursery
+            # of its own (see _connection), so nothing a peer does ends the listener.
+            await nursery.start(trio.serve_listeners, self._connection, listeners)
+            task_status.started(bound_port)
 
-    async def _handle(self, request: WebSocketRequest) -> None:
-        """One connection's failure ends that connection only. trio-websocket lets a handler's exception
-        end serve_websocket, and with it the relay: a client that left before its 401 did exactly that."""
+    async def _connection(self, stream: trio.abc.Stream) -> None:
+        """One connection, from its first byte to its close. Whatever it raises ends it alone."""
+        remote = _peer(stream)
         try:
-            remote = str(request.remote)
-        except OSError:  # getpeername() of a peer that already left
-            remote = "a departed peer"
-        try:
-            await self._serve_request(request, remote)
-        except ConnectionClosed as exc:
-            log.debug("tunnel from %s closed during the handshake or session: %s", remote, exc)
-        except Exception:
-            log.exception("tunnel connection from %s failed", remote)
+            async with trio.open_nursery() as nursery:
+                reader = ReaderTasks(nursery, f"tunnel from {remote}")
+                request: WebSocketRequest | None = None
+                with trio.move_on_after(HANDSHAKE_TIMEOUT) as waiting:
+                    reader.on_finished(waiting.cancel)  # the peer left or sent no WebSocket request
+                    request = await wrap_server_stream(
+                        reader.nursery(), stream, max_message_size=MAX_MESSAGE_BYTES,
+                        # trio-websocket's 4 KiB default read size halves throughput (DESIGN §8).
+                        receive_buffer_size=None,
+                    )  # fmt: skip
+                if request is not None:
+                    await self._serve_request(request, remote)
+                nursery.cancel_scope.cancel()
+        except Exception as exc:
+            if _only(exc, ConnectionClosed):  # the peer left while we answered it: its business
+                log.debug("tunnel from %s closed during the handshake or session: %r", remote, exc)
+            else:
+                log.exception("tunnel connection from %s failed", remote)
+        finally:
+            await trio.aclose_forcefully(stream)
 
     async def _serve_request(self, request: WebSocketRequest, remote: str) -> None:
         if request.path.split("?")[0] != TUNNEL_PATH:
@@ -437,5 +442,28 @@ class TunnelListener:
             settings=self.settings,
             name=f"tunnel {principal.tenant}/{principal.connector_id}",
         )
-        with self.relay.metrics.tunnel_session(h2):
-            await ConnectorSession(self.relay, principal, h2, remote, on_registered=registered).run()
+        try:
+            with self.relay.metrics.tunnel_session(h2):
+                await ConnectorSession(self.relay, principal, h2, remote, on_registered=registered).run()
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(DISCONNECT_TIMEOUT):
+                await ws.aclose()  # the closing handshake; the connection is closed after it regardless
+
+
+def _peer(stream: trio.abc.Stream) -> str:
+    """The peer's address for logs ("a departed peer" when it left before we asked)."""
+    inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    try:
+        peer = inner.socket.getpeername() if isinstance(inner, trio.SocketStream) else None
+    except OSError:
+        return "a departed peer"
+    if isinstance(peer, tuple):
+        return f"{peer[0]}:{peer[1]}"
+    return str(peer or "a peer")
+
+
+def _only(exc: Exception, kind: type[Exception]) -> bool:
+    """Whether ``exc`` is ``kind``, or a (nested) group of nothing else (as nurseries raise it)."""
+    if isinstance(exc, ExceptionGroup):
+        return exc.split(kind)[1] is None
+    return isinstance(exc, kind)

@@ -18,6 +18,7 @@ import h2.events
 import hyperframe.frame
 import pytest
 import trio
+import trio.testing
 from fixtures_relay import RelayStack
 from test_http_server import RawClient, open_fds, task_count, wait_until
 from test_ipp_endpoint import offline_printer
@@ -256,6 +257,65 @@ async def test_thousand_abrupt_disconnects_on_both_listeners(
     await _other_tenant_is_served(relay_stack)
     await _back_to(baseline, relay_stack)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+@pytest.mark.parametrize(
+    ("opening", "close"),
+    [
+        # A plain request, no Upgrade: trio-websocket answers 400 itself, and that write met the reset.
+        # Unguarded, 50-75 of these stopped the relay (its reader task raised into the listener).
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", "reset"),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", "fin"),
+        # Mid-handshake: an upgrade request cut off before its end.
+        (b"GET /v1/tunnel HTTP/1.1\r\nHost: r\r\nUpgrade: websocket\r\nConnection: Up", "reset"),
+        (b"GET /v1/tunnel HTTP/1.1\r\nHost: r\r\nUpgrade: websocket\r\nConnection: Up", "fin"),
+    ],
+)
+async def test_thousand_requests_then_disconnects_on_the_tunnel_port(
+    relay_stack: RelayStack, opening: bytes, close: str
+) -> None:
+    tunnel_port = int(relay_stack.tunnel_url.rsplit(":", 1)[1].split("/")[0])
+    baseline = await _baseline(relay_stack)
+
+    async def one() -> None:
+        c = await RawClient.connect(tunnel_port)
+        await c.send(opening)
+        await (c.reset() if close == "reset" else c.aclose())
+
+    for _ in range(20):
+        async with trio.open_nursery() as nursery:
+            for _ in range(50):
+                nursery.start_soon(one)
+    await _other_tenant_is_served(relay_stack)
+    await _back_to(baseline, relay_stack)
+    # The tunnel listener still registers connectors.
+    await relay_stack.start_connector({}, tenant="acme", connector_id="after-the-storm")
+
+
+async def test_request_heads_in_pieces_reach_the_api(relay_stack: RelayStack) -> None:
+    """Real networks split heads anywhere; a split once cost a 408 after header_timeout."""
+    port = int(relay_stack.api_url.rsplit(":", 1)[1])
+    auth = f"Authorization: Bearer {relay_stack.api_token}\r\n".encode()
+    request = b"GET /v1/printers HTTP/1.1\r\nHost: r\r\n" + auth + b"\r\n"
+
+    async def in_pieces(pieces: list[bytes]) -> int:
+        c = await RawClient.connect(port)
+        for piece in pieces:
+            await c.send(piece)
+            await trio.testing.wait_all_tasks_blocked(cushion=0.001)
+        status = (await c.response()).status
+        await c.aclose()
+        return status
+
+    for at in range(1, len(request), 3):
+        assert await in_pieces([request[:at], request[at:]]) == 200, at
+    assert await in_pieces([request[i : i + 1] for i in range(len(request))]) == 200
+    assert await in_pieces([b"GET /v1/printers HTTP/1.1\r\nX: ", b"a" * 40_000, b"a" * 40_000]) == 431
+    assert await in_pieces([b"GET /", b"a" * 40_000, b"a" * 40_000]) == 414
+    chunked = b"POST /v1/printers/p/jobs HTTP/1.1\r\nHost: r\r\n" + auth
+    chunked += b"Transfer-Encoding: chunked\r\n\r\n"
+    await offline_printer(relay_stack, "p")
+    assert await in_pieces([chunked, b"ffffffffffffffffff\r\n", b"abc"]) == 400
 
 
 def test_frame_scanner_sees_every_frame_header_across_reads() -> None:

@@ -8,8 +8,14 @@ library later.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Awaitable, Callable
+from typing import cast
+
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
+
+_log = logging.getLogger("printrelay.tunnel.websocket")
 
 SUBPROTOCOL = "printrelay.h2.v1"
 TUNNEL_PATH = "/v1/tunnel"
@@ -67,3 +73,53 @@ class WebSocketStream(trio.abc.Stream):
 
     async def aclose(self) -> None:
         await self._ws.aclose()
+
+
+class ReaderTasks:
+    """A stand-in for the nursery that trio-websocket's ``wrap_server_stream`` / ``wrap_client_stream``
+    start their background reader in, so that whatever that reader raises ends this connection only.
+
+    trio-websocket's reader task lets some peer-caused errors escape: a client that sends a plain HTTP
+    request and resets the connection makes the reader's own 400 answer fail with ``ConnectionClosed``,
+    raised out of the reader into the nursery it runs in. With ``serve_websocket`` that nursery is the
+    listener's, so 50 such connections stopped the relay. Here the reader's end is contained and
+    logged, and whoever waits on the connection learns of it (``on_finished``). Only a refused client
+    handshake (``HandshakeError``, e.g. ``ConnectionRejected`` carrying a 401 or 503) still propagates:
+    that is the library's way of reporting it to the dialler.
+    """
+
+    def __init__(self, nursery: trio.Nursery, name: str) -> None:
+        self._nursery = nursery
+        self._name = name
+        self._on_finished: list[Callable[[], object]] = []
+        self.finished = False
+
+    def nursery(self) -> trio.Nursery:
+        # Duck-typed: the wrap functions only call start_soon on what they are given.
+        return cast(trio.Nursery, self)
+
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object, name: object = None) -> None:
+        self._nursery.start_soon(self._run, fn, args, name=name)
+
+    def on_finished(self, callback: Callable[[], object]) -> None:
+        """Call ``callback`` when the reader ends (at once if it already has)."""
+        if self.finished:
+            callback()
+        else:
+            self._on_finished.append(callback)
+
+    async def _run(self, fn: Callable[..., Awaitable[object]], args: tuple[object, ...]) -> None:
+        try:
+            await fn(*args)
+        except HandshakeError:
+            raise  # a client's refused upgrade: how trio-websocket reports it, on purpose (never a server's)
+        except (ConnectionClosed, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            _log.debug("%s: WebSocket reader ended: %r", self._name, exc)
+        except Exception:
+            # Not the peer's doing as far as we know, but still no reason to end anything but this connection.
+            _log.warning("%s: WebSocket reader failed", self._name, exc_info=True)
+        finally:
+            self.finished = True
+            callbacks, self._on_finished = self._on_finished, []
+            for callback in callbacks:
+                callback()
