@@ -6,6 +6,7 @@ import json
 from collections.abc import AsyncIterator
 
 import trio
+import trio.testing
 from test_http_server import TIMEOUT, RawClient, app, get, start_server, wait_until
 
 from relay.http import (
@@ -386,3 +387,92 @@ async def test_content_length_with_transfer_encoding_400(nursery: trio.Nursery) 
     r = await c.response()
     assert r.status == 400 and "both Content-Length and Transfer-Encoding" in r.body.decode()
     assert await c.closed()
+
+
+# ---- heads that arrive in pieces: real networks split them anywhere --------------------------------
+
+
+async def _send_in_pieces(c: RawClient, pieces: list[bytes]) -> None:
+    """Each piece in its own write, the server reading it before the next (one read per piece)."""
+    for piece in pieces:
+        await c.send(piece)
+        await trio.testing.wait_all_tasks_blocked(cushion=0.001)
+
+
+async def test_head_split_at_every_byte(nursery: trio.Nursery) -> None:
+    _, port = await start_server(nursery)
+    request = get("/hello?x=1", "Accept: */*\r\n")
+    for at in range(1, len(request)):
+        c = await RawClient.connect(port)
+        await _send_in_pieces(c, [request[:at], request[at:]])
+        r = await c.response()
+        assert r.status == 200, (at, r.status, r.body)
+        assert json.loads(r.body)["query"] == {"x": ["1"]}
+        await c.aclose()
+
+
+async def test_head_trickled_a_byte_at_a_time(nursery: trio.Nursery) -> None:
+    _, port = await start_server(nursery, limits=HttpLimits(header_timeout=5.0))
+    request = get("/hello", "X-Trickle: " + "t" * 200 + "\r\n")
+    c = await RawClient.connect(port)
+    await _send_in_pieces(c, [request[i : i + 1] for i in range(len(request))])
+    assert (await c.response()).status == 200
+    # The connection stays usable: a second request in one piece.
+    await c.send(get("/hello"))
+    assert (await c.response()).status == 200
+
+
+async def test_split_body_after_split_head(nursery: trio.Nursery) -> None:
+    _, port = await start_server(nursery)
+    request = b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 11\r\n\r\nhello world"
+    c = await RawClient.connect(port)
+    await _send_in_pieces(c, [request[:7], request[7:40], request[40:]])
+    r = await c.response()
+    assert r.status == 200 and r.body == b"hello world"
+
+
+async def test_oversized_header_in_pieces_431(nursery: trio.Nursery) -> None:
+    _, port = await start_server(nursery, limits=HttpLimits(max_header_bytes=4096))
+    c = await RawClient.connect(port)
+    await _send_in_pieces(c, [b"GET / HTTP/1.1\r\nHost: t\r\n", b"X-Big: " + b"a" * 1000] + [b"a" * 1000] * 5)
+    r = await c.response()
+    assert r.status == 431
+    assert json.loads(r.body) == {"error": "request head exceeds max_header_bytes=4 KiB"}
+
+
+async def test_oversized_request_line_in_pieces_414(nursery: trio.Nursery) -> None:
+    _, port = await start_server(nursery, limits=HttpLimits(max_header_bytes=4096))
+    c = await RawClient.connect(port)
+    await _send_in_pieces(c, [b"GET /"] + [b"a" * 1000] * 6)
+    r = await c.response()
+    assert r.status == 414
+    assert json.loads(r.body) == {"error": "request line exceeds max_header_bytes=4 KiB"}
+
+
+async def test_impossible_chunk_size_400(nursery: trio.Nursery) -> None:
+    _, port = await start_server(nursery)
+    head = b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+    for pieces in (
+        [head + b"ffffffffffffffffff\r\nabc\r\n0\r\n\r\n"],  # with the head, in one write
+        [head, b"ffffffffffffffffff\r\n", b"abc\r\n0\r\n\r\n"],  # after it
+        [head + b"3\r\nabc\r\nfffff", b"fffffffffffff;ext=1\r\n"],  # a second chunk, its size split
+    ):
+        c = await RawClient.connect(port)
+        await _send_in_pieces(c, pieces)
+        r = await c.response()
+        assert r.status == 400, (pieces, r.status)
+        assert "chunk size ffffffffffffffffff exceeds" in json.loads(r.body)["error"]
+        assert await c.closed()
+
+
+async def test_chunked_body_in_pieces(nursery: trio.Nursery) -> None:
+    _, port = await start_server(nursery)
+    body = b"5;name=v\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: 1\r\n\r\n"
+    request = b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + body + get("/hello")
+    for at in range(40, len(request) - 20, 3):
+        c = await RawClient.connect(port)
+        await _send_in_pieces(c, [request[:at], request[at:]])
+        r = await c.response()
+        assert (r.status, r.body) == (200, b"hello world"), at
+        assert (await c.response()).status == 200  # the pipelined request behind it
+        await c.aclose()

@@ -29,6 +29,7 @@ from typing import Any
 import h11
 import trio
 
+from relay.http.chunked import ChunkSizeError, ChunkSizes
 from relay.http.message import (
     BodyTimeout,
     ClientDisconnected,
@@ -230,6 +231,9 @@ class _Connection:
         self._inbox_limit = max(self._limits.max_header_bytes, RECEIVE_SIZE)
         # How much h11 may still take while parsing a head (None: a body, fed in slices).
         self._feed_budget: int | None = None
+        # A chunked body's sizes, checked as its bytes go to h11 (relay/http/chunked.py).
+        self._chunk_sizes: ChunkSizes | None = None
+        self._unchecked_body = b""  # body bytes h11 took along with the head, not yet checked
         self._slice = max(self._limits.max_header_bytes, 1)
         self._eof = False  # the peer closed or the receive side broke
         self._eof_fed = False
@@ -277,11 +281,14 @@ class _Connection:
                 # would pass. So h11 never holds more than max_header_bytes + 1 bytes while
                 # parsing a head (beyond that it answers 431), and takes body bytes in slices
                 # no bigger, which bounds the leftover a pipelined head starts from.
-                n = self._feed_budget if self._feed_budget is not None else self._slice
-                self._h11.receive_data(bytes(self._inbox[:n]))
-                del self._inbox[:n]
+                n = self._slice if self._feed_budget is None else self._feed_budget
+                data = bytes(self._inbox[:n])
+                del self._inbox[: len(data)]
                 if self._feed_budget is not None:
-                    self._feed_budget = max(0, self._feed_budget - n)
+                    self._feed_budget -= len(data)  # what h11 took: a head may come in many reads
+                elif self._chunk_sizes is not None:
+                    self._chunk_sizes.feed(data)
+                self._h11.receive_data(data)
                 self._space_freed.fire()
             elif self._eof:
                 if self._eof_fed:  # h11 should have reported the close; never spin
@@ -337,6 +344,7 @@ class _Connection:
             return None  # idle keep-alive connection: close quietly
         if not deadline:
             deadline = trio.current_time() + self._limits.header_timeout
+        self._chunk_sizes, self._unchecked_body = None, b""
 
         self._feed_budget = max(0, self._limits.max_header_bytes + 1 - leftover)
         try:
@@ -365,6 +373,8 @@ class _Connection:
             # Both framings at once is how requests are smuggled past the proxy in front of us.
             await self._send_error(400, "request has both Content-Length and Transfer-Encoding")
             return None
+        if any(name == b"transfer-encoding" for name, _ in event.headers):  # h11 took it: chunked
+            self._chunk_sizes, self._unchecked_body = ChunkSizes(), self._h11.trailing_data[0]
         if not event.http_version.startswith(b"1."):
             version = event.http_version.decode("ascii", "replace")
             await self._send_error(505, f"HTTP/{version} is not supported, use HTTP/1.1")
@@ -482,6 +492,9 @@ class _Connection:
         wait = min(limits.body_chunk_timeout, rate_budget)
         started = trio.current_time()
         try:
+            if self._unchecked_body and self._chunk_sizes is not None:
+                unchecked, self._unchecked_body = self._unchecked_body, b""
+                self._chunk_sizes.feed(unchecked)
             return await self._next_event(started + wait)
         except _Timeout:
             self._close_after_response = True
@@ -492,6 +505,9 @@ class _Connection:
             raise BodyTimeout(
                 f"no request body data within body_chunk_timeout={limits.body_chunk_timeout:g}s"
             ) from None
+        except ChunkSizeError as exc:
+            self._close_after_response = True
+            raise HTTPError(400, f"malformed request body: {exc}") from None
         except h11.RemoteProtocolError as exc:
             self._close_after_response = True
             if self._eof:
