@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 
 import trio
 
-from connector.config import ConnectorConfig, PrinterSpec
+from connector.config import ConnectorConfig, PrinterSpec, uncertain_delivery_for
 from connector.delivery import Backend, DeliveryError, JobTicket, backend_for_uri
 from connector.discovery import DiscoverySettings, discover
 from connector.keys import KeyRing
@@ -53,6 +53,7 @@ from tunnel.session import ErrorCodes, H2Session, H2Stream, SessionClosed, Strea
 log = logging.getLogger("printrelay.connector")
 
 VERSION = "0.1.0"
+UNKNOWN_OUTCOME = "outcome unknown: the connector stopped while the printer was taking this job"
 JOB_PATH = re.compile(r"^/v1/jobs/([A-Za-z0-9_-]{1,128})$")
 PRINTER_PATH = re.compile(r"^/v1/printers/([A-Za-z0-9][A-Za-z0-9._-]{0,62})$")
 PROBE_INTERVAL = 30.0
@@ -304,6 +305,22 @@ class Connector:
             # A resend while the first delivery still runs (its tunnel dropped): wait for its outcome.
             await running.done.wait()
         entry = await self.ledger.get(job_id)
+        if (
+            entry is not None
+            and entry.state == "feeding"
+            and ticket.unknown_outcomes <= entry.unknown_outcomes  # not released by a person since
+        ):
+            policy = uncertain_delivery_for(self.config, printer.spec.id)
+            log.warning(
+                "job %s: the connector stopped while %s was taking it; the printer may or may not have "
+                "printed it: %s (uncertain_delivery=%s)", job_id, printer.spec.id,
+                "holding it for a person to release or cancel" if policy == "hold" else "printing it again",
+                policy, extra={"job_id": job_id, "printer_id": printer.spec.id},
+            )  # fmt: skip
+            if policy == "hold":
+                self.metrics.delivery_done(printer.spec.kind, "held", 0.0)
+                await self._answer_early(stream, JobStatus("held", UNKNOWN_OUTCOME))
+                return
         if entry is not None and entry.state in ("handed", "completed", "failed", "canceled"):
             state = entry.state if entry.state in ("failed", "canceled") else "completed"
             message = entry.message or "delivered before"
@@ -349,6 +366,14 @@ class Connector:
                         delivery.status = await self._deliver(stream, ticket, printer, earlier)
                     except (StreamClosed, SessionClosed) as exc:
                         delivery.status = JobStatus("retry", f"tunnel lost during delivery: {exc}")
+                    except Exception as exc:
+                        # A bug, or a printer answer nobody foresaw: this job's delivery ends, not the
+                        # connector (deliveries run in the connector's own nursery).
+                        log.exception(
+                            "job %s: delivery to %s failed", delivery.job_id, printer.spec.id,
+                            extra={"job_id": delivery.job_id, "printer_id": printer.spec.id},
+                        )  # fmt: skip
+                        delivery.status = JobStatus("retry", f"connector error during delivery: {exc!r}")
             if delivery.canceled:
                 delivery.status = JobStatus("canceled", "canceled by the relay")
                 with trio.CancelScope(shield=True):
@@ -392,10 +417,21 @@ class Connector:
             except IntegrityError as exc:
                 return await self._integrity_failure(job_id, printer, exc)
 
+        feeding = False  # RAW/LPD: the printer may have some of the job
+
         async def document() -> AsyncIterator[bytes]:
+            nonlocal feeding
             opener = PayloadOpener(dek, job_id)
             printed = self.metrics.printer_bytes.labels(printer.spec.kind)
             async for plain in _read_file(buffered, opener) if buffered else _open_stream(stream, opener):
+                if not handed_on_accept and not feeding:
+                    # On disk before the printer gets a byte: a connector that dies from here until
+                    # `handed` cannot know what printed, and must not print it again blindly.
+                    await self.ledger.record(
+                        job_id, printer.spec.id, "feeding", f"attempt {ticket.attempt}: printer taking it",
+                        unknown_outcomes=ticket.unknown_outcomes,
+                    )  # fmt: skip
+                    feeding = True
                 printed.inc(len(plain))
                 yield plain
             opener.finish()
@@ -437,6 +473,10 @@ class Connector:
             return await self._integrity_failure(job_id, printer, exc)
         except DeliveryError as exc:
             if exc.retryable:
+                if feeding:  # we saw it fail: a resend is a retry, not an unknown outcome
+                    await self.ledger.record(
+                        job_id, printer.spec.id, "started", f"attempt failed: {exc.message}"
+                    )
                 return JobStatus("retry", exc.message)
             await self.ledger.record(job_id, printer.spec.id, "failed", exc.message)
             return JobStatus("failed", exc.message)

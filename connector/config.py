@@ -40,6 +40,20 @@ def parse_printer(text: str) -> PrinterSpec:
     return PrinterSpec(printer_id, uri)
 
 
+UNCERTAIN_DELIVERY = ("hold", "reprint")
+
+
+def parse_uncertain_delivery(text: str) -> tuple[str, str]:
+    """``PRINTER=hold|reprint``, PRINTER an id or ``*`` for every printer (those added at run time too)."""
+    printer_id, sep, choice = (part.strip() for part in text.partition("="))
+    if not sep or (printer_id != "*" and not PRINTER_ID_RE.match(printer_id)):
+        raise ValueError(f"uncertain delivery must be PRINTER=hold or PRINTER=reprint (PRINTER may be *), "
+                         f"not {text!r}")  # fmt: skip
+    if choice not in UNCERTAIN_DELIVERY:
+        raise ValueError(f"uncertain delivery for {printer_id} must be hold or reprint, not {choice!r}")
+    return printer_id, choice
+
+
 def check_printer_uri(printer_id: str, uri: str) -> None:
     """Refuse a URI no backend can deliver to, with the reason (also for printers added at run time)."""
     parts = urlsplit(uri)
@@ -86,6 +100,12 @@ class ConnectorConfig:
     printer: list[PrinterSpec] = option(
         [], "a printer this connector serves, ID=URI; repeat for more", parse=parse_printer,
         multiple=True, metavar="ID=URI",
+    )  # fmt: skip
+    uncertain_delivery: list[tuple[str, str]] = option(
+        [], "a RAW or LPD job the connector stopped feeding to its printer may or may not have printed: "
+        "PRINTER=hold (the default: the job is held at the relay until a person releases or cancels it) or "
+        "PRINTER=reprint (print it again); PRINTER may be * for every printer; repeat for more",
+        parse=parse_uncertain_delivery, multiple=True, metavar="PRINTER=hold|reprint",
     )  # fmt: skip
     state_dir: Path = option(
         Path("printrelay-connector"), "keys and delivery ledger", parse=Path, metavar="DIR"
@@ -141,5 +161,14 @@ class ConnectorConfig:
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ValueError(f"printer id {duplicates[0]!r} given more than once")
+        named = [printer_id for printer_id, _ in self.uncertain_delivery]
+        if len(named) != len(set(named)):
+            raise ValueError("uncertain delivery given twice for the same printer")
         if self.max_jobs < 1:
             raise ValueError("max_jobs must be at least 1")
+
+
+def uncertain_delivery_for(config: ConnectorConfig, printer_id: str) -> str:
+    """``hold`` or ``reprint`` for this printer: its own setting, else ``*``'s, else ``hold``."""
+    chosen = dict(config.uncertain_delivery)
+    return chosen.get(printer_id, chosen.get("*", "hold"))

@@ -7,6 +7,10 @@ restarted). Before delivering, the connector looks the job up here:
 * ``created`` — an IPP printer holds a job made with Create-Job whose document may or may not have
   arrived: the backend asks the printer (Get-Job-Attributes) and either follows that job to its end or
   cancels it and delivers anew;
+* ``feeding`` — a RAW or LPD printer was being fed the job when the connector stopped: it may have
+  printed all of it, some of it or none, and cannot be asked. The printer's ``uncertain_delivery``
+  decides: ``hold`` (the job is held at the relay for a person) or ``reprint``. A resend whose ticket
+  counts more unknown outcomes than the entry recorded was released by a person: it prints again;
 * ``handed`` — the printer took the job but we did not learn its end (the connector restarted):
   do not print again; report it delivered;
 * ``completed`` / ``failed`` — answer with the recorded result, print nothing.
@@ -14,11 +18,11 @@ restarted). Before delivering, the connector looks the job up here:
 Every write is committed with ``synchronous=FULL`` before the job moves on (the writes of concurrent
 deliveries share one transaction and one fsync, group commit; each caller still waits for its commit).
 For IPP printers that take Create-Job + Send-Document (IPP Everywhere printers do) no window is left:
-the printer job id is on disk before the first document byte leaves. The window that cannot be closed
-is for RAW and LPD (and IPP printers without Create-Job): the printer has taken the last byte and the
-connector dies before ``handed`` is on disk; the resend then prints a second copy. ``handed`` is written
-the moment the printer confirms (Print-Job response; RAW/LPD: the last byte written), so the window is
-one round trip.
+the printer job id is on disk before the first document byte leaves. For RAW and LPD, ``feeding`` is on
+disk before the first byte leaves and ``handed`` the moment the last one has, so a connector that dies
+in between never prints the job again blindly. The window left is for IPP printers without Create-Job:
+the printer has answered Print-Job and the connector dies before ``handed`` is on disk; the resend then
+prints a second copy. That window is one round trip.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_updated ON deliveries (updated_at);
 """
+SCHEMA_VERSION = 1  # 1: unknown_outcomes
 
 FINAL = ("completed", "failed")
 
@@ -48,25 +53,36 @@ FINAL = ("completed", "failed")
 class LedgerEntry:
     job_id: str
     printer_id: str
-    state: str  # started | handed | completed | failed
+    state: str  # started | created | feeding | handed | completed | failed | canceled
     message: str
     printer_job_id: int | None
     updated_at: float
+    unknown_outcomes: int = 0  # the ticket's count when this entry was written (see ``feeding``)
 
 
 RECORD = (
-    "INSERT INTO deliveries (job_id, printer_id, state, message, printer_job_id, started_at, updated_at) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET state = excluded.state, "
-    "message = excluded.message, printer_job_id = COALESCE(excluded.printer_job_id, printer_job_id), "
-    "updated_at = excluded.updated_at"
+    "INSERT INTO deliveries (job_id, printer_id, state, message, printer_job_id, started_at, updated_at, "
+    "unknown_outcomes) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET "
+    "state = excluded.state, message = excluded.message, "
+    "printer_job_id = COALESCE(excluded.printer_job_id, printer_job_id), updated_at = excluded.updated_at, "
+    "unknown_outcomes = MAX(unknown_outcomes, excluded.unknown_outcomes)"
 )
 
 
 def _record_args(
-    job_id: str, printer_id: str, state: str, message: str, printer_job_id: int | None
+    job_id: str, printer_id: str, state: str, message: str, printer_job_id: int | None, unknown_outcomes: int
 ) -> tuple[Any, ...]:
     now = time.time()
-    return (job_id, printer_id, state, message, printer_job_id, now, now)
+    return (job_id, printer_id, state, message, printer_job_id, now, now, unknown_outcomes)
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    conn.executescript(SCHEMA)
+    if conn.execute("PRAGMA user_version").fetchone()[0] < 1:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(deliveries)")}
+        if "unknown_outcomes" not in columns:
+            conn.execute("ALTER TABLE deliveries ADD COLUMN unknown_outcomes INTEGER NOT NULL DEFAULT 0")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
 @dataclass(eq=False)
@@ -93,7 +109,7 @@ class Ledger:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
-            conn.executescript(SCHEMA)
+            _migrate(conn)
             return conn
 
         self._conn = await trio.to_thread.run_sync(_open)
@@ -170,17 +186,25 @@ class Ledger:
 
     async def get(self, job_id: str) -> LedgerEntry | None:
         rows = await self._run(
-            "SELECT job_id, printer_id, state, message, printer_job_id, updated_at FROM deliveries "
-            "WHERE job_id = ?",
+            "SELECT job_id, printer_id, state, message, printer_job_id, updated_at, unknown_outcomes "
+            "FROM deliveries WHERE job_id = ?",
             (job_id,),
         )
         return LedgerEntry(*rows[0]) if rows else None
 
     async def record(
-        self, job_id: str, printer_id: str, state: str, message: str = "", printer_job_id: int | None = None
+        self,
+        job_id: str,
+        printer_id: str,
+        state: str,
+        message: str = "",
+        printer_job_id: int | None = None,
+        *,
+        unknown_outcomes: int = 0,
     ) -> None:
         """Record the job's state; returns once it is on disk."""
-        await self._run(RECORD, _record_args(job_id, printer_id, state, message, printer_job_id), write=True)
+        args = _record_args(job_id, printer_id, state, message, printer_job_id, unknown_outcomes)
+        await self._run(RECORD, args, write=True)
 
     def note_started(self, job_id: str, printer_id: str, message: str) -> None:
         """Record ``started`` with the next batch, without waiting for it (no fsync on the job's path).
@@ -189,7 +213,7 @@ class Ledger:
         so a crash that loses it changes nothing. The next call (this delivery's ``handed``, or any
         other) commits it first: batches run their writes in order.
         """
-        args = _record_args(job_id, printer_id, "started", message, None)
+        args = _record_args(job_id, printer_id, "started", message, None, 0)
         self._pending.append(_Call(lambda c: c.execute(RECORD, args).fetchall(), write=True))
 
     async def size(self) -> int:

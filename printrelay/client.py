@@ -151,6 +151,12 @@ def _follow(client: httpx.Client, token: str, job: dict[str, Any], timeout: floa
             state = job["state"]
             if show:
                 sys.stderr.write(f"job {job['id']}: {state}\n")
+        if state == "held" and job.get("hold_reason"):
+            # Only a person can decide this one: waiting longer would not change it.
+            raise SubmitFailed(
+                f"job {job['id']} held: {job['hold_reason']}; release it to print it again "
+                f"(POST /v1/jobs/{job['id']}/release) or cancel it"
+            )
     if state != "completed":
         raise SubmitFailed(f"job {job['id']} {state}: {job.get('last_error') or 'no reason given'}")
     return 0

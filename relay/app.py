@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -14,12 +15,13 @@ from relay.api.rest import RestApi
 from relay.config import RelayConfig
 from relay.http.server import HttpServer
 from relay.jobs import Job, JobEvent, JobHistoryEntry, JobState
+from relay.leases import LeaseKeeper
 from relay.lifecycle import JobLifecycle
 from relay.metrics import RelayMetrics
 from relay.ops import ops_listener
 from relay.ratelimit import TokenRateLimiter
 from relay.spool import Spool
-from relay.store.base import Store
+from relay.store.base import Lease, Store
 from relay.store.sqlite import SqliteStore
 from relay.tls import ServerTls
 from relay.tunnel import ConnectorRegistry, TunnelListener
@@ -48,6 +50,11 @@ class Relay:
         self.registry = ConnectorRegistry()
         self.metrics = RelayMetrics(per_printer=config.metrics_per_printer)
         self.jobs = JobLifecycle(self)
+        # Claims on jobs in flight are leases held by this process (relay/leases.py).
+        self.lease = Lease(owner=f"relay-{secrets.token_hex(6)}", seconds=config.job_lease)
+        self.leases = LeaseKeeper(
+            self.store, self.jobs, self.lease, self.jobs_claimed, on_lapsed=self.metrics.leases_lapsed.inc
+        )
         self.webhooks = WebhookSender(
             self.store,
             max_attempts=config.webhook_max_attempts,
@@ -80,6 +87,7 @@ class Relay:
                 listener = TunnelListener(self, ssl_context=self.tls.context if self.tls else None)
                 tunnel_port = await nursery.start(listener.serve, thost, tport)
                 nursery.start_soon(self._expire_jobs)
+                nursery.start_soon(self.leases.run)
                 await nursery.start(self.webhooks.run)
                 nursery.start_soon(self.registry.watch_tokens, self.store)
                 if self.tls and threading.current_thread() is threading.main_thread():
@@ -110,6 +118,10 @@ class Relay:
     async def job_finished(self, job: Job) -> None:
         """A job reached a final state through the store directly: apply the consequences."""
         await self.jobs.changed(job, JobHistoryEntry(job.id, job.updated_at, job.state, str(job.state)))
+
+    def jobs_claimed(self) -> set[str]:
+        """Jobs this relay's dispatchers hold (claimed and not yet settled)."""
+        return {j for s in self.registry.sessions() if s.dispatcher is not None for j in s.dispatcher.claimed}
 
     def jobs_in_flight(self) -> int:
         return sum(s.dispatcher.in_flight for s in self.registry.sessions() if s.dispatcher is not None)

@@ -40,6 +40,10 @@ class RelayConfig:
     )
     tenant_max_jobs: int = option(100_000, "quota: a tenant's undelivered jobs (429 above)")
     max_streams_per_connector: int = option(32, "jobs streamed to one connector session at once")
+    job_lease: float = option(
+        15.0, "a claim on a job in flight lasts this long unless renewed (every third of it while the job "
+        "streams); a job whose claim lapses is queued again", parse=parse_duration,
+    )  # fmt: skip
     tls_cert: Path | None = option(
         None, "PEM certificate chain: serve HTTPS and WSS (reloaded on SIGHUP); unset behind a TLS ingress",
         parse=Path, metavar="FILE",
@@ -76,6 +80,8 @@ class RelayConfig:
             raise ValueError("max_attempts must be at least 1")
         if self.max_streams_per_connector < 1:
             raise ValueError("max_streams_per_connector must be at least 1")
+        if not 1.0 <= self.job_lease <= 3600.0:
+            raise ValueError(f"job_lease must be between 1 s and 1 h, not {self.job_lease:g} s")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together: give both or neither")
         if self.rate_limit < 0 or self.rate_burst < 1:

@@ -11,7 +11,13 @@ Failure handling:
   connector's ledger keeps a resend from printing twice);
 * the printer is busy or unreachable (``retry``) → ``queued`` with exponential backoff and jitter, until
   ``max_attempts``, then ``failed`` with the last error;
-* the printer refused or aborted the job → ``failed``.
+* the printer refused or aborted the job → ``failed``;
+* the connector cannot know whether a RAW or LPD printer took the job (it stopped while feeding it)
+  → ``held`` for a person to release or cancel;
+* the stream ends in any other way (the session closed while the dispatcher was being cancelled, say)
+  → ``queued`` again, shielded from that cancellation. A claim is also a lease (``job_lease``), renewed
+  while the job streams (relay/leases.py), so a job whose dispatcher is gone is queued again even if
+  this path was never reached.
 
 Final states erase the payload.
 """
@@ -42,6 +48,7 @@ RESPONSE_TIMEOUT = 60.0  # connector must answer a job stream's headers within t
 # A job may print for a long time; the tunnel's PINGs detect dead peers.
 PROGRESS_TIMEOUT = 24 * 3600.0
 NO_ANSWER = "connector did not answer in time"
+STREAM_ENDED = "the connector session ended while the job was on its way; queued again"
 
 
 class PayloadMissing(Exception):
@@ -59,6 +66,7 @@ class Dispatcher:
         self.relay = relay
         self.session = session
         self.in_flight = 0
+        self.claimed: set[str] = set()  # jobs claimed and not yet settled: their leases are renewed
         self._slot_freed = trio.Event()
         self._streams: dict[str, H2Stream] = {}
 
@@ -81,9 +89,12 @@ class Dispatcher:
                 due: float | None = None
                 if free > 0:
                     jobs, due = await relay.store.claim_jobs_and_next_due(
-                        session.tenant, session.connector_id, time.time(), free
+                        session.tenant, session.connector_id, time.time(), free, relay.lease
                     )
                 for job in jobs:
+                    # No checkpoint between the claim and start_soon: a cancellation now still runs
+                    # _deliver, which queues the job again.
+                    self.claimed.add(job.id)
                     self.in_flight += 1
                     relay.metrics.job_dispatched(job, time.time())
                     relay.jobs.publish(
@@ -108,16 +119,25 @@ class Dispatcher:
                     await woken.wait()
 
     async def _deliver(self, job: Job) -> None:
+        # What happens to the job if its stream ends without an outcome (cancellation, a bug).
+        outcome: JobStatus | str = STREAM_ENDED
         try:
             with self.relay.metrics.job_streams.track_inprogress():
-                await self._stream_job(job)
+                outcome = await self._stream_job(job)
         finally:
+            with trio.CancelScope(shield=True):  # the job must not stay `sending`, whatever ended us
+                if isinstance(outcome, str):
+                    await self._requeue(job, outcome)
+                else:
+                    await self._finish(job, outcome)
+            self.claimed.discard(job.id)
             self.in_flight -= 1
             self._slot_freed.set()
             self._slot_freed = trio.Event()
             self.relay.streams_changed.fire()
 
-    async def _stream_job(self, job: Job) -> None:
+    async def _stream_job(self, job: Job) -> JobStatus | str:
+        """The connector's final status, or why the job must simply be queued again."""
         h2 = self.session.h2
         ticket = JobTicketMessage(
             job_id=job.id,
@@ -132,6 +152,7 @@ class Dispatcher:
             wrapped_key=job.wrapped_key,
             attempt=job.attempts,
             options=job.options,
+            unknown_outcomes=job.unknown_outcomes,
         )
         try:
             stream = await h2.open_stream(
@@ -143,8 +164,7 @@ class Dispatcher:
                 [cast(tuple[str, str], NeverIndexedHeaderTuple(TICKET_HEADER, ticket.encode()))],
             )
         except (StreamClosed, SessionClosed) as exc:
-            await self._requeue(job, f"tunnel lost before sending: {exc}")
-            return
+            return f"tunnel lost before sending: {exc}"
         self._streams[job.id] = stream
         outcome: JobStatus | str | None
         try:
@@ -158,13 +178,9 @@ class Dispatcher:
         finally:
             self._streams.pop(job.id, None)
             stream.reset(ErrorCodes.NO_ERROR)  # no-op once both sides ended; frees the stream
-        if isinstance(outcome, str):
-            await self._requeue(job, outcome)
-            if outcome == NO_ANSWER:
-                h2.close("connector stopped answering a job stream")
-            return
-        final = outcome or JobStatus("retry", "connector ended the stream without a result")
-        await self._finish(job, final)
+        if outcome == NO_ANSWER:
+            h2.close("connector stopped answering a job stream")
+        return outcome or JobStatus("retry", "connector ended the stream without a result")
 
     async def _result(self, stream: H2Stream, job: Job) -> JobStatus | str | None:
         """The connector's final status; a reason string when the job must simply be queued again."""
@@ -256,6 +272,13 @@ class Dispatcher:
                 )  # fmt: skip
             elif status.state == "canceled":
                 await self._transition(job, JobEvent.CANCEL, status.message or "canceled at the printer")
+            elif status.state == "held":
+                # Printing again might print twice, not printing might print never: a person decides.
+                reason = status.message or "outcome unknown"
+                await self._transition(
+                    job, JobEvent.HOLD, f"held: {reason}; release the job to print it again",
+                    last_error=reason, unknown_outcomes=job.unknown_outcomes + 1,
+                )  # fmt: skip
             else:
                 reason = status.message or "delivery failed"
                 if status.state == "retry":

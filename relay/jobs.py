@@ -1,12 +1,15 @@
 """A print job's life, as a transition table (DESIGN §6). Pure: no I/O, no clock.
 
     held ──release──▶ queued ──dispatch──▶ sending ──accepted──▶ printing ──complete──▶ completed
-                        ▲                    │  │                  │  │
-                        └──────retry─────────┘  └──────fail────────┴──┴──▶ failed
+     ▲                  ▲                    │  │                  │  │
+     │                  └──────retry─────────┘  └──────fail────────┴──┴──▶ failed
+     └──────────────────hold (outcome unknown)───────────────────────┘
     any non-final state ──cancel──▶ canceled;  held/queued ──expire──▶ expired
 
 A retry returns the job to ``queued`` (tunnel lost, printer busy); the dispatcher honours its
-``next_attempt_at``. Final states never change again.
+``next_attempt_at``. A hold from ``sending`` or ``printing`` means the connector cannot know whether a
+RAW or LPD printer took the job before the connector stopped (``unknown_outcomes`` counts these): a
+person decides, by releasing the job (print it again) or canceling it. Final states never change again.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class JobEvent(enum.StrEnum):
     COMPLETE = "complete"
     FAIL = "fail"
     RETRY = "retry"
+    HOLD = "hold"  # outcome unknown: a person decides whether to print again
     CANCEL = "cancel"
     EXPIRE = "expire"
 
@@ -61,10 +65,12 @@ TRANSITIONS: dict[tuple[JobState, JobEvent], JobState] = {
     (S.SENDING, E.FAIL): S.FAILED,
     (S.SENDING, E.RETRY): S.QUEUED,
     (S.SENDING, E.CANCEL): S.CANCELED,
+    (S.SENDING, E.HOLD): S.HELD,
     (S.PRINTING, E.COMPLETE): S.COMPLETED,
     (S.PRINTING, E.FAIL): S.FAILED,
     (S.PRINTING, E.RETRY): S.QUEUED,
     (S.PRINTING, E.CANCEL): S.CANCELED,
+    (S.PRINTING, E.HOLD): S.HELD,
 }
 del S, E
 
@@ -122,6 +128,9 @@ class Job:
     last_error: str = ""
     idempotency_key: str | None = None
     options: dict[str, str] = field(default_factory=dict)
+    # Deliveries whose outcome the connector could not know (see JobEvent.HOLD). The ticket carries it, so
+    # the connector can tell a person's release (a higher count than it recorded) from a plain resend.
+    unknown_outcomes: int = 0
     created_at: float = 0.0
     updated_at: float = 0.0
     completed_at: float | None = None
@@ -141,6 +150,8 @@ class Job:
             "attempts": self.attempts,
             "max_attempts": self.max_attempts,
             "last_error": self.last_error or None,
+            # Why a job that was on its way is held now; None for a job held for release at submission.
+            "hold_reason": self.last_error if self.state is JobState.HELD and self.unknown_outcomes else None,
             "options": self.options,
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),

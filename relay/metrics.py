@@ -238,6 +238,11 @@ class RelayMetrics:
         self.job_streams = Gauge(
             "printrelay_tunnel_job_streams", "Job streams in flight to connectors", registry=r
         )
+        self.leases_lapsed = Counter(
+            "printrelay_job_leases_lapsed_total",
+            "Jobs in flight queued again because their claim lapsed (the stream sending them was gone)",
+            registry=r,
+        )
 
         # tunnel
         self.connectors = Gauge(

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 JOBS = 200
 
 
-async def submit_until_accepted(stack: ProcessStack, key: str, body: bytes) -> str:
+async def submit_until_accepted(stack: ProcessStack, key: str, body: bytes, printer: str = "office") -> str:
     """Submit with an Idempotency-Key until the relay answers: a 201 lost in a crash is not a second job."""
     headers = {"authorization": f"Bearer {stack.api_token}", "content-type": "application/pdf",
                "idempotency-key": key}  # fmt: skip
@@ -28,7 +28,9 @@ async def submit_until_accepted(stack: ProcessStack, key: str, body: bytes) -> s
         with trio.fail_after(120):
             while True:
                 try:
-                    response = await client.post("/v1/printers/office/jobs", content=body, headers=headers)
+                    response = await client.post(
+                        f"/v1/printers/{printer}/jobs", content=body, headers=headers
+                    )
                 except httpx.TransportError:
                     await trio.sleep(0.1)  # the relay is down: try again, as a client would
                     continue

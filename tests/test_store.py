@@ -12,8 +12,10 @@ import trio
 import trio.testing
 
 from relay.jobs import Job, JobEvent, JobState, new_job_id
-from relay.store.base import Conflict
+from relay.store.base import Conflict, Lease
 from relay.store.sqlite import SqliteStore, open_connection
+
+LEASE = Lease("relay-test", 15.0)
 
 
 @pytest.fixture
@@ -154,11 +156,11 @@ async def test_claim_reports_the_next_due_time_only_when_it_did_not_fill(store: 
     for job in jobs:
         await store.insert_job(job, "accepted")
     now = time.time()
-    claimed, due = await store.claim_jobs_and_next_due("acme", "c1", now, 2)
+    claimed, due = await store.claim_jobs_and_next_due("acme", "c1", now, 2, LEASE)
     assert [j.id for j in claimed] == [j.id for j in jobs[:2]] and due is None
     later = now + 30
     await store.transition(jobs[0].id, JobEvent.RETRY, "busy", now, next_attempt_at=later)
-    claimed, due = await store.claim_jobs_and_next_due("acme", "c1", now, 5)
+    claimed, due = await store.claim_jobs_and_next_due("acme", "c1", now, 5, LEASE)
     assert [j.id for j in claimed] == [jobs[2].id]
     assert due == later
 
@@ -169,7 +171,7 @@ async def test_the_claim_walks_the_queue_in_order_without_sorting(store: SqliteS
     conn = store._conn
     assert conn is not None
     conn.set_trace_callback(statements.append)  # the SQL with its values bound
-    await store.claim_jobs("acme", "c1", time.time(), 1)
+    await store.claim_jobs("acme", "c1", time.time(), 1, LEASE)
     conn.set_trace_callback(None)
     [claim] = [s for s in statements if s.startswith("UPDATE jobs SET state = 'sending'")]
     plan = " / ".join(str(row[3]) for row in conn.execute(f"EXPLAIN QUERY PLAN {claim}"))

@@ -29,7 +29,9 @@ MAX_INVENTORY_BYTES = 4 * 1024 * 1024
 TICKET_HEADER = "x-job-ticket"
 NDJSON = "application/x-ndjson"
 
-FINAL_STATUSES = ("completed", "failed", "retry", "canceled")
+# "held": the connector cannot know whether the printer took the job (it stopped while a RAW or LPD
+# printer was taking it) and its printer is set to hold such jobs for a person (uncertain_delivery).
+FINAL_STATUSES = ("completed", "failed", "retry", "canceled", "held")
 
 
 class MessageError(ValueError):
@@ -79,6 +81,9 @@ class JobTicketMessage:
     wrapped_key: bytes
     attempt: int
     options: dict[str, str] = field(default_factory=dict)
+    # How often the job was held because a delivery's outcome was unknown (relay/jobs.py): a resend with a
+    # higher count than the connector's ledger recorded was released by a person, and prints again.
+    unknown_outcomes: int = 0
 
     def encode(self) -> str:
         obj = asdict(self)
@@ -113,6 +118,7 @@ class JobTicketMessage:
             wrapped_key=_unb64(_str(obj, "wrapped_key", limit=1024)),
             attempt=_int(obj, "attempt", 1),
             options=options,
+            unknown_outcomes=_int(obj, "unknown_outcomes", 0),
         )
 
 
@@ -120,7 +126,7 @@ class JobTicketMessage:
 class JobStatus:
     """One NDJSON line of a job stream's response: progress, or the final result."""
 
-    state: str  # printing | completed | failed | retry | canceled
+    state: str  # printing | completed | failed | retry | canceled | held
     message: str = ""
     printer_job_id: int | None = None
     retry_after: float | None = None

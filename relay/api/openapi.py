@@ -358,6 +358,10 @@ SCHEMAS: dict[str, Any] = {
             "attempts": {"type": "integer"},
             "max_attempts": {"type": "integer"},
             "last_error": {"type": ["string", "null"]},
+            "hold_reason": {
+                "type": ["string", "null"],
+                "description": "why a job that was on its way is held (the outcome of a delivery is unknown)",
+            },
             "options": {"type": "object"},
             "created_at": {"type": "string"},
             "updated_at": {"type": "string"},

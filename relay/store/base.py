@@ -142,6 +142,14 @@ class StoreSample:
     connectors_offline: int  # connectors with a valid token and no session
 
 
+@dataclass(frozen=True)
+class Lease:
+    """A replica's claim on the jobs it streams: who holds them, and for how long without a renewal."""
+
+    owner: str
+    seconds: float
+
+
 class StoreError(Exception):
     pass
 
@@ -204,12 +212,19 @@ class Store(Protocol):
     async def list_jobs(
         self, tenant: str, *, printer_id: str | None = None, state: JobState | None = None, limit: int = 100
     ) -> list[Job]: ...
-    async def claim_jobs(self, tenant: str, connector_id: str, now: float, limit: int) -> list[Job]: ...
+    async def claim_jobs(
+        self, tenant: str, connector_id: str, now: float, limit: int, lease: Lease
+    ) -> list[Job]: ...
     async def claim_jobs_and_next_due(
-        self, tenant: str, connector_id: str, now: float, limit: int
+        self, tenant: str, connector_id: str, now: float, limit: int, lease: Lease
     ) -> tuple[list[Job], float | None]:
         """``claim_jobs``, and when fewer than ``limit`` were due, what ``next_due`` then says (else None):
-        one round trip for the dispatcher's loop."""
+        one round trip for the dispatcher's loop. Each claimed job is leased to ``lease.owner``."""
+        ...
+
+    async def renew_leases(self, lease: Lease, job_ids: Sequence[str], now: float) -> None: ...
+    async def lapsed_leases(self, now: float, limit: int) -> list[Job]:
+        """Jobs in ``sending`` or ``printing`` whose lease was not renewed in time."""
         ...
 
     async def transition(

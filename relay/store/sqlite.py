@@ -24,6 +24,7 @@ from relay.store.base import (
     Conflict,
     ConnectorRecord,
     IppJob,
+    Lease,
     Printer,
     StoreError,
     StoreSample,
@@ -127,6 +128,14 @@ SCHEMA = [
     CREATE TABLE payloads (job_id TEXT PRIMARY KEY, sealed BLOB NOT NULL);
     CREATE INDEX jobs_claim ON jobs (tenant, connector_id, state, created_at);
     """,
+    # version 5: claims are leases (owner and expiry, renewed while the job streams; a lapsed one is
+    # queued again), and jobs held because the connector could not know whether the printer took them
+    """
+    ALTER TABLE jobs ADD COLUMN unknown_outcomes INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE jobs ADD COLUMN lease_owner TEXT;
+    ALTER TABLE jobs ADD COLUMN lease_expires_at REAL;
+    CREATE INDEX jobs_lease ON jobs (lease_expires_at) WHERE state IN ('sending', 'printing');
+    """,
 ]
 
 JOB_COLUMNS = (
@@ -137,7 +146,7 @@ JOB_COLUMNS = (
 # Fields a transition may change besides the state.
 MUTABLE_JOB_FIELDS = {
     "attempts", "next_attempt_at", "last_error", "completed_at", "wrapped_key", "printer_id",
-    "connector_id", "key_id", "expires_at",
+    "connector_id", "key_id", "expires_at", "unknown_outcomes",
 }  # fmt: skip
 
 
@@ -186,6 +195,7 @@ def _job(row: sqlite3.Row) -> Job:
         last_error=row["last_error"],
         idempotency_key=row["idempotency_key"],
         options=json.loads(row["options"]),
+        unknown_outcomes=row["unknown_outcomes"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],
         completed_at=row["completed_at"],
@@ -581,17 +591,20 @@ class SqliteStore:
         rows = await self._run(lambda c: c.execute(sql, args).fetchall())
         return [_job(r) for r in rows]
 
-    async def claim_jobs(self, tenant: str, connector_id: str, now: float, limit: int) -> list[Job]:
+    async def claim_jobs(
+        self, tenant: str, connector_id: str, now: float, limit: int, lease: Lease
+    ) -> list[Job]:
         """Move up to ``limit`` due queued jobs of this connector's printers to ``sending``."""
-        jobs, _ = await self.claim_jobs_and_next_due(tenant, connector_id, now, limit)
+        jobs, _ = await self.claim_jobs_and_next_due(tenant, connector_id, now, limit, lease)
         return jobs
 
     async def claim_jobs_and_next_due(
-        self, tenant: str, connector_id: str, now: float, limit: int
+        self, tenant: str, connector_id: str, now: float, limit: int, lease: Lease
     ) -> tuple[list[Job], float | None]:
         def claim(c: sqlite3.Connection) -> tuple[list[Job], float | None]:
             rows = c.execute(
-                "UPDATE jobs SET state = 'sending', attempts = attempts + 1, updated_at = ? "
+                "UPDATE jobs SET state = 'sending', attempts = attempts + 1, updated_at = ?, "
+                "lease_owner = ?, lease_expires_at = ? "
                 "WHERE id IN (SELECT j.id FROM jobs j JOIN printers p "
                 "ON p.tenant = j.tenant AND p.id = j.printer_id "
                 "WHERE j.tenant = ? AND j.connector_id = ? AND p.connector_id = ? AND j.state = 'queued' "
@@ -600,7 +613,7 @@ class SqliteStore:
                 "AND p.state NOT IN ('stopped', 'offline') "
                 # unary +: not an index term, so SQLite walks jobs_claim in created_at order
                 "AND +j.next_attempt_at <= ? ORDER BY j.created_at LIMIT ?) RETURNING *",
-                (now, tenant, connector_id, connector_id, now, limit),
+                (now, lease.owner, now + lease.seconds, tenant, connector_id, connector_id, now, limit),
             ).fetchall()
             jobs = sorted((_job(r) for r in rows), key=lambda j: j.created_at)
             c.executemany(
@@ -625,9 +638,11 @@ class SqliteStore:
                 return None
             job = _job(row)
             state = next_state(job.state, event)
-            values = {**fields, "state": str(state), "updated_at": at}
+            values: dict[str, Any] = {**fields, "state": str(state), "updated_at": at}
             if state.final and "completed_at" not in fields:
                 values["completed_at"] = at
+            if state not in (JobState.SENDING, JobState.PRINTING):
+                values["lease_owner"] = values["lease_expires_at"] = None  # nobody holds it any more
             assignments = ", ".join(f"{name} = ?" for name in values)
             c.execute(f"UPDATE jobs SET {assignments} WHERE id = ?", [*values.values(), job_id])
             c.execute(
@@ -670,6 +685,30 @@ class SqliteStore:
             return ids
 
         return await self._write(requeue)
+
+    async def renew_leases(self, lease: Lease, job_ids: Sequence[str], now: float) -> None:
+        """Extend this owner's claims on these jobs (those still in flight) to ``now + lease.seconds``."""
+
+        def renew(c: sqlite3.Connection) -> None:
+            for start in range(0, len(job_ids), MAX_SQL_VARIABLES):
+                ids = list(job_ids[start : start + MAX_SQL_VARIABLES])
+                c.execute(
+                    "UPDATE jobs SET lease_expires_at = ? WHERE lease_owner = ? "
+                    f"AND state IN ('sending', 'printing') AND id IN ({', '.join('?' * len(ids))})",
+                    [now + lease.seconds, lease.owner, *ids],
+                )
+
+        await self._write(renew)
+
+    async def lapsed_leases(self, now: float, limit: int) -> list[Job]:
+        """Jobs in flight whose claim was not renewed in time: their stream is gone."""
+        rows = await self._run(
+            lambda c: c.execute(
+                "SELECT * FROM jobs WHERE state IN ('sending', 'printing') AND lease_expires_at < ? LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        )
+        return [_job(r) for r in rows]
 
     async def expired_jobs(self, now: float, limit: int) -> list[Job]:
         rows = await self._run(

@@ -1,0 +1,190 @@
+"""A connector that stops while a RAW printer is taking a job cannot know what printed. The job is held
+for a person (uncertain_delivery=hold, the default) or printed again (reprint); never printed twice
+blindly. (tests/test_crash_connector.py does this with SIGKILL and real processes.)"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import struct
+from collections.abc import AsyncIterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from fixtures_relay import RelayStack
+
+from connector.app import UNKNOWN_OUTCOME, Connector
+from connector.config import ConnectorConfig, parse_printer, parse_uncertain_delivery
+from connector.ledger import Ledger
+
+DOCUMENT = os.urandom(8 * 1024 * 1024)  # far more than the socket buffers hold: the feed stalls
+
+
+class StallingPrinter:
+    """A RAW printer that, while ``stall`` is set, reads a job's first bytes and then stops reading."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.stall = True
+        self.first_bytes = trio.Event()
+        self.reset_stalled = trio.Event()  # set: stalled connections are reset (SO_LINGER 0)
+        self.documents: list[bytes] = []
+        self.fragments: list[bytes] = []  # connections that ended before EOF
+
+    @property
+    def uri(self) -> str:
+        return f"socket://127.0.0.1:{self.port}"
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        received = bytearray()
+        async with stream:
+            try:
+                async for data in stream:
+                    received += data
+                    if self.stall:
+                        self.first_bytes.set()
+                        await self.reset_stalled.wait()
+                        stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        self.fragments.append(bytes(received))
+                        return
+            except trio.BrokenResourceError:
+                self.fragments.append(bytes(received))
+                return
+        if received:  # connections that send nothing are reachability probes
+            self.documents.append(bytes(received))
+
+
+@pytest.fixture
+async def printer(nursery: trio.Nursery) -> AsyncIterator[StallingPrinter]:
+    printer = StallingPrinter()
+    listeners = await nursery.start(partial(trio.serve_tcp, printer.handle, 0, host="127.0.0.1"))
+    printer.port = listeners[0].socket.getsockname()[1]
+    yield printer
+
+
+async def start_connector(stack: RelayStack, printer: StallingPrinter, **kw: Any) -> trio.CancelScope:
+    """A connector for printer ``raw`` in a cancel scope of its own: cancelling it stops the connector
+    the way a crash does, mid-delivery (its state dir survives, as a disk does)."""
+    token = await stack.token("connector", "acme", connector_id="site-1")
+    config = ConnectorConfig(
+        relay=stack.tunnel_url, token=token, printer=[parse_printer(f"raw={printer.uri}")],
+        state_dir=stack.tmp_path / "connector", **kw,
+    )  # fmt: skip
+    scope = trio.CancelScope()
+
+    async def run(task_status: trio.TaskStatus[None]) -> None:
+        with scope:
+            await Connector(config).run(task_status=task_status)
+
+    await stack.nursery.start(run)
+    with trio.fail_after(10):
+        while not stack.relay.registry.sessions():
+            await stack.relay.registry.changed.wait()
+    return scope
+
+
+async def stop_during_feed(stack: RelayStack, printer: StallingPrinter, **kw: Any) -> str:
+    """Submit a job and stop the connector while the printer has part of it; the job id."""
+    scope = await start_connector(stack, printer, **kw)
+    async with stack.client() as client:
+        response = await client.post("/v1/printers/raw/jobs", content=DOCUMENT)
+        assert response.status_code == 201, response.text
+    with trio.fail_after(30):
+        await printer.first_bytes.wait()
+    ledger = Ledger(stack.tmp_path / "connector" / "ledger.sqlite3")
+    await ledger.open()
+    try:
+        entry = await ledger.get(response.json()["id"])
+    finally:
+        await ledger.close()
+    assert entry is not None and entry.state == "feeding"  # on disk before the first byte left
+    scope.cancel()
+    with trio.fail_after(10):
+        while stack.relay.registry.sessions():
+            await stack.relay.registry.changed.wait()
+    printer.stall = False
+    job_id: str = response.json()["id"]
+    return job_id
+
+
+async def test_a_job_the_connector_stopped_feeding_is_held_then_released_once(
+    relay_stack: RelayStack, printer: StallingPrinter
+) -> None:
+    job_id = await stop_during_feed(relay_stack, printer)
+    await start_connector(relay_stack, printer)
+    job = await relay_stack.wait_job(job_id, ("held", "completed", "failed"))
+    assert job["state"] == "held"
+    assert job["hold_reason"] == UNKNOWN_OUTCOME == job["last_error"]
+    assert printer.documents == []  # not printed again blindly
+    async with relay_stack.client() as client:
+        history = (await client.get(f"/v1/jobs/{job_id}/events")).json()["events"]
+        assert any(UNKNOWN_OUTCOME in entry["message"] for entry in history)
+        released = await client.post(f"/v1/jobs/{job_id}/release")
+        assert released.status_code == 200, released.text
+    job = await relay_stack.wait_job(job_id)
+    assert job["state"] == "completed" and job["hold_reason"] is None
+    assert [hashlib.sha256(d).digest() for d in printer.documents] == [hashlib.sha256(DOCUMENT).digest()]
+
+
+async def test_reprint_prints_a_job_of_unknown_outcome_again(
+    relay_stack: RelayStack, printer: StallingPrinter
+) -> None:
+    reprint = [parse_uncertain_delivery("*=reprint")]
+    job_id = await stop_during_feed(relay_stack, printer, uncertain_delivery=reprint)
+    await start_connector(relay_stack, printer, uncertain_delivery=reprint)
+    job = await relay_stack.wait_job(job_id, ("held", "completed", "failed"))
+    assert job["state"] == "completed"
+    assert printer.documents == [DOCUMENT]
+
+
+async def test_a_printer_that_resets_mid_feed_is_retried_not_held(
+    relay_stack: RelayStack, printer: StallingPrinter
+) -> None:
+    """The connector saw that attempt fail: the resend is an ordinary retry, not an unknown outcome."""
+    await start_connector(relay_stack, printer)
+    async with relay_stack.client() as client:
+        job_id = (await client.post("/v1/printers/raw/jobs", content=DOCUMENT)).json()["id"]
+    with trio.fail_after(30):
+        await printer.first_bytes.wait()
+    printer.stall = False
+    printer.reset_stalled.set()
+    job = await relay_stack.wait_job(job_id, ("held", "completed", "failed"))
+    assert job["state"] == "completed" and job["attempts"] == 2
+    assert printer.documents == [DOCUMENT] and len(printer.fragments) == 1
+
+
+def test_parse_uncertain_delivery_names_the_choices() -> None:
+    assert parse_uncertain_delivery("labels=reprint") == ("labels", "reprint")
+    assert parse_uncertain_delivery(" * = hold ") == ("*", "hold")
+    with pytest.raises(ValueError, match="must be hold or reprint, not 'maybe'"):
+        parse_uncertain_delivery("labels=maybe")
+    with pytest.raises(ValueError, match="PRINTER=hold or PRINTER=reprint"):
+        parse_uncertain_delivery("reprint")
+
+
+async def test_an_old_ledger_gains_the_unknown_outcomes_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "ledger.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE deliveries (job_id TEXT PRIMARY KEY, printer_id TEXT NOT NULL, state TEXT NOT NULL, "
+        "message TEXT NOT NULL, printer_job_id INTEGER, started_at REAL NOT NULL, updated_at REAL NOT NULL);"
+        "INSERT INTO deliveries VALUES ('j1', 'p', 'handed', 'took it', NULL, 1, 1);"
+    )
+    old.close()
+    ledger = Ledger(path)
+    await ledger.open()
+    try:
+        entry = await ledger.get("j1")
+        assert entry is not None and entry.state == "handed" and entry.unknown_outcomes == 0
+        await ledger.record("j2", "p", "feeding", unknown_outcomes=2)
+        await ledger.record("j2", "p", "started")  # a later write never lowers the count
+        entry = await ledger.get("j2")
+        assert entry is not None and entry.unknown_outcomes == 2
+    finally:
+        await ledger.close()
