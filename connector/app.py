@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import platform
 import re
 import time
@@ -47,6 +48,7 @@ from tunnel.messages import (
     candidate_event,
     printer_event,
 )
+from tunnel.private_files import create_private, private_dir
 from tunnel.sealing import IntegrityError, PayloadOpener, open_key
 from tunnel.session import ErrorCodes, H2Session, H2Stream, SessionClosed, StreamClosed
 
@@ -124,8 +126,8 @@ async def _read_file(
 
 
 def _create_incoming(path: Path) -> BinaryIO:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path.open("wb")
+    private_dir(path.parent)
+    return os.fdopen(create_private(path, os.O_WRONLY | os.O_TRUNC), "wb")
 
 
 async def _open_stream(stream: H2Stream, opener: PayloadOpener) -> AsyncIterator[bytes]:
@@ -147,6 +149,7 @@ class Delivery:
 class Connector:
     def __init__(self, config: ConnectorConfig) -> None:
         self.config = config
+        private_dir(config.state_dir)  # keys, ledger, payloads in transit: this user's only
         self.keys = KeyRing.load_or_create(config.state_dir)
         self.ledger = Ledger(config.state_dir / "ledger.sqlite3")
         self.book = PrinterBook(config.state_dir, config.printer)

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
+from tunnel.private_files import private_dir
 from tunnel.sealing import generate_private_key, key_id, public_bytes
 
 __all__ = ["KeyRing"]
@@ -88,8 +89,7 @@ class KeyRing:
         """Load the key ring from ``state_dir/keys``, creating a first key if there is none."""
         keys_dir = Path(state_dir) / "keys"
         if not keys_dir.is_dir():
-            keys_dir.mkdir(parents=True, exist_ok=True)
-            os.chmod(keys_dir, 0o700)  # mkdir's mode is subject to the umask; be explicit
+            private_dir(keys_dir)
         keys: dict[str, X25519PrivateKey] = {}
         for path in sorted(keys_dir.glob(f"*{_KEY_SUFFIX}")):
             key = _load_key(path)

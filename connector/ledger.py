@@ -37,6 +37,8 @@ from typing import Any
 import outcome
 import trio
 
+from tunnel.private_files import private_database
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
     job_id TEXT PRIMARY KEY, printer_id TEXT NOT NULL, state TEXT NOT NULL, message TEXT NOT NULL,
@@ -105,7 +107,7 @@ class Ledger:
 
     async def open(self) -> None:
         def _open() -> sqlite3.Connection:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_database(self.path)  # 0600 in a 0700 state dir, whatever the umask
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")

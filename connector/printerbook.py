@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from connector.config import PRINTER_ID_RE, PrinterSpec, check_printer_uri
+from tunnel.private_files import create_private, private_dir
 
 BOOK_FILE = "printers.json"
 MAX_REQUEST_BYTES = 16 * 1024
@@ -85,9 +86,9 @@ class PrinterBook:
         data = json.dumps({"added": self.added, "removed": sorted(self.removed)}, indent=1).encode()
 
         def write() -> None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_dir(self.path.parent)
             temporary = self.path.with_suffix(".tmp")
-            with temporary.open("wb") as file:
+            with os.fdopen(create_private(temporary, os.O_WRONLY | os.O_TRUNC), "wb") as file:
                 file.write(data)
                 file.flush()
                 os.fsync(file.fileno())

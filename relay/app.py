@@ -20,6 +20,7 @@ from relay.lifecycle import JobLifecycle
 from relay.metrics import RelayMetrics
 from relay.ops import ops_listener
 from relay.ratelimit import TokenRateLimiter
+from relay.secretbox import SecretBox
 from relay.spool import Spool
 from relay.store.base import Lease, Store
 from relay.store.sqlite import SqliteStore
@@ -55,8 +56,10 @@ class Relay:
         self.leases = LeaseKeeper(
             self.store, self.jobs, self.lease, self.jobs_claimed, on_lapsed=self.metrics.leases_lapsed.inc
         )
+        self.secrets_at_rest = SecretBox.load_or_create(config.secret_key_path)
         self.webhooks = WebhookSender(
             self.store,
+            secrets_at_rest=self.secrets_at_rest,
             max_attempts=config.webhook_max_attempts,
             retry_base=config.webhook_retry_base,
             allow_private=config.webhook_allow_private,
@@ -107,6 +110,9 @@ class Relay:
     async def _recover(self) -> None:
         """After a restart (or crash): no sessions are held, in-flight jobs queue again, and spool files
         without a live job are removed."""
+        await self.spool.prepare()
+        if sealed := await self.webhooks.seal_stored_secrets():
+            log.info("sealed %d webhook secrets stored in clear by an older version", sealed)
         await self.store.reset_sessions()
         requeued = await self.store.requeue_interrupted(time.time())
         if requeued:

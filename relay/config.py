@@ -55,6 +55,11 @@ class RelayConfig:
         False,
         "let webhooks reach loopback, private and link-local addresses (off: no probing the relay's network)",
     )
+    secret_key_file: Path | None = option(
+        None, "key that seals webhook signing secrets in the database, so a copy of the database alone "
+        "reveals none (default DATA_DIR/secret.key, created at first start; relays sharing a database "
+        "share it)", parse=Path, metavar="FILE",
+    )  # fmt: skip
     webhook_max_attempts: int = option(10, "webhook delivery attempts before a change is dropped (logged)")
     webhook_retry_base: float = option(
         300.0, "first webhook retry delay; doubles per attempt up to 6 h, with jitter (10 attempts: ~1 day)",
@@ -98,3 +103,7 @@ class RelayConfig:
     @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
+
+    @property
+    def secret_key_path(self) -> Path:
+        return self.secret_key_file or self.data_dir / "secret.key"

@@ -29,10 +29,11 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import trio
 
+from tunnel.private_files import DIR_MODE, new_private_file, private_dir
 from tunnel.sealing import (
     PayloadSealer,
     key_id,
@@ -191,15 +192,24 @@ class Spool:
             inline=inline,
         )
 
+    async def prepare(self) -> None:
+        """The spool's directories, 0700 whatever the umask (also tightens one an older version made)."""
+        await trio.to_thread.run_sync(lambda: (private_dir(self.root), private_dir(self._tmp)))
+
     async def _open_part(self, part: Path, final: Path) -> Any:
         if await trio.to_thread.run_sync(final.exists):
             raise FileExistsError(f"payload already exists: {final}")
-        await trio.to_thread.run_sync(self._make_dirs, final.parent)
-        return await trio.open_file(part, "xb")
+        return trio.wrap_file(await trio.to_thread.run_sync(self._create_part, part, final.parent))
 
-    def _make_dirs(self, fan_dir: Path) -> None:
-        self._tmp.mkdir(parents=True, exist_ok=True)
-        fan_dir.mkdir(parents=True, exist_ok=True)
+    def _create_part(self, part: Path, fan_dir: Path) -> BinaryIO:
+        self._make_dirs(fan_dir)
+        return os.fdopen(new_private_file(part), "wb")  # 0600, and "x": never an existing file
+
+    def _make_dirs(self, directory: Path) -> None:
+        if not self._tmp.is_dir():
+            private_dir(self.root)
+            private_dir(self._tmp)
+        directory.mkdir(exist_ok=True, mode=DIR_MODE)
 
     async def open(self, job_id: str, *, read_size: int = 256 * 1024) -> AsyncGenerator[bytes, None]:
         """Stream the sealed bytes of ``job_id``'s payload (FileNotFoundError if absent).

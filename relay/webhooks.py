@@ -18,6 +18,7 @@ is HMAC-SHA256 keyed with the webhook's secret (its UTF-8 bytes, ``whsec_`` pref
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import ipaddress
@@ -35,6 +36,7 @@ import trio
 
 from relay.dispatch import retry_delay
 from relay.jobs import Job, JobHistoryEntry, JobState
+from relay.secretbox import SecretBox
 from relay.store.base import Store, Webhook, WebhookDelivery
 
 log = logging.getLogger("printrelay.relay.webhooks")
@@ -167,8 +169,11 @@ def validate_events(events: object) -> tuple[str, ...]:
     return tuple(dict.fromkeys(events))
 
 
-async def register(store: Store, tenant: str, body: bytes, now: float | None = None) -> Webhook:
-    """``POST /v1/webhooks``: ``{"url": ..., "events": [...]?}`` -> the stored webhook, secret included."""
+async def register(
+    store: Store, secrets_at_rest: SecretBox, tenant: str, body: bytes, now: float | None = None
+) -> Webhook:
+    """``POST /v1/webhooks``: ``{"url": ..., "events": [...]?}`` -> the webhook with its secret in clear
+    (the store keeps it sealed)."""
     try:
         data = json.loads(body)
     except ValueError:
@@ -186,7 +191,8 @@ async def register(store: Store, tenant: str, body: bytes, now: float | None = N
         secret=new_secret(),
         created_at=time.time() if now is None else now,
     )
-    if not await store.add_webhook(hook, MAX_WEBHOOKS_PER_TENANT):
+    sealed = dataclasses.replace(hook, secret=secrets_at_rest.seal(hook.secret, hook.id))
+    if not await store.add_webhook(sealed, MAX_WEBHOOKS_PER_TENANT):
         raise WebhookError(
             409,
             f"tenant {tenant} has max_webhooks_per_tenant={MAX_WEBHOOKS_PER_TENANT} webhooks; "
@@ -256,8 +262,10 @@ class WebhookSender:
         per_webhook: int = MAX_PER_WEBHOOK,
         transport: httpx.AsyncBaseTransport | None = None,
         allow_private: bool = False,
+        secrets_at_rest: SecretBox | None = None,  # None: secrets are stored in clear (tests)
     ) -> None:
         self.store = store
+        self.secrets_at_rest = secrets_at_rest
         self.allow_private = allow_private
         self.max_attempts = max_attempts
         self.retry_base = retry_base
@@ -271,6 +279,20 @@ class WebhookSender:
 
     def notify(self, job: Job, entry: JobHistoryEntry) -> None:
         self._wake.set()
+
+    def _secret(self, delivery: WebhookDelivery) -> str:
+        if self.secrets_at_rest is None:
+            return delivery.secret
+        return self.secrets_at_rest.open(delivery.secret, delivery.webhook_id)
+
+    async def seal_stored_secrets(self) -> int:
+        """Seal the secrets an older version stored in clear; how many there were."""
+        box = self.secrets_at_rest
+        if box is None:
+            return 0
+        return await self.store.rewrite_webhook_secrets(
+            lambda hook_id, stored: stored if box.is_sealed(stored) else box.seal(stored, hook_id)
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         client = httpx.AsyncClient(
@@ -354,7 +376,7 @@ class WebhookSender:
         """One attempt: 2xx delivers; anything else (a redirect too) is an error worth a retry."""
         headers = {
             "content-type": "application/json",
-            SIGNATURE_HEADER: signature_header(delivery.secret, int(time.time()), body),
+            SIGNATURE_HEADER: signature_header(self._secret(delivery), int(time.time()), body),
             "Printrelay-Delivery": delivery.id,
             "Printrelay-Event": EVENT_TYPE,
         }

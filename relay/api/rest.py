@@ -365,7 +365,9 @@ class RestApi:
         """Register a URL for the tenant's job changes; the signing secret is shown in this answer only."""
         body = await request.body.read(webhooks.MAX_BODY, limit_name="max_webhook_body")
         try:
-            hook = await webhooks.register(self.relay.store, principal.tenant, body)
+            hook = await webhooks.register(
+                self.relay.store, self.relay.secrets_at_rest, principal.tenant, body
+            )
         except webhooks.WebhookError as exc:
             raise HTTPError(exc.status, exc.message) from None
         return Response.json(

@@ -6,7 +6,7 @@ PostgreSQL backend can follow without touching them (DESIGN §7). All SQL lives 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -98,7 +98,7 @@ class Webhook:
     tenant: str
     url: str
     events: tuple[str, ...]
-    secret: str  # kept in clear: the relay signs with it; shown to the tenant only when created
+    secret: str  # sealed at rest (relay/secretbox.py); shown to the tenant only when created
     created_at: float = 0.0
     pending: int = 0  # deliveries waiting in the outbox (listings only)
 
@@ -267,6 +267,10 @@ class Store(Protocol):
         ...
 
     async def list_webhooks(self, tenant: str) -> list[Webhook]: ...
+    async def rewrite_webhook_secrets(self, rewrite: Callable[[str, str], str]) -> int:
+        """Replace each webhook's stored secret by ``rewrite(webhook_id, stored)``; how many changed."""
+        ...
+
     async def delete_webhook(self, tenant: str, webhook_id: str) -> Webhook | None: ...
     async def due_webhook_deliveries(
         self, now: float, limit: int, *, per_webhook: int, skip: Sequence[int], skip_webhooks: Sequence[str]

@@ -32,6 +32,7 @@ from relay.store.base import (
     Webhook,
     WebhookDelivery,
 )
+from tunnel.private_files import private_database
 
 T = TypeVar("T")
 MAX_SQL_VARIABLES = 500  # well under SQLite's oldest default limit of 999 bound parameters
@@ -151,6 +152,7 @@ MUTABLE_JOB_FIELDS = {
 
 
 def open_connection(path: Path) -> sqlite3.Connection:
+    private_database(path)  # 0600 files in a 0700 directory, whatever the umask
     conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
@@ -287,8 +289,6 @@ class SqliteStore:
     # --- plumbing -------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
         def _open() -> tuple[sqlite3.Connection, dict[str, tuple[int, int]]]:
             conn = open_connection(self.path)
             migrate(conn)
@@ -873,6 +873,18 @@ class SqliteStore:
             ).fetchall()
         )
         return [_webhook(r) for r in rows]
+
+    async def rewrite_webhook_secrets(self, rewrite: Callable[[str, str], str]) -> int:
+        def apply(c: sqlite3.Connection) -> int:
+            changed = [
+                (new, hook_id)
+                for hook_id, stored in c.execute("SELECT id, secret FROM webhooks").fetchall()
+                if (new := rewrite(hook_id, stored)) != stored
+            ]
+            c.executemany("UPDATE webhooks SET secret = ? WHERE id = ?", changed)
+            return len(changed)
+
+        return await self._write(apply)
 
     async def delete_webhook(self, tenant: str, webhook_id: str) -> Webhook | None:
         def delete(c: sqlite3.Connection) -> Webhook | None:

@@ -1,0 +1,110 @@
+"""Under the common umask 022 nothing the relay or the connector keeps is readable by other local users:
+directories 0700, files 0600. And a copy of the relay's database alone does not reveal webhook secrets."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fixtures_printers import RawSink
+from fixtures_processes import ProcessStack
+
+from relay.secretbox import SecretBox
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def modes_under(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root.parent)): mode(p) for p in [root, *root.rglob("*")]}
+
+
+async def test_state_is_private_whatever_the_umask(
+    umask_022: None, process_stack: ProcessStack, raw_sink: RawSink
+) -> None:
+    stack = process_stack
+    stack.start_relay()
+    await stack.wait_ready()
+    stack.start_connector({"p": raw_sink.uri})
+    await stack.wait_printers_online("p")
+    async with stack.client() as client:
+        # one job held in the spool (a file: more than 64 KiB), one printed
+        held = await client.post("/v1/printers/p/jobs?hold=true", content=os.urandom(200_000))
+        assert held.status_code == 201, held.text
+        printed = await client.post("/v1/printers/p/jobs", content=os.urandom(200_000))
+        assert printed.status_code == 201
+        hook = await client.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook"})
+        assert hook.status_code == 201, hook.text
+        secret = hook.json()["secret"]
+    await raw_sink.wait_for(1, within=30)
+
+    relay_modes = modes_under(stack.data_dir)
+    connector_modes = modes_under(stack.tmp_path / "connector-site-1")
+    for name, found in {**relay_modes, **connector_modes}.items():
+        path = stack.tmp_path / name
+        wanted = 0o700 if path.is_dir() else 0o600
+        assert found == wanted, f"{name} is {found:o}, not {wanted:o}"
+    kept = set(relay_modes)
+    for expected in ("relay-data/relay.sqlite3", "relay-data/relay.sqlite3-wal", "relay-data/secret.key",
+                     "relay-data/spool"):  # fmt: skip
+        assert expected in kept, sorted(kept)
+    assert any(name.endswith(".sealed") for name in kept), sorted(kept)  # the held job's spool file
+    assert "connector-site-1/ledger.sqlite3" in connector_modes
+
+    # The database holds the webhook secret sealed; its bytes (WAL included) never hold it in clear.
+    raw = b"".join(p.read_bytes() for p in stack.data_dir.glob("relay.sqlite3*"))
+    assert secret.encode() not in raw
+    assert b"sealed:v1:" in raw
+    assert (
+        SecretBox.load_or_create(stack.data_dir / "secret.key").open(
+            _stored_secret(stack.data_dir / "relay.sqlite3"), hook.json()["id"]
+        )
+        == secret
+    )
+
+
+def _stored_secret(database: Path) -> str:
+    conn = sqlite3.connect(database)
+    try:
+        (value,) = conn.execute("SELECT secret FROM webhooks").fetchone()
+        return str(value)
+    finally:
+        conn.close()
+
+
+async def test_an_older_data_dir_is_tightened_and_its_clear_secrets_sealed(
+    umask_022: None, process_stack: ProcessStack
+) -> None:
+    data = process_stack.data_dir
+    conn = sqlite3.connect(data / "relay.sqlite3")
+    conn.execute(
+        "INSERT INTO webhooks (id, tenant, url, events, secret, created_at) "
+        "VALUES ('wh_1', 'acme', 'http://h/', ' job.state_changed ', 'whsec_clear', 0)"
+    )
+    conn.commit()
+    conn.close()
+    os.chmod(data, 0o755)  # as an older version left them
+    os.chmod(data / "relay.sqlite3", 0o644)
+    relay = process_stack.start_relay()
+    await process_stack.wait_ready()
+    relay.stop()
+    assert mode(data) == 0o700 and mode(data / "relay.sqlite3") == 0o600
+    stored = _stored_secret(data / "relay.sqlite3")
+    assert stored.startswith("sealed:v1:")
+    assert SecretBox.load_or_create(data / "secret.key").open(stored, "wh_1") == "whsec_clear"

@@ -1,0 +1,55 @@
+"""Files only the service's own user may read: directories 0700, files 0600, whatever the umask.
+
+The relay's database holds token hashes, job titles and users, and the webhook secrets' sealed form; its
+spool and the connector's incoming folder hold sealed payloads; the connector's keys open them. Under the
+common umask 022 everything would be readable by every local user, so both sides create their state
+through these, and tighten what an older version left behind when they open it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and missing parents) and make it 0700. mkdir's own mode is subject to the umask."""
+    path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    os.chmod(path, DIR_MODE)
+    return path
+
+
+def create_private(path: Path, flags: int = os.O_WRONLY) -> int:
+    """Open ``path`` for writing, creating it 0600 (and making an existing one 0600); an fd."""
+    fd = os.open(path, flags | os.O_CREAT, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def new_private_file(path: Path) -> int:
+    """Create ``path``, which must not exist, 0600; an fd open for writing."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+
+
+def private_database(path: Path) -> None:
+    """Before SQLite opens ``path``: the database exists and is 0600, and so are its WAL and shared-memory
+    files if an older version left them readable (SQLite gives new ones the database's mode)."""
+    private_dir(path.parent)
+    os.close(create_private(path, os.O_RDONLY))
+    tighten(Path(f"{path}{suffix}") for suffix in ("-wal", "-shm", "-journal"))
+
+
+def tighten(paths: Iterable[Path]) -> None:
+    """Make these files 0600 where they exist."""
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(path, FILE_MODE)
