@@ -9,18 +9,34 @@ through these, and tighten what an older version left behind when they open it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
+
+_log = logging.getLogger("printrelay.files")
 
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 
 
 def private_dir(path: Path) -> Path:
-    """Create ``path`` (and missing parents) and make it 0700. mkdir's own mode is subject to the umask."""
+    """Create ``path`` (and missing parents) and make it 0700. mkdir's own mode is subject to the umask.
+
+    A directory this user does not own (a volume's mount point, owned by root and shared through a group,
+    as Kubernetes' fsGroup does it) keeps its mode, with a warning: the files made in it are 0600 anyway.
+    """
     path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-    os.chmod(path, DIR_MODE)
+    try:
+        os.chmod(path, DIR_MODE)
+    except PermissionError:
+        if path.stat().st_uid == os.geteuid():
+            raise
+        _log.warning(
+            "%s belongs to uid %d, so its mode stays %o; the files kept in it are 0600",
+            path, path.stat().st_uid, stat.S_IMODE(path.stat().st_mode),
+        )  # fmt: skip
     return path
 
 
