@@ -17,6 +17,7 @@ from typing import Any
 import trio
 
 from connector.config import PRINTER_ID_RE, PrinterSpec, check_printer_uri
+from tunnel import bounded_json
 from tunnel.private_files import create_private, private_dir
 
 BOOK_FILE = "printers.json"
@@ -29,7 +30,7 @@ def parse_printer_request(body: bytes) -> PrinterSpec:
     if len(body) > MAX_REQUEST_BYTES:
         raise ValueError(f"printer request exceeds {MAX_REQUEST_BYTES} bytes")
     try:
-        obj: Any = json.loads(body)
+        obj: Any = bounded_json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"printer request is not JSON: {exc}") from None
     if not isinstance(obj, dict):

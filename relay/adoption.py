@@ -17,6 +17,7 @@ import trio
 
 from relay.auth import NAME_RE
 from relay.store.base import Printer
+from tunnel import bounded_json
 from tunnel.messages import MessageError, PrinterCandidate, PrinterInfo
 from tunnel.session import SessionClosed, StreamClosed
 
@@ -94,7 +95,7 @@ async def _ask(session: ConnectorSession, method: str, path: str, body: bytes | 
 
 def _error(answer: bytes) -> str:
     try:
-        obj = json.loads(answer)
+        obj = bounded_json.loads(answer)
     except ValueError:
         return answer.decode(errors="replace")[:500]
     return str(obj.get("error", obj)) if isinstance(obj, dict) else str(obj)
@@ -102,9 +103,11 @@ def _error(answer: bytes) -> str:
 
 def _parse_request(body: bytes) -> tuple[str | None, str | None, str | None]:
     try:
-        obj = json.loads(body or b"{}")
-    except (ValueError, UnicodeDecodeError):
-        raise AdoptionError(400, 'body must be JSON: {"uri": ..., "id": ..., "connector_id": ...}') from None
+        obj = bounded_json.loads(body or b"{}")
+    except ValueError as exc:  # UnicodeDecodeError is one
+        raise AdoptionError(
+            400, f'body must be JSON: {{"uri": ..., "id": ..., "connector_id": ...}}: {exc}'
+        ) from None
     if not isinstance(obj, dict):
         raise AdoptionError(400, "body must be a JSON object")
     values: list[str | None] = []
@@ -126,6 +129,9 @@ async def put_printer(relay: Relay, tenant: str, body: bytes) -> tuple[Printer, 
         )
     if connector_id is not None and not NAME_RE.match(connector_id):
         raise AdoptionError(400, f"invalid connector_id {connector_id!r}")
+    if connector_id is not None and await relay.store.get_connector(tenant, connector_id) is None:
+        # Unknown, or another tenant's: the same answer, so neither can be told from the other.
+        raise AdoptionError(404, f"connector {connector_id} not found")
     session = _session(relay, tenant, connector_id, uri)
     if printer_id is None:
         candidate = session.candidates.get(uri)
@@ -143,7 +149,7 @@ async def put_printer(relay: Relay, tenant: str, body: bytes) -> tuple[Printer, 
     if status not in (200, 201):
         raise AdoptionError(400 if status == 400 else 502, f"connector refused: {_error(answer)}")
     try:
-        info = PrinterInfo.from_json(json.loads(answer))
+        info = PrinterInfo.from_json(bounded_json.loads(answer))
     except (ValueError, MessageError) as exc:
         raise AdoptionError(502, f"connector answered nonsense: {exc}") from None
     record = session.printer_record(info)

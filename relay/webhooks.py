@@ -38,6 +38,7 @@ from relay.dispatch import retry_delay
 from relay.jobs import Job, JobHistoryEntry, JobState
 from relay.secretbox import SecretBox
 from relay.store.base import Store, Webhook, WebhookDelivery
+from tunnel import bounded_json
 
 log = logging.getLogger("printrelay.relay.webhooks")
 
@@ -175,9 +176,11 @@ async def register(
     """``POST /v1/webhooks``: ``{"url": ..., "events": [...]?}`` -> the webhook with its secret in clear
     (the store keeps it sealed)."""
     try:
-        data = json.loads(body)
-    except ValueError:
-        raise WebhookError(400, 'body must be JSON, e.g. {"url": "https://example.com/hook"}') from None
+        data = bounded_json.loads(body)
+    except ValueError as exc:
+        raise WebhookError(
+            400, f'body must be JSON, e.g. {{"url": "https://example.com/hook"}}: {exc}'
+        ) from None
     if not isinstance(data, dict):
         raise WebhookError(400, "body must be a JSON object")
     unknown = set(data) - {"url", "events"}

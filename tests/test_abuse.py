@@ -344,3 +344,29 @@ def test_resets_of_closed_streams_count_toward_the_cap() -> None:
     with pytest.raises(ProtocolViolation, match="max_resets_per_second=50"):
         for _ in range(200):
             relay_side.receive_data(frame.serialize(), 0.0)
+
+
+async def test_deeply_nested_json_is_a_400_that_names_the_depth(relay_stack: RelayStack) -> None:
+    """8,000 levels of brackets once raised RecursionError out of the parser: a 500."""
+    await offline_printer(relay_stack, "p")
+    async with relay_stack.client() as client:
+        held = await client.post("/v1/printers/p/jobs?hold=true", content=b"%PDF-1.4 x")
+        nested = b"[" * 8000 + b"]" * 8000
+        for path in ("/v1/webhooks", "/v1/printers", f"/v1/jobs/{held.json()['id']}/release"):
+            for body in (nested, b'{"url": ' + nested + b"}"):
+                response = await client.post(path, content=body)
+                assert response.status_code == 400, (path, response.status_code, response.text)
+                assert "nested deeper than 32 levels" in response.json()["error"], response.text
+        # Depth within the bound is an ordinary answer.
+        ok = await client.post(f"/v1/jobs/{held.json()['id']}/release", json={"printer_id": "p"})
+        assert ok.status_code == 200, ok.text
+
+
+def test_bounded_json_counts_brackets_outside_strings_only() -> None:
+    from tunnel import bounded_json
+
+    assert bounded_json.loads('{"a": "' + "[" * 100 + '"}') == {"a": "[" * 100}
+    assert bounded_json.loads('["\\"[[[["]') == ['"[[[[']
+    assert bounded_json.loads("[" * 32 + "]" * 32, max_depth=32) is not None
+    with pytest.raises(bounded_json.JsonTooDeep):
+        bounded_json.loads("[" * 33 + "]" * 33, max_depth=32)

@@ -23,6 +23,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tunnel import bounded_json
+
 MAX_TICKET_BYTES = 16 * 1024
 MAX_STATUS_LINE_BYTES = 16 * 1024
 MAX_INVENTORY_BYTES = 4 * 1024 * 1024
@@ -95,8 +97,8 @@ class JobTicketMessage:
         if len(header) > MAX_TICKET_BYTES:
             raise MessageError(f"job ticket exceeds {MAX_TICKET_BYTES} bytes")
         try:
-            obj = json.loads(_unb64(header))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            obj = bounded_json.loads(_unb64(header))
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, JsonTooDeep
             raise MessageError(f"job ticket is not JSON: {exc}") from exc
         if not isinstance(obj, dict):
             raise MessageError("job ticket must be an object")
@@ -145,8 +147,8 @@ class JobStatus:
         if len(line) > MAX_STATUS_LINE_BYTES:
             raise MessageError(f"status line exceeds {MAX_STATUS_LINE_BYTES} bytes")
         try:
-            obj = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            obj = bounded_json.loads(line)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, JsonTooDeep
             raise MessageError(f"status line is not JSON: {exc}") from exc
         if not isinstance(obj, dict):
             raise MessageError("status line must be an object")
@@ -225,8 +227,8 @@ class Inventory:
         if len(data) > MAX_INVENTORY_BYTES:
             raise MessageError(f"inventory exceeds {MAX_INVENTORY_BYTES} bytes")
         try:
-            obj = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            obj = bounded_json.loads(data)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, JsonTooDeep
             raise MessageError(f"inventory is not JSON: {exc}") from exc
         if not isinstance(obj, dict) or not isinstance(obj.get("connector"), dict):
             raise MessageError("inventory must have a connector object")
@@ -290,8 +292,8 @@ def parse_event(line: bytes) -> PrinterInfo | PrinterCandidate | None:
     if len(line) > MAX_STATUS_LINE_BYTES * 8:
         raise MessageError("event line too long")
     try:
-        obj = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        obj = bounded_json.loads(line)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, JsonTooDeep
         raise MessageError(f"event is not JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise MessageError("event must be an object")

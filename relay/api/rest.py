@@ -24,6 +24,7 @@ from relay.capabilities import OptionRefused, validate_option
 from relay.http.message import HTTPError, Request, Response
 from relay.jobs import Job, JobState
 from relay.submit import MAX_COPIES, Refusal, Submission, SubmitError, accept_job
+from tunnel import bounded_json
 
 if TYPE_CHECKING:
     from relay.app import Relay
@@ -232,9 +233,11 @@ class RestApi:
         printer_id = _one(request, "printer_id")
         if body.strip():
             try:
-                data = json.loads(body)
-            except ValueError:
-                raise HTTPError(400, 'release body must be JSON, e.g. {"printer_id": "office"}') from None
+                data = bounded_json.loads(body)
+            except ValueError as exc:
+                raise HTTPError(
+                    400, f'release body must be JSON, e.g. {{"printer_id": "office"}}: {exc}'
+                ) from None
             if not isinstance(data, dict) or not isinstance(data.get("printer_id", ""), str):
                 raise HTTPError(400, "printer_id must be a string")
             printer_id = data.get("printer_id") or printer_id
