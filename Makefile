@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test setup system-deps lint typecheck bench loadtest clean
+.PHONY: demo test setup system-deps lint typecheck bench storm loadtest clean
 
 $(BIN)/printrelay: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ bench: setup system-deps
 	$(BIN)/python loadtest/bench_tunnel.py --out bench-results
 	$(BIN)/python loadtest/bench_small_jobs.py --out bench-results
 	$(BIN)/python loadtest/bench_idle.py --connectors $(BENCH_IDLE_CONNECTORS) --out bench-results
+
+## abuse storms against a relay, and its memory after each; JSON in bench-results/
+storm: setup
+	$(BIN)/python loadtest/abuse_storm.py --storms 4 --seconds 60 --clients 40 --settle 40 --out bench-results
 
 clean:
 	rm -rf $(VENV) printrelay-data printrelay-demo .pytest_cache .mypy_cache .ruff_cache

@@ -117,7 +117,7 @@ def run_serve(args: argparse.Namespace) -> int:
     config = load(RelayConfig, args)
     setup_logging(config.log_level, config.log_format)
     from relay.app import Relay
-    from relay.runtime import tune_gc
+    from relay.runtime import MemoryReturn, tune_gc
 
     tune_gc()
 
@@ -125,6 +125,7 @@ def run_serve(args: argparse.Namespace) -> int:
         relay = Relay(config)
         async with trio.open_nursery() as nursery:
             await nursery.start(relay.run)
+            nursery.start_soon(MemoryReturn().run)  # process-wide, so here and not in Relay
             await _drain_then_stop(nursery.cancel_scope, relay.drain, config.drain_grace)
 
     trio.run(serve)
