@@ -36,6 +36,7 @@ from connector.printerbook import MAX_REQUEST_BYTES, PrinterBook, parse_printer_
 from connector.proxy import proxy_for
 from connector.status import PrinterStatus, poll
 from connector.tunnel import TunnelClient, client_ssl_context
+from service.private_files import create_private, private_dir
 from tunnel.messages import (
     NDJSON,
     TICKET_HEADER,
@@ -48,7 +49,6 @@ from tunnel.messages import (
     candidate_event,
     printer_event,
 )
-from tunnel.private_files import create_private, private_dir
 from tunnel.sealing import IntegrityError, PayloadOpener, open_key
 from tunnel.session import ErrorCodes, H2Session, H2Stream, SessionClosed, StreamClosed
 

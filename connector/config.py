@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from connector.delivery.cups import parse_cups_uri
 from connector.delivery.lpd import parse_lpd_uri
 from connector.proxy import parse_proxy
-from printrelay.settings import option, parse_duration, parse_hostport
+from service.settings import option, parse_duration, parse_hostport
 
 PRINTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 SCHEMES = ("ipp", "ipps", "socket", "lpd", "cups")

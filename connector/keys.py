@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from tunnel.private_files import private_dir
+from service.private_files import private_dir
 from tunnel.sealing import generate_private_key, key_id, public_bytes
 
 __all__ = ["KeyRing"]

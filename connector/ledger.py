@@ -37,7 +37,7 @@ from typing import Any
 import outcome
 import trio
 
-from tunnel.private_files import private_database
+from service.private_files import private_database
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (

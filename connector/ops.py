@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from printrelay.ops import OpsListener, register_build_info
+from service.ops import OpsListener, register_build_info
 
 if TYPE_CHECKING:
     from connector.app import Connector

@@ -17,8 +17,8 @@ from typing import Any
 import trio
 
 from connector.config import PRINTER_ID_RE, PrinterSpec, check_printer_uri
-from tunnel import bounded_json
-from tunnel.private_files import create_private, private_dir
+from service import bounded_json
+from service.private_files import create_private, private_dir
 
 BOOK_FILE = "printers.json"
 MAX_REQUEST_BYTES = 16 * 1024

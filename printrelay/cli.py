@@ -22,9 +22,9 @@ import trio
 
 from connector.config import ConnectorConfig
 from printrelay.client import SubmitFailed
-from printrelay.logs import setup_logging
-from printrelay.settings import SettingsError, add_arguments, load, parse_duration
 from relay.config import RelayConfig
+from service.logs import setup_logging
+from service.settings import SettingsError, add_arguments, load, parse_duration
 
 
 class CommandError(Exception):

@@ -28,11 +28,11 @@ from connector.app import Connector
 from connector.config import ConnectorConfig, parse_printer
 from connector.delivery.ipp import IppBackend
 from printrelay.dnssd import DnsSdUnavailable, ensure_dns_sd
-from printrelay.logs import setup_logging
-from printrelay.settings import parse_hostport
 from relay.app import Relay
 from relay.auth import new_token
 from relay.config import RelayConfig
+from service.logs import setup_logging
+from service.settings import parse_hostport
 
 PRINTER_START_TIMEOUT = 20.0
 FORMATS = "application/pdf,image/jpeg,image/pwg-raster,text/plain,application/octet-stream"

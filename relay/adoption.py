@@ -17,7 +17,7 @@ import trio
 
 from relay.auth import NAME_RE
 from relay.store.base import Printer
-from tunnel import bounded_json
+from service import bounded_json
 from tunnel.messages import MessageError, PrinterCandidate, PrinterInfo
 from tunnel.session import SessionClosed, StreamClosed
 

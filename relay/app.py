@@ -13,7 +13,6 @@ import trio
 
 from relay.api.rest import RestApi
 from relay.config import RelayConfig
-from relay.http.server import HttpServer
 from relay.jobs import Job, JobEvent, JobHistoryEntry, JobState
 from relay.leases import LeaseKeeper
 from relay.lifecycle import JobLifecycle
@@ -27,7 +26,8 @@ from relay.store.sqlite import SqliteStore
 from relay.tls import ServerTls
 from relay.tunnel import ConnectorRegistry, TunnelListener
 from relay.webhooks import WebhookSender
-from tunnel.signal import Signal
+from service.http.server import HttpServer
+from service.signal import Signal
 
 log = logging.getLogger("printrelay.relay")
 

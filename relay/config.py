@@ -1,7 +1,7 @@
 """The relay's settings: every flag of ``printrelay serve``, its default, and its limit.
 
 One place for each limit and default (STYLE.md); flags, ``PRINTRELAY_*`` variables and the TOML file are
-derived from these fields by :mod:`printrelay.settings`.
+derived from these fields by :mod:`service.settings`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from printrelay.settings import option, parse_duration, parse_hostport, parse_size
+from service.settings import option, parse_duration, parse_hostport, parse_size
 
 GiB = 1024**3
 

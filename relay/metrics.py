@@ -31,7 +31,7 @@ from relay.store.base import StoreSample
 from tunnel.session import SessionStats
 
 if TYPE_CHECKING:
-    from relay.http.message import Request, Response
+    from service.http.message import Request, Response
     from tunnel.session import H2Session
 
 # accepted -> printed: seconds for a small job, hours for one that waited on an offline printer
@@ -356,7 +356,7 @@ class RelayMetrics:
         routes: Sequence[tuple[Any, re.Pattern[str], Any, Any]],
     ) -> Callable[[Request], Awaitable[Response]]:
         """Wrap the public API handler: requests by route template and status, and their latency."""
-        from relay.http.message import HTTPError
+        from service.http.message import HTTPError
 
         async def instrumented(request: Request) -> Response:
             route = http_route(request.path, (pattern for _, pattern, _, _ in routes))

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from printrelay.ops import OpsListener, register_build_info
+from service.ops import OpsListener, register_build_info
 
 if TYPE_CHECKING:
     from relay.app import Relay

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from tunnel.private_files import new_private_file, private_dir, tighten
+from service.private_files import new_private_file, private_dir, tighten
 
 PREFIX = "sealed:v1:"
 KEY_BYTES = 32

@@ -33,7 +33,7 @@ from typing import Any, BinaryIO
 
 import trio
 
-from tunnel.private_files import DIR_MODE, new_private_file, private_dir
+from service.private_files import DIR_MODE, new_private_file, private_dir
 from tunnel.sealing import (
     PayloadSealer,
     key_id,

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 import trio
 
 from relay.capabilities import OptionRefused, check_options
-from relay.http.message import format_bytes
 from relay.jobs import Job, JobState, new_job_id
 from relay.spool import PayloadTooLarge, SpoolFull
 from relay.store.base import Conflict
+from service.http.message import format_bytes
 
 if TYPE_CHECKING:
     from relay.app import Relay

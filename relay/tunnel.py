@@ -25,10 +25,10 @@ from relay import audit
 from relay.auth import AuthError, Principal, authenticate, bearer
 from relay.dispatch import Dispatcher
 from relay.store.base import ConnectorRecord, Printer, Store
+from service.signal import Signal
 from tunnel.messages import Inventory, LineSplitter, MessageError, PrinterCandidate, PrinterInfo, parse_event
 from tunnel.protocol import TunnelSettings
 from tunnel.session import H2Session, SessionClosed, StreamClosed
-from tunnel.signal import Signal
 from tunnel.wsstream import MAX_MESSAGE_BYTES, SUBPROTOCOL, TUNNEL_PATH, ReaderTasks, WebSocketStream
 
 if TYPE_CHECKING:

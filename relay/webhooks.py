@@ -38,7 +38,7 @@ from relay.dispatch import retry_delay
 from relay.jobs import Job, JobHistoryEntry, JobState
 from relay.secretbox import SecretBox
 from relay.store.base import Store, Webhook, WebhookDelivery
-from tunnel import bounded_json
+from service import bounded_json
 
 log = logging.getLogger("printrelay.relay.webhooks")
 

@@ -24,7 +24,7 @@ from test_http_server import RawClient, open_fds, task_count, wait_until
 from test_ipp_endpoint import offline_printer
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
-from relay.http import HttpLimits
+from service.http import HttpLimits
 from tunnel.protocol import FrameScanner, ProtocolViolation, TunnelProtocol, TunnelSettings
 from tunnel.wsstream import MAX_MESSAGE_BYTES, SUBPROTOCOL
 
@@ -363,7 +363,7 @@ async def test_deeply_nested_json_is_a_400_that_names_the_depth(relay_stack: Rel
 
 
 def test_bounded_json_counts_brackets_outside_strings_only() -> None:
-    from tunnel import bounded_json
+    from service import bounded_json
 
     assert bounded_json.loads('{"a": "' + "[" * 100 + '"}') == {"a": "[" * 100}
     assert bounded_json.loads('["\\"[[[["]') == ['"[[[[']

@@ -18,9 +18,9 @@ from trio_websocket import ConnectionRejected, open_websocket_url
 
 from printrelay import cli
 from printrelay.cli import build_parser
-from printrelay.settings import SettingsError, load
 from relay.config import RelayConfig
 from relay.runtime import GC_THRESHOLDS
+from service.settings import SettingsError, load
 from tunnel.wsstream import SUBPROTOCOL
 
 

@@ -14,8 +14,8 @@ import promql_parser
 from prometheus_client import CollectorRegistry
 
 from connector.metrics import ConnectorMetrics
-from printrelay.ops import register_build_info
 from relay.metrics import RelayMetrics
+from service.ops import register_build_info
 
 OPS = Path(__file__).parent.parent / "docs" / "ops"
 DASHBOARD = OPS / "grafana-dashboard.json"

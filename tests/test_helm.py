@@ -27,9 +27,9 @@ from yamllint.config import YamlLintConfig  # type: ignore[import-untyped]
 
 from connector.config import PRINTER_ID_RE, ConnectorConfig
 from printrelay.cli import build_parser
-from printrelay.settings import env_name, load, parse_duration, parse_size
 from relay.app import Relay
 from relay.config import RelayConfig
+from service.settings import env_name, load, parse_duration, parse_size
 from tunnel.wsstream import TUNNEL_PATH
 
 ROOT = Path(__file__).resolve().parent.parent

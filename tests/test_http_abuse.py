@@ -21,7 +21,7 @@ from test_http_server import (
     wait_until,
 )
 
-from relay.http import HttpLimits, HttpServer, Request, Response
+from service.http import HttpLimits, HttpServer, Request, Response
 
 STORM_SECONDS = 3.0
 STORM_CLIENTS = 40

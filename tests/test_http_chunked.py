@@ -1,4 +1,4 @@
-"""relay.http.chunked with bytes alone: chunk sizes followed across any split of the body."""
+"""service.http.chunked with bytes alone: chunk sizes followed across any split of the body."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay.http.chunked import ChunkSizeError, ChunkSizes
+from service.http.chunked import ChunkSizeError, ChunkSizes
 
 
 def chunked(pieces: list[bytes], trailer: bytes = b"") -> bytes:

@@ -1,4 +1,4 @@
-"""relay.http.server limits and misbehaving peers, one at a time (the storm is in test_http_abuse)."""
+"""service.http.server limits and misbehaving peers, one at a time (the storm is in test_http_abuse)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import trio
 import trio.testing
 from test_http_server import TIMEOUT, RawClient, app, get, start_server, wait_until
 
-from relay.http import (
+from service.http import (
     BodyTimeout,
     ClientDisconnected,
     HttpLimits,

@@ -1,4 +1,4 @@
-"""relay.http.server over real sockets: a raw-bytes client for exact wire behaviour, httpx for the rest.
+"""service.http.server over real sockets: a raw-bytes client for exact wire behaviour, httpx for the rest.
 
 The helpers at the top (RawClient, start_server, app) are shared with the other test_http_* files.
 """
@@ -19,7 +19,7 @@ import pytest
 import trio
 import trustme
 
-from relay.http import (
+from service.http import (
     Headers,
     HTTPError,
     HttpLimits,
@@ -536,7 +536,7 @@ async def test_a_complete_answer_leaves_in_one_write(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Head, body and end of a bytes response go out in one send (one syscall per answer)."""
-    from relay.http import server as server_module
+    from service.http import server as server_module
 
     writes: list[bytes] = []
     original = server_module._Connection._send

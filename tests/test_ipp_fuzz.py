@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 from ipp import DelimiterTag, Operation, Status, ValueTag, decode, encode, new_request
 from ipp.jsonattrs import attributes_to_json
 from relay.api.ipp import IppEndpoint
-from relay.http.message import Headers, HTTPError, Request, RequestBody, Response
 from relay.store.base import ConnectorRecord, Printer
+from service.http.message import Headers, HTTPError, Request, RequestBody, Response
 
 DATA = Path(__file__).parent / "data" / "ipp"
 PATHS = ("/ipp/print/away", "/ipp/print/hall", "/ipp/print/hall/1", "/ipp/print/nowhere")

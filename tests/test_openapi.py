@@ -19,8 +19,8 @@ from test_ipp_endpoint import offline_printer
 
 from relay.api.openapi import OPENAPI, PATHS, PUBLIC_PATHS
 from relay.api.rest import RestApi
-from relay.http.message import Headers, HTTPError, Request, RequestBody, Response
 from relay.ratelimit import TokenRateLimiter
+from service.http.message import Headers, HTTPError, Request, RequestBody, Response
 
 METHODS = ("get", "post", "put", "patch", "delete")
 # Answers any operation may give besides the ones it lists: a malformed request, a conflict with state.

@@ -10,7 +10,7 @@ import pytest
 from fixtures_printers import RawSink
 from fixtures_relay import RelayStack
 
-from printrelay.logs import JsonFormatter, TextFormatter
+from service.logs import JsonFormatter, TextFormatter
 
 
 def record(**extra: object) -> logging.LogRecord:

@@ -22,11 +22,11 @@ from relay import webhooks
 from relay.app import Relay
 from relay.auth import new_token
 from relay.config import RelayConfig
-from relay.http.message import Request, Response
-from relay.http.server import HttpServer
 from relay.jobs import Job, JobEvent, JobState, new_job_id
 from relay.store.base import WebhookDelivery
 from relay.store.sqlite import SqliteStore
+from service.http.message import Request, Response
+from service.http.server import HttpServer
 
 RETRY_BASE = 0.05  # seconds; retries double from here
 

@@ -23,7 +23,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tunnel import bounded_json
+from service import bounded_json
 
 MAX_TICKET_BYTES = 16 * 1024
 MAX_STATUS_LINE_BYTES = 16 * 1024

@@ -26,8 +26,8 @@ import h2.events
 import h2.exceptions
 import trio
 
+from service.signal import Signal
 from tunnel.protocol import ProtocolViolation, TunnelProtocol, TunnelSettings
-from tunnel.signal import Signal
 from tunnel.wsstream import MAX_BATCH_BYTES
 
 log = logging.getLogger("printrelay.tunnel")

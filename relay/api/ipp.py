@@ -66,11 +66,11 @@ from relay.api.ipp_attributes import (
 )
 from relay.api.ipp_ticket import Ticket, job_ticket, option_attributes
 from relay.auth import AuthError, Principal, authenticate
-from relay.http.message import HTTPError, Request, Response
 from relay.jobs import FINAL_STATES, IPP_JOB_STATE, IllegalTransition, Job, JobEvent
 from relay.jobs import JobState as RelayState
 from relay.store.base import IppJob, Printer
 from relay.submit import MAX_COPIES, Refusal, Submission, SubmitError, accept_job
+from service.http.message import HTTPError, Request, Response
 
 if TYPE_CHECKING:
     from relay.app import Relay

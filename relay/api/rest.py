@@ -15,16 +15,16 @@ from typing import TYPE_CHECKING
 import trio
 
 from ipp.options import OPTION_NAMES
-from printrelay.settings import parse_duration
 from relay import adoption, audit, webhooks
 from relay.api.ipp import IppEndpoint
 from relay.api.openapi import OPENAPI
 from relay.auth import AuthError, Principal, authenticate, bearer
 from relay.capabilities import OptionRefused, validate_option
-from relay.http.message import HTTPError, Request, Response
 from relay.jobs import Job, JobState
 from relay.submit import MAX_COPIES, Refusal, Submission, SubmitError, accept_job
-from tunnel import bounded_json
+from service import bounded_json
+from service.http.message import HTTPError, Request, Response
+from service.settings import parse_duration
 
 if TYPE_CHECKING:
     from relay.app import Relay

@@ -32,7 +32,7 @@ from relay.store.base import (
     Webhook,
     WebhookDelivery,
 )
-from tunnel.private_files import private_database
+from service.private_files import private_database
 
 T = TypeVar("T")
 MAX_SQL_VARIABLES = 500  # well under SQLite's oldest default limit of 999 bound parameters

@@ -17,8 +17,8 @@ import trio
 from prometheus_client import CollectorRegistry, Info
 from prometheus_client.exposition import choose_encoder
 
-from relay.http.message import HTTPError, Request, Response
-from relay.http.server import HttpLimits, HttpServer
+from service.http.message import HTTPError, Request, Response
+from service.http.server import HttpLimits, HttpServer
 
 log = logging.getLogger("printrelay.ops")
 

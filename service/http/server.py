@@ -29,8 +29,8 @@ from typing import Any
 import h11
 import trio
 
-from relay.http.chunked import ChunkSizeError, ChunkSizes
-from relay.http.message import (
+from service.http.chunked import ChunkSizeError, ChunkSizes
+from service.http.message import (
     BodyTimeout,
     ClientDisconnected,
     Handler,
@@ -41,7 +41,7 @@ from relay.http.message import (
     Response,
     format_bytes,
 )
-from tunnel.signal import Signal
+from service.signal import Signal
 
 __all__ = ["HttpLimits", "HttpServer"]
 

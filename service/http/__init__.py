@@ -1,6 +1,6 @@
 """The relay's public HTTP/1.1 server (h11 under our own trio loop) and the types handlers use."""
 
-from relay.http.message import (
+from service.http.message import (
     BodySource,
     BodyTimeout,
     BodyTooLarge,
@@ -12,7 +12,7 @@ from relay.http.message import (
     RequestBody,
     Response,
 )
-from relay.http.server import HttpLimits, HttpServer
+from service.http.server import HttpLimits, HttpServer
 
 __all__ = [
     "BodySource",
