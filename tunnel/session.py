@@ -70,7 +70,8 @@ class H2Stream:
         self._chunks: deque[tuple[bytes, int]] = deque()
         self._unacked = 0
         self._window_opened = False
-        self._ended = False
+        self._ended = False  # the peer ended its side (END_STREAM received)
+        self._sent_end = False  # we ended ours (END_STREAM sent)
         self._closed_reason: str | None = None
         self._reset_code: int | None = None
         self._changed = Signal()
@@ -495,13 +496,17 @@ class H2Session:
             self._nursery.cancel_scope.cancel()
 
     def _maybe_forget(self, stream: H2Stream, *, handler_done: bool = False) -> None:
-        """Drop a finished stream from the table once both directions are closed."""
-        try:
-            state_closed = self._conn._get_stream_by_id(stream.stream_id).closed
-        except (h2.exceptions.StreamClosedError, KeyError):
-            state_closed = True
-        if state_closed and (handler_done or self._conn.config.client_side):
+        """Drop a finished stream from the table once both directions are closed (our own record of the
+        stream's state, kept beside h2's: h2 offers no public way to ask it)."""
+        closed = stream._closed_reason is not None or (stream._sent_end and stream._ended)
+        if closed and (handler_done or self._client_side):
             self._streams.pop(stream.stream_id, None)
+
+    def _ended_by_us(self, stream_id: int) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            stream._sent_end = True
+            self._maybe_forget(stream)
 
     def _shutdown(self, reason: str) -> None:
         for stream in list(self._streams.values()):
@@ -515,6 +520,8 @@ class H2Session:
 
     def _send_headers(self, stream_id: int, headers: Headers, *, end_stream: bool) -> None:
         self._guard(lambda: self._conn.send_headers(stream_id, headers, end_stream=end_stream))
+        if end_stream:
+            self._ended_by_us(stream_id)
 
     def _send_data(self, stream_id: int, data: bytes, *, end_stream: bool) -> None:
         frame = self._conn.max_outbound_frame_size
@@ -522,12 +529,12 @@ class H2Session:
             piece = data[start : start + frame]
             last = end_stream and start + frame >= len(data)
             self._guard(functools.partial(self._conn.send_data, stream_id, piece, end_stream=last))
+        if end_stream:
+            self._ended_by_us(stream_id)
 
     def _end_stream(self, stream_id: int) -> None:
         self._guard(lambda: self._conn.end_stream(stream_id))
-        stream = self._streams.get(stream_id)
-        if stream is not None:
-            self._maybe_forget(stream)
+        self._ended_by_us(stream_id)
 
     def _reset_stream(self, stream_id: int, error_code: int) -> None:
         # Already closed: nothing to tell the peer.
