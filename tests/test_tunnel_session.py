@@ -246,3 +246,22 @@ async def test_streams_waiting_for_their_printer_do_not_starve_the_one_being_pri
         **{f"/v1/jobs/{n}": 4 * 1024 * 1024 for n in range(8)},
         "/v1/jobs/big": 20 * 1024 * 1024,
     }
+
+
+async def test_finished_streams_leave_the_stream_tables_of_both_sides() -> None:
+    """Streams closed by END_STREAM both ways, or by a reset, are forgotten: no table grows per job."""
+
+    async def answer_then_maybe_reset(stream: H2Stream) -> None:
+        if stream.path == "/reset":
+            stream.reset()
+            return
+        await echo_digest(stream)
+
+    async with session_pair(answer_then_maybe_reset) as (client, server):
+        for _ in range(20):
+            await post(client, os.urandom(1000))
+        stream = await client.open_stream("POST", "/reset")
+        with pytest.raises(StreamClosed):
+            await stream.receive_response()
+        await trio.testing.wait_all_tasks_blocked()
+        assert client._streams == {} and server._streams == {}
