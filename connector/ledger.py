@@ -29,15 +29,14 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import outcome
 import trio
 
-from service.private_files import private_database
+from service.groupcommit import GroupCommit
+from service.sqlite import SqliteBatcher, open_sqlite
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
@@ -87,104 +86,43 @@ def _migrate(conn: sqlite3.Connection) -> None:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
-@dataclass(eq=False)
-class _Call:
-    fn: Callable[[sqlite3.Connection], list[Any]]
-    write: bool
-    result: outcome.Outcome[list[Any]] | None = None
-
-
 class Ledger:
     def __init__(self, path: Path, *, keep_days: float = 30.0) -> None:
         self.path = path
         self.keep_seconds = keep_days * 86400
         self._conn: sqlite3.Connection | None = None
-        self._limiter = trio.CapacityLimiter(1)
-        self._pending: list[_Call] = []  # calls waiting for the next batch
-        self._running = False
-        self._batch_done = trio.Event()
-        self.batches = 0  # committed write batches (tests look at it)
+        self._commits: GroupCommit[sqlite3.Connection] | None = None
+
+    @property
+    def batches(self) -> int:
+        """Committed write batches (tests look at it)."""
+        return self._commits.batches if self._commits is not None else 0
 
     async def open(self) -> None:
         def _open() -> sqlite3.Connection:
-            private_database(self.path)  # 0600 in a 0700 state dir, whatever the umask
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
+            conn = open_sqlite(self.path)  # 0600 in a 0700 state dir, whatever the umask
             _migrate(conn)
             return conn
 
         self._conn = await trio.to_thread.run_sync(_open)
+        self._commits = GroupCommit(SqliteBatcher(self._conn))
 
     async def close(self) -> None:
-        if self._pending and self._conn is not None and not self._running:
-            await self._run_batch()  # queued notes (``note_started``) go to disk too
-        if self._conn is not None:
+        if self._commits is not None:
+            await self._commits.flush()  # queued notes (``note_started``) go to disk too
+        if self._conn is not None and self._commits is not None:
             conn, self._conn = self._conn, None
-            await trio.to_thread.run_sync(conn.close, limiter=self._limiter)
+            await trio.to_thread.run_sync(conn.close, limiter=self._commits.limiter)
 
     async def _run(self, sql: str, args: tuple[Any, ...], *, write: bool = False) -> list[Any]:
-        """Run one statement with the next batch. A write returns once its batch is committed.
-
-        Group commit: calls made while a batch runs wait for the next one, which the first of them runs
-        in one worker-thread hop, its writes in one transaction (one fsync for all of them).
-        """
-        if self._conn is None:
+        """Run one statement with the next batch (group commit); a write returns once committed."""
+        if self._commits is None or self._conn is None:
             raise RuntimeError("ledger is not open")
-        call = _Call(lambda c: c.execute(sql, args).fetchall(), write)
-        self._pending.append(call)
-        while call.result is None:
-            if not self._running:
-                await self._run_batch()
-                continue
-            try:
-                await self._batch_done.wait()
-            except trio.Cancelled:
-                if call in self._pending:  # not started: drop it
-                    self._pending.remove(call)
-                    raise
-                # Started: wait for its end and return what it did, like trio.to_thread (the caller's
-                # next checkpoint raises Cancelled); raising now would deny a write that is on disk.
-                with trio.CancelScope(shield=True):
-                    while call.result is None:
-                        await self._batch_done.wait()
-        return call.result.unwrap()
 
-    async def _run_batch(self) -> None:
-        batch, self._pending = self._pending, []
-        self._running = True
-        try:
-            with trio.CancelScope(shield=True):  # others' calls are in this batch
-                await trio.to_thread.run_sync(self._execute, batch, limiter=self._limiter)
-        finally:
-            self._running = False
-            done, self._batch_done = self._batch_done, trio.Event()
-            done.set()
+        def statement(c: sqlite3.Connection) -> list[Any]:
+            return c.execute(sql, args).fetchall()
 
-    def _execute(self, batch: list[_Call]) -> None:
-        conn = self._conn
-        assert conn is not None
-        writes = [c for c in batch if c.write]
-        for call in batch:
-            if not call.write:
-                call.result = outcome.capture(call.fn, conn)
-        if not writes:
-            return
-        self.batches += 1
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for call in writes:
-                conn.execute("SAVEPOINT call")
-                call.result = outcome.capture(call.fn, conn)
-                if isinstance(call.result, outcome.Error):
-                    conn.execute("ROLLBACK TO call")
-                conn.execute("RELEASE call")
-            conn.execute("COMMIT")
-        except BaseException as exc:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            for call in writes:
-                call.result = outcome.Error(exc)
+        return await (self._commits.write(statement) if write else self._commits.read(statement))
 
     async def get(self, job_id: str) -> LedgerEntry | None:
         rows = await self._run(
@@ -216,7 +154,9 @@ class Ledger:
         other) commits it first: batches run their writes in order.
         """
         args = _record_args(job_id, printer_id, "started", message, None, 0)
-        self._pending.append(_Call(lambda c: c.execute(RECORD, args).fetchall(), write=True))
+        if self._commits is None:
+            raise RuntimeError("ledger is not open")
+        self._commits.enqueue(lambda c: c.execute(RECORD, args))
 
     async def size(self) -> int:
         rows = await self._run("SELECT COUNT(*) FROM deliveries", ())

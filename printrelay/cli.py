@@ -10,13 +10,13 @@ printrelay demo        relay + connector + printer in one command
 from __future__ import annotations
 
 import argparse
-import contextlib
+import os
 import signal
-import sqlite3
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
@@ -25,6 +25,11 @@ from printrelay.client import SubmitFailed
 from relay.config import RelayConfig
 from service.logs import setup_logging
 from service.settings import SettingsError, add_arguments, load, parse_duration
+
+if TYPE_CHECKING:
+    from relay.store.base import Store
+
+T = TypeVar("T")
 
 
 class CommandError(Exception):
@@ -79,9 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     token = commands.add_parser("token", help="manage tokens").add_subparsers(metavar="ACTION")
     create = token.add_parser("create", help="create a token and print it (shown once)")
-    create.add_argument(
-        "--data-dir", type=Path, default=Path("printrelay-data"), help="the relay's --data-dir"
-    )
+    _store_arguments(create)
     create.add_argument("--tenant", required=True, help="the tenant the token belongs to")
     create.add_argument("--kind", choices=("api", "connector"), required=True)
     create.add_argument(
@@ -94,11 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--label", default="", help="a note shown in listings")
     create.set_defaults(run=run_token_create)
     listing = token.add_parser("list", help="list tokens (never their secrets)")
-    listing.add_argument("--data-dir", type=Path, default=Path("printrelay-data"))
+    _store_arguments(listing)
     listing.add_argument("--tenant")
     listing.set_defaults(run=run_token_list)
     revoke = token.add_parser("revoke", help="revoke a token by its id")
-    revoke.add_argument("--data-dir", type=Path, default=Path("printrelay-data"))
+    _store_arguments(revoke)
     revoke.add_argument("token_id", help="the id shown by 'token list' (the part after pra_/prc_)")
     revoke.set_defaults(run=run_token_revoke)
 
@@ -167,17 +170,36 @@ async def _drain_then_stop(
             scope.cancel()
 
 
-# --- tokens -----------------------------------------------------------------------------------------
+# --- tokens and the database --------------------------------------------------------------------------
 
 
-def _database(data_dir: Path) -> sqlite3.Connection:
-    from relay.store.sqlite import migrate, open_connection
+def _store_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path(os.environ.get("PRINTRELAY_DATA_DIR", "printrelay-data")),
+        help="the relay's --data-dir (env PRINTRELAY_DATA_DIR; SQLite)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--database-url", default=os.environ.get("PRINTRELAY_DATABASE_URL", ""),
+        help="the relay's --database-url, postgresql://... (env PRINTRELAY_DATABASE_URL); beats --data-dir",
+    )  # fmt: skip
 
-    path = RelayConfig(data_dir=data_dir).database_path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = open_connection(path)
-    migrate(conn)
-    return conn
+
+def _with_store(args: argparse.Namespace, work: Callable[[Store], Awaitable[T]]) -> T:
+    """Open the relay's store as the relay would (migrating it first), run ``work``, close it."""
+    from relay.store import store_for
+
+    async def run() -> T:
+        try:
+            store = store_for(args.data_dir, args.database_url)
+        except ValueError as exc:
+            raise CommandError(str(exc)) from None
+        await store.open()
+        try:
+            return await work(store)
+        finally:
+            await store.close()
+
+    return trio.run(run)
 
 
 def _audit(action: str, *, tenant: str, target: str, **details: object) -> None:
@@ -190,7 +212,6 @@ def _audit(action: str, *, tenant: str, target: str, **details: object) -> None:
 
 def run_token_create(args: argparse.Namespace) -> int:
     from relay.auth import new_token
-    from relay.store.sqlite import add_token_sync
 
     scopes = tuple(s.strip() for s in args.scopes.split(",") if s.strip())
     secret, record = new_token(
@@ -201,8 +222,7 @@ def run_token_create(args: argparse.Namespace) -> int:
         label=args.label,
         expires_in=args.expires_in,
     )
-    with contextlib.closing(_database(args.data_dir)) as conn:
-        add_token_sync(conn, record)
+    _with_store(args, lambda store: store.add_token(record))
     _audit(
         "token.created", tenant=record.tenant, target=f"token:{record.id}", kind=record.kind,
         scopes=",".join(record.scopes) or None, connector_id=record.connector_id, label=record.label or None,
@@ -221,10 +241,7 @@ def run_token_create(args: argparse.Namespace) -> int:
 
 
 def run_token_list(args: argparse.Namespace) -> int:
-    from relay.store.sqlite import list_tokens_sync
-
-    with contextlib.closing(_database(args.data_dir)) as conn:
-        tokens = list_tokens_sync(conn, args.tenant)
+    tokens = _with_store(args, lambda store: store.list_tokens(args.tenant))
     print(f"{'ID':<12} {'TENANT':<16} {'KIND':<10} {'SCOPES / CONNECTOR':<36} {'CREATED':<20} STATUS")
     now = time.time()
     for t in tokens:
@@ -238,13 +255,17 @@ def run_token_list(args: argparse.Namespace) -> int:
 
 
 def run_token_revoke(args: argparse.Namespace) -> int:
-    from relay.store.sqlite import list_tokens_sync, revoke_token_sync
+    async def revoke(store: Store) -> str | None:
+        record = await store.get_token(args.token_id)
+        if record is None or not await store.revoke_token(args.token_id, time.time()):
+            return None
+        return record.tenant
 
-    with contextlib.closing(_database(args.data_dir)) as conn:
-        if not revoke_token_sync(conn, args.token_id, time.time()):
-            raise CommandError(f"no active token with id {args.token_id}")
-        tenant = next((t.tenant for t in list_tokens_sync(conn, None) if t.id == args.token_id), "")
-    # A running relay re-reads its sessions' tokens every 2 s and closes the revoked one's sessions.
+    tenant = _with_store(args, revoke)
+    if tenant is None:
+        raise CommandError(f"no active token with id {args.token_id}")
+    # Every running relay hears of it (PostgreSQL NOTIFY; SQLite's data_version within 2 s) and closes the
+    # revoked token's sessions.
     _audit("token.revoked", tenant=tenant, target=f"token:{args.token_id}")
     print(f"token {args.token_id} revoked", file=sys.stderr)
     return 0

@@ -16,14 +16,13 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from relay.auth import NAME_RE
-from relay.store.base import Printer
+from relay.store.base import ConnectorStore, Printer
 from service import bounded_json
 from tunnel.messages import MessageError, PrinterCandidate, PrinterInfo
 from tunnel.session import SessionClosed, StreamClosed
 
 if TYPE_CHECKING:
-    from relay.app import Relay
-    from relay.tunnel import ConnectorSession
+    from relay.tunnel import ConnectorRegistry, ConnectorSession
 
 #: the connector answers a printer change within this (it polls the new printer once, bounded)
 CHANGE_TIMEOUT = 30.0
@@ -46,10 +45,10 @@ class CandidateView:
         return {"connector_id": self.connector_id, **self.candidate.to_json()}
 
 
-def candidates(relay: Relay, tenant: str) -> list[CandidateView]:
+def candidates(registry: ConnectorRegistry, tenant: str) -> list[CandidateView]:
     """Printers the tenant's connected connectors found and do not serve yet."""
     seen: dict[tuple[str, str], CandidateView] = {}
-    for session in relay.registry.sessions(tenant):
+    for session in registry.sessions(tenant):
         for candidate in session.candidates.values():
             seen.setdefault(
                 (session.connector_id, candidate.uri), CandidateView(session.connector_id, candidate)
@@ -57,8 +56,10 @@ def candidates(relay: Relay, tenant: str) -> list[CandidateView]:
     return sorted(seen.values(), key=lambda v: (v.connector_id, v.candidate.uri))
 
 
-def _session(relay: Relay, tenant: str, connector_id: str | None, uri: str | None) -> ConnectorSession:
-    sessions = [s for s in relay.registry.sessions(tenant) if s.h2.is_open]
+def _session(
+    registry: ConnectorRegistry, tenant: str, connector_id: str | None, uri: str | None
+) -> ConnectorSession:
+    sessions = [s for s in registry.sessions(tenant) if s.h2.is_open]
     if connector_id is not None:
         sessions = [s for s in sessions if s.connector_id == connector_id]
         if not sessions:
@@ -120,7 +121,9 @@ def _parse_request(body: bytes) -> tuple[str | None, str | None, str | None]:
     return printer_id, uri or candidate, connector_id
 
 
-async def put_printer(relay: Relay, tenant: str, body: bytes) -> tuple[Printer, bool]:
+async def put_printer(
+    store: ConnectorStore, registry: ConnectorRegistry, tenant: str, body: bytes
+) -> tuple[Printer, bool]:
     """``POST /v1/printers`` ``{"uri", "id"?, "connector_id"?}``: adopt, add or change. (printer, created)."""
     printer_id, uri, connector_id = _parse_request(body)
     if uri is None:
@@ -129,16 +132,16 @@ async def put_printer(relay: Relay, tenant: str, body: bytes) -> tuple[Printer, 
         )
     if connector_id is not None and not NAME_RE.match(connector_id):
         raise AdoptionError(400, f"invalid connector_id {connector_id!r}")
-    if connector_id is not None and await relay.store.get_connector(tenant, connector_id) is None:
+    if connector_id is not None and await store.get_connector(tenant, connector_id) is None:
         # Unknown, or another tenant's: the same answer, so neither can be told from the other.
         raise AdoptionError(404, f"connector {connector_id} not found")
-    session = _session(relay, tenant, connector_id, uri)
+    session = _session(registry, tenant, connector_id, uri)
     if printer_id is None:
         candidate = session.candidates.get(uri)
         if candidate is None or not candidate.suggested_id:
             raise AdoptionError(400, "id is required for a printer that is not a discovered candidate")
         printer_id = candidate.suggested_id
-    existing = await relay.store.get_printer(tenant, printer_id)
+    existing = await store.get_printer(tenant, printer_id)
     if existing is not None and existing.connector_id != session.connector_id and existing.state != "removed":
         raise AdoptionError(
             409, f"printer id {printer_id} is served by connector {existing.connector_id}; choose another id"
@@ -153,23 +156,25 @@ async def put_printer(relay: Relay, tenant: str, body: bytes) -> tuple[Printer, 
     except (ValueError, MessageError) as exc:
         raise AdoptionError(502, f"connector answered nonsense: {exc}") from None
     record = session.printer_record(info)
-    await relay.store.update_printer(record)
+    await store.update_printer(record)
     session.candidates.pop(uri, None)
-    relay.registry.wake(tenant, session.connector_id)
-    stored = await relay.store.get_printer(tenant, info.id)
+    registry.wake(tenant, session.connector_id)
+    stored = await store.get_printer(tenant, info.id)
     return stored or record, status == 201
 
 
-async def remove_printer(relay: Relay, tenant: str, printer_id: str) -> Printer:
+async def remove_printer(
+    store: ConnectorStore, registry: ConnectorRegistry, tenant: str, printer_id: str
+) -> Printer:
     """``DELETE /v1/printers/{id}``: the connector stops serving it; its jobs fail with that reason."""
-    printer = await relay.store.get_printer(tenant, printer_id)
+    printer = await store.get_printer(tenant, printer_id)
     if printer is None or printer.state == "removed":
         raise AdoptionError(404, f"printer {printer_id} not found")
-    session = _session(relay, tenant, printer.connector_id, None)
+    session = _session(registry, tenant, printer.connector_id, None)
     status, answer = await _ask(session, "DELETE", f"/v1/printers/{printer_id}", None)
     if status not in (200, 404):
         raise AdoptionError(502, f"connector refused: {_error(answer)}")
     # the store keeps the row (job history refers to it) marked removed; the connector no longer serves it
     printer.state, printer.reasons, printer.updated_at = "removed", [], time.time()
-    await relay.store.update_printer(printer)
+    await store.update_printer(printer)
     return printer

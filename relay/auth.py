@@ -16,7 +16,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from relay.store.base import Store, TokenRecord
+from relay.store.base import TokenRecord, TokenStore
 
 KINDS = {"api": "a", "connector": "c"}
 API_SCOPES = ("jobs:submit", "jobs:read", "printers:admin", "admin")
@@ -96,7 +96,7 @@ def new_token(
     return token, record
 
 
-async def authenticate(store: Store, token: str, *, kind: str, now: float | None = None) -> Principal:
+async def authenticate(store: TokenStore, token: str, *, kind: str, now: float | None = None) -> Principal:
     """Check a bearer token; raises :class:`AuthError` with a reason that does not help an attacker."""
     match = TOKEN_RE.match(token.strip())
     if match is None or match.group(1) != KINDS.get(kind):

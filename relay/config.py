@@ -25,6 +25,10 @@ class RelayConfig:
         metavar="HOST:PORT",
     )  # fmt: skip
     data_dir: Path = option(Path("printrelay-data"), "SQLite database and spool", parse=Path, metavar="DIR")
+    database_url: str = option(
+        "", "PostgreSQL for relay replicas sharing one database, postgresql://USER[:PASSWORD]@HOST:PORT/DB "
+        "(default: SQLite in --data-dir, for one relay process)", secret=True, metavar="URL",
+    )  # fmt: skip
     public_url: str = option("", "URL clients use to reach --listen (for IPP printer-uri and links)")
     max_job_bytes: int = option(1 * GiB, "largest document accepted (413 above)", parse=parse_size)
     job_ttl: float = option(14 * 86400.0, "undelivered jobs expire after this long", parse=parse_duration)

@@ -29,17 +29,22 @@ import math
 import random
 import time
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import trio
 from hpack import NeverIndexedHeaderTuple
 
-from relay.jobs import Job, JobEvent, JobHistoryEntry
+from relay.jobs import Job, JobEvent
+from relay.lifecycle import JobLifecycle
+from relay.metrics import RelayMetrics
+from relay.spool import Spool
+from relay.store.base import JobStore, Lease
+from service.signal import Signal
 from tunnel.messages import NDJSON, TICKET_HEADER, JobStatus, JobTicketMessage, LineSplitter, MessageError
 from tunnel.session import ErrorCodes, H2Stream, SessionClosed, StreamClosed
 
 if TYPE_CHECKING:
-    from relay.app import Relay
     from relay.tunnel import ConnectorSession
 
 log = logging.getLogger("printrelay.relay.dispatch")
@@ -61,10 +66,44 @@ def retry_delay(attempts: int, base: float, cap: float) -> float:
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
+@dataclass(frozen=True)
+class DispatchSettings:
+    max_streams: int  # job streams to one connector session at once
+    retry_base: float
+    retry_cap: float
+    lease: Lease  # this replica's claims
+
+
+class Drain:
+    """Whether this relay is draining (it streams what it has and claims nothing new), and a signal each
+    time a job stream ends (the drain waits on it)."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.streams_changed = Signal()
+
+
 class Dispatcher:
-    def __init__(self, relay: Relay, session: ConnectorSession) -> None:
-        self.relay = relay
+    def __init__(
+        self,
+        session: ConnectorSession,
+        *,
+        store: JobStore,
+        spool: Spool,
+        jobs: JobLifecycle,
+        metrics: RelayMetrics,
+        settings: DispatchSettings,
+        wakeup: Signal,
+        drain: Drain,
+    ) -> None:
         self.session = session
+        self._store = store
+        self._spool = spool
+        self._jobs = jobs
+        self._metrics = metrics
+        self._settings = settings
+        self._wakeup = wakeup
+        self._drain = drain
         self.in_flight = 0
         self.claimed: set[str] = set()  # jobs claimed and not yet settled: their leases are renewed
         self._slot_freed = trio.Event()
@@ -77,32 +116,25 @@ class Dispatcher:
             stream.reset(ErrorCodes.CANCEL)
 
     async def run(self) -> None:
-        relay, session = self.relay, self.session
-        limit = relay.config.max_streams_per_connector
-        wakeup = relay.registry.wakeup(session.tenant, session.connector_id)
+        session, store = self.session, self._store
+        limit = self._settings.max_streams
         async with trio.open_nursery() as nursery:
             while session.h2.is_open:
-                woken = wakeup.next_firing()
+                woken = self._wakeup.next_firing()
                 # A draining relay finishes what it streams and starts nothing new.
-                free = 0 if relay.draining else limit - self.in_flight
+                free = 0 if self._drain.draining else limit - self.in_flight
                 jobs: list[Job] = []
                 due: float | None = None
                 if free > 0:
-                    jobs, due = await relay.store.claim_jobs_and_next_due(
-                        session.tenant, session.connector_id, time.time(), free, relay.lease
+                    jobs, due = await store.claim_jobs_and_next_due(
+                        session.tenant, session.connector_id, time.time(), free, self._settings.lease
                     )
                 for job in jobs:
                     # No checkpoint between the claim and start_soon: a cancellation now still runs
                     # _deliver, which queues the job again.
                     self.claimed.add(job.id)
                     self.in_flight += 1
-                    relay.metrics.job_dispatched(job, time.time())
-                    relay.jobs.publish(
-                        job,
-                        JobHistoryEntry(
-                            job.id, job.updated_at, job.state, f"attempt {job.attempts}: sending"
-                        ),
-                    )
+                    self._metrics.job_dispatched(job, time.time())
                     nursery.start_soon(self._deliver, job)
                 if jobs and len(jobs) == free:
                     continue  # there may be more; claim again once a slot frees
@@ -113,7 +145,7 @@ class Dispatcher:
                 # connector claimable (submit, release, retry, requeue, a printer back online) wakes it,
                 # so an idle session costs no store calls at all.
                 if free <= 0:  # draining: nothing was claimed, so nothing was looked up
-                    due = await relay.store.next_due(session.tenant, session.connector_id)
+                    due = await store.next_due(session.tenant, session.connector_id)
                 timeout = math.inf if due is None else max(0.0, due - time.time())
                 with trio.move_on_after(timeout):
                     await woken.wait()
@@ -122,7 +154,7 @@ class Dispatcher:
         # What happens to the job if its stream ends without an outcome (cancellation, a bug).
         outcome: JobStatus | str = STREAM_ENDED
         try:
-            with self.relay.metrics.job_streams.track_inprogress():
+            with self._metrics.job_streams.track_inprogress():
                 outcome = await self._stream_job(job)
         finally:
             with trio.CancelScope(shield=True):  # the job must not stay `sending`, whatever ended us
@@ -134,7 +166,7 @@ class Dispatcher:
             self.in_flight -= 1
             self._slot_freed.set()
             self._slot_freed = trio.Event()
-            self.relay.streams_changed.fire()
+            self._drain.streams_changed.fire()
 
     async def _stream_job(self, job: Job) -> JobStatus | str:
         """The connector's final status, or why the job must simply be queued again."""
@@ -203,18 +235,16 @@ class Dispatcher:
         """Send the sealed payload; PayloadMissing if the spool has lost it."""
         try:
             inline = (
-                await self.relay.store.get_payload(job.id)
-                if job.sealed_size <= self.relay.spool.inline_max
-                else None
+                await self._store.get_payload(job.id) if job.sealed_size <= self._spool.inline_max else None
             )
             if inline is not None:
                 await stream.send_data(inline, end_stream=True)
-                self.relay.metrics.tunnel_bytes_out(len(inline))
+                self._metrics.tunnel_bytes_out(len(inline))
                 return
-            async with aclosing(self.relay.spool.open(job.id)) as chunks:
+            async with aclosing(self._spool.open(job.id)) as chunks:
                 async for chunk in chunks:
                     await stream.send_data(chunk)
-                    self.relay.metrics.tunnel_bytes_out(len(chunk))
+                    self._metrics.tunnel_bytes_out(len(chunk))
             await stream.end()
         except (StreamClosed, SessionClosed):
             pass  # the response side reports what happened
@@ -243,7 +273,7 @@ class Dispatcher:
         return None
 
     async def _transition(self, job: Job, event: JobEvent, message: str, **fields: Any) -> Job | None:
-        return await self.relay.jobs.transition(job.id, event, message, **fields)
+        return await self._jobs.transition(job.id, event, message, **fields)
 
     async def _requeue(self, job: Job, message: str) -> None:
         with trio.CancelScope(shield=True):
@@ -253,7 +283,7 @@ class Dispatcher:
             )
 
     async def _finish(self, job: Job, status: JobStatus) -> None:
-        relay = self.relay
+        settings = self._settings
         now = time.time()
         with trio.CancelScope(shield=True):
             if status.state == "completed":
@@ -263,7 +293,7 @@ class Dispatcher:
                 await self._transition(job, JobEvent.COMPLETE, message)
             elif status.state == "retry" and job.attempts < job.max_attempts:
                 delay = status.retry_after or retry_delay(
-                    job.attempts, relay.config.retry_base, relay.config.retry_cap
+                    job.attempts, settings.retry_base, settings.retry_cap
                 )
                 await self._transition(
                     job, JobEvent.RETRY,

@@ -136,6 +136,10 @@ class Job:
     completed_at: float | None = None
     expires_at: float | None = None
 
+    def snapshot(self) -> dict[str, Any]:
+        """The job as a webhook delivery keeps it (the fields ``public()`` shows), taken with the change."""
+        return {name: getattr(self, name) for name in SNAPSHOT_FIELDS}
+
     def public(self) -> dict[str, Any]:
         """The job as the REST API shows it: never key material."""
         return {
@@ -160,6 +164,14 @@ class Job:
         }
 
 
+# Job fields a webhook delivery carries: what Job.public() shows, as the job was at the change.
+SNAPSHOT_FIELDS = (
+    "id", "tenant", "printer_id", "state", "title", "document_format", "copies", "user", "size", "attempts",
+    "max_attempts", "last_error", "unknown_outcomes", "options", "created_at", "updated_at", "completed_at",
+    "expires_at",
+)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class JobHistoryEntry:
     job_id: str
@@ -175,3 +187,54 @@ def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+
+
+# --- IPP Create-Job records ---------------------------------------------------------------------------
+#
+# A Create-Job has an IPP job number before any relay job exists. Its record moves through these
+# sub-states until its document arrives; once ``attached`` the relay job is the truth:
+#
+#     incoming ──upload──▶ receiving ──attach──▶ attached
+#        │  ▲                  │ └──attach_open──▶ open ──close──▶ attached
+#        │  └──upload_failed───┤                    (a held relay job waiting for Close-Job)
+#        ├──cancel──▶ canceled ◀──cancel──┤
+#        └──abandon──▶ aborted ◀─abandon──┘   (no document within the time limits, or Close-Job)
+
+
+class IppJobState(enum.StrEnum):
+    INCOMING = "incoming"  # waiting for its document
+    RECEIVING = "receiving"  # a Send-Document is streaming in (one at a time)
+    OPEN = "open"  # has its document, more may follow (last-document=false): held until Close-Job
+    ATTACHED = "attached"  # the relay job is the truth
+    CANCELED = "canceled"
+    ABORTED = "aborted"
+
+
+class IppJobEvent(enum.StrEnum):
+    UPLOAD = "upload"
+    UPLOAD_FAILED = "upload_failed"
+    ATTACH = "attach"  # the last document arrived
+    ATTACH_OPEN = "attach_open"  # a document arrived, more may follow
+    CLOSE = "close"
+    CANCEL = "cancel"
+    ABANDON = "abandon"
+
+
+IS, IE = IppJobState, IppJobEvent
+IPP_TRANSITIONS: dict[tuple[IppJobState, IppJobEvent], IppJobState] = {
+    (IS.INCOMING, IE.UPLOAD): IS.RECEIVING,
+    (IS.RECEIVING, IE.UPLOAD_FAILED): IS.INCOMING,
+    (IS.RECEIVING, IE.ATTACH): IS.ATTACHED,
+    (IS.RECEIVING, IE.ATTACH_OPEN): IS.OPEN,
+    (IS.OPEN, IE.CLOSE): IS.ATTACHED,
+    (IS.INCOMING, IE.CANCEL): IS.CANCELED,
+    (IS.RECEIVING, IE.CANCEL): IS.CANCELED,
+    (IS.INCOMING, IE.ABANDON): IS.ABORTED,
+    (IS.RECEIVING, IE.ABANDON): IS.ABORTED,
+}
+del IS, IE
+
+
+def next_ipp_state(state: IppJobState, event: IppJobEvent) -> IppJobState | None:
+    """The state ``event`` leads to from ``state``, or None when it does not apply there."""
+    return IPP_TRANSITIONS.get((state, event))

@@ -4,7 +4,9 @@ A dispatcher claims a job (``queued → sending``) for a lease of ``job_lease`` 
 its stream ends, whatever ends it (relay/dispatch.py). This is the net under that: every third of the
 lease, the keeper renews the leases of the jobs its dispatchers still hold, then queues again every job
 in flight whose lease has lapsed. Such a job has no stream any more: its dispatcher is gone without
-settling it (or, with several relays on one database, the relay that held it died).
+settling it, or the replica that held it died (with several relays on one database: each keeper sweeps
+them all, and the store's compare-and-set lets only one requeue each). Expiry is on the database's clock,
+so replicas whose clocks disagree still agree on who holds what.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import trio
 
 from relay.jobs import JobEvent
 from relay.lifecycle import JobLifecycle
-from relay.store.base import Lease, Store
+from relay.store.base import JobStore, Lease
 
 log = logging.getLogger("printrelay.relay.leases")
 
@@ -28,7 +30,7 @@ LAPSED = "its claim lapsed: the stream that was sending it is gone; queued again
 class LeaseKeeper:
     def __init__(
         self,
-        store: Store,
+        store: JobStore,
         jobs: JobLifecycle,
         lease: Lease,
         held: Callable[[], Collection[str]],
@@ -50,10 +52,9 @@ class LeaseKeeper:
         """Renew, then sweep; returns how many jobs were queued again."""
         held = set(self._held())
         now = time.time()
-        if held:
-            await self._store.renew_leases(self._lease, sorted(held), now)
+        await self._store.renew_leases(self._lease, sorted(held))
         requeued = 0
-        for job in await self._store.lapsed_leases(now, SWEEP_BATCH):
+        for job in await self._store.lapsed_leases(SWEEP_BATCH):
             if job.id in held:
                 continue  # claimed since we renewed: its lease is fresh
             log.warning(

@@ -1,8 +1,15 @@
-"""Every change of a job's state goes through here: the store, the watchers, the payload, the wakeups.
+"""Every change of a job's state goes through here: the table in relay/jobs.py, the store, what follows.
 
-One place, so that nothing that follows from a transition can be forgotten by one of the many callers
-(dispatcher, REST, IPP, expiry): a final state erases the payload and counts the job, a queued job wakes
-its connector's dispatcher, and every change is published to live watchers (SSE) and webhooks.
+One place, so that nothing that follows from a transition can be forgotten by one of its callers
+(dispatcher, lease keeper, REST, IPP, expiry). The store records each change with its history row, its
+webhook outbox rows and a ``job`` notice, in one transaction; once committed:
+
+* here, on the replica that made the change: a final state erases the payload and counts the job;
+* on every replica (the notice, locally at once and to the others through the store): live watchers (SSE)
+  get the change, webhook senders wake, a queued job wakes its connector's dispatcher, and a canceled job
+  that is streaming is stopped by whoever streams it.
+
+IPP Create-Job records move through their own table (``IPP_TRANSITIONS``) here too.
 """
 
 from __future__ import annotations
@@ -11,27 +18,50 @@ import logging
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
-from relay.jobs import IllegalTransition, Job, JobEvent, JobHistoryEntry, JobState
-
-if TYPE_CHECKING:
-    from relay.app import Relay
+from relay.jobs import (
+    IllegalTransition,
+    IppJobEvent,
+    IppJobState,
+    Job,
+    JobEvent,
+    JobHistoryEntry,
+    JobState,
+    next_ipp_state,
+)
+from relay.metrics import RelayMetrics
+from relay.spool import Spool
+from relay.store.base import ConnectorStore, IppJob, IppJobStore, JobStore, Notice
 
 log = logging.getLogger("printrelay.relay.jobs")
 
 WATCH_QUEUE = 64  # events a slow watcher may lag behind before it is dropped
 
-Listener = Callable[[Job, JobHistoryEntry], None]
+# What the rest of the relay does with a job change heard from the store (here or another replica).
+ChangeListener = Callable[[Notice], None]
 
 
 class JobLifecycle:
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
+    def __init__(
+        self,
+        jobs: JobStore,
+        ipp_jobs: IppJobStore,
+        printers: ConnectorStore,
+        spool: Spool,
+        metrics: RelayMetrics,
+    ) -> None:
+        self._jobs = jobs
+        self._ipp_jobs = ipp_jobs
+        self._printers = printers
+        self._spool = spool
+        self._metrics = metrics
         self._watchers: dict[str, set[trio.MemorySendChannel[JobHistoryEntry]]] = defaultdict(set)
-        self.listeners: list[Listener] = []  # e.g. webhooks; called for every change, must not block
+        # Called for every job change heard (webhook senders, dispatcher wake-ups, stream cancels); each
+        # must be quick and must not block.
+        self.listeners: list[ChangeListener] = []
 
     # --- transitions ----------------------------------------------------------------------------
 
@@ -39,79 +69,85 @@ class JobLifecycle:
         """Apply ``event``; None when the job is gone or the move is no longer legal (a newer state won)."""
         now = time.time()
         try:
-            job = await self.relay.store.transition(job_id, event, message, now, **fields)
+            job = await self._jobs.transition(job_id, event, message, now, **fields)
         except IllegalTransition as exc:
             log.info("job %s: %s (%s)", job_id, exc, message, extra={"job_id": job_id})
             return None
-        if job is not None:
-            await self.changed(job, JobHistoryEntry(job.id, now, job.state, message))
+        if job is not None and job.state.final:
+            await self._finished(job, message)
         return job
 
-    async def changed(self, job: Job, entry: JobHistoryEntry) -> None:
-        """Consequences of a state change already in the store."""
-        self.publish(job, entry)
-        if job.state.final:
-            await self._finished(job, entry.message)
-        elif job.state is JobState.QUEUED:
-            self.relay.registry.wake(job.tenant, job.connector_id)
-
     async def _finished(self, job: Job, message: str) -> None:
-        relay = self.relay
         # A small payload had no file: the store erased it with the final state.
-        if job.sealed_size > relay.spool.inline_max:
+        if job.sealed_size > self._spool.inline_max:
             with trio.CancelScope(shield=True):
-                await relay.spool.erase(job.id)  # crypto-shred: the wrapped key dies with the row's use
-        relay.metrics.job_finished(job, message)
+                await self._spool.erase(job.id)  # crypto-shred: the wrapped key dies with the row's use
+        self._metrics.job_finished(job, message)
         log.info(
             "job %s %s", job.id, job.state,
             extra={"job_id": job.id, "tenant": job.tenant, "connector_id": job.connector_id,
                    "printer_id": job.printer_id},
         )  # fmt: skip
 
-    def publish(self, job: Job, entry: JobHistoryEntry) -> None:
-        for channel in list(self._watchers.get(job.id, ())):
+    def heard(self, notice: Notice) -> None:
+        """A job change committed here or on another replica: tell its watchers and the listeners."""
+        if notice.kind != "job":
+            return
+        entry = JobHistoryEntry(
+            notice.key, float(notice.data["at"]), JobState(notice.data["state"]), str(notice.data["message"])
+        )
+        for channel in list(self._watchers.get(notice.key, ())):
             try:
                 channel.send_nowait(entry)
             except (trio.WouldBlock, trio.BrokenResourceError):
                 # A watcher that cannot keep up is dropped; it can reconnect and replay the history.
-                self._watchers[job.id].discard(channel)
+                self._forget(notice.key, channel)
                 channel.close()
         for listener in self.listeners:
-            listener(job, entry)
+            listener(notice)
 
-    def watch(self, job_id: str) -> trio.MemoryReceiveChannel[JobHistoryEntry]:
+    # --- watchers -------------------------------------------------------------------------------
+
+    def watch(
+        self, job_id: str
+    ) -> tuple[trio.MemorySendChannel[JobHistoryEntry], trio.MemoryReceiveChannel[JobHistoryEntry]]:
+        """A channel of the job's changes from now on; give both ends back to :meth:`unwatch`."""
         send, receive = trio.open_memory_channel[JobHistoryEntry](WATCH_QUEUE)
         self._watchers[job_id].add(send)
-        return receive
+        return send, receive
 
-    def unwatch(self, job_id: str, receive: trio.MemoryReceiveChannel[JobHistoryEntry]) -> None:
+    def unwatch(
+        self,
+        job_id: str,
+        send: trio.MemorySendChannel[JobHistoryEntry],
+        receive: trio.MemoryReceiveChannel[JobHistoryEntry],
+    ) -> None:
+        """This watcher is done; the job's other watchers go on."""
         receive.close()
+        send.close()
+        self._forget(job_id, send)
+
+    def _forget(self, job_id: str, send: trio.MemorySendChannel[JobHistoryEntry]) -> None:
         watchers = self._watchers.get(job_id)
         if watchers is not None:
-            for send in list(watchers):
-                send.close()  # closed channels are pruned here or on the next publish
-            watchers.clear()
-            self._watchers.pop(job_id, None)
+            watchers.discard(send)
+            if not watchers:
+                del self._watchers[job_id]
 
     # --- operations -----------------------------------------------------------------------------
 
     async def cancel(self, job: Job, reason: str) -> Job | None:
         """Cancel a job in any non-final state. Held or queued: it never prints. Sending or printing: the
-        stream to the connector is reset, and the connector cancels it at the printer where the protocol
-        allows (IPP Cancel-Job)."""
-        in_flight = job.state in (JobState.SENDING, JobState.PRINTING)
-        done = await self.transition(job.id, JobEvent.CANCEL, reason)
-        if done is not None and in_flight:
-            for session in self.relay.registry.sessions(job.tenant):
-                session.cancel_stream(job.id)
-        return done
+        relay streaming it (this one or another) resets the stream when it hears of the change, and the
+        connector cancels it at the printer where the protocol allows (IPP Cancel-Job)."""
+        return await self.transition(job.id, JobEvent.CANCEL, reason)
 
     async def release(self, job: Job, printer_id: str | None, message: str) -> Job | None:
         """Release a held job, optionally to another printer of the tenant served by the same connector
         (the payload is sealed to that connector; the relay cannot re-seal it to another)."""
         fields: dict[str, Any] = {}
         if printer_id is not None and printer_id != job.printer_id:
-            printer = await self.relay.store.get_printer(job.tenant, printer_id)
+            printer = await self._printers.get_printer(job.tenant, printer_id)
             if printer is None:
                 raise LookupError(f"printer {printer_id} not found")
             if printer.connector_id != job.connector_id:
@@ -121,3 +157,24 @@ class JobLifecycle:
                 )
             fields["printer_id"] = printer_id
         return await self.transition(job.id, JobEvent.RELEASE, message, **fields)
+
+    # --- IPP Create-Job records -----------------------------------------------------------------
+
+    async def advance_ipp_job(self, record: IppJob, event: IppJobEvent, job_id: str | None = None) -> bool:
+        """Move a Create-Job record by ``event`` from the state it was read in (compare-and-set: False when
+        another request moved it first, or when the event does not apply to that state)."""
+        state = next_ipp_state(record.state, event)
+        if state is None:
+            return False
+        now = time.time()
+        moved = await self._ipp_jobs.set_ipp_job_state(
+            record.tenant, record.number, record.state, state, now, job_id
+        )
+        if moved:
+            record.state, record.updated_at = state, now
+            if job_id is not None:
+                record.job_id = job_id
+        return moved
+
+
+__all__ = ["IppJobEvent", "IppJobState", "JobLifecycle"]

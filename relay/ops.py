@@ -1,28 +1,19 @@
-"""The relay's ``--metrics-listen`` listener: its readiness, and the state sampled before each scrape."""
+"""The relay's health as probes and scrapes see it: readiness, and the state sampled before each scrape."""
 
 from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from pathlib import Path
 
 import trio
 
+from relay.metrics import RelayMetrics
+from relay.spool import Spool
+from relay.store.base import Store
+from relay.tunnel import ConnectorRegistry
 from service.ops import OpsListener, register_build_info
-
-if TYPE_CHECKING:
-    from relay.app import Relay
-
-
-async def readiness(relay: Relay) -> str | None:
-    """Ready = the store takes writes and the relay accepts jobs (the public /readyz says the same)."""
-    try:
-        await relay.store.check_writable()
-    except Exception as exc:
-        return f"store not writable: {exc}"
-    if not relay.accepting:
-        return "starting or stopping"
-    return None
 
 
 def _statvfs(path: str) -> tuple[int, int]:
@@ -30,28 +21,47 @@ def _statvfs(path: str) -> tuple[int, int]:
     return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
 
-async def sample(relay: Relay) -> None:
-    """Gauges that are cheaper to read now than to track on every change."""
-    metrics = relay.metrics
-    now = time.time()
-    sessions = relay.registry.sessions()
-    metrics.sessions.set(len(sessions))
-    metrics.connectors.set(len({s.key for s in sessions}))
-    metrics.ready.set(1 if await readiness(relay) is None else 0)
-    metrics.set_store_sample(await relay.store.sample(now), now)
-    used, files = await relay.spool.usage()
-    root = relay.spool.root if relay.spool.root.exists() else relay.config.data_dir
-    avail, size = await trio.to_thread.run_sync(_statvfs, str(root))
-    metrics.set_spool(used, files, avail, size)
+class RelayHealth:
+    def __init__(
+        self,
+        store: Store,
+        spool: Spool,
+        registry: ConnectorRegistry,
+        metrics: RelayMetrics,
+        data_dir: Path,
+        accepting: Callable[[], bool],
+    ) -> None:
+        self._store = store
+        self._spool = spool
+        self._registry = registry
+        self._metrics = metrics
+        self._data_dir = data_dir
+        self._accepting = accepting
 
+    async def readiness(self) -> str | None:
+        """Ready = the store takes writes and the relay accepts jobs (not starting, not draining)."""
+        try:
+            await self._store.check_writable()
+        except Exception as exc:
+            return f"store not writable: {exc}"
+        if not self._accepting():
+            return "starting or stopping"
+        return None
 
-def ops_listener(relay: Relay) -> OpsListener:
-    register_build_info(relay.metrics.registry, "relay")
+    async def sample(self) -> None:
+        """Gauges that are cheaper to read now than to track on every change."""
+        metrics = self._metrics
+        now = time.time()
+        sessions = self._registry.sessions()
+        metrics.sessions.set(len(sessions))
+        metrics.connectors.set(len({s.key for s in sessions}))
+        metrics.ready.set(1 if await self.readiness() is None else 0)
+        metrics.set_store_sample(await self._store.sample(now), now)
+        used, files = await self._spool.usage()
+        root = self._spool.root if self._spool.root.exists() else self._data_dir
+        avail, size = await trio.to_thread.run_sync(_statvfs, str(root))
+        metrics.set_spool(used, files, avail, size)
 
-    async def ready() -> str | None:
-        return await readiness(relay)
-
-    async def refresh() -> None:
-        await sample(relay)
-
-    return OpsListener(relay.metrics.registry, ready=ready, refresh=refresh)
+    def listener(self) -> OpsListener:
+        register_build_info(self._metrics.registry, "relay")
+        return OpsListener(self._metrics.registry, ready=self.readiness, refresh=self.sample)

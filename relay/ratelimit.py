@@ -4,7 +4,8 @@ Buckets are keyed by the token id *after* authentication. Keying by anything a r
 (a token id in a forged header) would let an attacker who read a token id in a log spend its owner's
 budget. Unauthenticated floods are the HTTP server's business (connection limits and deadlines).
 
-The limiter is sans-IO like :mod:`tunnel.protocol`: the caller passes ``now``. Memory is bounded: at most
+The limiter is sans-IO like :mod:`tunnel.protocol`: the caller passes ``now`` (``spend_request`` reads the
+clock for the API). Memory is bounded: at most
 ``max_tracked`` buckets are kept, least recently used dropped first; a dropped bucket only forgets debt,
 so the worst an eviction does is forgive a token some requests.
 """
@@ -12,8 +13,12 @@ so the worst an eviction does is forgive a token some requests.
 from __future__ import annotations
 
 import math
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
+
+from relay.auth import Principal
+from service.http.message import HTTPError
 
 MAX_TRACKED = 100_000
 
@@ -61,3 +66,15 @@ class TokenRateLimiter:
 
     def __len__(self) -> int:
         return len(self._buckets)
+
+
+def spend_request(limiter: TokenRateLimiter, principal: Principal) -> None:
+    """One request of the token's budget, for the REST API and the IPP endpoint alike (429 beyond it)."""
+    wait = limiter.check(principal.token_id, time.monotonic())
+    if wait is not None:
+        raise HTTPError(
+            429,
+            f"token {principal.token_id} exceeds rate_limit={limiter.rate:g} requests/s "
+            f"(rate_burst={limiter.burst:g}); retry after {wait:.1f} s",
+            [("retry-after", limiter.retry_after_header(wait))],
+        )

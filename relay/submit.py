@@ -11,20 +11,17 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncIterable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import trio
 
 from relay.capabilities import OptionRefused, check_options
 from relay.jobs import Job, JobState, new_job_id
-from relay.spool import PayloadTooLarge, SpoolFull
-from relay.store.base import Conflict
+from relay.metrics import RelayMetrics
+from relay.spool import PayloadTooLarge, Spool, SpoolFull
+from relay.store.base import Conflict, Quota, QuotaExceeded, Store
 from service.http.message import format_bytes
-
-if TYPE_CHECKING:
-    from relay.app import Relay
 
 log = logging.getLogger("printrelay.relay.submit")
 
@@ -64,109 +61,148 @@ class Submission:
     options: Mapping[str, str] = field(default_factory=dict)
 
 
-async def accept_job(relay: Relay, submission: Submission, body: AsyncIterable[bytes]) -> tuple[Job, bool]:
-    """Spool and commit a job. Returns the job and whether it is new (False: an Idempotency-Key replay)."""
-    config = relay.config
-    store = relay.store
-    printer, connector = await store.printer_and_connector(submission.tenant, submission.printer_id)
-    if printer is None:
-        raise SubmitError(Refusal.NOT_FOUND, f"printer {submission.printer_id} not found")
-    limit = config.max_job_bytes
-    if submission.content_length is not None and submission.content_length > limit:
-        raise SubmitError(
-            Refusal.TOO_LARGE,
-            f"job too large: {format_bytes(submission.content_length)} exceeds "
-            f"max_job_bytes={format_bytes(limit)}",
-        )
-    if not 1 <= submission.copies <= MAX_COPIES:
-        raise SubmitError(Refusal.BAD_REQUEST, f"copies must be between 1 and {MAX_COPIES}")
-    try:
-        check_options(
-            printer.capabilities, document_format=submission.document_format, copies=submission.copies,
-            options=submission.options,
-        )  # fmt: skip
-    except OptionRefused as exc:
-        raise SubmitError(Refusal.BAD_REQUEST, f"printer {printer.id}: {exc.message}") from None
-    if connector is None or not connector.public_key:
-        raise SubmitError(Refusal.UNAVAILABLE, f"printer {printer.id}: its connector never registered a key")
+@dataclass(frozen=True)
+class SubmitLimits:
+    max_job_bytes: int
+    tenant_max_jobs: int
+    tenant_max_spool_bytes: int
+    max_attempts: int
+    job_ttl: float
 
-    used_bytes, used_jobs = await store.tenant_usage(submission.tenant)
-    if used_jobs >= config.tenant_max_jobs:
-        raise SubmitError(
-            Refusal.QUOTA,
-            f"quota reached: {used_jobs} undelivered jobs (tenant_max_jobs={config.tenant_max_jobs})",
-        )
-    room = config.tenant_max_spool_bytes - used_bytes
-    quota_name = f"tenant_max_spool_bytes={format_bytes(config.tenant_max_spool_bytes)}"
-    if room <= 0 or (submission.content_length is not None and submission.content_length > room):
-        raise SubmitError(
-            Refusal.STORAGE_FULL, f"quota reached: {format_bytes(max(0, used_bytes))} spooled ({quota_name})"
-        )
 
-    job_id = new_job_id()
-    try:
-        stored = await relay.spool.store(
-            job_id, body, recipient_public=connector.public_key, max_bytes=min(limit, room)
-        )
-    except PayloadTooLarge:
-        if room < limit:
+class Intake:
+    """Accepts jobs: spool first, then the job row, then "accepted"."""
+
+    def __init__(
+        self,
+        store: Store,
+        spool: Spool,
+        metrics: RelayMetrics,
+        limits: SubmitLimits,
+        *,
+        on_accepted: Callable[[Job], None] = lambda job: None,
+    ) -> None:
+        self._store = store
+        self._spool = spool
+        self._metrics = metrics
+        self.limits = limits
+        self._on_accepted = on_accepted
+
+    async def accept(self, submission: Submission, body: AsyncIterable[bytes]) -> tuple[Job, bool]:
+        """Spool and commit a job. Returns the job and whether it is new (False: an Idempotency-Key
+        replay)."""
+        limits, store, spool = self.limits, self._store, self._spool
+        printer, connector = await store.printer_and_connector(submission.tenant, submission.printer_id)
+        if printer is None:
+            raise SubmitError(Refusal.NOT_FOUND, f"printer {submission.printer_id} not found")
+        limit = limits.max_job_bytes
+        if submission.content_length is not None and submission.content_length > limit:
             raise SubmitError(
-                Refusal.STORAGE_FULL, f"quota reached: the document exceeds {quota_name}"
-            ) from None
-        raise SubmitError(
-            Refusal.TOO_LARGE, f"job too large: more than max_job_bytes={format_bytes(limit)}"
-        ) from None
-    except SpoolFull as exc:
-        raise SubmitError(Refusal.STORAGE_FULL, f"cannot accept the job: {exc}") from None
+                Refusal.TOO_LARGE,
+                f"job too large: {format_bytes(submission.content_length)} exceeds "
+                f"max_job_bytes={format_bytes(limit)}",
+            )
+        if not 1 <= submission.copies <= MAX_COPIES:
+            raise SubmitError(Refusal.BAD_REQUEST, f"copies must be between 1 and {MAX_COPIES}")
+        try:
+            check_options(
+                printer.capabilities, document_format=submission.document_format, copies=submission.copies,
+                options=submission.options,
+            )  # fmt: skip
+        except OptionRefused as exc:
+            raise SubmitError(Refusal.BAD_REQUEST, f"printer {printer.id}: {exc.message}") from None
+        if connector is None or not connector.public_key:
+            raise SubmitError(
+                Refusal.UNAVAILABLE, f"printer {printer.id}: its connector never registered a key"
+            )
 
-    now = time.time()
-    job = Job(
-        id=job_id,
-        tenant=submission.tenant,
-        printer_id=printer.id,
-        state=JobState.HELD if submission.hold else JobState.QUEUED,
-        title=submission.title[:MAX_TITLE],
-        document_format=submission.document_format,
-        copies=submission.copies,
-        user=submission.user[:255],
-        size=stored.size,
-        sealed_size=stored.sealed_size,
-        sha256=stored.sha256,
-        wrapped_key=stored.wrapped_key,
-        key_id=stored.key_id,
-        connector_id=printer.connector_id,
-        max_attempts=config.max_attempts,
-        idempotency_key=submission.idempotency_key,
-        options=dict(submission.options),
-        created_at=now,
-        updated_at=now,
-        expires_at=now + (submission.expires_in if submission.expires_in is not None else config.job_ttl),
-    )
-    try:
-        await store.insert_job(job, f"accepted {stored.size} bytes", payload=stored.inline)
-    except Conflict:
-        if stored.inline is None:
-            await relay.spool.erase(job_id)
-        key = submission.idempotency_key
-        earlier = await store.find_job_by_idempotency_key(submission.tenant, key) if key else None
-        if earlier is None:
+        # A first look at the quota, so a document that cannot be kept is not spooled at all; the insert
+        # checks it again atomically (other replicas submit meanwhile).
+        used_bytes, used_jobs = await store.tenant_usage(submission.tenant)
+        if used_jobs >= limits.tenant_max_jobs:
+            raise SubmitError(
+                Refusal.QUOTA,
+                f"quota reached: {used_jobs} undelivered jobs (tenant_max_jobs={limits.tenant_max_jobs})",
+            )
+        room = limits.tenant_max_spool_bytes - used_bytes
+        quota_name = f"tenant_max_spool_bytes={format_bytes(limits.tenant_max_spool_bytes)}"
+        if room <= 0 or (submission.content_length is not None and submission.content_length > room):
+            raise SubmitError(
+                Refusal.STORAGE_FULL,
+                f"quota reached: {format_bytes(max(0, used_bytes))} spooled ({quota_name})",
+            )
+
+        job_id = new_job_id()
+        try:
+            stored = await spool.store(
+                job_id, body, recipient_public=connector.public_key, max_bytes=min(limit, room)
+            )
+        except PayloadTooLarge:
+            if room < limit:
+                raise SubmitError(
+                    Refusal.STORAGE_FULL, f"quota reached: the document exceeds {quota_name}"
+                ) from None
+            raise SubmitError(
+                Refusal.TOO_LARGE, f"job too large: more than max_job_bytes={format_bytes(limit)}"
+            ) from None
+        except SpoolFull as exc:
+            raise SubmitError(Refusal.STORAGE_FULL, f"cannot accept the job: {exc}") from None
+
+        now = time.time()
+        job = Job(
+            id=job_id,
+            tenant=submission.tenant,
+            printer_id=printer.id,
+            state=JobState.HELD if submission.hold else JobState.QUEUED,
+            title=submission.title[:MAX_TITLE],
+            document_format=submission.document_format,
+            copies=submission.copies,
+            user=submission.user[:255],
+            size=stored.size,
+            sealed_size=stored.sealed_size,
+            sha256=stored.sha256,
+            wrapped_key=stored.wrapped_key,
+            key_id=stored.key_id,
+            connector_id=printer.connector_id,
+            max_attempts=limits.max_attempts,
+            idempotency_key=submission.idempotency_key,
+            options=dict(submission.options),
+            created_at=now,
+            updated_at=now,
+            expires_at=now + (submission.expires_in if submission.expires_in is not None else limits.job_ttl),
+        )
+        quota = Quota(max_bytes=limits.tenant_max_spool_bytes, max_jobs=limits.tenant_max_jobs)
+        try:
+            await store.insert_job(job, f"accepted {stored.size} bytes", payload=stored.inline, quota=quota)
+        except Conflict:
+            if stored.inline is None:
+                await spool.erase(job_id)
+            key = submission.idempotency_key
+            earlier = await store.find_job_by_idempotency_key(submission.tenant, key) if key else None
+            if earlier is None:
+                raise
+            if earlier.sha256 != stored.sha256 or earlier.printer_id != printer.id:
+                raise SubmitError(
+                    Refusal.CONFLICT, "Idempotency-Key was already used for a different document or printer"
+                ) from None
+            return earlier, False
+        except QuotaExceeded as exc:
+            if stored.inline is None:
+                await spool.erase(job_id)
+            raise SubmitError(
+                Refusal.QUOTA if exc.what == "jobs" else Refusal.STORAGE_FULL, exc.message
+            ) from None
+        except BaseException:
+            if stored.inline is None:
+                with trio.CancelScope(shield=True):
+                    await spool.erase(job_id)
             raise
-        if earlier.sha256 != stored.sha256 or earlier.printer_id != printer.id:
-            raise SubmitError(
-                Refusal.CONFLICT, "Idempotency-Key was already used for a different document or printer"
-            ) from None
-        return earlier, False
-    except BaseException:
-        if stored.inline is None:
-            with trio.CancelScope(shield=True):
-                await relay.spool.erase(job_id)
-        raise
-    relay.metrics.jobs_submitted.inc()
-    relay.metrics.job_bytes.inc(stored.size)
-    log.info(
-        "job %s accepted for printer %s: %d bytes, %s", job.id, job.printer_id, stored.size, job.state,
-        extra={"job_id": job.id, "tenant": job.tenant, "printer_id": job.printer_id,
-               "connector_id": job.connector_id},
-    )  # fmt: skip
-    relay.job_accepted(job)
-    return job, True
+        self._metrics.jobs_submitted.inc()
+        self._metrics.job_bytes.inc(stored.size)
+        log.info(
+            "job %s accepted for printer %s: %d bytes, %s", job.id, job.printer_id, stored.size, job.state,
+            extra={"job_id": job.id, "tenant": job.tenant, "printer_id": job.printer_id,
+                   "connector_id": job.connector_id},
+        )  # fmt: skip
+        self._on_accepted(job)
+        return job, True

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import ssl
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
@@ -24,15 +25,13 @@ from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_strea
 from relay import audit
 from relay.auth import AuthError, Principal, authenticate, bearer
 from relay.dispatch import Dispatcher
-from relay.store.base import ConnectorRecord, Printer, Store
+from relay.metrics import RelayMetrics
+from relay.store.base import ConnectorRecord, ConnectorStore, Notice, Printer, SessionRecord, TokenStore
 from service.signal import Signal
 from tunnel.messages import Inventory, LineSplitter, MessageError, PrinterCandidate, PrinterInfo, parse_event
 from tunnel.protocol import TunnelSettings
 from tunnel.session import H2Session, SessionClosed, StreamClosed
 from tunnel.wsstream import MAX_MESSAGE_BYTES, SUBPROTOCOL, TUNNEL_PATH, ReaderTasks, WebSocketStream
-
-if TYPE_CHECKING:
-    from relay.app import Relay
 
 log = logging.getLogger("printrelay.relay.tunnel")
 
@@ -122,6 +121,9 @@ class ConnectorRegistry:
         self._wakeups: dict[tuple[str, str], Signal] = defaultdict(Signal)
         self.changed = trio.Event()
         self.admission = Admission()  # connectors between their first byte and registration
+        self._tokens_changed: set[str] = set()  # token ids a notice named ("" for any)
+        self._tokens_wakeup = Signal()
+        self.token_rounds = Signal()  # fired after each round of token checks (tests wait on it)
 
     def add(self, session: ConnectorSession) -> None:
         self._sessions[session.key].append(session)
@@ -154,20 +156,39 @@ class ConnectorRegistry:
             session.h2.close(reason)
         return len(closing)
 
-    async def watch_tokens(self, store: Store, interval: float = TOKEN_RECHECK_INTERVAL) -> None:
+    def heard(self, notice: Notice) -> None:
+        """A change committed here or on another replica that this replica's sessions must act on."""
+        if notice.kind == "job":
+            state = notice.data.get("state")
+            tenant, connector_id = str(notice.data.get("tenant")), str(notice.data.get("connector_id"))
+            if state == "queued":
+                self.wake(tenant, connector_id)
+            elif state == "canceled":
+                # Whichever of our sessions streams it resets its stream (the others hold no such stream).
+                for session in self._sessions.get((tenant, connector_id), []):
+                    session.cancel_stream(notice.key)
+        elif notice.kind == "tokens":
+            self._tokens_changed.add(notice.key)
+            self._tokens_wakeup.fire()
+
+    async def watch_tokens(self, store: TokenStore, interval: float = TOKEN_RECHECK_INTERVAL) -> None:
         """Close the sessions of connector tokens revoked, expired or deleted since they registered.
 
-        Only another process (the CLI) revokes or deletes tokens, so the store is asked again only about
-        tokens it has not been asked about since its last outside write; expiry is checked in memory.
+        A token is read once, when its session is new to this watcher, and again only when the store says
+        tokens changed (a ``tokens`` notice: another replica or the CLI revoked or deleted one); expiry is
+        checked in memory.
         """
-        valid: dict[str, float | None] = {}  # token id -> expires_at, read since outside write `version`
-        version: int | None = None
+        valid: dict[str, float | None] = {}  # token id -> expires_at, as read
         while True:
-            await trio.sleep(interval)
+            woken = self._tokens_wakeup.next_firing()
+            with trio.move_on_after(interval):
+                await woken.wait()
+            changed, self._tokens_changed = self._tokens_changed, set()
+            if "" in changed:
+                valid = {}
+            for token_id in changed:
+                valid.pop(token_id, None)
             live = {s.principal.token_id for s in self.sessions()}
-            current = await store.outside_writes()  # before the reads, so a revoke in between is seen
-            if current != version:
-                version, valid = current, {}
             unknown = sorted(live - valid.keys())
             records = await store.get_tokens(unknown) if unknown else {}
             now = time.time()
@@ -193,10 +214,21 @@ class ConnectorRegistry:
                         "connector.session_closed", tenant=tenant, actor="relay", target=f"token:{token_id}",
                         reason=reason, sessions=closed,
                     )  # fmt: skip
+            self.token_rounds.fire()
 
     def close_all(self, reason: str) -> None:
         for session in self.sessions():
             session.h2.close(reason)
+
+    def claimed_jobs(self) -> set[str]:
+        """Jobs this replica's dispatchers hold (claimed and not yet settled)."""
+        return {j for s in self.sessions() if s.dispatcher is not None for j in s.dispatcher.claimed}
+
+    def jobs_in_flight(self) -> int:
+        return sum(s.dispatcher.in_flight for s in self.sessions() if s.dispatcher is not None)
+
+
+DispatcherFactory = Callable[["ConnectorSession"], Dispatcher]
 
 
 class ConnectorSession:
@@ -204,16 +236,23 @@ class ConnectorSession:
 
     def __init__(
         self,
-        relay: Relay,
         principal: Principal,
         h2: H2Session,
         remote: str,
         *,
+        store: ConnectorStore,
+        registry: ConnectorRegistry,
+        metrics: RelayMetrics,
+        dispatcher: DispatcherFactory,
+        replica_id: str,
         on_registered: Callable[[], None] | None = None,
     ) -> None:
         assert principal.connector_id is not None
         self._on_registered = on_registered
-        self.relay = relay
+        self._store = store
+        self._registry = registry
+        self._metrics = metrics
+        self._new_dispatcher = dispatcher
         self.principal = principal
         self.tenant = principal.tenant
         self.connector_id = principal.connector_id
@@ -221,6 +260,10 @@ class ConnectorSession:
         self.h2 = h2
         self.remote = remote
         self.opened_at = time.time()
+        self.record = SessionRecord(
+            id=f"ses_{secrets.token_hex(8)}", tenant=self.tenant, connector_id=self.connector_id,
+            replica_id=replica_id, opened_at=self.opened_at,
+        )  # fmt: skip
         self.inventory: Inventory | None = None
         self.registered = trio.Event()
         self.dispatcher: Dispatcher | None = None
@@ -231,7 +274,7 @@ class ConnectorSession:
             self.dispatcher.cancel(job_id)
 
     async def run(self) -> None:
-        store = self.relay.store
+        store = self._store
         async with trio.open_nursery() as nursery:
             await nursery.start(self.h2.run)
             try:
@@ -244,12 +287,12 @@ class ConnectorSession:
                     "connector %s/%s registration failed: %s", self.tenant, self.connector_id, why,
                     extra={"tenant": self.tenant, "connector_id": self.connector_id},
                 )  # fmt: skip
-                self.relay.metrics.registration_failures.labels("inventory").inc()
+                self._metrics.registration_failures.labels("inventory").inc()
                 self.h2.close(f"registration failed: {why}")
                 nursery.cancel_scope.cancel()
                 return
-            self.relay.registry.add(self)
-            await store.connector_session_changed(self.tenant, self.connector_id, +1, time.time())
+            self._registry.add(self)
+            await store.session_opened(self.record)
             log.info(
                 "connector %s/%s registered from %s with %d printers", self.tenant, self.connector_id,
                 self.remote, len(self.inventory.printers) if self.inventory else 0,
@@ -260,14 +303,14 @@ class ConnectorSession:
                 self._on_registered()
             try:
                 nursery.start_soon(self._follow_events)
-                self.dispatcher = Dispatcher(self.relay, self)
+                self.dispatcher = self._new_dispatcher(self)
                 nursery.start_soon(self.dispatcher.run)
                 await self.h2.finished.wait()
                 nursery.cancel_scope.cancel()
             finally:
-                self.relay.registry.remove(self)
+                self._registry.remove(self)
                 with trio.CancelScope(shield=True):
-                    await store.connector_session_changed(self.tenant, self.connector_id, -1, time.time())
+                    await store.session_closed(self.record.id, time.time())
                 log.info(
                     "connector %s/%s session closed: %s", self.tenant, self.connector_id,
                     self.h2.close_reason,
@@ -281,7 +324,7 @@ class ConnectorSession:
             raise MessageError(f"inventory answered {stream.status}")
         inventory = Inventory.decode(await stream.read_body(4 * 1024 * 1024))
         self.inventory = inventory
-        store = self.relay.store
+        store = self._store
         await store.upsert_connector(
             ConnectorRecord(
                 tenant=self.tenant,
@@ -325,9 +368,9 @@ class ConnectorSession:
                 for line in splitter.feed(chunk):
                     event = parse_event(line)
                     if isinstance(event, PrinterInfo):
-                        await self.relay.store.update_printer(self._printer(event))
+                        await self._store.update_printer(self._printer(event))
                         self.candidates.pop(event.uri, None)
-                        self.relay.registry.wake(self.tenant, self.connector_id)
+                        self._registry.wake(self.tenant, self.connector_id)
                     elif isinstance(event, PrinterCandidate) and len(self.candidates) < MAX_CANDIDATES:
                         self.candidates[event.uri] = event
         except (StreamClosed, SessionClosed):
@@ -339,17 +382,26 @@ class ConnectorSession:
             )  # fmt: skip
 
 
+SessionFactory = Callable[[Principal, H2Session, str, Callable[[], None]], ConnectorSession]
+
+
 class TunnelListener:
     """Accepts connector WebSockets on ``--tunnel-listen``."""
 
     def __init__(
         self,
-        relay: Relay,
+        registry: ConnectorRegistry,
+        tokens: TokenStore,
+        metrics: RelayMetrics,
+        new_session: SessionFactory,
         *,
         ssl_context: ssl.SSLContext | None = None,
         settings: TunnelSettings | None = None,
     ) -> None:
-        self.relay = relay
+        self._registry = registry
+        self._tokens = tokens
+        self._metrics = metrics
+        self._new_session = new_session
         self.ssl_context = ssl_context
         self.settings = settings or TunnelSettings()
 
@@ -396,11 +448,11 @@ class TunnelListener:
         if request.path.split("?")[0] != TUNNEL_PATH:
             await request.reject(404, body=b"not found: the tunnel is at /v1/tunnel\n")
             return
-        admission = self.relay.registry.admission
+        admission = self._registry.admission
         ticket = admission.enter()
         if ticket is None:
             retry_after = admission.retry_after()
-            self.relay.metrics.registration_failures.labels("busy").inc()
+            self._metrics.registration_failures.labels("busy").inc()
             await request.reject(
                 503,
                 extra_headers=[(b"retry-after", str(retry_after).encode())],
@@ -419,10 +471,10 @@ class TunnelListener:
         try:
             if token is None:
                 raise AuthError("missing bearer token")
-            principal = await authenticate(self.relay.store, token, kind="connector")
+            principal = await authenticate(self._tokens, token, kind="connector")
         except AuthError as exc:
             log.warning("tunnel from %s refused: %s", remote, exc, extra={"remote": remote})
-            self.relay.metrics_registration_failed(str(exc))
+            self._metrics.registration_failed(str(exc))
             await request.reject(
                 401,
                 extra_headers=[
@@ -443,8 +495,8 @@ class TunnelListener:
             name=f"tunnel {principal.tenant}/{principal.connector_id}",
         )
         try:
-            with self.relay.metrics.tunnel_session(h2):
-                await ConnectorSession(self.relay, principal, h2, remote, on_registered=registered).run()
+            with self._metrics.tunnel_session(h2):
+                await self._new_session(principal, h2, remote, registered).run()
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(DISCONNECT_TIMEOUT):
                 await ws.aclose()  # the closing handshake; the connection is closed after it regardless

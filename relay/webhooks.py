@@ -1,10 +1,10 @@
 """Webhooks: a tenant's job state changes, POSTed as signed JSON to the URLs it registered.
 
-Durability comes from the store, not from this process: every row added to ``job_events`` adds, in the
-same transaction, one row per matching webhook of the job's tenant to the ``webhook_deliveries`` outbox
-(a trigger in the store's schema, with a snapshot of the job as it was then). So a change that is
-committed has its deliveries committed too, however the relay dies afterwards; :class:`WebhookSender`
-only reads the outbox, sends, and deletes what was delivered or given up.
+Durability comes from the store, not from this process: every job change the store records adds, in the
+same transaction, one row per matching webhook of the job's tenant to the ``webhook_deliveries`` outbox,
+with a snapshot of the job as it was then. So a change that is committed has its deliveries committed too,
+however the relay dies afterwards; :class:`WebhookSender` claims rows of the outbox (one sender at a time
+per row, whichever replica it runs on), sends, and deletes what was delivered or given up.
 
 Guarantees: at least once (a relay that dies mid-request sends again after its restart; receivers dedupe
 by ``delivery_id``), and in order per webhook and job (a job's next change waits until the previous one
@@ -26,7 +26,6 @@ import json
 import logging
 import secrets
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,9 +34,9 @@ import httpx
 import trio
 
 from relay.dispatch import retry_delay
-from relay.jobs import Job, JobHistoryEntry, JobState
+from relay.jobs import SNAPSHOT_FIELDS, Job, JobHistoryEntry, JobState
 from relay.secretbox import SecretBox
-from relay.store.base import Store, Webhook, WebhookDelivery
+from relay.store.base import Notice, Store, Webhook, WebhookDelivery
 from service import bounded_json
 
 log = logging.getLogger("printrelay.relay.webhooks")
@@ -61,9 +60,8 @@ REQUEST_TIMEOUT = 10.0  # a whole request: connect, send, the status line and he
 MAX_CONCURRENCY = 32  # requests in flight, all webhooks together
 MAX_PER_WEBHOOK = 4  # requests in flight to one webhook, so one slow receiver cannot take every slot
 RETRY_CAP = 6 * 3600.0  # longest wait between two attempts
-# The outbox is re-read this often without a wakeup: jobs accepted by submit are not published to
-# listeners, and retries come due.
-IDLE_POLL = 1.0
+# Job changes wake the sender (on every replica, through the store's notices); this is the safety sweep.
+IDLE_POLL = 15.0
 
 
 class WebhookError(Exception):
@@ -215,17 +213,12 @@ def _cut(value: Any) -> Any:
 
 def snapshot_job(snapshot: dict[str, Any]) -> Job:
     """The job as the outbox trigger saw it (a subset of its columns; the rest keep their defaults)."""
-    fields = {name: _cut(snapshot[name]) for name in SNAPSHOT_FIELDS if name in snapshot}
+    fields = {
+        name: _cut(snapshot[name]) for name in SNAPSHOT_FIELDS if name in snapshot and name != "options"
+    }
     fields["state"] = JobState(fields["state"])
     fields["options"] = {str(k): _cut(str(v)) for k, v in (snapshot.get("options") or {}).items()}
     return Job(**fields)
-
-
-# Job fields that Job.public() shows; the store's trigger copies these columns into each outbox row.
-SNAPSHOT_FIELDS = (
-    "id", "tenant", "printer_id", "state", "title", "document_format", "copies", "user", "size", "attempts",
-    "max_attempts", "last_error", "created_at", "updated_at", "completed_at", "expires_at",
-)  # fmt: skip
 
 
 def payload(delivery: WebhookDelivery) -> bytes:
@@ -266,8 +259,12 @@ class WebhookSender:
         transport: httpx.AsyncBaseTransport | None = None,
         allow_private: bool = False,
         secrets_at_rest: SecretBox | None = None,  # None: secrets are stored in clear (tests)
+        owner: str = "relay",  # this replica: whose claims on outbox rows these are
     ) -> None:
         self.store = store
+        self.owner = owner
+        # A claim outlives the request it is for: a sender that dies leaves its rows to another after this.
+        self.claim_seconds = 3 * timeout
         self.secrets_at_rest = secrets_at_rest
         self.allow_private = allow_private
         self.max_attempts = max_attempts
@@ -280,8 +277,10 @@ class WebhookSender:
         self._wake = trio.Event()
         self._in_flight: dict[int, str] = {}  # outbox seq -> webhook id
 
-    def notify(self, job: Job, entry: JobHistoryEntry) -> None:
-        self._wake.set()
+    def notify(self, notice: Notice) -> None:
+        """A job changed (here or on another replica): its outbox rows may be waiting."""
+        if notice.kind == "job":
+            self._wake.set()
 
     def _secret(self, delivery: WebhookDelivery) -> str:
         if self.secrets_at_rest is None:
@@ -315,28 +314,19 @@ class WebhookSender:
                         await self._wake.wait()
 
     async def _start_due(self, client: httpx.AsyncClient, nursery: trio.Nursery) -> float:
-        """Start what is due; returns how long to wait before looking again."""
+        """Claim and start what is due; returns how long to wait before looking again."""
         free = self.concurrency - len(self._in_flight)
         if free <= 0:
             return IDLE_POLL  # a finished request wakes us
-        busy = Counter(self._in_flight.values())
-        full = [hook for hook, n in busy.items() if n >= self.per_webhook]
-        now = time.time()
-        due = await self.store.due_webhook_deliveries(
-            now, free, per_webhook=self.per_webhook, skip=list(self._in_flight), skip_webhooks=full
+        due = await self.store.claim_webhook_deliveries(
+            self.owner, time.time(), free, per_webhook=self.per_webhook, lease_seconds=self.claim_seconds
         )
-        started = 0
         for delivery in due:
-            if busy[delivery.webhook_id] >= self.per_webhook:
-                continue
-            busy[delivery.webhook_id] += 1
             self._in_flight[delivery.seq] = delivery.webhook_id
             nursery.start_soon(self._deliver, client, delivery)
-            started += 1
-        if started:
+        if due:
             return 0.0  # look again at once: more may be due
-        full = [hook for hook, n in busy.items() if n >= self.per_webhook]
-        soonest = await self.store.next_webhook_due(skip=list(self._in_flight), skip_webhooks=full)
+        soonest = await self.store.next_webhook_due()
         if soonest is None:
             return IDLE_POLL
         return min(IDLE_POLL, max(0.0, soonest - time.time()))

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Debian packages the demo and the tests use: real printers (ippeveprinter, ipptool), CUPS, avahi/D-Bus
-# for DNS-SD, Prometheus (promtool), websockify (benchmark baseline), iproute2 (network namespaces).
+# for DNS-SD, Prometheus (promtool), websockify (benchmark baseline), iproute2 (network namespaces),
+# PostgreSQL (the scale-out store; tests run a private server).
 set -euo pipefail
-PACKAGES=(cups-ipp-utils cups cups-client avahi-daemon dbus prometheus websockify iproute2)
+PACKAGES=(cups-ipp-utils cups cups-client avahi-daemon dbus prometheus websockify iproute2 postgresql)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

@@ -44,8 +44,9 @@ CRD_GROUPS = ("monitoring.coreos.com/",)
 
 # Settings the chart sets itself from structured values (ports, volumes, TLS Secret, ingress host, logging);
 # every other setting is a key of relay.settings / connector.settings.
+# database_url comes from the chart's database values (a Secret), never from relay.settings.
 RELAY_CHART_OWNED = {"listen", "tunnel_listen", "metrics_listen", "data_dir", "public_url", "tls_cert",
-                     "tls_key", "log_level", "log_format"}  # fmt: skip
+                     "tls_key", "log_level", "log_format", "database_url"}  # fmt: skip
 CONNECTOR_CHART_OWNED = {"relay", "token", "insecure", "printer", "state_dir", "name", "drain_grace",
                          "metrics_listen", "log_level", "log_format"}  # fmt: skip
 

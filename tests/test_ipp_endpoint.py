@@ -579,18 +579,18 @@ async def test_unknown_printer_is_not_found(relay_stack: RelayStack) -> None:
     assert reply.status_code == 404
 
 
+@pytest.mark.parametrize("relay_overrides", [{"max_job_bytes": 100_000}])
 async def test_document_larger_than_max_job_bytes(relay_stack: RelayStack) -> None:
     await offline_printer(relay_stack)
-    object.__setattr__(relay_stack.relay.config, "max_job_bytes", 100_000)
     client = Ipp(relay_stack, "away")
     response = await client.print_job(os.urandom(300_000))
     assert response.code == Status.CLIENT_ERROR_REQUEST_ENTITY_TOO_LARGE, status(response)
     assert "max_job_bytes" in str(response.value(OP, "status-message"))
 
 
+@pytest.mark.parametrize("relay_overrides", [{"public_url": "https://print.example.com"}])
 async def test_printer_uri_is_ipps_behind_tls(relay_stack: RelayStack) -> None:
     await offline_printer(relay_stack)
-    object.__setattr__(relay_stack.relay.config, "public_url", "https://print.example.com")
     client = Ipp(relay_stack, "away")
     response = await client.send(client.request(Operation.GET_PRINTER_ATTRIBUTES))
     port = relay_stack.api_url.rsplit(":", 1)[1]

@@ -122,7 +122,8 @@ def structured(draw: st.DrawFn) -> bytes:
 class Harness:
     def __init__(self, stack: RelayStack) -> None:
         self.stack = stack
-        self.endpoint = IppEndpoint(stack.relay)
+        relay = stack.relay
+        self.endpoint = IppEndpoint(relay.store, relay.jobs, relay.intake, relay.rate_limiter)
         credentials = base64.b64encode(f"acme:{stack.api_token}".encode()).decode()
         self.headers = [
             ("content-type", "application/ipp"),

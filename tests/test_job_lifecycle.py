@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import subprocess
@@ -195,13 +194,12 @@ async def test_a_printer_that_is_down_holds_its_jobs_until_it_comes_back(
     assert sorted(d.path.read_bytes() for d in await sink.wait_for(3)) == [b"job 0", b"job 1", b"job 2"]
 
 
+@pytest.mark.parametrize("relay_overrides", [{"retry_base": 1.0, "retry_cap": 4.0, "max_attempts": 20}])
 async def test_a_busy_printer_is_retried_with_backoff_and_the_error_is_kept(
     relay_stack: RelayStack, ippeveprinter_factory: Any
 ) -> None:
     # A slow ippeveprinter takes one job at a time and answers others server-error-busy.
     printer: IppEvePrinter = ippeveprinter_factory(slow=True)
-    relay = relay_stack.relay
-    relay.config = dataclasses.replace(relay.config, retry_base=1.0, retry_cap=4.0, max_attempts=20)
     await relay_stack.start_connector({"a": printer.uri, "b": printer.uri})
     pdf = {"content-type": "application/pdf"}
     async with relay_stack.client() as client:
@@ -286,8 +284,8 @@ async def test_size_limits(relay_stack: RelayStack, raw_sink: RawSink) -> None:
     assert not files_under(relay_stack.relay.config.spool_dir / "tmp")
 
 
+@pytest.mark.parametrize("relay_overrides", [{"tenant_max_jobs": 2}])
 async def test_quota_of_undelivered_jobs(relay_stack: RelayStack) -> None:
-    relay_stack.relay.config = dataclasses.replace(relay_stack.relay.config, tenant_max_jobs=2)
     await relay_stack.start_connector({"label": "socket://127.0.0.1:9"})
     async with relay_stack.client() as client:
         for _ in range(2):

@@ -25,7 +25,6 @@ from relay.metrics import (
     registration_failure_label,
     route_template,
 )
-from relay.ops import ops_listener as relay_ops
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -124,7 +123,7 @@ def test_printer_labels_are_bounded() -> None:
 async def test_relay_and_connector_expositions(relay_stack: RelayStack, raw_sink: RawSink) -> None:
     relay = relay_stack.relay
     connector = await relay_stack.start_connector({"label": raw_sink.uri, "dead": "socket://127.0.0.1:9"})
-    relay_port = await relay_stack.nursery.start(relay_ops(relay).serve, "127.0.0.1", 0)
+    relay_port = await relay_stack.nursery.start(relay.health.listener().serve, "127.0.0.1", 0)
     connector_port = await relay_stack.nursery.start(connector_ops(connector).serve, "127.0.0.1", 0)
     bodies = [b"x" * 1000, b"y" * 200_000, b"z" * 5]
     async with relay_stack.client() as client:
@@ -206,7 +205,7 @@ async def test_session_close_and_reconnect_are_counted(relay_stack: RelayStack, 
     with trio.fail_after(10):
         while connector.tunnel.sessions_opened < 2 or not relay.registry.sessions():
             await relay.registry.changed.wait()
-    port = await relay_stack.nursery.start(relay_ops(relay).serve, "127.0.0.1", 0)
+    port = await relay_stack.nursery.start(relay.health.listener().serve, "127.0.0.1", 0)
     cport = await relay_stack.nursery.start(connector_ops(connector).serve, "127.0.0.1", 0)
     async with httpx.AsyncClient(timeout=10) as http:
         text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
@@ -219,7 +218,7 @@ async def test_session_close_and_reconnect_are_counted(relay_stack: RelayStack, 
 
 async def test_relay_not_ready_when_store_fails(relay_stack: RelayStack) -> None:
     relay = relay_stack.relay
-    port = await relay_stack.nursery.start(relay_ops(relay).serve, "127.0.0.1", 0)
+    port = await relay_stack.nursery.start(relay.health.listener().serve, "127.0.0.1", 0)
 
     async def broken() -> None:
         raise OSError("disk I/O error")

@@ -25,7 +25,7 @@ from relay import audit
 from relay.auth import AuthError, Principal, authenticate, hash_secret, new_token
 from relay.ratelimit import TokenRateLimiter
 from relay.store.base import TokenRecord
-from relay.store.sqlite import SqliteStore, open_connection, revoke_token_sync
+from relay.store.sqlite import SqliteStore
 from relay.tunnel import Admission, ConnectorRegistry, ConnectorSession
 from tunnel.wsstream import SUBPROTOCOL
 
@@ -118,8 +118,8 @@ async def test_tokens_are_stored_as_hashes_and_expire(relay_stack: RelayStack) -
         await authenticate(store, secret, kind="connector")
 
 
+@pytest.mark.parametrize("relay_overrides", [{"rate_limit": 1, "rate_burst": 3}])
 async def test_rate_limit_answers_429_with_retry_after_per_token(relay_stack: RelayStack) -> None:
-    relay_stack.relay.rate_limiter = TokenRateLimiter(rate=1, burst=3)
     other = await relay_stack.token("api", scopes=("jobs:read",))
     async with relay_stack.client() as client, relay_stack.client(other) as calm:
         answers = [(await client.get("/v1/jobs")).status_code for _ in range(3)]
@@ -294,24 +294,17 @@ class CountingStore(SqliteStore):
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.asked: list[list[str]] = []
-        self.rounds = 0
-        self.round_done = trio.Event()
 
     async def get_tokens(self, token_ids: Sequence[str]) -> dict[str, TokenRecord]:
         self.asked.append(list(token_ids))
         return await super().get_tokens(token_ids)
-
-    async def outside_writes(self) -> int:
-        self.rounds += 1
-        self.round_done.set()
-        self.round_done = trio.Event()
-        return await super().outside_writes()
 
 
 async def test_idle_sessions_tokens_are_read_again_only_after_another_process_writes(tmp_path: Path) -> None:
     store = CountingStore(tmp_path / "relay.sqlite3")
     await store.open()
     registry = ConnectorRegistry()
+    store.on_notice(registry.heard)
     sessions = []
     for n in range(3):
         _, record = new_token("acme", "connector", connector_id=f"c{n}")
@@ -320,23 +313,19 @@ async def test_idle_sessions_tokens_are_read_again_only_after_another_process_wr
         registry.add(cast(ConnectorSession, sessions[-1]))
 
     async def rounds(n: int) -> None:
-        target = store.rounds + n
-        while store.rounds < target:
-            await store.round_done.wait()
+        for _ in range(n):
+            await registry.token_rounds.wait()
 
+    cli = SqliteStore(tmp_path / "relay.sqlite3")  # `printrelay token revoke` is another process
+    await cli.open()
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(registry.watch_tokens, store, 0.01)
+            await nursery.start(store.follow_other_processes)
             with trio.fail_after(10):
                 await rounds(5)
             assert store.asked == [sorted(s.principal.token_id for s in sessions)]  # once, all together
-
-            def revoke_elsewhere() -> None:
-                conn = open_connection(tmp_path / "relay.sqlite3")
-                revoke_token_sync(conn, sessions[1].principal.token_id, time.time())
-                conn.close()
-
-            await trio.to_thread.run_sync(revoke_elsewhere)
+            await cli.revoke_token(sessions[1].principal.token_id, time.time())
             with trio.fail_after(10):
                 while sessions[1].closed is None:
                     await registry.changed.wait()
@@ -345,4 +334,5 @@ async def test_idle_sessions_tokens_are_read_again_only_after_another_process_wr
             assert sessions[0].closed is None and sessions[2].closed is None
             nursery.cancel_scope.cancel()
     finally:
+        await cli.close()
         await store.close()

@@ -1,7 +1,7 @@
 """The relay as an IPP printer: ``POST /ipp/print/{printer_id}`` (RFC 8010/8011), one per relay printer.
 
 Any IPP client (CUPS, Windows, macOS, ipptool) prints here with no agent installed; jobs made here are
-ordinary relay jobs, accepted through :func:`relay.submit.accept_job` like REST submissions.
+ordinary relay jobs, accepted through :class:`relay.submit.Intake` like REST submissions.
 
 Shape of one request:
 
@@ -30,7 +30,7 @@ import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
@@ -66,14 +66,13 @@ from relay.api.ipp_attributes import (
 )
 from relay.api.ipp_ticket import Ticket, job_ticket, option_attributes
 from relay.auth import AuthError, Principal, authenticate
-from relay.jobs import FINAL_STATES, IPP_JOB_STATE, IllegalTransition, Job, JobEvent
+from relay.jobs import FINAL_STATES, IPP_JOB_STATE, IppJobEvent, IppJobState, Job, JobEvent
 from relay.jobs import JobState as RelayState
-from relay.store.base import IppJob, Printer
-from relay.submit import MAX_COPIES, Refusal, Submission, SubmitError, accept_job
+from relay.lifecycle import JobLifecycle
+from relay.ratelimit import TokenRateLimiter, spend_request
+from relay.store.base import IppJob, Printer, Store
+from relay.submit import MAX_COPIES, Intake, Refusal, Submission, SubmitError
 from service.http.message import HTTPError, Request, Response
-
-if TYPE_CHECKING:
-    from relay.app import Relay
 
 log = logging.getLogger("printrelay.relay.ipp")
 
@@ -329,10 +328,25 @@ class _Call:
 
 
 class IppEndpoint:
-    """Answers IPP requests for ``relay``'s printers. Keeps no state between requests."""
+    """Answers IPP requests for the relay's printers. Keeps no state between requests."""
 
-    def __init__(self, relay: Relay, limits: IppLimits | None = None) -> None:
-        self.relay = relay
+    def __init__(
+        self,
+        store: Store,
+        jobs: JobLifecycle,
+        intake: Intake,
+        rate_limiter: TokenRateLimiter,
+        *,
+        public_url: str = "",
+        tls: bool = False,
+        limits: IppLimits | None = None,
+    ) -> None:
+        self._store = store
+        self._jobs = jobs
+        self._intake = intake
+        self._rate_limiter = rate_limiter
+        self._public_url = public_url
+        self._tls = tls
         self.limits = limits or IppLimits()
 
     async def handle(self, request: Request) -> Response:
@@ -345,7 +359,7 @@ class IppEndpoint:
         if content_type != IPP_CONTENT_TYPE:
             raise HTTPError(415, f"Content-Type must be {IPP_CONTENT_TYPE}, not {content_type or 'none'!r}")
         principal = await self._authenticate(request)
-        self.relay.api.rate_limit(principal)  # the REST budget of the token, shared (429 + Retry-After)
+        spend_request(self._rate_limiter, principal)  # the REST budget of the token, shared (429)
         answer = await self._answer(request, principal, match["printer"], match["job"])
         return Response(200, [("content-type", IPP_CONTENT_TYPE)], encode(answer))
 
@@ -370,7 +384,7 @@ class IppEndpoint:
         else:
             raise HTTPError(401, f"unsupported authentication scheme {scheme[:20]!r}", CHALLENGE)
         try:
-            principal = await authenticate(self.relay.store, token, kind="api")
+            principal = await authenticate(self._store, token, kind="api")
         except AuthError as exc:
             raise HTTPError(401, str(exc), CHALLENGE) from None
         if user is not None and user != principal.tenant:
@@ -433,9 +447,8 @@ class IppEndpoint:
             return answer
 
     def _bases(self, request: Request, printer_id: str) -> tuple[str, str]:
-        config = self.relay.config
-        public = urllib.parse.urlsplit(config.public_url) if config.public_url else None
-        tls = self.relay.http.ssl_context is not None or (public is not None and public.scheme == "https")
+        public = urllib.parse.urlsplit(self._public_url) if self._public_url else None
+        tls = self._tls or (public is not None and public.scheme == "https")
         host = request.headers.get("host")
         if host is None or len(host) > 255 or not HOST_RE.match(host):
             host = public.netloc if public is not None and public.netloc else "localhost"
@@ -460,7 +473,7 @@ class IppEndpoint:
     # --- printers -------------------------------------------------------------------------------
 
     async def _printer(self, call: _Call) -> Printer:
-        printer = await self.relay.store.get_printer(call.tenant, call.printer_id)
+        printer = await self._store.get_printer(call.tenant, call.printer_id)
         if printer is None:
             raise _ipp_error(Status.CLIENT_ERROR_NOT_FOUND, f"printer {call.printer_id} not found")
         return printer
@@ -489,7 +502,7 @@ class IppEndpoint:
         queued = 0
         for state in (RelayState.HELD, RelayState.QUEUED, RelayState.SENDING, RelayState.PRINTING):
             queued += len(
-                await self.relay.store.list_jobs(
+                await self._store.list_jobs(
                     call.tenant, printer_id=printer.id, state=state, limit=self.limits.max_jobs_listed
                 )
             )
@@ -582,7 +595,7 @@ class IppEndpoint:
             hold=hold,
         )
         try:
-            job, _ = await accept_job(self.relay, submission, call.document)
+            job, _ = await self._intake.accept(submission, call.document)
         except SubmitError as exc:
             raise _ipp_error(_REFUSAL_STATUS[exc.refusal], exc.message) from None
         return job
@@ -606,7 +619,7 @@ class IppEndpoint:
             "options": ticket.options,
         }
         job = await self._accept(call, printer, document_format, record)
-        numbers = await self.relay.store.ipp_job_numbers(call.tenant, printer.id, [job.id], time.time())
+        numbers = await self._store.ipp_job_numbers(call.tenant, printer.id, [job.id], time.time())
         response = self._creation_response(call, ticket)
         self._add_job(response, self._relay_job_view(call, numbers[job.id], job), _CREATED)
         return response
@@ -618,12 +631,12 @@ class IppEndpoint:
         if document_format is not None:
             document_format = self._document_format(call, attrs, None)
         now = time.time()
-        record = await self.relay.store.create_ipp_job(
+        record = await self._store.create_ipp_job(
             IppJob(
                 tenant=call.tenant,
                 number=0,
                 printer_id=printer.id,
-                state="incoming",
+                state=IppJobState.INCOMING,
                 ticket={
                     "title": self._title(call),
                     "user": call.user,
@@ -645,21 +658,18 @@ class IppEndpoint:
             raise _bad("missing last-document operation attribute (RFC 8011 §4.3.1)")
         printer = await self._printer(call)
         record = await self._ipp_job(call)
-        if record.state != "incoming":
+        if record.state is not IppJobState.INCOMING:
             raise self._not_open(record)
         attrs = await self._printer_attributes(call, printer)
         self._check_compression(call)
         ticket = record.ticket
         document_format = self._document_format(call, attrs, ticket.get("document_format"))
-        store = self.relay.store
         if not await call.document.has_data():
             if not last:
                 raise _bad("Send-Document without document data and with last-document=false")
             return await self.close_job(call)
         # One upload at a time: a compare-and-set, so two replicas cannot both make the relay job.
-        if not await store.set_ipp_job_state(
-            call.tenant, record.number, "incoming", "receiving", time.time()
-        ):
+        if not await self._jobs.advance_ipp_job(record, IppJobEvent.UPLOAD):
             raise self._not_open(await self._ipp_job(call))
         try:
             # A job whose last document has not come yet is held (the relay has no "incoming"
@@ -668,15 +678,11 @@ class IppEndpoint:
         except BaseException:
             # Also when the client left (cancelled): the job must take a document again.
             with trio.CancelScope(shield=True), trio.move_on_after(STORE_CLEANUP_TIMEOUT):
-                await store.set_ipp_job_state(
-                    call.tenant, record.number, "receiving", "incoming", time.time()
-                )
+                await self._jobs.advance_ipp_job(record, IppJobEvent.UPLOAD_FAILED)
             raise
-        state = "attached" if last else "open"
+        event = IppJobEvent.ATTACH if last else IppJobEvent.ATTACH_OPEN
         with trio.CancelScope(shield=True):  # the relay job exists now: record it, client or not
-            attached = await store.set_ipp_job_state(
-                call.tenant, record.number, "receiving", state, time.time(), job_id=job.id
-            )
+            attached = await self._jobs.advance_ipp_job(record, event, job_id=job.id)
         if not attached:
             # canceled while the document streamed in: the new relay job is canceled as well
             await self._cancel_relay_job(job)
@@ -686,26 +692,23 @@ class IppEndpoint:
         return response
 
     def _not_open(self, record: IppJob) -> IPPError:
-        if record.state in ("attached", "open"):
+        if record.state in (IppJobState.ATTACHED, IppJobState.OPEN):
             return _ipp_error(
                 Status.SERVER_ERROR_MULTIPLE_DOCUMENT_JOBS_NOT_SUPPORTED,
                 f"job {record.number} already has its document (multiple-document-jobs-supported is false)",
             )
-        if record.state == "receiving":
+        if record.state is IppJobState.RECEIVING:
             return _ipp_error(Status.SERVER_ERROR_BUSY, f"job {record.number}: a document is being received")
         return _ipp_error(Status.CLIENT_ERROR_NOT_POSSIBLE, f"job {record.number} is {record.state}")
 
     async def close_job(self, call: _Call) -> Message:
         await self._printer(call)
         record = await self._ipp_job(call)
-        store = self.relay.store
-        now = time.time()
-        if record.state == "incoming":
-            if await store.set_ipp_job_state(call.tenant, record.number, "incoming", "aborted", now):
-                record.state, record.updated_at = "aborted", now
-        elif record.state == "open" and record.job_id is not None:
+        if record.state is IppJobState.INCOMING:
+            await self._jobs.advance_ipp_job(record, IppJobEvent.ABANDON)  # no document will come
+        elif record.state is IppJobState.OPEN and record.job_id is not None:
             await self._release(call, record)
-        elif record.state != "attached":
+        elif record.state is not IppJobState.ATTACHED:
             raise self._not_open(record)
         response = new_response(call.request, Status.SUCCESSFUL_OK)
         self._add_job(response, await self._job_view(call, record), _CREATED)
@@ -713,53 +716,36 @@ class IppEndpoint:
 
     async def _release(self, call: _Call, record: IppJob) -> None:
         assert record.job_id is not None
-        store = self.relay.store
-        if not await store.set_ipp_job_state(call.tenant, record.number, "open", "attached", time.time()):
-            return
-        record.state = "attached"
-        try:
-            job = await store.transition(
-                record.job_id, JobEvent.RELEASE, "last document received", time.time()
-            )
-        except IllegalTransition:
-            return  # canceled or expired meanwhile
-        if job is not None:
-            self.relay.job_queued(job)
+        if await self._jobs.advance_ipp_job(record, IppJobEvent.CLOSE):
+            # Canceled or expired meanwhile: the transition is refused, and that is the answer.
+            await self._jobs.transition(record.job_id, JobEvent.RELEASE, "last document received")
 
     # --- existing jobs --------------------------------------------------------------------------
 
     async def _ipp_job(self, call: _Call) -> IppJob:
         number = job_number(call.request, call.path_job)
-        record = await self.relay.store.get_ipp_job(call.tenant, number)
+        record = await self._store.get_ipp_job(call.tenant, number)
         if record is None or record.printer_id != call.printer_id:
             raise _ipp_error(Status.CLIENT_ERROR_NOT_FOUND, f"job {number} not found")
         return await self._expire_pending(call, record)
 
     async def _expire_pending(self, call: _Call, record: IppJob) -> IppJob:
         """A Create-Job left without its document past multiple-operation-time-out is aborted."""
-        limit = {"incoming": MULTIPLE_OPERATION_TIMEOUT, "receiving": RECEIVING_TIMEOUT}.get(record.state)
-        now = time.time()
-        if (
-            limit is not None
-            and now - record.updated_at > limit
-            and await self.relay.store.set_ipp_job_state(
-                call.tenant, record.number, record.state, "aborted", now
-            )
-        ):
-            record.state, record.updated_at = "aborted", now
+        limit = {
+            IppJobState.INCOMING: MULTIPLE_OPERATION_TIMEOUT, IppJobState.RECEIVING: RECEIVING_TIMEOUT,
+        }.get(record.state)  # fmt: skip
+        if limit is not None and time.time() - record.updated_at > limit:
+            await self._jobs.advance_ipp_job(record, IppJobEvent.ABANDON)
         return record
 
     async def cancel_job(self, call: _Call) -> Message:
         await self._printer(call)
         record = await self._ipp_job(call)
-        store = self.relay.store
         if record.job_id is None:
-            if record.state not in ("incoming", "receiving") or not await store.set_ipp_job_state(
-                call.tenant, record.number, record.state, "canceled", time.time()
-            ):
+            if not await self._jobs.advance_ipp_job(record, IppJobEvent.CANCEL):
                 raise _ipp_error(Status.CLIENT_ERROR_NOT_POSSIBLE, f"job {record.number} is {record.state}")
             return new_response(call.request, Status.SUCCESSFUL_OK)
-        job = await store.get_job(call.tenant, record.job_id)
+        job = await self._store.get_job(call.tenant, record.job_id)
         if job is None:
             raise _ipp_error(Status.CLIENT_ERROR_NOT_FOUND, f"job {record.number} not found")
         if job.state in FINAL_STATES:
@@ -776,22 +762,8 @@ class IppEndpoint:
         return new_response(call.request, Status.SUCCESSFUL_OK)
 
     async def _cancel_relay_job(self, job: Job) -> bool:
-        if job.state in (RelayState.HELD, RelayState.QUEUED):
-            try:
-                done = await self.relay.store.transition(
-                    job.id, JobEvent.CANCEL, "canceled over IPP", time.time()
-                )
-            except IllegalTransition:
-                return False
-            if done is not None:
-                await self.relay.job_finished(done)
-            return True
-        # A job on its way to the printer can only be stopped by whoever streams it.
-        cancel = getattr(self.relay, "cancel_job", None)
-        if cancel is None:
-            return False
-        result = await cancel(job)
-        return result is not False
+        """Cancel through the lifecycle: a job on its way to the printer is stopped by whoever streams it."""
+        return await self._jobs.cancel(job, "canceled over IPP") is not None
 
     async def get_job_attributes(self, call: _Call) -> Message:
         await self._printer(call)
@@ -823,7 +795,7 @@ class IppEndpoint:
     async def _list_jobs(
         self, call: _Call, printer: Printer, which: str, user: str | None, *, history: bool
     ) -> list[JobView]:
-        store = self.relay.store
+        store = self._store
         cap = self.limits.max_jobs_listed
         pending = which in ("not-completed", "all")
         done = which in ("completed", "all")
@@ -837,8 +809,8 @@ class IppEndpoint:
             jobs = [job for job in jobs if job.user == user]
         numbers = await store.ipp_job_numbers(call.tenant, printer.id, [j.id for j in jobs], time.time())
         views = [await self._relay_view_with_history(call, numbers[j.id], j, history) for j in jobs]
-        placeholder_states = [s for s in ("incoming", "receiving") if pending] + [
-            s for s in ("canceled", "aborted") if done
+        placeholder_states = [s for s in (IppJobState.INCOMING, IppJobState.RECEIVING) if pending] + [
+            s for s in (IppJobState.CANCELED, IppJobState.ABORTED) if done
         ]
         for record in await store.list_ipp_jobs(call.tenant, printer.id, placeholder_states, cap):
             view = self._pending_view(call, await self._expire_pending(call, record))
@@ -856,18 +828,18 @@ class IppEndpoint:
     async def _job_view(self, call: _Call, record: IppJob, *, history: bool = False) -> JobView:
         if record.job_id is None:
             return self._pending_view(call, record)
-        job = await self.relay.store.get_job(call.tenant, record.job_id)
+        job = await self._store.get_job(call.tenant, record.job_id)
         if job is None:
             raise _ipp_error(Status.CLIENT_ERROR_NOT_FOUND, f"job {record.number} not found")
         view = await self._relay_view_with_history(call, record.number, job, history)
-        if record.state == "open":  # held for more documents, not for a release by a user
+        if record.state is IppJobState.OPEN:  # held for more documents, not for a release by a user
             view = replace(view, reasons=("job-incoming",), message="waiting for Close-Job")
         return view
 
     async def _relay_view_with_history(self, call: _Call, number: int, job: Job, history: bool) -> JobView:
         processing_at = None
         if history and job.state not in (RelayState.HELD, RelayState.QUEUED):
-            for entry in await self.relay.store.job_history(job.id):
+            for entry in await self._store.job_history(job.id):
                 if entry.state in (RelayState.SENDING, RelayState.PRINTING):
                     processing_at = entry.at
                     break
@@ -899,10 +871,12 @@ class IppEndpoint:
     def _pending_view(self, call: _Call, record: IppJob) -> JobView:
         ticket = record.ticket
         state, reasons, message = {
-            "incoming": (JobState.PENDING_HELD, ("job-incoming",), "waiting for its document"),
-            "receiving": (JobState.PENDING_HELD, ("job-incoming",), "receiving its document"),
-            "canceled": (JobState.CANCELED, ("job-canceled-by-user",), "canceled before its document came"),
-        }.get(record.state, (JobState.ABORTED, ("aborted-by-system",), "no document came"))
+            IppJobState.INCOMING: (JobState.PENDING_HELD, ("job-incoming",), "waiting for its document"),
+            IppJobState.RECEIVING: (JobState.PENDING_HELD, ("job-incoming",), "receiving its document"),
+            IppJobState.CANCELED: (
+                JobState.CANCELED, ("job-canceled-by-user",), "canceled before its document came"
+            ),
+        }.get(record.state, (JobState.ABORTED, ("aborted-by-system",), "no document came"))  # fmt: skip
         copies = ticket.get("copies", 1)
         options = ticket.get("options", {})
         return JobView(

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING
 
 import trio
 
@@ -21,13 +19,15 @@ from relay.api.openapi import OPENAPI
 from relay.auth import AuthError, Principal, authenticate, bearer
 from relay.capabilities import OptionRefused, validate_option
 from relay.jobs import Job, JobState
-from relay.submit import MAX_COPIES, Refusal, Submission, SubmitError, accept_job
+from relay.lifecycle import JobLifecycle
+from relay.ratelimit import TokenRateLimiter, spend_request
+from relay.secretbox import SecretBox
+from relay.store.base import Store
+from relay.submit import MAX_COPIES, Intake, Refusal, Submission, SubmitError
+from relay.tunnel import ConnectorRegistry
 from service import bounded_json
 from service.http.message import HTTPError, Request, Response
 from service.settings import parse_duration
-
-if TYPE_CHECKING:
-    from relay.app import Relay
 
 Route = Callable[[Request, Principal, re.Match[str]], Awaitable[Response]]
 
@@ -88,30 +88,50 @@ def _options(request: Request) -> dict[str, str]:
     return options
 
 
+# Every route: method, path pattern, scope its token needs, and the RestApi method that answers.
+ROUTES: tuple[tuple[str, re.Pattern[str], str, str], ...] = (
+    ("POST", re.compile(r"^/v1/printers/(?P<printer>[^/]+)/jobs$"), "jobs:submit", "submit_job"),
+    ("GET", re.compile(r"^/v1/printers$"), "jobs:read", "list_printers"),
+    ("GET", re.compile(r"^/v1/printers/(?P<printer>[^/]+)$"), "jobs:read", "get_printer"),
+    ("POST", re.compile(r"^/v1/printers$"), "printers:admin", "put_printer"),
+    ("DELETE", re.compile(r"^/v1/printers/(?P<printer>[^/]+)$"), "printers:admin", "remove_printer"),
+    ("GET", re.compile(r"^/v1/candidates$"), "printers:admin", "list_candidates"),
+    ("POST", re.compile(r"^/v1/webhooks$"), "printers:admin", "add_webhook"),
+    ("GET", re.compile(r"^/v1/webhooks$"), "printers:admin", "list_webhooks"),
+    ("DELETE", re.compile(r"^/v1/webhooks/(?P<hook>[^/]+)$"), "printers:admin", "delete_webhook"),
+    ("GET", re.compile(r"^/v1/jobs$"), "jobs:read", "list_jobs"),
+    ("GET", re.compile(r"^/v1/jobs/(?P<job>[^/]+)$"), "jobs:read", "get_job"),
+    ("GET", re.compile(r"^/v1/jobs/(?P<job>[^/]+)/events$"), "jobs:read", "job_events"),
+    ("GET", re.compile(r"^/v1/jobs/(?P<job>[^/]+)/watch$"), "jobs:read", "watch_job"),
+    ("POST", re.compile(r"^/v1/jobs/(?P<job>[^/]+)/cancel$"), "jobs:submit", "cancel_job"),
+    ("POST", re.compile(r"^/v1/jobs/(?P<job>[^/]+)/release$"), "jobs:submit", "release_job"),
+)
+
+
 class RestApi:
-    def __init__(self, relay: Relay) -> None:
-        self.relay = relay
+    def __init__(
+        self,
+        store: Store,
+        jobs: JobLifecycle,
+        intake: Intake,
+        registry: ConnectorRegistry,
+        rate_limiter: TokenRateLimiter,
+        secrets_at_rest: SecretBox,
+        *,
+        ipp: IppEndpoint,
+        readiness: Callable[[], Awaitable[str | None]],
+    ) -> None:
+        self._store = store
+        self._jobs = jobs
+        self._intake = intake
+        self._registry = registry
+        self._rate_limiter = rate_limiter
+        self._secrets_at_rest = secrets_at_rest
+        self._ipp = ipp
+        self._readiness = readiness
+        # (method, path, scope, handler) with the handlers bound to this API
         self.routes: list[tuple[str, re.Pattern[str], str, Route]] = [
-            ("POST", re.compile(r"^/v1/printers/(?P<printer>[^/]+)/jobs$"), "jobs:submit", self.submit_job),
-            ("GET", re.compile(r"^/v1/printers$"), "jobs:read", self.list_printers),
-            ("GET", re.compile(r"^/v1/printers/(?P<printer>[^/]+)$"), "jobs:read", self.get_printer),
-            ("POST", re.compile(r"^/v1/printers$"), "printers:admin", self.put_printer),
-            (
-                "DELETE",
-                re.compile(r"^/v1/printers/(?P<printer>[^/]+)$"),
-                "printers:admin",
-                self.remove_printer,
-            ),
-            ("GET", re.compile(r"^/v1/candidates$"), "printers:admin", self.list_candidates),
-            ("POST", re.compile(r"^/v1/webhooks$"), "printers:admin", self.add_webhook),
-            ("GET", re.compile(r"^/v1/webhooks$"), "printers:admin", self.list_webhooks),
-            ("DELETE", re.compile(r"^/v1/webhooks/(?P<hook>[^/]+)$"), "printers:admin", self.delete_webhook),
-            ("GET", re.compile(r"^/v1/jobs$"), "jobs:read", self.list_jobs),
-            ("GET", re.compile(r"^/v1/jobs/(?P<job>[^/]+)$"), "jobs:read", self.get_job),
-            ("GET", re.compile(r"^/v1/jobs/(?P<job>[^/]+)/events$"), "jobs:read", self.job_events),
-            ("GET", re.compile(r"^/v1/jobs/(?P<job>[^/]+)/watch$"), "jobs:read", self.watch_job),
-            ("POST", re.compile(r"^/v1/jobs/(?P<job>[^/]+)/cancel$"), "jobs:submit", self.cancel_job),
-            ("POST", re.compile(r"^/v1/jobs/(?P<job>[^/]+)/release$"), "jobs:submit", self.release_job),
+            (method, pattern, scope, getattr(self, name)) for method, pattern, scope, name in ROUTES
         ]
 
     async def handle(self, request: Request) -> Response:
@@ -122,7 +142,7 @@ class RestApi:
         if request.path == "/openapi.json":
             return Response.json(OPENAPI)
         if request.path.startswith("/ipp/"):
-            return await IppEndpoint(self.relay).handle(request)
+            return await self._ipp.handle(request)
         allowed: list[str] = []
         for method, pattern, scope, route in self.routes:
             match = pattern.match(request.path)
@@ -146,29 +166,18 @@ class RestApi:
         if token is None:
             raise HTTPError(401, "missing bearer token (Authorization: Bearer <api token>)", challenge)
         try:
-            return await authenticate(self.relay.store, token, kind="api")
+            return await authenticate(self._store, token, kind="api")
         except AuthError as exc:
             raise HTTPError(401, str(exc), challenge) from None
 
     def rate_limit(self, principal: Principal) -> None:
         """Spend one request of the token's budget (after authentication: see relay.ratelimit)."""
-        limiter = self.relay.rate_limiter
-        wait = limiter.check(principal.token_id, time.monotonic())
-        if wait is not None:
-            raise HTTPError(
-                429,
-                f"token {principal.token_id} exceeds rate_limit={limiter.rate:g} requests/s "
-                f"(rate_burst={limiter.burst:g}); retry after {wait:.1f} s",
-                [("retry-after", limiter.retry_after_header(wait))],
-            )
+        spend_request(self._rate_limiter, principal)
 
     async def ready(self) -> Response:
-        try:
-            await self.relay.store.check_writable()
-        except Exception as exc:
-            return Response.json({"status": "not ready", "reason": f"store not writable: {exc}"}, 503)
-        if not self.relay.accepting:
-            return Response.json({"status": "not ready", "reason": "starting or stopping"}, 503)
+        reason = await self._readiness()
+        if reason is not None:
+            return Response.json({"status": "not ready", "reason": reason}, 503)
         return Response.json({"status": "ready"})
 
     # --- jobs -----------------------------------------------------------------------------------
@@ -198,7 +207,7 @@ class RestApi:
             options=_options(request),
         )
         try:
-            job, created = await accept_job(self.relay, submission, request.body)
+            job, created = await self._intake.accept(submission, request.body)
         except SubmitError as exc:
             retry = [("retry-after", "60")] if exc.refusal is Refusal.QUOTA else []
             raise HTTPError(exc.refusal.value, exc.message, retry) from None
@@ -210,14 +219,14 @@ class RestApi:
 
     async def job_events(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
         job = await self._job(principal, match["job"])
-        history = await self.relay.store.job_history(job.id)
+        history = await self._store.job_history(job.id)
         return Response.json({"job_id": job.id, "events": [h.public() for h in history]})
 
     async def cancel_job(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
         job = await self._job(principal, match["job"])
         if job.state.final:
             raise HTTPError(409, f"job {job.id} is already {job.state}")
-        done = await self.relay.jobs.cancel(job, f"canceled by {principal.token_id}")
+        done = await self._jobs.cancel(job, f"canceled by {principal.token_id}")
         if done is None:
             job = await self._job(principal, job.id)
             raise HTTPError(409, f"job {job.id} is already {job.state}")
@@ -244,7 +253,7 @@ class RestApi:
         if job.state is not JobState.HELD:
             raise HTTPError(409, f"job {job.id} is {job.state}, not held")
         try:
-            done = await self.relay.jobs.release(job, printer_id, f"released by {principal.token_id}")
+            done = await self._jobs.release(job, printer_id, f"released by {principal.token_id}")
         except LookupError as exc:
             raise HTTPError(404, str(exc).strip("'\"")) from None
         except ValueError as exc:
@@ -261,10 +270,10 @@ class RestApi:
     async def watch_job(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
         """Server-Sent Events: the history so far, then each change live, until the job is final."""
         job = await self._job(principal, match["job"])
-        lifecycle = self.relay.jobs
+        lifecycle = self._jobs
         # Subscribe before reading the history, so no change falls between the two.
-        live = lifecycle.watch(job.id)
-        history = await self.relay.store.job_history(job.id)
+        send, live = lifecycle.watch(job.id)
+        history = await self._store.job_history(job.id)
 
         async def events() -> AsyncIterator[bytes]:
             seen = len(history)
@@ -286,7 +295,7 @@ class RestApi:
             except trio.EndOfChannel:
                 yield _sse({"error": "watcher fell behind; reconnect to replay", "seen": seen}, "error")
             finally:
-                lifecycle.unwatch(job.id, live)
+                lifecycle.unwatch(job.id, send, live)
 
         return Response(
             200,
@@ -308,13 +317,13 @@ class RestApi:
                 known = ", ".join(s.value for s in JobState)
                 raise HTTPError(400, f"unknown state {state_text!r}; states are {known}") from None
         limit = _int_param(request, "limit", 100, 1, MAX_LIST)
-        jobs = await self.relay.store.list_jobs(
+        jobs = await self._store.list_jobs(
             principal.tenant, printer_id=_one(request, "printer_id"), state=state, limit=limit
         )
         return Response.json({"jobs": [j.public() for j in jobs]})
 
     async def _job(self, principal: Principal, job_id: str) -> Job:
-        job = await self.relay.store.get_job(principal.tenant, job_id)
+        job = await self._store.get_job(principal.tenant, job_id)
         if job is None:
             raise HTTPError(404, f"job {job_id} not found")
         return job
@@ -322,11 +331,11 @@ class RestApi:
     # --- printers -------------------------------------------------------------------------------
 
     async def list_printers(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
-        printers = await self.relay.store.list_printers(principal.tenant)
+        printers = await self._store.list_printers(principal.tenant)
         return Response.json({"printers": [p.public() for p in printers]})
 
     async def get_printer(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
-        printer = await self.relay.store.get_printer(principal.tenant, match["printer"])
+        printer = await self._store.get_printer(principal.tenant, match["printer"])
         if printer is None:
             raise HTTPError(404, f"printer {match['printer']} not found")
         return Response.json(printer.public())
@@ -335,7 +344,7 @@ class RestApi:
         """Adopt a discovered candidate, or add or change a printer: ``{"uri", "id"?, "connector_id"?}``."""
         body = await request.body.read(MAX_ADMIN_BODY, limit_name="max_admin_body")
         try:
-            printer, created = await adoption.put_printer(self.relay, principal.tenant, body)
+            printer, created = await adoption.put_printer(self._store, self._registry, principal.tenant, body)
         except adoption.AdoptionError as exc:
             raise HTTPError(exc.status, exc.message) from None
         audit.record(
@@ -349,7 +358,9 @@ class RestApi:
 
     async def remove_printer(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
         try:
-            printer = await adoption.remove_printer(self.relay, principal.tenant, match["printer"])
+            printer = await adoption.remove_printer(
+                self._store, self._registry, principal.tenant, match["printer"]
+            )
         except adoption.AdoptionError as exc:
             raise HTTPError(exc.status, exc.message) from None
         audit.record(
@@ -359,7 +370,7 @@ class RestApi:
         return Response.json(printer.public())
 
     async def list_candidates(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
-        views = adoption.candidates(self.relay, principal.tenant)
+        views = adoption.candidates(self._registry, principal.tenant)
         return Response.json({"candidates": [v.public() for v in views]})
 
     # --- webhooks -------------------------------------------------------------------------------
@@ -368,9 +379,7 @@ class RestApi:
         """Register a URL for the tenant's job changes; the signing secret is shown in this answer only."""
         body = await request.body.read(webhooks.MAX_BODY, limit_name="max_webhook_body")
         try:
-            hook = await webhooks.register(
-                self.relay.store, self.relay.secrets_at_rest, principal.tenant, body
-            )
+            hook = await webhooks.register(self._store, self._secrets_at_rest, principal.tenant, body)
         except webhooks.WebhookError as exc:
             raise HTTPError(exc.status, exc.message) from None
         return Response.json(
@@ -378,11 +387,11 @@ class RestApi:
         )
 
     async def list_webhooks(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
-        hooks = await self.relay.store.list_webhooks(principal.tenant)
+        hooks = await self._store.list_webhooks(principal.tenant)
         return Response.json({"webhooks": [h.public() for h in hooks]})
 
     async def delete_webhook(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
-        hook = await self.relay.store.delete_webhook(principal.tenant, match["hook"])
+        hook = await self._store.delete_webhook(principal.tenant, match["hook"])
         if hook is None:
             raise HTTPError(404, f"webhook {match['hook']} not found")
         return Response.json(hook.public())

@@ -1,7 +1,9 @@
-"""What the relay keeps about tenants' tokens, connectors, printers and jobs — the store's interface.
+"""What the relay keeps, and the store's interface: one small protocol per aggregate.
 
-Callers depend on :class:`Store` only; SQLite (``relay.store.sqlite``) is the embedded default and a
-PostgreSQL backend can follow without touching them (DESIGN §7). All SQL lives in the backends.
+Callers depend on the aggregate they use (:class:`JobStore`, :class:`TokenStore`, ...); :class:`Store` is
+all of them plus opening, closing and the notices of other processes. SQLite (``relay.store.sqlite``) is the
+embedded default, PostgreSQL (``relay.store.postgres``) the scale-out backend; both run the SQL of
+``relay.store.sql``, and ``tests/test_store_contract.py`` holds both to the same behaviour.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from relay.jobs import Job, JobEvent, JobHistoryEntry, JobState, _iso
+import trio
+
+from relay.jobs import IppJobState, Job, JobEvent, JobHistoryEntry, JobState, _iso
 
 
 @dataclass
@@ -35,7 +39,7 @@ class ConnectorRecord:
     key_id: str = ""
     name: str = ""
     version: str = ""
-    sessions: int = 0
+    sessions: int = 0  # sessions to live relay replicas (read, never written)
     last_seen: float = 0.0
 
     @property
@@ -53,7 +57,7 @@ class Printer:
     state: str = "unknown"  # idle | processing | stopped | unknown (as the printer reports it)
     reasons: list[str] = field(default_factory=list)
     capabilities: dict[str, Any] = field(default_factory=dict)
-    online: bool = False  # its connector holds a session
+    online: bool = False  # its connector holds a session to a live replica (read, never written)
     updated_at: float = 0.0
 
     def public(self) -> dict[str, Any]:
@@ -74,17 +78,16 @@ class IppJob:
     """The IPP side of a job: IPP names jobs by integers, the relay by strings.
 
     Every relay job shown over IPP gets a per-tenant ``number`` (its ``job-id``). A Create-Job makes an
-    IppJob before any relay job exists: ``state`` says where it is until its document arrives
-    (``incoming`` -> ``receiving`` -> ``attached``, via ``open`` when a document came with
-    last-document=false; or ``canceled`` / ``aborted``), and ``ticket``
-    holds what the job was created with. Once ``attached``, the relay job (``job_id``) is the truth.
+    IppJob before any relay job exists: ``state`` says where it is until its document arrives (the table
+    in relay/jobs.py), and ``ticket`` holds what the job was created with. Once ``attached``, the relay
+    job (``job_id``) is the truth.
     """
 
     tenant: str
     number: int
     printer_id: str
     job_id: str | None = None
-    state: str = "attached"
+    state: IppJobState = IppJobState.ATTACHED
     ticket: dict[str, Any] = field(default_factory=dict)
     created_at: float = 0.0
     updated_at: float = 0.0
@@ -150,6 +153,42 @@ class Lease:
     seconds: float
 
 
+@dataclass(frozen=True)
+class Quota:
+    """What a tenant's jobs not final yet may hold (checked atomically with the insert)."""
+
+    max_bytes: int
+    max_jobs: int
+
+
+@dataclass(frozen=True)
+class SessionRecord:
+    """A connector's tunnel session held by one relay replica."""
+
+    id: str
+    tenant: str
+    connector_id: str
+    replica_id: str
+    opened_at: float
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A change another part of the relay (maybe on another replica) must hear about.
+
+    ``kind``: ``job`` (a job changed state; ``data`` has tenant, connector_id, state, at, message),
+    ``tokens`` (tokens were revoked or deleted; ``key`` is a token id, or empty for "any"),
+    ``request`` / ``answer`` (a change of printers asked of the replica holding a connector's session).
+    """
+
+    kind: str
+    key: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+NoticeHandler = Callable[[Notice], None]
+
+
 class StoreError(Exception):
     pass
 
@@ -158,12 +197,18 @@ class Conflict(StoreError):
     """A uniqueness rule was broken (an id or Idempotency-Key already used)."""
 
 
-class Store(Protocol):
-    async def open(self) -> None: ...
-    async def close(self) -> None: ...
-    async def check_writable(self) -> None: ...
+class QuotaExceeded(StoreError):
+    def __init__(self, what: str, message: str) -> None:
+        super().__init__(message)
+        self.what = what  # "jobs" or "bytes"
+        self.message = message
 
-    # tokens
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached now (PostgreSQL restarting, say): try again shortly."""
+
+
+class TokenStore(Protocol):
     async def add_token(self, token: TokenRecord) -> None: ...
     async def get_token(self, token_id: str) -> TokenRecord | None: ...
     async def get_tokens(self, token_ids: Sequence[str]) -> dict[str, TokenRecord]:
@@ -171,15 +216,14 @@ class Store(Protocol):
         ...
 
     async def list_tokens(self, tenant: str | None = None) -> list[TokenRecord]: ...
-    async def outside_writes(self) -> int:
-        """A number that changes whenever another process commits to the store (SQLite's
-        ``PRAGMA data_version``): tokens are revoked and deleted by the CLI, so an unchanged number means
-        the tokens read before are still as read."""
+    async def revoke_token(self, token_id: str, at: float) -> bool:
+        """Revoke it; every relay replica hears of it (a ``tokens`` notice)."""
         ...
 
-    async def revoke_token(self, token_id: str, at: float) -> bool: ...
 
-    # connectors and printers
+class ConnectorStore(Protocol):
+    """Connectors, the sessions replicas hold to them, and their printers."""
+
     async def upsert_connector(self, connector: ConnectorRecord) -> None: ...
     async def get_connector(self, tenant: str, connector_id: str) -> ConnectorRecord | None: ...
     async def printer_and_connector(
@@ -188,19 +232,21 @@ class Store(Protocol):
         """A printer and the connector that serves it, in one call (every submit asks)."""
         ...
 
-    async def connector_session_changed(
-        self, tenant: str, connector_id: str, delta: int, at: float
-    ) -> None: ...
-    async def reset_sessions(self) -> None: ...
+    async def session_opened(self, session: SessionRecord) -> None: ...
+    async def session_closed(self, session_id: str, at: float) -> None: ...
     async def replace_printers(self, tenant: str, connector_id: str, printers: Sequence[Printer]) -> None: ...
     async def update_printer(self, printer: Printer) -> None: ...
     async def get_printer(self, tenant: str, printer_id: str) -> Printer | None: ...
     async def list_printers(self, tenant: str) -> list[Printer]: ...
 
-    # jobs
-    async def insert_job(self, job: Job, message: str, *, payload: bytes | None = None) -> Job:
+
+class JobStore(Protocol):
+    async def insert_job(
+        self, job: Job, message: str, *, payload: bytes | None = None, quota: Quota | None = None
+    ) -> Job:
         """Commit a new job; ``payload``: its sealed bytes when small enough to live with the row
-        (relay/spool.py INLINE_MAX), erased by the transition to a final state."""
+        (relay/spool.py INLINE_MAX), erased by the transition to a final state. With ``quota``, the
+        tenant's usage is checked and counted in the same transaction (QuotaExceeded)."""
         ...
 
     async def get_payload(self, job_id: str) -> bytes | None:
@@ -212,19 +258,12 @@ class Store(Protocol):
     async def list_jobs(
         self, tenant: str, *, printer_id: str | None = None, state: JobState | None = None, limit: int = 100
     ) -> list[Job]: ...
-    async def claim_jobs(
-        self, tenant: str, connector_id: str, now: float, limit: int, lease: Lease
-    ) -> list[Job]: ...
     async def claim_jobs_and_next_due(
         self, tenant: str, connector_id: str, now: float, limit: int, lease: Lease
     ) -> tuple[list[Job], float | None]:
-        """``claim_jobs``, and when fewer than ``limit`` were due, what ``next_due`` then says (else None):
-        one round trip for the dispatcher's loop. Each claimed job is leased to ``lease.owner``."""
-        ...
-
-    async def renew_leases(self, lease: Lease, job_ids: Sequence[str], now: float) -> None: ...
-    async def lapsed_leases(self, now: float, limit: int) -> list[Job]:
-        """Jobs in ``sending`` or ``printing`` whose lease was not renewed in time."""
+        """Move up to ``limit`` due queued jobs of this connector's printers to ``sending``, each leased to
+        ``lease.owner``; when fewer than ``limit`` were due, also what ``next_due`` then says (else None):
+        one round trip for the dispatcher's loop. Replicas claiming at once never claim the same job."""
         ...
 
     async def transition(
@@ -232,14 +271,29 @@ class Store(Protocol):
     ) -> Job | None: ...
     async def job_history(self, job_id: str) -> list[JobHistoryEntry]: ...
     async def next_due(self, tenant: str, connector_id: str) -> float | None: ...
-    async def requeue_interrupted(self, at: float) -> list[str]: ...
+    async def renew_leases(self, lease: Lease, job_ids: Sequence[str]) -> None:
+        """Extend this owner's leases on these jobs (those still in flight), on the database's clock."""
+        ...
+
+    async def lapsed_leases(self, limit: int) -> list[Job]:
+        """Jobs in ``sending`` or ``printing`` whose lease was not renewed in time (database clock)."""
+        ...
+
+    async def requeue_orphaned(self, at: float) -> list[str]:
+        """Jobs in flight whose lease owner is no live replica go back to the queue (after a restart)."""
+        ...
+
     async def expired_jobs(self, now: float, limit: int) -> list[Job]: ...
     async def next_expiry(self) -> float | None: ...
-    async def tenant_usage(self, tenant: str) -> tuple[int, int]: ...
+    async def tenant_usage(self, tenant: str) -> tuple[int, int]:
+        """Spooled bytes and number of jobs not yet final (what a quota counts)."""
+        ...
+
     async def all_job_ids_with_payload(self) -> set[str]: ...
     async def sample(self, now: float) -> StoreSample: ...
 
-    # IPP job numbers (relay/api/ipp.py)
+
+class IppJobStore(Protocol):
     async def ipp_job_numbers(
         self, tenant: str, printer_id: str, job_ids: Sequence[str], at: float
     ) -> dict[str, int]:
@@ -252,16 +306,25 @@ class Store(Protocol):
 
     async def get_ipp_job(self, tenant: str, number: int) -> IppJob | None: ...
     async def set_ipp_job_state(
-        self, tenant: str, number: int, expect: str, state: str, at: float, job_id: str | None = None
+        self,
+        tenant: str,
+        number: int,
+        expect: IppJobState,
+        state: IppJobState,
+        at: float,
+        job_id: str | None = None,
     ) -> bool:
         """Compare-and-set: move the job from ``expect`` to ``state``; False if it was not in ``expect``."""
         ...
 
     async def list_ipp_jobs(
-        self, tenant: str, printer_id: str, states: Sequence[str], limit: int
+        self, tenant: str, printer_id: str, states: Sequence[IppJobState], limit: int
     ) -> list[IppJob]: ...
 
-    # webhooks (relay/webhooks.py); job changes fill the outbox in the transaction that records them
+
+class WebhookStore(Protocol):
+    """Webhooks, and their outbox: job changes fill it in the transaction that records them."""
+
     async def add_webhook(self, hook: Webhook, limit: int) -> bool:
         """False (and nothing stored) if the tenant already has ``limit`` webhooks."""
         ...
@@ -272,16 +335,57 @@ class Store(Protocol):
         ...
 
     async def delete_webhook(self, tenant: str, webhook_id: str) -> Webhook | None: ...
-    async def due_webhook_deliveries(
-        self, now: float, limit: int, *, per_webhook: int, skip: Sequence[int], skip_webhooks: Sequence[str]
+    async def claim_webhook_deliveries(
+        self, owner: str, now: float, limit: int, *, per_webhook: int, lease_seconds: float
     ) -> list[WebhookDelivery]:
-        """Due deliveries that head their (webhook, job) line, at most ``per_webhook`` per webhook."""
+        """Due deliveries that head their (webhook, job) line, at most ``per_webhook`` in flight per
+        webhook, claimed for ``owner`` for ``lease_seconds``: no two senders (replicas) get the same."""
         ...
 
-    async def next_webhook_due(
-        self, *, skip: Sequence[int], skip_webhooks: Sequence[str]
-    ) -> float | None: ...
+    async def next_webhook_due(self) -> float | None: ...
     async def webhook_delivery_failed(
         self, seq: int, attempts: int, next_attempt_at: float, error: str
     ) -> None: ...
     async def remove_webhook_delivery(self, seq: int) -> None: ...
+
+
+class ReplicaStore(Protocol):
+    """The relay replicas sharing the database: who is alive, and duties one of them does at a time."""
+
+    async def register_replica(self, replica_id: str, name: str) -> None:
+        """This replica is alive (database clock). With SQLite, where one process owns the database, every
+        other replica's sessions and leases are forgotten at once."""
+        ...
+
+    async def heartbeat(self, replica_id: str) -> None: ...
+    async def retire_replica(self, replica_id: str) -> None:
+        """This replica stops: its sessions are gone (its leases lapse or were handed back)."""
+        ...
+
+    async def retire_silent_replicas(self, silent_for: float) -> list[str]:
+        """Forget replicas whose heartbeat is older than ``silent_for`` seconds, and their sessions."""
+        ...
+
+    async def take_duty(self, name: str, owner: str, seconds: float) -> bool:
+        """Be the one replica doing ``name`` for the next ``seconds`` (or keep being it)."""
+        ...
+
+
+class Store(TokenStore, ConnectorStore, JobStore, IppJobStore, WebhookStore, ReplicaStore, Protocol):
+    """Everything, plus the store's own life."""
+
+    replica_id: str  # this process among the replicas: lease owner, session holder, origin of notices
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def check_writable(self) -> None: ...
+    def on_notice(self, handler: NoticeHandler) -> None:
+        """Call ``handler`` with every notice: those this process's writes made (once committed), and
+        those of other processes (other replicas; the CLI revoking a token)."""
+        ...
+
+    async def follow_other_processes(self, *, task_status: trio.TaskStatus[None] = ...) -> None:
+        """Runs until cancelled: turns other processes' changes into notices (LISTEN on PostgreSQL; on
+        SQLite, tokens the CLI revoked or deleted, noticed by PRAGMA data_version). Started once it
+        follows."""
+        ...

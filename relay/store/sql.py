@@ -1,0 +1,933 @@
+"""The store's SQL, once for both backends.
+
+Every statement here is written for SQLite and PostgreSQL alike (``?`` placeholders, ``ON CONFLICT``,
+``RETURNING``, ``FILTER``); what differs — placeholders, the database clock, row locks, notifications,
+error classes — is a :class:`Dialect`. A backend (relay/store/sqlite.py, relay/store/postgres.py) supplies
+its dialect, its schema and a :class:`~service.groupcommit.GroupCommit` whose calls get a :class:`Tx`; it
+overrides a method only where it really does something else (SQLite's ``PRAGMA data_version``).
+
+Each write runs inside its batch's transaction: the job row, its history event, its webhook outbox rows and
+its notice commit together or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from relay.jobs import (
+    FINAL_STATES,
+    IppJobState,
+    Job,
+    JobEvent,
+    JobHistoryEntry,
+    JobState,
+    next_state,
+)
+from relay.store import rows
+from relay.store.base import (
+    Conflict,
+    ConnectorRecord,
+    IppJob,
+    Lease,
+    Notice,
+    NoticeHandler,
+    Printer,
+    Quota,
+    QuotaExceeded,
+    SessionRecord,
+    StoreError,
+    StoreSample,
+    TokenRecord,
+    Webhook,
+    WebhookDelivery,
+)
+from service.groupcommit import GroupCommit
+
+T = TypeVar("T")
+
+MAX_SQL_VARIABLES = 500  # well under SQLite's oldest default limit of 999 bound parameters
+# IPP job-id is a signed 32-bit integer (RFC 8011 §5.3.2: 1 to 2**31 - 1).
+MAX_IPP_JOB_NUMBER = 2**31 - 1
+OPEN_STATES = ("held", "queued", "sending", "printing")
+IN_FLIGHT = ("sending", "printing")
+# Fields a transition may change besides the state.
+MUTABLE_JOB_FIELDS = {
+    "attempts", "next_attempt_at", "last_error", "completed_at", "wrapped_key", "printer_id",
+    "connector_id", "key_id", "expires_at", "unknown_outcomes",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Dialect:
+    name: str
+    clock: str  # SQL for the database's clock, in seconds since the epoch
+    skip_locked: str  # appended to a claim's inner SELECT: rows another replica is claiming are skipped
+    event_order: str  # the column that orders job_events rows written in the same instant
+    integrity_errors: tuple[type[BaseException], ...]
+    translate: Callable[[str], str] = lambda sql: sql
+    notify: Callable[[Any, Notice, str], None] = lambda conn, notice, origin: None
+    _prepared: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def prepare(self, sql: str) -> str:
+        """The statement in this dialect (cached: the same few hundred statements run all day)."""
+        found = self._prepared.get(sql)
+        if found is None:
+            found = self._prepared[sql] = self.translate(sql.replace("{clock}", self.clock))
+        return found
+
+
+class Tx:
+    """One store call's view of its connection: statements by dialect, rows by column name, notices."""
+
+    def __init__(self, conn: Any, dialect: Dialect, origin: str) -> None:
+        self.conn = conn
+        self.dialect = dialect
+        self.origin = origin  # this process's replica id, carried by its notices
+        self.notices: list[Notice] = []
+
+    def _sql(self, sql: str) -> str:
+        return self.dialect.prepare(sql)
+
+    def all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return list(self.conn.execute(self._sql(sql), params).fetchall())
+
+    def one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        return self.conn.execute(self._sql(sql), params).fetchone()
+
+    def run(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """A statement's count of changed rows."""
+        return int(self.conn.execute(self._sql(sql), params).rowcount)
+
+    def many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        if params:
+            self.conn.cursor().executemany(self._sql(sql), params)
+
+    def notify(self, notice: Notice) -> None:
+        """Heard by this process once committed, and by the other replicas (PostgreSQL NOTIFY)."""
+        self.notices.append(notice)
+        self.dialect.notify(self.conn, notice, self.origin)
+
+
+def new_replica_id() -> str:
+    return f"relay-{secrets.token_hex(6)}"
+
+
+def marks(count: int) -> str:
+    return ", ".join("?" * count)
+
+
+def chunks(items: Sequence[T], size: int = MAX_SQL_VARIABLES) -> list[Sequence[T]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+PRINTER_SELECT = (
+    "SELECT p.*, EXISTS (SELECT 1 FROM connector_sessions s WHERE s.tenant = p.tenant "
+    "AND s.connector_id = p.connector_id) AS online FROM printers p"
+)
+CONNECTOR_SELECT = (
+    "SELECT c.*, (SELECT COUNT(*) FROM connector_sessions s WHERE s.tenant = c.tenant "
+    "AND s.connector_id = c.id) AS sessions FROM connectors c"
+)
+NEXT_DUE = (
+    # the same held printers as the claim: their jobs are not due, or the dispatcher would spin
+    "SELECT MIN(j.next_attempt_at) AS due FROM jobs j JOIN printers p "
+    "ON p.tenant = j.tenant AND p.id = j.printer_id "
+    "WHERE j.tenant = ? AND j.connector_id = ? AND j.state = 'queued' "
+    "AND p.state NOT IN ('stopped', 'offline')"
+)
+
+
+def _due(row: Any) -> float | None:
+    return None if row is None or row["due"] is None else float(row["due"])
+
+
+class SqlStore:
+    """The store, over a backend's group commit and dialect. Subclasses open and close the database."""
+
+    def __init__(self, dialect: Dialect, replica_id: str | None = None) -> None:
+        self.dialect = dialect
+        # Who this process is among the replicas: lease owner, session holder, origin of its notices.
+        self.replica_id = replica_id or new_replica_id()
+        self._commits: GroupCommit[Tx] | None = None
+        self._handlers: list[NoticeHandler] = []
+
+    # --- plumbing -------------------------------------------------------------------------------
+
+    @property
+    def batches(self) -> int:
+        return self._commits.batches if self._commits is not None else 0
+
+    @property
+    def batched_writes(self) -> int:
+        return self._commits.batched_writes if self._commits is not None else 0
+
+    def on_notice(self, handler: NoticeHandler) -> None:
+        self._handlers.append(handler)
+
+    def deliver(self, notices: Sequence[Notice]) -> None:
+        """Hand notices to this process's handlers (after commit, or as another process sent them)."""
+        for notice in notices:
+            for handler in self._handlers:
+                handler(notice)
+
+    def _open_commits(self) -> GroupCommit[Tx]:
+        if self._commits is None:
+            raise StoreError("store is not open")
+        return self._commits
+
+    async def _read(self, fn: Callable[[Tx], T]) -> T:
+        """A read: runs with the next batch, outside its transaction."""
+        return await self._open_commits().read(fn)
+
+    async def _write(self, fn: Callable[[Tx], T]) -> T:
+        """A write: runs inside the next batch's transaction, under a savepoint of its own (an error
+        undoes this call only). Returns once committed, after this process heard its notices."""
+        notices: list[Notice] = []
+
+        def call(tx: Tx) -> T:
+            tx.notices = notices
+            return fn(tx)
+
+        result = await self._open_commits().write(call)
+        self.deliver(notices)
+        return result
+
+    async def check_writable(self) -> None:
+        await self._write(
+            lambda tx: tx.run("UPDATE duties SET until = until WHERE name = ?", ("ready-probe",))
+        )
+
+    # --- tokens ---------------------------------------------------------------------------------
+
+    async def add_token(self, token: TokenRecord) -> None:
+        await self._write(lambda tx: add_token(tx, token))
+
+    async def get_token(self, token_id: str) -> TokenRecord | None:
+        row = await self._read(lambda tx: tx.one("SELECT * FROM tokens WHERE id = ?", (token_id,)))
+        return rows.TOKENS.load(row) if row else None
+
+    async def get_tokens(self, token_ids: Sequence[str]) -> dict[str, TokenRecord]:
+        def select(tx: Tx) -> dict[str, TokenRecord]:
+            found: dict[str, TokenRecord] = {}
+            for batch in chunks(list(token_ids)):
+                for row in tx.all(f"SELECT * FROM tokens WHERE id IN ({marks(len(batch))})", batch):
+                    found[row["id"]] = rows.TOKENS.load(row)
+            return found
+
+        return await self._read(select)
+
+    async def list_tokens(self, tenant: str | None = None) -> list[TokenRecord]:
+        return await self._read(lambda tx: list_tokens(tx, tenant))
+
+    async def revoke_token(self, token_id: str, at: float) -> bool:
+        return await self._write(lambda tx: revoke_token(tx, token_id, at))
+
+    # --- connectors, sessions and printers ------------------------------------------------------
+
+    async def upsert_connector(self, connector: ConnectorRecord) -> None:
+        cols = rows.CONNECTORS.columns
+        updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in ("tenant", "id"))
+        sql = (
+            f"INSERT INTO connectors ({rows.CONNECTORS.column_list()}) VALUES ({marks(len(cols))}) "
+            f"ON CONFLICT (tenant, id) DO UPDATE SET {updates}"
+        )
+        await self._write(lambda tx: tx.run(sql, rows.CONNECTORS.dump(connector)))
+
+    async def get_connector(self, tenant: str, connector_id: str) -> ConnectorRecord | None:
+        return await self._read(lambda tx: _get_connector(tx, tenant, connector_id))
+
+    async def printer_and_connector(
+        self, tenant: str, printer_id: str
+    ) -> tuple[Printer | None, ConnectorRecord | None]:
+        def get(tx: Tx) -> tuple[Printer | None, ConnectorRecord | None]:
+            row = tx.one(f"{PRINTER_SELECT} WHERE p.tenant = ? AND p.id = ?", (tenant, printer_id))
+            if row is None:
+                return None, None
+            printer = _printer(row)
+            return printer, _get_connector(tx, tenant, printer.connector_id)
+
+        return await self._read(get)
+
+    async def session_opened(self, session: SessionRecord) -> None:
+        def opened(tx: Tx) -> None:
+            tx.run(
+                "INSERT INTO connector_sessions (id, tenant, connector_id, replica_id, opened_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (session.id, session.tenant, session.connector_id, session.replica_id, session.opened_at),
+            )
+            tx.run(
+                "UPDATE connectors SET last_seen = ? WHERE tenant = ? AND id = ?",
+                (session.opened_at, session.tenant, session.connector_id),
+            )
+
+        await self._write(opened)
+
+    async def session_closed(self, session_id: str, at: float) -> None:
+        def closed(tx: Tx) -> None:
+            row = tx.one(
+                "DELETE FROM connector_sessions WHERE id = ? RETURNING tenant, connector_id", (session_id,)
+            )
+            if row is not None:
+                tx.run(
+                    "UPDATE connectors SET last_seen = ? WHERE tenant = ? AND id = ?",
+                    (at, row["tenant"], row["connector_id"]),
+                )
+
+        await self._write(closed)
+
+    async def replace_printers(self, tenant: str, connector_id: str, printers: Sequence[Printer]) -> None:
+        # Printer ids are per tenant. When another connector of the tenant reported the same id before,
+        # the newest report wins; jobs queued for it stay sealed to the old connector (DESIGN §5).
+        def replace(tx: Tx) -> None:
+            for printer in printers:
+                _upsert_printer(tx, printer)
+
+        await self._write(replace)
+
+    async def update_printer(self, printer: Printer) -> None:
+        await self._write(lambda tx: _upsert_printer(tx, printer))
+
+    async def get_printer(self, tenant: str, printer_id: str) -> Printer | None:
+        row = await self._read(
+            lambda tx: tx.one(f"{PRINTER_SELECT} WHERE p.tenant = ? AND p.id = ?", (tenant, printer_id))
+        )
+        return _printer(row) if row else None
+
+    async def list_printers(self, tenant: str) -> list[Printer]:
+        found = await self._read(
+            lambda tx: tx.all(f"{PRINTER_SELECT} WHERE p.tenant = ? ORDER BY p.id", (tenant,))
+        )
+        return [_printer(r) for r in found]
+
+    # --- jobs -----------------------------------------------------------------------------------
+
+    async def insert_job(
+        self, job: Job, message: str, *, payload: bytes | None = None, quota: Quota | None = None
+    ) -> Job:
+        integrity = self.dialect.integrity_errors
+
+        def insert(tx: Tx) -> Job:
+            if not job.state.final:
+                _use_quota(tx, job.tenant, job.sealed_size, 1, quota)
+            try:
+                tx.run(
+                    f"INSERT INTO jobs ({rows.JOBS.column_list()}) VALUES ({marks(len(rows.JOBS.columns))})",
+                    rows.JOBS.dump(job),
+                )
+            except integrity as exc:
+                raise Conflict(str(exc)) from exc
+            if payload is not None:
+                tx.run("INSERT INTO payloads (job_id, sealed) VALUES (?, ?)", (job.id, payload))
+            _record_event(tx, job, job.created_at, message)
+            return job
+
+        return await self._write(insert)
+
+    async def get_payload(self, job_id: str) -> bytes | None:
+        row = await self._read(lambda tx: tx.one("SELECT sealed FROM payloads WHERE job_id = ?", (job_id,)))
+        return None if row is None else bytes(row["sealed"])
+
+    async def get_job(self, tenant: str, job_id: str) -> Job | None:
+        row = await self._read(
+            lambda tx: tx.one("SELECT * FROM jobs WHERE id = ? AND tenant = ?", (job_id, tenant))
+        )
+        return rows.JOBS.load(row) if row else None
+
+    async def find_job_by_idempotency_key(self, tenant: str, key: str) -> Job | None:
+        row = await self._read(
+            lambda tx: tx.one("SELECT * FROM jobs WHERE tenant = ? AND idempotency_key = ?", (tenant, key))
+        )
+        return rows.JOBS.load(row) if row else None
+
+    async def list_jobs(
+        self, tenant: str, *, printer_id: str | None = None, state: JobState | None = None, limit: int = 100
+    ) -> list[Job]:
+        sql = "SELECT * FROM jobs WHERE tenant = ?"
+        args: list[Any] = [tenant]
+        if printer_id is not None:
+            sql += " AND printer_id = ?"
+            args.append(printer_id)
+        if state is not None:
+            sql += " AND state = ?"
+            args.append(str(state))
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        args.append(limit)
+        found = await self._read(lambda tx: tx.all(sql, args))
+        return [rows.JOBS.load(r) for r in found]
+
+    async def claim_jobs_and_next_due(
+        self, tenant: str, connector_id: str, now: float, limit: int, lease: Lease
+    ) -> tuple[list[Job], float | None]:
+        sql = (
+            "UPDATE jobs SET state = 'sending', attempts = attempts + 1, updated_at = ?, "
+            "lease_owner = ?, lease_expires_at = {clock} + ? "
+            "WHERE id IN (SELECT j.id FROM jobs j JOIN printers p ON p.tenant = j.tenant AND p.id = "
+            "j.printer_id "
+            "WHERE j.tenant = ? AND j.connector_id = ? AND p.connector_id = ? AND j.state = 'queued' "
+            # a stopped or unreachable printer holds its jobs instead of spending their attempts; its next
+            # state event wakes the dispatcher
+            "AND p.state NOT IN ('stopped', 'offline') "
+            # unary +: not an index term, so SQLite walks jobs_claim in created_at order
+            f"AND +j.next_attempt_at <= ? ORDER BY j.created_at LIMIT ?{self.dialect.skip_locked}) "
+            "RETURNING *"
+        )
+
+        def claim(tx: Tx) -> tuple[list[Job], float | None]:
+            found = tx.all(
+                sql, (now, lease.owner, lease.seconds, tenant, connector_id, connector_id, now, limit)
+            )
+            jobs = sorted((rows.JOBS.load(r) for r in found), key=lambda j: j.created_at)
+            for job in jobs:
+                _record_event(tx, job, now, f"attempt {job.attempts}: sending to connector {connector_id}")
+            # A full claim may have left due jobs behind: the caller claims again, no need to look.
+            return jobs, None if len(jobs) >= limit else _due(tx.one(NEXT_DUE, (tenant, connector_id)))
+
+        return await self._write(claim)
+
+    async def transition(
+        self, job_id: str, event: JobEvent, message: str, at: float, **fields: Any
+    ) -> Job | None:
+        unknown = set(fields) - MUTABLE_JOB_FIELDS
+        if unknown:
+            raise ValueError(f"cannot set {sorted(unknown)} in a transition")
+
+        def apply(tx: Tx) -> Job | None:
+            row = tx.one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+            if row is None:
+                return None
+            job = rows.JOBS.load(row)
+            state = next_state(job.state, event)
+            values: dict[str, Any] = {**fields, "state": str(state), "updated_at": at}
+            if "wrapped_key" in values:
+                values["wrapped_key"] = bytes(values["wrapped_key"])
+            if state.final and "completed_at" not in fields:
+                values["completed_at"] = at
+            if state not in (JobState.SENDING, JobState.PRINTING):
+                values["lease_owner"] = values["lease_expires_at"] = None  # nobody holds it any more
+            assignments = ", ".join(f"{name} = ?" for name in values)
+            # The compare-and-set keeps two replicas from both moving the job from the state read above.
+            if not tx.run(
+                f"UPDATE jobs SET {assignments} WHERE id = ? AND state = ?",
+                [*values.values(), job_id, str(job.state)],
+            ):
+                return None
+            if state.final and not job.state.final:
+                _use_quota(tx, job.tenant, -job.sealed_size, -1, None)
+                tx.run("DELETE FROM payloads WHERE job_id = ?", (job_id,))  # erased with the final state
+            changed = rows.JOBS.load(tx.one("SELECT * FROM jobs WHERE id = ?", (job_id,)))
+            _record_event(tx, changed, at, message)
+            return changed
+
+        return await self._write(apply)
+
+    async def job_history(self, job_id: str) -> list[JobHistoryEntry]:
+        found = await self._read(
+            lambda tx: tx.all(
+                f"SELECT * FROM job_events WHERE job_id = ? ORDER BY at, {self.dialect.event_order}",
+                (job_id,),
+            )
+        )
+        return [JobHistoryEntry(r["job_id"], r["at"], JobState(r["state"]), r["message"]) for r in found]
+
+    async def next_due(self, tenant: str, connector_id: str) -> float | None:
+        return await self._read(lambda tx: _due(tx.one(NEXT_DUE, (tenant, connector_id))))
+
+    async def renew_leases(self, lease: Lease, job_ids: Sequence[str]) -> None:
+        def renew(tx: Tx) -> None:
+            for batch in chunks(list(job_ids)):
+                tx.run(
+                    "UPDATE jobs SET lease_expires_at = {clock} + ? WHERE lease_owner = ? "
+                    f"AND state IN ('sending', 'printing') AND id IN ({marks(len(batch))})",
+                    [lease.seconds, lease.owner, *batch],
+                )
+
+        if job_ids:
+            await self._write(renew)
+
+    async def lapsed_leases(self, limit: int) -> list[Job]:
+        found = await self._read(
+            lambda tx: tx.all(
+                "SELECT * FROM jobs WHERE state IN ('sending', 'printing') AND lease_expires_at < {clock} "
+                "LIMIT ?",
+                (limit,),
+            )
+        )
+        return [rows.JOBS.load(r) for r in found]
+
+    async def requeue_orphaned(self, at: float) -> list[str]:
+        def requeue(tx: Tx) -> list[str]:
+            found = tx.all(
+                "UPDATE jobs SET state = 'queued', updated_at = ?, next_attempt_at = ?, lease_owner = NULL, "
+                "lease_expires_at = NULL WHERE state IN ('sending', 'printing') "
+                "AND (lease_owner IS NULL OR lease_owner NOT IN (SELECT id FROM replicas)) RETURNING *",
+                (at, at),
+            )
+            jobs = [rows.JOBS.load(r) for r in found]
+            for job in jobs:
+                _record_event(tx, job, at, "the relay that was sending it stopped; queued again")
+            return [job.id for job in jobs]
+
+        return await self._write(requeue)
+
+    async def expired_jobs(self, now: float, limit: int) -> list[Job]:
+        found = await self._read(
+            lambda tx: tx.all(
+                "SELECT * FROM jobs WHERE state IN ('held', 'queued') AND expires_at IS NOT NULL "
+                "AND expires_at <= ? LIMIT ?",
+                (now, limit),
+            )
+        )
+        return [rows.JOBS.load(r) for r in found]
+
+    async def next_expiry(self) -> float | None:
+        row = await self._read(
+            lambda tx: tx.one(
+                "SELECT MIN(expires_at) AS due FROM jobs WHERE state IN ('held', 'queued') "
+                "AND expires_at IS NOT NULL"
+            )
+        )
+        return _due(row)
+
+    async def tenant_usage(self, tenant: str) -> tuple[int, int]:
+        row = await self._read(
+            lambda tx: tx.one("SELECT bytes, jobs FROM tenant_usage WHERE tenant = ?", (tenant,))
+        )
+        return (0, 0) if row is None else (int(row["bytes"]), int(row["jobs"]))
+
+    async def all_job_ids_with_payload(self) -> set[str]:
+        found = await self._read(
+            lambda tx: tx.all("SELECT id FROM jobs WHERE state IN ('held', 'queued', 'sending', 'printing')")
+        )
+        return {r["id"] for r in found}
+
+    async def sample(self, now: float) -> StoreSample:
+        def read(tx: Tx) -> StoreSample:
+            states = tx.all(
+                "SELECT state, COUNT(*) AS n FROM jobs WHERE state IN ('held', 'queued', 'sending', "
+                "'printing') "
+                "GROUP BY state"
+            )
+            oldest = tx.one("SELECT MIN(created_at) AS at FROM jobs WHERE state = 'queued'")["at"]
+            # A connector whose tokens are all revoked or expired is retired, not down.
+            fleet = tx.one(
+                "SELECT COUNT(*) FILTER (WHERE EXISTS (SELECT 1 FROM connector_sessions s "
+                "WHERE s.tenant = c.tenant AND s.connector_id = c.id)) AS online, COUNT(*) AS known "
+                "FROM connectors c WHERE EXISTS (SELECT 1 FROM tokens t WHERE t.tenant = c.tenant "
+                "AND t.kind = 'connector' AND t.connector_id = c.id AND t.revoked_at IS NULL "
+                "AND (t.expires_at IS NULL OR t.expires_at > ?))",
+                (now,),
+            )
+            online = int(fleet["online"] or 0)
+            return StoreSample(
+                {r["state"]: int(r["n"]) for r in states}, oldest, online, int(fleet["known"] or 0) - online
+            )
+
+        return await self._read(read)
+
+    # --- IPP job numbers ------------------------------------------------------------------------
+
+    async def ipp_job_numbers(
+        self, tenant: str, printer_id: str, job_ids: Sequence[str], at: float
+    ) -> dict[str, int]:
+        def numbers(tx: Tx) -> dict[str, int]:
+            found: dict[str, int] = {}
+            for batch in chunks(list(job_ids)):
+                for row in tx.all(
+                    "SELECT job_id, number FROM ipp_jobs WHERE tenant = ? AND job_id IN "
+                    f"({marks(len(batch))})",
+                    [tenant, *batch],
+                ):
+                    found[row["job_id"]] = int(row["number"])
+            missing = [j for j in dict.fromkeys(job_ids) if j not in found]
+            if missing:
+                last = _take_ipp_numbers(tx, tenant, len(missing))
+                for number, job_id in enumerate(missing, start=last - len(missing) + 1):
+                    # Another replica may number the same job meanwhile: its number stands, ours is a gap.
+                    tx.run(
+                        "INSERT INTO ipp_jobs (tenant, number, printer_id, job_id, state, ticket, "
+                        "created_at, "
+                        "updated_at) VALUES (?, ?, ?, ?, 'attached', '{}', ?, ?) "
+                        "ON CONFLICT (tenant, job_id) WHERE job_id IS NOT NULL DO NOTHING",
+                        (tenant, number, printer_id, job_id, at, at),
+                    )
+                for batch in chunks(missing):
+                    for row in tx.all(
+                        "SELECT job_id, number FROM ipp_jobs WHERE tenant = ? AND job_id IN "
+                        f"({marks(len(batch))})",
+                        [tenant, *batch],
+                    ):
+                        found[row["job_id"]] = int(row["number"])
+            return found
+
+        if not job_ids:
+            return {}
+        # Only a job shown over IPP for the first time needs a write.
+        known = await self._read(
+            lambda tx: {
+                r["job_id"]: int(r["number"])
+                for batch in chunks(list(job_ids))
+                for r in tx.all(
+                    "SELECT job_id, number FROM ipp_jobs WHERE tenant = ? AND job_id IN "
+                    f"({marks(len(batch))})",
+                    [tenant, *batch],
+                )
+            }
+        )
+        if all(j in known for j in job_ids):
+            return known
+        return await self._write(numbers)
+
+    async def create_ipp_job(self, job: IppJob) -> IppJob:
+        def create(tx: Tx) -> IppJob:
+            job.number = _take_ipp_numbers(tx, job.tenant, 1)
+            tx.run(
+                f"INSERT INTO ipp_jobs ({rows.IPP_JOBS.column_list()}) VALUES "
+                f"({marks(len(rows.IPP_JOBS.columns))})",
+                rows.IPP_JOBS.dump(job),
+            )
+            return job
+
+        return await self._write(create)
+
+    async def get_ipp_job(self, tenant: str, number: int) -> IppJob | None:
+        row = await self._read(
+            lambda tx: tx.one("SELECT * FROM ipp_jobs WHERE tenant = ? AND number = ?", (tenant, number))
+        )
+        return rows.IPP_JOBS.load(row) if row else None
+
+    async def set_ipp_job_state(
+        self,
+        tenant: str,
+        number: int,
+        expect: IppJobState,
+        state: IppJobState,
+        at: float,
+        job_id: str | None = None,
+    ) -> bool:
+        return bool(
+            await self._write(
+                lambda tx: tx.run(
+                    "UPDATE ipp_jobs SET state = ?, job_id = COALESCE(?, job_id), updated_at = ? "
+                    "WHERE tenant = ? AND number = ? AND state = ?",
+                    (str(state), job_id, at, tenant, number, str(expect)),
+                )
+            )
+        )
+
+    async def list_ipp_jobs(
+        self, tenant: str, printer_id: str, states: Sequence[IppJobState], limit: int
+    ) -> list[IppJob]:
+        if not states:
+            return []
+        found = await self._read(
+            lambda tx: tx.all(
+                "SELECT * FROM ipp_jobs WHERE tenant = ? AND printer_id = ? AND state IN "
+                f"({marks(len(states))}) "
+                "ORDER BY number DESC LIMIT ?",
+                [tenant, printer_id, *(str(s) for s in states), limit],
+            )
+        )
+        return [rows.IPP_JOBS.load(r) for r in found]
+
+    # --- webhooks -------------------------------------------------------------------------------
+
+    async def add_webhook(self, hook: Webhook, limit: int) -> bool:
+        def add(tx: Tx) -> bool:
+            count = tx.one("SELECT COUNT(*) AS n FROM webhooks WHERE tenant = ?", (hook.tenant,))["n"]
+            if count >= limit:
+                return False
+            tx.run(
+                f"INSERT INTO webhooks ({rows.WEBHOOKS.column_list()}) VALUES "
+                f"({marks(len(rows.WEBHOOKS.columns))})",
+                rows.WEBHOOKS.dump(hook),
+            )
+            return True
+
+        return await self._write(add)
+
+    async def list_webhooks(self, tenant: str) -> list[Webhook]:
+        found = await self._read(
+            lambda tx: tx.all(
+                "SELECT w.*, (SELECT COUNT(*) FROM webhook_deliveries d WHERE d.webhook_id = w.id) AS "
+                "pending "
+                "FROM webhooks w WHERE w.tenant = ? ORDER BY w.created_at, w.id",
+                (tenant,),
+            )
+        )
+        return [rows.WEBHOOKS.load(r) for r in found]
+
+    async def rewrite_webhook_secrets(self, rewrite: Callable[[str, str], str]) -> int:
+        def apply(tx: Tx) -> int:
+            changed = [
+                (new, row["id"])
+                for row in tx.all("SELECT id, secret FROM webhooks")
+                if (new := rewrite(row["id"], row["secret"])) != row["secret"]
+            ]
+            tx.many("UPDATE webhooks SET secret = ? WHERE id = ?", changed)
+            return len(changed)
+
+        return await self._write(apply)
+
+    async def delete_webhook(self, tenant: str, webhook_id: str) -> Webhook | None:
+        def delete(tx: Tx) -> Webhook | None:
+            tx.run("DELETE FROM webhook_deliveries WHERE webhook_id = ? AND tenant = ?", (webhook_id, tenant))
+            row = tx.one("DELETE FROM webhooks WHERE tenant = ? AND id = ? RETURNING *", (tenant, webhook_id))
+            return rows.WEBHOOKS.load(row, pending=0) if row else None
+
+        return await self._write(delete)
+
+    async def claim_webhook_deliveries(
+        self, owner: str, now: float, limit: int, *, per_webhook: int, lease_seconds: float
+    ) -> list[WebhookDelivery]:
+        def claim(tx: Tx) -> list[WebhookDelivery]:
+            # Heads of their (webhook, job) line, due, unclaimed (or their sender's claim lapsed), and at
+            # most per_webhook in flight per webhook, counting those already claimed.
+            found = tx.all(
+                "SELECT seq FROM (SELECT d.seq, d.next_attempt_at, ROW_NUMBER() OVER "
+                "(PARTITION BY d.webhook_id ORDER BY d.next_attempt_at, d.seq) + (SELECT COUNT(*) "
+                "FROM webhook_deliveries f WHERE f.webhook_id = d.webhook_id AND f.claimed_until > "
+                "{clock}) AS n "
+                "FROM webhook_deliveries d WHERE d.next_attempt_at <= ? "
+                "AND (d.claimed_until IS NULL OR d.claimed_until <= {clock}) "
+                "AND d.seq = (SELECT MIN(e.seq) FROM webhook_deliveries e "
+                "WHERE e.webhook_id = d.webhook_id AND e.job_id = d.job_id)) AS heads "
+                "WHERE n <= ? ORDER BY next_attempt_at, seq LIMIT ?",
+                (now, per_webhook, limit),
+            )
+            seqs = [r["seq"] for r in found]
+            claimed: list[Any] = []
+            for batch in chunks(seqs):
+                claimed += tx.all(
+                    "UPDATE webhook_deliveries SET claimed_by = ?, claimed_until = {clock} + ? "
+                    f"WHERE seq IN ({marks(len(batch))}) AND (claimed_until IS NULL OR claimed_until <= "
+                    f"{{clock}}) "
+                    "RETURNING seq",
+                    [owner, lease_seconds, *batch],
+                )
+            mine = [r["seq"] for r in claimed]
+            if not mine:
+                return []
+            got = tx.all(
+                "SELECT d.*, w.url, w.secret FROM webhook_deliveries d JOIN webhooks w ON w.id = "
+                "d.webhook_id "
+                f"WHERE d.seq IN ({marks(len(mine))}) ORDER BY d.next_attempt_at, d.seq",
+                mine,
+            )
+            return [rows.DELIVERIES.load(r, url=r["url"], secret=r["secret"]) for r in got]
+
+        return await self._write(claim)
+
+    async def next_webhook_due(self) -> float | None:
+        row = await self._read(
+            lambda tx: tx.one(
+                "SELECT MIN(CASE WHEN d.claimed_until > {clock} THEN d.claimed_until "
+                "ELSE d.next_attempt_at END) AS due FROM webhook_deliveries d "
+                "WHERE d.seq = (SELECT MIN(e.seq) FROM webhook_deliveries e "
+                "WHERE e.webhook_id = d.webhook_id AND e.job_id = d.job_id)"
+            )
+        )
+        return _due(row)
+
+    async def webhook_delivery_failed(
+        self, seq: int, attempts: int, next_attempt_at: float, error: str
+    ) -> None:
+        await self._write(
+            lambda tx: tx.run(
+                "UPDATE webhook_deliveries SET attempts = ?, next_attempt_at = ?, last_error = ?, "
+                "claimed_by = NULL, claimed_until = NULL WHERE seq = ?",
+                (attempts, next_attempt_at, error, seq),
+            )
+        )
+
+    async def remove_webhook_delivery(self, seq: int) -> None:
+        await self._write(lambda tx: tx.run("DELETE FROM webhook_deliveries WHERE seq = ?", (seq,)))
+
+    # --- replicas -------------------------------------------------------------------------------
+
+    async def register_replica(self, replica_id: str, name: str) -> None:
+        await self._write(
+            lambda tx: tx.run(
+                "INSERT INTO replicas (id, name, started_at, heartbeat_at) VALUES (?, ?, {clock}, {clock}) "
+                "ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+                (replica_id, name),
+            )
+        )
+
+    async def heartbeat(self, replica_id: str) -> None:
+        await self._write(
+            lambda tx: tx.run("UPDATE replicas SET heartbeat_at = {clock} WHERE id = ?", (replica_id,))
+        )
+
+    async def retire_replica(self, replica_id: str) -> None:
+        await self._write(lambda tx: retire_replicas(tx, [replica_id]))
+
+    async def retire_silent_replicas(self, silent_for: float) -> list[str]:
+        def retire(tx: Tx) -> list[str]:
+            silent = [
+                r["id"]
+                for r in tx.all("SELECT id FROM replicas WHERE heartbeat_at < {clock} - ?", (silent_for,))
+            ]
+            retire_replicas(tx, silent)
+            return silent
+
+        return await self._write(retire)
+
+    async def take_duty(self, name: str, owner: str, seconds: float) -> bool:
+        def take(tx: Tx) -> bool:
+            tx.run(
+                "INSERT INTO duties (name, owner, until) VALUES (?, ?, 0) ON CONFLICT (name) DO NOTHING",
+                (name, owner),
+            )
+            return bool(
+                tx.run(
+                    "UPDATE duties SET owner = ?, until = {clock} + ? WHERE name = ? "
+                    "AND (owner = ? OR until < {clock})",
+                    (owner, seconds, name, owner),
+                )
+            )
+
+        return await self._write(take)
+
+
+# --- statements shared by several calls ---------------------------------------------------------------
+
+
+def _printer(row: Any) -> Printer:
+    return rows.PRINTERS.load(row, online=bool(row["online"]))
+
+
+def _get_connector(tx: Tx, tenant: str, connector_id: str) -> ConnectorRecord | None:
+    row = tx.one(f"{CONNECTOR_SELECT} WHERE c.tenant = ? AND c.id = ?", (tenant, connector_id))
+    return rows.CONNECTORS.load(row, sessions=int(row["sessions"])) if row else None
+
+
+def _upsert_printer(tx: Tx, printer: Printer) -> None:
+    if not printer.updated_at:
+        printer.updated_at = time.time()
+    cols = rows.PRINTERS.columns
+    updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in ("tenant", "id"))
+    tx.run(
+        f"INSERT INTO printers ({rows.PRINTERS.column_list()}) VALUES ({marks(len(cols))}) "
+        f"ON CONFLICT (tenant, id) DO UPDATE SET {updates}",
+        rows.PRINTERS.dump(printer),
+    )
+
+
+def _record_event(tx: Tx, job: Job, at: float, message: str) -> None:
+    """A job's change: its history row, one outbox row per webhook of its tenant that wants it, and the
+    notice that wakes watchers (here and on other replicas) once it commits."""
+    state = str(job.state)
+    tx.run(
+        "INSERT INTO job_events (job_id, at, state, message) VALUES (?, ?, ?, ?)",
+        (job.id, at, state, message),
+    )
+    tx.run(
+        "INSERT INTO webhook_deliveries (id, webhook_id, tenant, job_id, at, state, message, job, "
+        "next_attempt_at) SELECT ? || substr(w.id, 4), w.id, w.tenant, ?, ?, ?, ?, ?, ? FROM webhooks w "
+        "WHERE w.tenant = ? AND (w.events LIKE ? OR w.events LIKE ?)",
+        (
+            f"whd_{secrets.token_hex(8)}", job.id, at, state, message,
+            json.dumps(job.snapshot(), separators=(",", ":")), at, job.tenant,
+            "% job.state_changed %", f"% job.{state} %",
+        ),
+    )  # fmt: skip
+    tx.notify(
+        Notice(
+            "job",
+            job.id,
+            {
+                "tenant": job.tenant,
+                "connector_id": job.connector_id,
+                "state": state,
+                "at": at,
+                "message": message,
+            },
+        )
+    )
+
+
+def _use_quota(tx: Tx, tenant: str, sealed_bytes: int, jobs: int, quota: Quota | None) -> None:
+    """Count a job in (or out of) its tenant's usage; with ``quota``, refuse it past the limits. One
+    statement, so replicas submitting at once cannot both take the last of a quota."""
+    tx.run(
+        "INSERT INTO tenant_usage (tenant, bytes, jobs) VALUES (?, 0, 0) ON CONFLICT (tenant) DO NOTHING",
+        (tenant,),
+    )
+    if quota is None:
+        tx.run(
+            "UPDATE tenant_usage SET bytes = bytes + ?, jobs = jobs + ? WHERE tenant = ?",
+            (sealed_bytes, jobs, tenant),
+        )
+        return
+    if tx.run(
+        "UPDATE tenant_usage SET bytes = bytes + ?, jobs = jobs + ? WHERE tenant = ? "
+        "AND bytes + ? <= ? AND jobs + ? <= ?",
+        (sealed_bytes, jobs, tenant, sealed_bytes, quota.max_bytes, jobs, quota.max_jobs),
+    ):
+        return
+    used = tx.one("SELECT bytes, jobs FROM tenant_usage WHERE tenant = ?", (tenant,))
+    if used["jobs"] + jobs > quota.max_jobs:
+        raise QuotaExceeded(
+            "jobs", f"quota reached: {used['jobs']} undelivered jobs (tenant_max_jobs={quota.max_jobs})"
+        )
+    raise QuotaExceeded(
+        "bytes", f"quota reached: {used['bytes']} bytes spooled (tenant_max_spool_bytes={quota.max_bytes})"
+    )
+
+
+def _take_ipp_numbers(tx: Tx, tenant: str, count: int) -> int:
+    """Reserve ``count`` IPP job numbers for the tenant; the last of them (a row lock, no MAX + 1 race)."""
+    tx.run("INSERT INTO ipp_counters (tenant, last) VALUES (?, 0) ON CONFLICT (tenant) DO NOTHING", (tenant,))
+    row = tx.one("UPDATE ipp_counters SET last = last + ? WHERE tenant = ? RETURNING last", (count, tenant))
+    last = int(row["last"])
+    if last > MAX_IPP_JOB_NUMBER:
+        raise StoreError(f"tenant {tenant} used all {MAX_IPP_JOB_NUMBER} IPP job numbers")
+    return last
+
+
+def retire_replicas(tx: Tx, replica_ids: Sequence[str]) -> None:
+    """These replicas are gone: their sessions with them, and their claims on the webhook outbox (their
+    leases on jobs lapse on their own, or were handed back)."""
+    for batch in chunks(list(replica_ids)):
+        tx.run(f"DELETE FROM connector_sessions WHERE replica_id IN ({marks(len(batch))})", batch)
+        tx.run(
+            "UPDATE webhook_deliveries SET claimed_by = NULL, claimed_until = NULL "
+            f"WHERE claimed_by IN ({marks(len(batch))})",
+            batch,
+        )
+        tx.run(f"DELETE FROM replicas WHERE id IN ({marks(len(batch))})", batch)
+
+
+# Token operations as functions of a Tx: the CLI runs them too.
+
+
+def add_token(tx: Tx, token: TokenRecord) -> None:
+    tx.run(
+        f"INSERT INTO tokens ({rows.TOKENS.column_list()}) VALUES ({marks(len(rows.TOKENS.columns))})",
+        rows.TOKENS.dump(token),
+    )
+
+
+def list_tokens(tx: Tx, tenant: str | None) -> list[TokenRecord]:
+    if tenant is None:
+        found = tx.all("SELECT * FROM tokens ORDER BY created_at")
+    else:
+        found = tx.all("SELECT * FROM tokens WHERE tenant = ? ORDER BY created_at", (tenant,))
+    return [rows.TOKENS.load(r) for r in found]
+
+
+def revoke_token(tx: Tx, token_id: str, at: float) -> bool:
+    revoked = (
+        tx.run("UPDATE tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (at, token_id)) > 0
+    )
+    if revoked:
+        tx.notify(Notice("tokens", token_id))
+    return revoked
+
+
+__all__ = ["FINAL_STATES", "IN_FLIGHT", "OPEN_STATES", "Dialect", "SqlStore", "Tx"]

@@ -1,0 +1,65 @@
+"""SQLite as both programs use it: one connection in WAL mode, commits durable (``synchronous=FULL``),
+files private, and batches of calls group-committed (:mod:`service.groupcommit`)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import outcome
+
+from service.groupcommit import Call, run_writes_in_transaction
+from service.private_files import private_database
+
+C = TypeVar("C")
+
+BUSY_TIMEOUT_MS = 30_000  # another process (the CLI) may hold the write lock for a moment
+
+
+def open_sqlite(path: Path, *, row_factory: Any = None) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL, durable commits, 0600 files."""
+    private_database(path)
+    conn = sqlite3.connect(
+        path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+    )
+    if row_factory is not None:
+        conn.row_factory = row_factory
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    return conn
+
+
+class SqliteBatcher(Generic[C]):
+    """Runs a group-commit batch on one SQLite connection: reads, then ``BEGIN IMMEDIATE`` ... ``COMMIT``.
+    Calls get the connection itself, or what ``wrap`` makes of it (the relay store's ``Tx``)."""
+
+    def __init__(
+        self, conn: sqlite3.Connection, wrap: Callable[[sqlite3.Connection], C] | None = None
+    ) -> None:
+        self.conn = conn
+        self._view: Any = wrap(conn) if wrap is not None else conn
+
+    def run_batch(self, reads: Sequence[Call[C, Any]], writes: Sequence[Call[C, Any]]) -> None:
+        conn, view = self.conn, self._view
+        for call in reads:
+            call.result = outcome.capture(call.fn, view)
+        if not writes:
+            return
+
+        def rollback() -> None:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+
+        run_writes_in_transaction(
+            writes, view,
+            begin=lambda: conn.execute("BEGIN IMMEDIATE"),
+            commit=lambda: conn.execute("COMMIT"),
+            rollback=rollback,
+            savepoint=lambda: conn.execute("SAVEPOINT call"),
+            rollback_to_savepoint=lambda: conn.execute("ROLLBACK TO call"),
+            release_savepoint=lambda: conn.execute("RELEASE call"),
+        )  # fmt: skip
