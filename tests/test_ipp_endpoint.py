@@ -637,3 +637,27 @@ async def test_send_document_cut_short_can_be_sent_again(relay_stack: RelayStack
     again = await client.send(request, b"complete document")
     assert again.code == Status.SUCCESSFUL_OK, status(again)
     assert await client.job_state(job_id) == JobState.PENDING
+
+
+async def test_close_job_release_reaches_watchers(relay_stack: RelayStack) -> None:
+    """The release by Close-Job goes through the job lifecycle like any other change: live watchers
+    (and webhooks) hear it. It used to change the store only."""
+    await offline_printer(relay_stack)
+    client = Ipp(relay_stack, "away")
+    job_id = (await client.send(client.request(Operation.CREATE_JOB))).value(JOB, "job-id")
+    await client.send(
+        client.request(
+            Operation.SEND_DOCUMENT,
+            job_id=(ValueTag.INTEGER, job_id),
+            last_document=(ValueTag.BOOLEAN, False),
+        ),
+        b"first part",
+    )
+    async with relay_stack.client() as rest:
+        [job] = (await rest.get("/v1/jobs")).json()["jobs"]
+        states = relay_stack.watch(rest, job["id"])
+        assert await anext(states) == "held"  # the history so far
+        await client.send(client.request(Operation.CLOSE_JOB, job_id=(ValueTag.INTEGER, job_id)))
+        with trio.fail_after(10):
+            assert await anext(states) == "queued"  # live
+        await states.aclose()

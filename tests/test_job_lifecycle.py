@@ -12,8 +12,10 @@ from typing import Any
 import httpx
 import pytest
 import trio
+import trio.testing
 from fixtures_printers import IppEvePrinter, RawSink, free_port
 from fixtures_relay import RelayStack
+from test_ipp_endpoint import offline_printer
 
 
 @pytest.fixture
@@ -331,3 +333,18 @@ async def test_disk_full_answers_507_and_keeps_earlier_jobs(
     assert (await stack.wait_job(early["id"]))["state"] == "completed"
     [document] = await raw_sink.wait_for(1)
     assert document.sha256 == hashlib.sha256(b"accepted before the disk filled").hexdigest()
+
+
+async def test_a_watcher_that_leaves_does_not_cut_off_the_others(relay_stack: RelayStack) -> None:
+    await offline_printer(relay_stack, "p")
+    async with relay_stack.client() as client:
+        job = (await client.post("/v1/printers/p/jobs", params={"hold": "true"}, content=b"x")).json()
+        first, second = relay_stack.watch(client, job["id"]), relay_stack.watch(client, job["id"])
+        with trio.fail_after(10):
+            assert await anext(first) == "held" and await anext(second) == "held"
+        await first.aclose()  # one watcher goes away
+        await trio.testing.wait_all_tasks_blocked()
+        await client.post(f"/v1/jobs/{job['id']}/cancel")
+        with trio.fail_after(10):
+            assert await anext(second) == "canceled"  # the other still hears
+        await second.aclose()
