@@ -24,7 +24,7 @@ from relay.metrics import RelayMetrics
 from relay.ops import RelayHealth
 from relay.ratelimit import TokenRateLimiter
 from relay.secretbox import SecretBox
-from relay.spool import Spool
+from relay.spool import DatabaseSpool, PayloadSpool, Spool
 from relay.store import store_for
 from relay.store.base import Lease, Store
 from relay.submit import Intake, SubmitLimits
@@ -56,7 +56,10 @@ class Relay:
         self.config = config
         self.store: Store = store or store_for(config.data_dir, config.database_url)
         self.replica_id = self.store.replica_id
-        self.spool = Spool(config.spool_dir)
+        # With PostgreSQL, payloads live in the database too: any replica streams any job, no shared disk.
+        self.spool: PayloadSpool = (
+            DatabaseSpool(self.store) if config.database_url else Spool(config.spool_dir)
+        )
         self.registry = ConnectorRegistry()
         self.metrics = RelayMetrics(per_printer=config.metrics_per_printer)
         self.jobs = JobLifecycle(self.store, self.store, self.store, self.spool, self.metrics)

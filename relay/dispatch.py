@@ -38,7 +38,7 @@ from hpack import NeverIndexedHeaderTuple
 from relay.jobs import Job, JobEvent
 from relay.lifecycle import JobLifecycle
 from relay.metrics import RelayMetrics
-from relay.spool import Spool
+from relay.spool import PayloadSpool
 from relay.store.base import JobStore, Lease
 from service.signal import Signal
 from tunnel.messages import NDJSON, TICKET_HEADER, JobStatus, JobTicketMessage, LineSplitter, MessageError
@@ -89,7 +89,7 @@ class Dispatcher:
         session: ConnectorSession,
         *,
         store: JobStore,
-        spool: Spool,
+        spool: PayloadSpool,
         jobs: JobLifecycle,
         metrics: RelayMetrics,
         settings: DispatchSettings,

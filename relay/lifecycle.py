@@ -33,7 +33,7 @@ from relay.jobs import (
     next_ipp_state,
 )
 from relay.metrics import RelayMetrics
-from relay.spool import Spool
+from relay.spool import PayloadSpool
 from relay.store.base import ConnectorStore, IppJob, IppJobStore, JobStore, Notice
 
 log = logging.getLogger("printrelay.relay.jobs")
@@ -50,7 +50,7 @@ class JobLifecycle:
         jobs: JobStore,
         ipp_jobs: IppJobStore,
         printers: ConnectorStore,
-        spool: Spool,
+        spool: PayloadSpool,
         metrics: RelayMetrics,
     ) -> None:
         self._jobs = jobs

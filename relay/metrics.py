@@ -385,8 +385,10 @@ class RelayMetrics:
         self.fleet.labels("online").set(sample.connectors_online)
         self.fleet.labels("offline").set(sample.connectors_offline)
 
-    def set_spool(self, used_bytes: int, files: int, fs_avail: int, fs_size: int) -> None:
+    def set_spool(self, used_bytes: int, files: int, fs: tuple[int, int] | None) -> None:
+        """``fs``: (available, size) of the spool's filesystem; None when payloads live in the database."""
         self.spool_bytes.set(used_bytes)
         self.spool_files.set(files)
-        self.spool_fs_avail.set(fs_avail)
-        self.spool_fs_size.set(fs_size)
+        if fs is not None:
+            self.spool_fs_avail.set(fs[0])
+            self.spool_fs_size.set(fs[1])

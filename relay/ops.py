@@ -10,7 +10,7 @@ from pathlib import Path
 import trio
 
 from relay.metrics import RelayMetrics
-from relay.spool import Spool
+from relay.spool import PayloadSpool
 from relay.store.base import Store
 from relay.tunnel import ConnectorRegistry
 from service.ops import OpsListener, register_build_info
@@ -25,7 +25,7 @@ class RelayHealth:
     def __init__(
         self,
         store: Store,
-        spool: Spool,
+        spool: PayloadSpool,
         registry: ConnectorRegistry,
         metrics: RelayMetrics,
         data_dir: Path,
@@ -58,9 +58,11 @@ class RelayHealth:
         metrics.ready.set(1 if await self.readiness() is None else 0)
         metrics.set_store_sample(await self._store.sample(now), now)
         used, files = await self._spool.usage()
-        root = self._spool.root if self._spool.root.exists() else self._data_dir
-        avail, size = await trio.to_thread.run_sync(_statvfs, str(root))
-        metrics.set_spool(used, files, avail, size)
+        root = self._spool.free_space_path()
+        fs = None
+        if root is not None:  # payloads on a filesystem, not in the database
+            fs = await trio.to_thread.run_sync(_statvfs, str(root if root.exists() else self._data_dir))
+        metrics.set_spool(used, files, fs)
 
     def listener(self) -> OpsListener:
         register_build_info(self._metrics.registry, "relay")

@@ -29,10 +29,11 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import trio
 
+from relay.store.base import PayloadStore
 from service.private_files import DIR_MODE, new_private_file, private_dir
 from tunnel.sealing import (
     PayloadSealer,
@@ -41,7 +42,15 @@ from tunnel.sealing import (
     seal_key,
 )
 
-__all__ = ["INLINE_MAX", "PayloadTooLarge", "Spool", "SpoolFull", "StoredPayload"]
+__all__ = [
+    "INLINE_MAX",
+    "PayloadSpool",
+    "PayloadTooLarge",
+    "Spool",
+    "SpoolFull",
+    "StoredPayload",
+    "seal_body",
+]
 
 # Job ids become file names: keep them to a safe alphabet and length.
 _JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
@@ -96,6 +105,127 @@ def _remove_quietly(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
+async def seal_body(
+    job_id: str,
+    body: AsyncIterable[bytes],
+    *,
+    recipient_public: bytes,
+    max_bytes: int,
+    chunk_size: int,
+    inline_max: int,
+    sink: PayloadSink,
+) -> StoredPayload:
+    """Seal ``body`` to ``recipient_public`` as it arrives. Sealed records stay in memory while the whole
+    payload may still fit in ``inline_max`` (then the caller commits them with the job row), else they go
+    to ``sink``, which keeps them durably on ``commit()`` and throws them away on ``abort()``.
+
+    Streams: at most one chunk of plaintext and ``inline_max`` of sealed bytes are held at a time. On any
+    error (too large, disk full, cancellation, the body iterator failing because the client went away)
+    the sink is aborted and the exception propagates."""
+    # Wrap first so a bad recipient key fails before any byte is written.
+    dek = new_data_key()
+    wrapped = seal_key(dek, recipient_public, context=job_id.encode("ascii"))
+    sealer = PayloadSealer(dek, job_id, chunk_size)
+    del dek  # only the sealer's cipher object holds it now, until this call returns
+    digest = hashlib.sha256()
+    held = bytearray()  # sealed records while they may still fit in inline_max
+    spilled = False  # records went to the sink
+    try:
+        async for piece in body:
+            if sealer.plain_bytes + len(piece) > max_bytes:
+                raise PayloadTooLarge(max_bytes)
+            digest.update(piece)
+            held += sealer.feed(piece)
+            if len(held) > inline_max:
+                spilled = True
+                await sink.write(bytes(held))
+                held.clear()
+        held += sealer.finish()
+        inline: bytes | None = None
+        if not spilled and len(held) <= inline_max:
+            inline = bytes(held)
+        else:
+            await sink.write(bytes(held))
+            await sink.commit()
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await sink.abort()
+        raise
+    return StoredPayload(
+        size=sealer.plain_bytes,
+        sealed_size=sealer.sealed_bytes,
+        sha256=digest.hexdigest(),
+        wrapped_key=wrapped,
+        key_id=key_id(recipient_public),
+        inline=inline,
+    )
+
+
+class PayloadSink(Protocol):
+    async def write(self, sealed: bytes) -> None: ...
+    async def commit(self) -> None: ...
+    async def abort(self) -> None: ...
+
+
+class PayloadSpool(Protocol):
+    """Where sealed payloads larger than ``inline_max`` live: files (one relay), or the database."""
+
+    inline_max: int
+
+    async def store(
+        self, job_id: str, body: AsyncIterable[bytes], *, recipient_public: bytes, max_bytes: int
+    ) -> StoredPayload: ...
+    def open(self, job_id: str) -> AsyncGenerator[bytes, None]: ...
+    async def erase(self, job_id: str) -> None: ...
+    async def usage(self) -> tuple[int, int]: ...
+    async def remove_orphans(self, known_job_ids: set[str], *, min_age: float = 0.0) -> int: ...
+    async def prepare(self) -> None: ...
+    def free_space_path(self) -> Path | None:
+        """A path on the filesystem the payloads fill, for the free-space gauges (None: not a filesystem)."""
+        ...
+
+
+class _FileSink:
+    """The ``.part`` file of one payload, opened at the first write, fsynced and renamed on commit."""
+
+    def __init__(self, spool: Spool, job_id: str) -> None:
+        self._spool = spool
+        self.final = spool.path(job_id)
+        self.part = spool._tmp / f"{job_id}.{secrets.token_hex(4)}{_PART_SUFFIX}"
+        self._out: Any = None
+        self._renamed = False
+
+    async def write(self, sealed: bytes) -> None:
+        try:
+            if self._out is None:
+                self._out = await self._spool._open_part(self.part, self.final)
+            await self._out.write(sealed)
+        except OSError as exc:
+            self._spool.raise_if_full(exc, self.final)
+            raise
+
+    async def commit(self) -> None:
+        out = self._out
+        assert out is not None
+        try:
+            await out.flush()
+            await trio.to_thread.run_sync(os.fsync, out.fileno())
+            await out.aclose()
+            await trio.to_thread.run_sync(os.replace, self.part, self.final)
+            self._renamed = True
+            await trio.to_thread.run_sync(_fsync_path, self.final.parent)
+        except OSError as exc:
+            self._spool.raise_if_full(exc, self.final)
+            raise
+
+    async def abort(self) -> None:
+        # Synchronous removal: it must run even when we are being cancelled. A failure after the rename
+        # (directory fsync, cancellation) means the caller will not record the job, so the file goes too.
+        if self._out is not None:
+            await self._out.aclose()
+            _remove_quietly(self.final if self._renamed else self.part)
+
+
 class Spool:
     """Sealed payload files under ``root``. Safe for concurrent stores of different jobs."""
 
@@ -112,6 +242,9 @@ class Spool:
         fan = hashlib.sha256(job_id.encode("ascii")).hexdigest()[:2]
         return self.root / fan / f"{job_id}{_SEALED_SUFFIX}"
 
+    def free_space_path(self) -> Path | None:
+        return self.root if self.root.exists() else self.root.parent
+
     async def store(
         self,
         job_id: str,
@@ -120,77 +253,25 @@ class Spool:
         recipient_public: bytes,
         max_bytes: int,
     ) -> StoredPayload:
-        """Seal ``body`` to ``recipient_public`` and store it durably as ``job_id``'s payload.
-
-        Streams: at most one chunk of plaintext is held at a time. On any error (too large,
-        disk full, cancellation, the body iterator failing because the client went away) the
-        partial file is removed and the exception propagates.
-        """
-        final = self.path(job_id)
+        """Seal ``body`` to ``recipient_public`` and store it durably as ``job_id``'s payload: a file when
+        it is larger than ``inline_max`` (written to a temp file, fsynced, renamed into place)."""
         if job_id in self._writing:
             raise FileExistsError(f"payload of job {job_id} is already being stored")
-        # Wrap first so a bad recipient key fails before any byte is written.
-        dek = new_data_key()
-        wrapped = seal_key(dek, recipient_public, context=job_id.encode("ascii"))
-        sealer = PayloadSealer(dek, job_id, self.chunk_size)
-        del dek  # only the sealer's cipher object holds it now, until this call returns
-        digest = hashlib.sha256()
-        held = bytearray()  # sealed records while they may still fit in INLINE_MAX
-        part = self._tmp / f"{job_id}.{secrets.token_hex(4)}{_PART_SUFFIX}"
-        out: Any = None  # the .part file, once the payload is too large to keep inline
-        renamed = False
         self._writing.add(job_id)
         try:
-            try:
-                async for piece in body:
-                    if sealer.plain_bytes + len(piece) > max_bytes:
-                        raise PayloadTooLarge(max_bytes)
-                    digest.update(piece)
-                    held += sealer.feed(piece)
-                    if len(held) > self.inline_max:
-                        if out is None:
-                            out = await self._open_part(part, final)
-                        await out.write(held)
-                        held.clear()
-                held += sealer.finish()
-                if out is None and len(held) <= self.inline_max:
-                    inline: bytes | None = bytes(held)
-                else:
-                    inline = None
-                    if out is None:
-                        out = await self._open_part(part, final)
-                    await out.write(held)
-                    await out.flush()
-                    await trio.to_thread.run_sync(os.fsync, out.fileno())
-                    await out.aclose()
-                    await trio.to_thread.run_sync(os.replace, part, final)
-                    renamed = True
-                    await trio.to_thread.run_sync(_fsync_path, final.parent)
-            except OSError as exc:
-                if exc.errno in _DISK_FULL:
-                    raise SpoolFull(
-                        f"spool disk full: {exc.strerror} while storing job {job_id} in {self.root}"
-                    ) from exc
-                raise
-        except BaseException:
-            # Synchronous on purpose: it must run even when we are being cancelled. A failure
-            # after the rename (directory fsync, cancellation) means the caller will not record
-            # the job, so the renamed file goes too.
-            if out is not None:
-                with trio.CancelScope(shield=True):
-                    await out.aclose()
-                _remove_quietly(final if renamed else part)
-            raise
+            return await seal_body(
+                job_id, body, recipient_public=recipient_public, max_bytes=max_bytes,
+                chunk_size=self.chunk_size, inline_max=self.inline_max, sink=_FileSink(self, job_id),
+            )  # fmt: skip
         finally:
             self._writing.discard(job_id)
-        return StoredPayload(
-            size=sealer.plain_bytes,
-            sealed_size=sealer.sealed_bytes,
-            sha256=digest.hexdigest(),
-            wrapped_key=wrapped,
-            key_id=key_id(recipient_public),
-            inline=inline,
-        )
+
+    def raise_if_full(self, exc: OSError, final: Path) -> None:
+        if exc.errno in _DISK_FULL:
+            job_id = final.name.removesuffix(_SEALED_SUFFIX)
+            raise SpoolFull(
+                f"spool disk full: {exc.strerror} while storing job {job_id} in {self.root}"
+            ) from exc
 
     async def prepare(self) -> None:
         """The spool's directories, 0700 whatever the umask (also tightens one an older version made)."""
@@ -285,3 +366,93 @@ class Spool:
                 continue
             removed += 1
         return removed
+
+
+# Chunk rows of a payload kept in the database: about this many sealed bytes each (a 1 GiB job is 1,024
+# rows; a read brings back CHUNKS_PER_READ of them, so 4 MiB are in memory at a time).
+CHUNK_ROW_BYTES = 1024 * 1024
+CHUNKS_PER_READ = 4
+# An upload whose chunks stopped coming this long ago, with no job made of it, died with its replica.
+ORPHAN_CHUNK_AGE = 3600.0
+
+
+class _ChunkSink:
+    """One payload's chunk rows, written as the sealed records fill them. Nothing refers to them until
+    the job row is committed; abort deletes them."""
+
+    def __init__(self, store: PayloadStore, job_id: str) -> None:
+        self._store = store
+        self._job_id = job_id
+        self._buffer = bytearray()
+        self._seq = 0
+
+    async def write(self, sealed: bytes) -> None:
+        self._buffer += sealed
+        while len(self._buffer) >= CHUNK_ROW_BYTES:
+            await self._flush(CHUNK_ROW_BYTES)
+
+    async def _flush(self, size: int) -> None:
+        await self._store.add_payload_chunk(self._job_id, self._seq, bytes(self._buffer[:size]))
+        del self._buffer[:size]
+        self._seq += 1
+
+    async def commit(self) -> None:
+        if self._buffer or self._seq == 0:
+            await self._flush(len(self._buffer))
+
+    async def abort(self) -> None:
+        if self._seq:
+            with trio.move_on_after(30):  # bounded: a database that is down leaves it to the orphan sweep
+                await self._store.erase_payload_chunks(self._job_id)
+
+
+class DatabaseSpool:
+    """Sealed payloads as chunk rows in the store's database, so any replica can stream any job and none
+    needs a shared disk. Each row is committed as the upload goes (group-committed with everything else),
+    never a whole document in memory; the job's final state deletes them in its own transaction."""
+
+    def __init__(
+        self, store: PayloadStore, *, chunk_size: int = 256 * 1024, inline_max: int = INLINE_MAX
+    ) -> None:
+        self._store = store
+        self.inline_max = min(inline_max, INLINE_MAX)
+        self.chunk_size = chunk_size
+
+    def free_space_path(self) -> Path | None:
+        return None
+
+    async def prepare(self) -> None:
+        return None
+
+    async def store(
+        self, job_id: str, body: AsyncIterable[bytes], *, recipient_public: bytes, max_bytes: int
+    ) -> StoredPayload:
+        _check_job_id(job_id)
+        return await seal_body(
+            job_id, body, recipient_public=recipient_public, max_bytes=max_bytes, chunk_size=self.chunk_size,
+            inline_max=self.inline_max, sink=_ChunkSink(self._store, job_id),
+        )  # fmt: skip
+
+    async def open(self, job_id: str) -> AsyncGenerator[bytes, None]:
+        """The sealed bytes, CHUNKS_PER_READ rows at a time (FileNotFoundError if there are none)."""
+        seq = 0
+        while True:
+            rows = await self._store.payload_chunks(job_id, seq, CHUNKS_PER_READ)
+            if not rows and seq == 0:
+                raise FileNotFoundError(f"payload of job {job_id} is not in the database")
+            for data in rows:
+                yield data
+            if len(rows) < CHUNKS_PER_READ:
+                return
+            seq += len(rows)
+
+    async def erase(self, job_id: str) -> None:
+        await self._store.erase_payload_chunks(job_id)
+
+    async def usage(self) -> tuple[int, int]:
+        return await self._store.payload_chunk_usage()
+
+    async def remove_orphans(self, known_job_ids: set[str], *, min_age: float = ORPHAN_CHUNK_AGE) -> int:
+        """Chunks of uploads that died with their replica (another replica may be mid-upload: only those
+        silent for ``min_age`` go)."""
+        return await self._store.remove_orphan_chunks(max(min_age, ORPHAN_CHUNK_AGE))

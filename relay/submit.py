@@ -19,7 +19,7 @@ import trio
 from relay.capabilities import OptionRefused, check_options
 from relay.jobs import Job, JobState, new_job_id
 from relay.metrics import RelayMetrics
-from relay.spool import PayloadTooLarge, Spool, SpoolFull
+from relay.spool import PayloadSpool, PayloadTooLarge, SpoolFull
 from relay.store.base import Conflict, Quota, QuotaExceeded, Store
 from service.http.message import format_bytes
 
@@ -76,7 +76,7 @@ class Intake:
     def __init__(
         self,
         store: Store,
-        spool: Spool,
+        spool: PayloadSpool,
         metrics: RelayMetrics,
         limits: SubmitLimits,
         *,

@@ -102,9 +102,21 @@ def relay_overrides() -> dict[str, Any]:
 
 
 @pytest.fixture
+def relay_backend() -> str:
+    """The relay's store: "sqlite" (the default) or "postgres" (parametrize a test over both)."""
+    return "sqlite"
+
+
+@pytest.fixture
 async def relay_stack(
-    nursery: trio.Nursery, tmp_path: Path, relay_overrides: dict[str, Any]
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    relay_overrides: dict[str, Any],
+    relay_backend: str,
+    request: pytest.FixtureRequest,
 ) -> AsyncIterator[RelayStack]:
+    if relay_backend == "postgres":
+        relay_overrides = {"database_url": request.getfixturevalue("postgres_url"), **relay_overrides}
     config = RelayConfig(
         **{
             "listen": ("127.0.0.1", 0),

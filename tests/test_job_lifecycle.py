@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 import trio
 import trio.testing
+from fixtures_postgres import PostgresServer
 from fixtures_printers import IppEvePrinter, RawSink, free_port
 from fixtures_relay import RelayStack
 from test_ipp_endpoint import offline_printer
@@ -348,3 +350,28 @@ async def test_a_watcher_that_leaves_does_not_cut_off_the_others(relay_stack: Re
         with trio.fail_after(10):
             assert await anext(second) == "canceled"  # the other still hears
         await second.aclose()
+
+
+@pytest.mark.parametrize("relay_backend", ["postgres"])
+async def test_the_document_is_never_readable_in_the_database_and_is_erased_after_printing(
+    relay_stack: RelayStack, raw_sink: RawSink, postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    """With PostgreSQL, a payload larger than 64 KiB is chunk rows in the database: sealed there too. The
+    marker is looked for in the server's files on disk (tables and WAL, after a checkpoint)."""
+    await relay_stack.start_connector({"label": raw_sink.uri})
+    marker = b"MARKER-" + os.urandom(12).hex().encode()
+    body = (b"lorem ipsum " * 50_000) + marker + (b" dolor" * 50_000)
+    with psycopg.connect(postgres_url, autocommit=True) as db:
+        async with relay_stack.client() as client:
+            job = await submit(client, "label", body, hold="true")
+            chunks = db.execute("SELECT COUNT(*), SUM(length(data)) FROM payload_chunks").fetchone()
+            assert chunks is not None and chunks[0] >= 1 and chunks[1] > len(body)
+            db.execute("CHECKPOINT")
+            for path in files_under(postgres_server.data):
+                assert marker not in path.read_bytes(), path
+            assert (await client.post(f"/v1/jobs/{job['id']}/release")).status_code == 200
+        assert (await relay_stack.wait_job(job["id"]))["state"] == "completed"
+        [printed] = await raw_sink.wait_for(1)
+        assert printed.path.read_bytes() == body
+        assert db.execute("SELECT COUNT(*) FROM payload_chunks").fetchone() == (0,)  # erased with the state
+    assert not [p for p in files_under(relay_stack.relay.config.data_dir) if p.suffix == ".sealed"]

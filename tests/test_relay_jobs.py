@@ -1,13 +1,17 @@
-"""A job's path through the real relay, tunnel and connector, in one process."""
+"""A job's path through the real relay, tunnel and connector, in one process: on SQLite, and on PostgreSQL
+(where payloads larger than 64 KiB live in the database as chunk rows)."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 
+import pytest
 import trio
 from fixtures_printers import RawSink
 from fixtures_relay import RelayStack
+
+pytestmark = pytest.mark.parametrize("relay_backend", ["sqlite", "postgres"])
 
 
 async def test_job_travels_to_a_raw_printer(relay_stack: RelayStack, raw_sink: RawSink) -> None:

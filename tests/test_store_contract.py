@@ -501,3 +501,48 @@ async def test_a_sample_counts_the_queue_and_the_fleet(store: SqlStore) -> None:
     assert sample.jobs_by_state == {"queued": 1, "held": 1}
     assert sample.oldest_queued_at is not None
     assert (sample.connectors_online, sample.connectors_offline) == (0, 1)
+
+
+# --- payloads as chunk rows ---------------------------------------------------------------------------------
+
+
+async def test_a_payload_in_chunk_rows_streams_back_whole_and_goes_with_the_final_state(
+    store: SqlStore,
+) -> None:
+    from relay.spool import CHUNK_ROW_BYTES, DatabaseSpool
+    from tunnel.sealing import PayloadOpener, generate_private_key, open_key, public_bytes
+
+    key = generate_private_key()
+    spool = DatabaseSpool(store)
+    job = new_job()
+    body = bytes(range(256)) * (3 * CHUNK_ROW_BYTES // 256) + b"tail"
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 100_000):
+            yield body[start : start + 100_000]
+
+    stored = await spool.store(job.id, pieces(), recipient_public=public_bytes(key), max_bytes=len(body))
+    assert stored.inline is None and stored.size == len(body)
+    used, payloads = await spool.usage()
+    assert payloads == 1 and used == stored.sealed_size
+    job.sealed_size, job.wrapped_key = stored.sealed_size, stored.wrapped_key
+    await store.insert_job(job, "accepted")
+    opener = PayloadOpener(open_key(stored.wrapped_key, key, context=job.id.encode()), job.id)
+    plain = b"".join([p async for chunk in spool.open(job.id) for p in opener.feed(chunk)])
+    opener.finish()
+    assert plain == body
+    await store.transition(job.id, JobEvent.CANCEL, "canceled", time.time())
+    assert await spool.usage() == (0, 0)
+    with pytest.raises(FileNotFoundError):
+        [chunk async for chunk in spool.open(job.id)]
+
+
+async def test_chunks_of_an_upload_that_died_are_swept_once_silent(store: SqlStore) -> None:
+    await store.add_payload_chunk("died", 0, b"sealed")
+    await store.add_payload_chunk("alive", 0, b"sealed")
+    job = new_job()
+    await store.insert_job(job, "accepted")
+    await store.add_payload_chunk(job.id, 0, b"sealed")
+    assert await store.remove_orphan_chunks(3600) == 0  # written a moment ago: maybe still uploading
+    assert await store.remove_orphan_chunks(-1) == 2  # silent "for -1 s": both uploads died
+    assert await store.payload_chunks(job.id, 0, 10) == [b"sealed"]  # a job's chunks stay

@@ -349,6 +349,25 @@ class WebhookStore(Protocol):
     async def remove_webhook_delivery(self, seq: int) -> None: ...
 
 
+class PayloadStore(Protocol):
+    """Sealed payloads as numbered chunk rows, for replicas that share no disk (relay/spool.py)."""
+
+    async def add_payload_chunk(self, job_id: str, seq: int, data: bytes) -> None: ...
+    async def payload_chunks(self, job_id: str, first: int, limit: int) -> list[bytes]:
+        """Chunks ``first``, ``first + 1``, ... (at most ``limit``), in order; fewer at the end."""
+        ...
+
+    async def erase_payload_chunks(self, job_id: str) -> None: ...
+    async def payload_chunk_usage(self) -> tuple[int, int]:
+        """(bytes, payloads) held as chunks."""
+        ...
+
+    async def remove_orphan_chunks(self, older_than: float) -> int:
+        """Chunks of no job, last written more than ``older_than`` seconds ago (an upload that died with
+        its replica); how many payloads went."""
+        ...
+
+
 class ReplicaStore(Protocol):
     """The relay replicas sharing the database: who is alive, and duties one of them does at a time."""
 
@@ -371,7 +390,9 @@ class ReplicaStore(Protocol):
         ...
 
 
-class Store(TokenStore, ConnectorStore, JobStore, IppJobStore, WebhookStore, ReplicaStore, Protocol):
+class Store(
+    TokenStore, ConnectorStore, JobStore, IppJobStore, WebhookStore, PayloadStore, ReplicaStore, Protocol
+):
     """Everything, plus the store's own life."""
 
     replica_id: str  # this process among the replicas: lease owner, session holder, origin of notices

@@ -125,6 +125,12 @@ SCHEMA = [
         tenant TEXT PRIMARY KEY, bytes BIGINT NOT NULL DEFAULT 0, jobs BIGINT NOT NULL DEFAULT 0
     );
     CREATE TABLE duties (name TEXT PRIMARY KEY, owner TEXT NOT NULL, until DOUBLE PRECISION NOT NULL);
+    CREATE TABLE payload_chunks (
+        job_id TEXT NOT NULL, seq INTEGER NOT NULL, data BYTEA NOT NULL, written_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (job_id, seq)
+    );
+    -- sealed bytes are random: compressing them is wasted work
+    ALTER TABLE payload_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
     """,
 ]
 SCHEMA_VERSION = len(SCHEMA)

@@ -418,7 +418,9 @@ class SqlStore:
                 return None
             if state.final and not job.state.final:
                 _use_quota(tx, job.tenant, -job.sealed_size, -1, None)
-                tx.run("DELETE FROM payloads WHERE job_id = ?", (job_id,))  # erased with the final state
+                # Erased with the final state: the payload kept with the row, or its chunks.
+                tx.run("DELETE FROM payloads WHERE job_id = ?", (job_id,))
+                tx.run("DELETE FROM payload_chunks WHERE job_id = ?", (job_id,))
             changed = rows.JOBS.load(tx.one("SELECT * FROM jobs WHERE id = ?", (job_id,)))
             _record_event(tx, changed, at, message)
             return changed
@@ -746,6 +748,54 @@ class SqlStore:
 
     async def remove_webhook_delivery(self, seq: int) -> None:
         await self._write(lambda tx: tx.run("DELETE FROM webhook_deliveries WHERE seq = ?", (seq,)))
+
+    # --- payload chunks -------------------------------------------------------------------------
+
+    async def add_payload_chunk(self, job_id: str, seq: int, data: bytes) -> None:
+        await self._write(
+            lambda tx: tx.run(
+                "INSERT INTO payload_chunks (job_id, seq, data, written_at) VALUES (?, ?, ?, {clock})",
+                (job_id, seq, data),
+            )
+        )
+
+    async def payload_chunks(self, job_id: str, first: int, limit: int) -> list[bytes]:
+        found = await self._read(
+            lambda tx: tx.all(
+                "SELECT data FROM payload_chunks WHERE job_id = ? AND seq >= ? ORDER BY seq LIMIT ?",
+                (job_id, first, limit),
+            )
+        )
+        return [bytes(r["data"]) for r in found]
+
+    async def erase_payload_chunks(self, job_id: str) -> None:
+        await self._write(lambda tx: tx.run("DELETE FROM payload_chunks WHERE job_id = ?", (job_id,)))
+
+    async def payload_chunk_usage(self) -> tuple[int, int]:
+        row = await self._read(
+            lambda tx: tx.one(
+                "SELECT COALESCE(SUM(length(data)), 0) AS bytes, COUNT(DISTINCT job_id) AS payloads "
+                "FROM payload_chunks"
+            )
+        )
+        return int(row["bytes"]), int(row["payloads"])
+
+    async def remove_orphan_chunks(self, older_than: float) -> int:
+        def remove(tx: Tx) -> int:
+            stale = [
+                r["job_id"]
+                for r in tx.all(
+                    "SELECT c.job_id FROM payload_chunks c WHERE NOT EXISTS "
+                    "(SELECT 1 FROM jobs j WHERE j.id = c.job_id) "
+                    "GROUP BY c.job_id HAVING MAX(c.written_at) < {clock} - ?",
+                    (older_than,),
+                )
+            ]
+            for batch in chunks(stale):
+                tx.run(f"DELETE FROM payload_chunks WHERE job_id IN ({marks(len(batch))})", batch)
+            return len(stale)
+
+        return await self._write(remove)
 
     # --- replicas -------------------------------------------------------------------------------
 

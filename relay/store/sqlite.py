@@ -150,6 +150,10 @@ SCHEMA = [
     ALTER TABLE webhook_deliveries ADD COLUMN claimed_by TEXT;
     ALTER TABLE webhook_deliveries ADD COLUMN claimed_until REAL;
     CREATE TABLE duties (name TEXT PRIMARY KEY, owner TEXT NOT NULL, until REAL NOT NULL);
+    CREATE TABLE payload_chunks (
+        job_id TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL, written_at REAL NOT NULL,
+        PRIMARY KEY (job_id, seq)
+    );
     """,
 ]
 
