@@ -3,6 +3,7 @@
 printrelay serve       run a relay
 printrelay connector   run a connector on the printers' network
 printrelay token ...   create, list and revoke tokens (works while the relay runs)
+printrelay db ...      the relay's database: migrate, status
 printrelay submit      print a file through a relay
 printrelay demo        relay + connector + printer in one command
 """
@@ -23,6 +24,7 @@ import trio
 from connector.config import ConnectorConfig
 from printrelay.client import SubmitFailed
 from relay.config import RelayConfig
+from relay.store.base import StoreError
 from service.logs import setup_logging
 from service.settings import SettingsError, add_arguments, load, parse_duration
 
@@ -50,11 +52,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.run(args) or 0)
-    except (CommandError, SettingsError, SubmitFailed, ValueError) as exc:
-        print(f"printrelay: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except BaseException as raised:
+        exc = _sole(raised)
+        if isinstance(exc, CommandError | SettingsError | SubmitFailed | ValueError | StoreError):
+            print(f"printrelay: {exc}", file=sys.stderr)
+            return 1
+        if isinstance(exc, KeyboardInterrupt):
+            return 130
+        raise
+
+
+def _sole(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) single-member groups, as trio's nurseries raise them."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(connector, ConnectorConfig)
     connector.set_defaults(run=run_connector)
+
+    db = commands.add_parser("db", help="the relay's database: schema version, migrations").add_subparsers(
+        metavar="ACTION"
+    )
+    migrate = db.add_parser(
+        "migrate", help="bring the database to this version's schema (serve does it too, at start)"
+    )
+    _store_arguments(migrate)
+    migrate.set_defaults(run=run_db_migrate)
+    status = db.add_parser("status", help="the database's schema version next to this printrelay's")
+    _store_arguments(status)
+    status.set_defaults(run=run_db_status)
 
     token = commands.add_parser("token", help="manage tokens").add_subparsers(metavar="ACTION")
     create = token.add_parser("create", help="create a token and print it (shown once)")
@@ -200,6 +226,53 @@ def _with_store(args: argparse.Namespace, work: Callable[[Store], Awaitable[T]])
             await store.close()
 
     return trio.run(run)
+
+
+def _schema(args: argparse.Namespace, *, migrate: bool) -> tuple[int, int, list[int]]:
+    """(the database's schema version, this printrelay's, versions applied now)."""
+    from relay.store import is_postgres_url
+
+    if args.database_url:
+        if not is_postgres_url(args.database_url):
+            raise CommandError("--database-url must be a postgresql:// URL")
+        from relay.store import postgres
+
+        with postgres.connect(args.database_url) as pg:
+            applied = postgres.migrate(pg) if migrate else []
+            return postgres.schema_version(pg), postgres.SCHEMA_VERSION, applied
+    from relay.store import sqlite
+
+    path = RelayConfig(data_dir=args.data_dir).database_path
+    if not migrate and not path.exists():
+        return 0, sqlite.SCHEMA_VERSION, []
+    conn = sqlite.open_sqlite(path)
+    try:
+        applied = sqlite.migrate(conn) if migrate else []
+        return sqlite.schema_version(conn), sqlite.SCHEMA_VERSION, applied
+    finally:
+        conn.close()
+
+
+def run_db_migrate(args: argparse.Namespace) -> int:
+    version, _, applied = _schema(args, migrate=True)
+    if applied:
+        print(f"migrated to schema version {version} (applied {', '.join(map(str, applied))})")
+    else:
+        print(f"schema version {version}: up to date")
+    return 0
+
+
+def run_db_status(args: argparse.Namespace) -> int:
+    """Exit 0 when the database is at this version's schema, 1 when it is behind or newer."""
+    version, code, _ = _schema(args, migrate=False)
+    if version == code:
+        print(f"schema version {version}: up to date")
+        return 0
+    if version < code:
+        print(f"schema version {version}, this printrelay needs {code}: run 'printrelay db migrate'")
+    else:
+        print(f"schema version {version} is newer than this printrelay's {code}: run the newer version")
+    return 1
 
 
 def _audit(action: str, *, tenant: str, target: str, **details: object) -> None:

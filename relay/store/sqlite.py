@@ -14,10 +14,12 @@ from pathlib import Path
 
 import trio
 
-from relay.store.base import Notice
+from relay.store.base import Notice, StoreError
 from relay.store.sql import Dialect, SqlStore, Tx, retire_replicas
 from service.groupcommit import GroupCommit
 from service.sqlite import SqliteBatcher, open_sqlite
+
+__all__ = ["SCHEMA_VERSION", "SqliteStore", "migrate", "open_connection", "open_sqlite", "schema_version"]
 
 # Other processes (the CLI revoking a token) are noticed this often.
 OUTSIDE_WRITES_INTERVAL = 2.0
@@ -169,7 +171,7 @@ DIALECT = Dialect(
 )
 
 
-class SchemaTooNew(Exception):
+class SchemaTooNew(StoreError):
     pass
 
 
