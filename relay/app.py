@@ -26,7 +26,7 @@ from relay.ratelimit import TokenRateLimiter
 from relay.secretbox import SecretBox
 from relay.spool import DatabaseSpool, PayloadSpool, Spool
 from relay.store import store_for
-from relay.store.base import Lease, Store
+from relay.store.base import Lease, Store, StoreUnavailable
 from relay.submit import Intake, SubmitLimits
 from relay.tls import ServerTls
 from relay.tunnel import ConnectorRegistry, ConnectorSession, TunnelListener
@@ -210,8 +210,12 @@ class Relay:
     async def _heartbeat(self) -> None:
         while True:
             await trio.sleep(HEARTBEAT_INTERVAL)
-            await self.store.heartbeat(self.replica_id)
-            await self.store.retire_silent_replicas(SILENT_REPLICA)
+            try:
+                await self.store.heartbeat(self.replica_id)
+                await self.store.retire_silent_replicas(SILENT_REPLICA)
+                await self.registry.write_pending_closes(self.store)
+            except StoreUnavailable as exc:
+                log.warning("heartbeat skipped: %s", exc)
 
     def jobs_in_flight(self) -> int:
         return self.registry.jobs_in_flight()
@@ -243,11 +247,15 @@ class Relay:
             # expires before the planned round does (not every submit: each round is two queries).
             self._next_sweep_at = math.inf
             woken = self._expiry_wakeup.next_firing()
-            # One replica sweeps at a time (the duty outlives a round, so it stays with one replica).
-            if await self.store.take_duty("expiry", self.replica_id, 3 * EXPIRY_INTERVAL):
-                for job in await self.store.expired_jobs(time.time(), 500):
-                    await self.jobs.transition(job.id, JobEvent.EXPIRE, "not delivered before expires_at")
-            soonest = await self.store.next_expiry()
+            try:
+                # One replica sweeps at a time (the duty outlives a round, so it stays with one replica).
+                if await self.store.take_duty("expiry", self.replica_id, 3 * EXPIRY_INTERVAL):
+                    for job in await self.store.expired_jobs(time.time(), 500):
+                        await self.jobs.transition(job.id, JobEvent.EXPIRE, "not delivered before expires_at")
+                soonest = await self.store.next_expiry()
+            except StoreUnavailable as exc:
+                log.warning("expiry sweep skipped: %s", exc)
+                soonest = None
             delay = EXPIRY_INTERVAL if soonest is None else min(EXPIRY_INTERVAL, soonest - time.time())
             self._next_sweep_at = time.time() + max(0.05, delay)
             with trio.move_on_after(max(0.05, delay)):

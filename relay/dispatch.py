@@ -24,6 +24,7 @@ Final states erase the payload.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -39,7 +40,7 @@ from relay.jobs import Job, JobEvent
 from relay.lifecycle import JobLifecycle
 from relay.metrics import RelayMetrics
 from relay.spool import PayloadSpool
-from relay.store.base import JobStore, Lease
+from relay.store.base import JobStore, Lease, StoreUnavailable
 from service.signal import Signal
 from tunnel.messages import NDJSON, TICKET_HEADER, JobStatus, JobTicketMessage, LineSplitter, MessageError
 from tunnel.session import ErrorCodes, H2Stream, SessionClosed, StreamClosed
@@ -53,6 +54,7 @@ RESPONSE_TIMEOUT = 60.0  # connector must answer a job stream's headers within t
 # A job may print for a long time; the tunnel's PINGs detect dead peers.
 PROGRESS_TIMEOUT = 24 * 3600.0
 NO_ANSWER = "connector did not answer in time"
+STORE_RETRY = 2.0  # seconds between claims while the database is unavailable
 STREAM_ENDED = "the connector session ended while the job was on its way; queued again"
 
 
@@ -126,9 +128,16 @@ class Dispatcher:
                 jobs: list[Job] = []
                 due: float | None = None
                 if free > 0:
-                    jobs, due = await store.claim_jobs_and_next_due(
-                        session.tenant, session.connector_id, time.time(), free, self._settings.lease
-                    )
+                    try:
+                        jobs, due = await store.claim_jobs_and_next_due(
+                            session.tenant, session.connector_id, time.time(), free, self._settings.lease
+                        )
+                    except StoreUnavailable as exc:
+                        log.warning(
+                            "cannot claim jobs for %s/%s: %s", session.tenant, session.connector_id, exc
+                        )
+                        due = time.time() + STORE_RETRY  # and wake-ups end the wait sooner
+
                 for job in jobs:
                     # No checkpoint between the claim and start_soon: a cancellation now still runs
                     # _deliver, which queues the job again.
@@ -145,7 +154,8 @@ class Dispatcher:
                 # connector claimable (submit, release, retry, requeue, a printer back online) wakes it,
                 # so an idle session costs no store calls at all.
                 if free <= 0:  # draining: nothing was claimed, so nothing was looked up
-                    due = await store.next_due(session.tenant, session.connector_id)
+                    with contextlib.suppress(StoreUnavailable):
+                        due = await store.next_due(session.tenant, session.connector_id)
                 timeout = math.inf if due is None else max(0.0, due - time.time())
                 with trio.move_on_after(timeout):
                     await woken.wait()
@@ -158,10 +168,15 @@ class Dispatcher:
                 outcome = await self._stream_job(job)
         finally:
             with trio.CancelScope(shield=True):  # the job must not stay `sending`, whatever ended us
-                if isinstance(outcome, str):
-                    await self._requeue(job, outcome)
-                else:
-                    await self._finish(job, outcome)
+                try:
+                    if isinstance(outcome, str):
+                        await self._requeue(job, outcome)
+                    else:
+                        await self._finish(job, outcome)
+                except StoreUnavailable as exc:
+                    # Not recorded now: the lease lapses and the job is queued again; the connector's
+                    # ledger answers the resend with this outcome, printing nothing twice.
+                    log.warning("job %s: outcome not recorded: %s", job.id, exc, extra={"job_id": job.id})
             self.claimed.discard(job.id)
             self.in_flight -= 1
             self._slot_freed.set()

@@ -19,7 +19,7 @@ import trio
 
 from relay.jobs import JobEvent
 from relay.lifecycle import JobLifecycle
-from relay.store.base import JobStore, Lease
+from relay.store.base import JobStore, Lease, StoreUnavailable
 
 log = logging.getLogger("printrelay.relay.leases")
 
@@ -46,7 +46,12 @@ class LeaseKeeper:
     async def run(self) -> None:
         while True:
             await trio.sleep(self._lease.seconds / 3)
-            await self.round()
+            try:
+                await self.round()
+            except StoreUnavailable as exc:
+                # The leases lapse meanwhile (on the database's clock, so nothing is lost): the next round
+                # after the outage renews what is still streaming and queues the rest again.
+                log.warning("lease round skipped: %s", exc)
 
     async def round(self) -> int:
         """Renew, then sweep; returns how many jobs were queued again."""

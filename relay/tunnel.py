@@ -26,7 +26,15 @@ from relay import audit
 from relay.auth import AuthError, Principal, authenticate, bearer
 from relay.dispatch import Dispatcher
 from relay.metrics import RelayMetrics
-from relay.store.base import ConnectorRecord, ConnectorStore, Notice, Printer, SessionRecord, TokenStore
+from relay.store.base import (
+    ConnectorRecord,
+    ConnectorStore,
+    Notice,
+    Printer,
+    SessionRecord,
+    StoreUnavailable,
+    TokenStore,
+)
 from service.signal import Signal
 from tunnel.messages import Inventory, LineSplitter, MessageError, PrinterCandidate, PrinterInfo, parse_event
 from tunnel.protocol import TunnelSettings
@@ -124,6 +132,7 @@ class ConnectorRegistry:
         self._tokens_changed: set[str] = set()  # token ids a notice named ("" for any)
         self._tokens_wakeup = Signal()
         self.token_rounds = Signal()  # fired after each round of token checks (tests wait on it)
+        self._unrecorded_closes: set[str] = set()  # session ids whose end the store has not heard yet
 
     def add(self, session: ConnectorSession) -> None:
         self._sessions[session.key].append(session)
@@ -190,7 +199,12 @@ class ConnectorRegistry:
                 valid.pop(token_id, None)
             live = {s.principal.token_id for s in self.sessions()}
             unknown = sorted(live - valid.keys())
-            records = await store.get_tokens(unknown) if unknown else {}
+            try:
+                records = await store.get_tokens(unknown) if unknown else {}
+            except StoreUnavailable as exc:
+                log.warning("token check skipped: %s", exc)
+                self._tokens_changed |= set(unknown)  # asked again next round
+                continue
             now = time.time()
             closing: dict[str, str] = {}
             for token_id in unknown:
@@ -219,6 +233,15 @@ class ConnectorRegistry:
     def close_all(self, reason: str) -> None:
         for session in self.sessions():
             session.h2.close(reason)
+
+    def session_close_unrecorded(self, session_id: str) -> None:
+        """A session ended while the database was unavailable: the heartbeat writes it later."""
+        self._unrecorded_closes.add(session_id)
+
+    async def write_pending_closes(self, store: ConnectorStore) -> None:
+        for session_id in sorted(self._unrecorded_closes):
+            await store.session_closed(session_id, time.time())
+            self._unrecorded_closes.discard(session_id)
 
     def claimed_jobs(self) -> set[str]:
         """Jobs this replica's dispatchers hold (claimed and not yet settled)."""
@@ -280,7 +303,7 @@ class ConnectorSession:
             try:
                 with trio.fail_after(INVENTORY_TIMEOUT):
                     await self._register()
-            except (trio.TooSlowError, SessionClosed, StreamClosed, MessageError) as exc:
+            except (trio.TooSlowError, SessionClosed, StreamClosed, MessageError, StoreUnavailable) as exc:
                 timed_out = isinstance(exc, trio.TooSlowError)  # whose str() is empty
                 why = f"no inventory within {INVENTORY_TIMEOUT:g} s" if timed_out else str(exc)
                 log.warning(
@@ -291,8 +314,14 @@ class ConnectorSession:
                 self.h2.close(f"registration failed: {why}")
                 nursery.cancel_scope.cancel()
                 return
+            try:
+                await store.session_opened(self.record)
+            except StoreUnavailable as exc:
+                log.warning("connector %s/%s not registered: %s", self.tenant, self.connector_id, exc)
+                self.h2.close(f"registration failed: {exc}")
+                nursery.cancel_scope.cancel()
+                return
             self._registry.add(self)
-            await store.session_opened(self.record)
             log.info(
                 "connector %s/%s registered from %s with %d printers", self.tenant, self.connector_id,
                 self.remote, len(self.inventory.printers) if self.inventory else 0,
@@ -309,8 +338,13 @@ class ConnectorSession:
                 nursery.cancel_scope.cancel()
             finally:
                 self._registry.remove(self)
-                with trio.CancelScope(shield=True):
-                    await store.session_closed(self.record.id, time.time())
+                with trio.CancelScope(shield=True), trio.move_on_after(10) as slow:
+                    try:
+                        await store.session_closed(self.record.id, time.time())
+                    except StoreUnavailable:
+                        self._registry.session_close_unrecorded(self.record.id)
+                if slow.cancelled_caught:
+                    self._registry.session_close_unrecorded(self.record.id)
                 log.info(
                     "connector %s/%s session closed: %s", self.tenant, self.connector_id,
                     self.h2.close_reason,
@@ -375,6 +409,10 @@ class ConnectorSession:
                         self.candidates[event.uri] = event
         except (StreamClosed, SessionClosed):
             return
+        except StoreUnavailable as exc:
+            # Printer states cannot be kept now: end the session, the connector dials again and its
+            # inventory brings them back once the database is.
+            self.h2.close(f"printer events not recorded: {exc}")
         except MessageError as exc:
             log.warning(
                 "connector %s/%s sent a bad event: %s", self.tenant, self.connector_id, exc,

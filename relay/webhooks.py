@@ -36,7 +36,7 @@ import trio
 from relay.dispatch import retry_delay
 from relay.jobs import SNAPSHOT_FIELDS, Job, JobHistoryEntry, JobState
 from relay.secretbox import SecretBox
-from relay.store.base import Notice, Store, Webhook, WebhookDelivery
+from relay.store.base import Notice, Store, StoreUnavailable, Webhook, WebhookDelivery
 from service import bounded_json
 
 log = logging.getLogger("printrelay.relay.webhooks")
@@ -308,7 +308,11 @@ class WebhookSender:
             while True:
                 # A fresh event before reading, so a change committed during the read is not missed.
                 self._wake = trio.Event()
-                delay = await self._start_due(client, nursery)
+                try:
+                    delay = await self._start_due(client, nursery)
+                except StoreUnavailable as exc:
+                    log.warning("webhook outbox unreadable: %s", exc)
+                    delay = IDLE_POLL
                 if delay > 0:
                     with trio.move_on_after(delay):
                         await self._wake.wait()
@@ -361,6 +365,10 @@ class WebhookSender:
             await self.store.webhook_delivery_failed(
                 delivery.seq, attempts, time.time() + delay, outcome.error
             )
+        except StoreUnavailable as exc:
+            # The outcome is not recorded: the claim lapses and the delivery is sent again (receivers
+            # dedupe by delivery_id).
+            log.warning("webhook %s: outcome of %s not recorded: %s", delivery.webhook_id, delivery.id, exc)
         finally:
             self._in_flight.pop(delivery.seq, None)
             self._wake.set()

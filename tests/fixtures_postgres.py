@@ -19,6 +19,7 @@ import os
 import pwd
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -85,8 +86,9 @@ class PostgresServer:
             time.sleep(0.05)  # an external process: polled, as pg_isready itself does
 
     def stop(self) -> None:
+        """Fast shutdown (SIGINT), as a restart does it: clients are disconnected, not waited for."""
         if self.process is not None and self.process.poll() is None:
-            self.process.terminate()  # SIGTERM: smart shutdown
+            self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(timeout=30)
             except subprocess.TimeoutExpired:

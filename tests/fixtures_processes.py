@@ -74,6 +74,12 @@ class ProcessStack:
     tunnel_port: int
     services: list[Service] = field(default_factory=list)
     api_token: str = ""
+    database_url: str = ""  # PostgreSQL (pg_process_stack); else SQLite in data_dir
+
+    def store_args(self) -> list[str]:
+        return (
+            ["--database-url", self.database_url] if self.database_url else ["--data-dir", str(self.data_dir)]
+        )
 
     @property
     def api_url(self) -> str:
@@ -87,7 +93,8 @@ class ProcessStack:
         relay = Service(
             "relay",
             ["serve", "--listen", f"127.0.0.1:{self.http_port}", "--tunnel-listen",
-             f"127.0.0.1:{self.tunnel_port}", "--data-dir", str(self.data_dir), *extra],
+             f"127.0.0.1:{self.tunnel_port}", "--data-dir", str(self.data_dir),
+             *(["--database-url", self.database_url] if self.database_url else []), *extra],
             self.tmp_path / "relay.log",
         )  # fmt: skip
         relay.start()
@@ -95,9 +102,7 @@ class ProcessStack:
         return relay
 
     def token(self, kind: str, tenant: str = "acme", *extra: str) -> str:
-        result = printrelay(
-            "token", "create", "--data-dir", str(self.data_dir), "--tenant", tenant, "--kind", kind, *extra
-        )
+        result = printrelay("token", "create", *self.store_args(), "--tenant", tenant, "--kind", kind, *extra)
         return result.stdout.strip()
 
     def start_connector(self, printers: dict[str, str], *, connector_id: str = "site-1") -> Service:
@@ -150,7 +155,16 @@ class ProcessStack:
 
 @pytest.fixture
 def process_stack(tmp_path: Path) -> Iterator[ProcessStack]:
-    stack = ProcessStack(tmp_path, free_port(), free_port())
+    yield from _process_stack(ProcessStack(tmp_path, free_port(), free_port()))
+
+
+@pytest.fixture
+def pg_process_stack(tmp_path: Path, postgres_url: str) -> Iterator[ProcessStack]:
+    """The same, with the relay on PostgreSQL."""
+    yield from _process_stack(ProcessStack(tmp_path, free_port(), free_port(), database_url=postgres_url))
+
+
+def _process_stack(stack: ProcessStack) -> Iterator[ProcessStack]:
     stack.data_dir.mkdir()
     stack.api_token = stack.token("api", "acme", "--scopes", "admin")
     yield stack

@@ -22,7 +22,7 @@ from relay.jobs import Job, JobState
 from relay.lifecycle import JobLifecycle
 from relay.ratelimit import TokenRateLimiter, spend_request
 from relay.secretbox import SecretBox
-from relay.store.base import Store
+from relay.store.base import Store, StoreUnavailable
 from relay.submit import MAX_COPIES, Intake, Refusal, Submission, SubmitError
 from relay.tunnel import ConnectorRegistry
 from service import bounded_json
@@ -32,11 +32,19 @@ from service.settings import parse_duration
 Route = Callable[[Request, Principal, re.Match[str]], Awaitable[Response]]
 
 MAX_EXPIRES_IN = 365 * 86400.0
+STORE_RETRY_AFTER = 5  # seconds a client is asked to wait while the database is unavailable
 SSE_KEEPALIVE = 15.0  # seconds between comments that keep proxies from closing an idle stream
 MAX_LIST = 500
 MAX_IDEMPOTENCY_KEY = 255
 MAX_ADMIN_BODY = 16 * 1024
 FORMAT_RE = re.compile(r"^[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+$")
+
+
+def _store_outage(exc: BaseException) -> StoreUnavailable | None:
+    """The StoreUnavailable that ``exc`` is, or holds alone (trio's nurseries wrap what they raise)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, StoreUnavailable) else None
 
 
 def _sse(data: dict[str, object], event: str = "state") -> bytes:
@@ -135,6 +143,19 @@ class RestApi:
         ]
 
     async def handle(self, request: Request) -> Response:
+        try:
+            return await self._handle(request)
+        except Exception as exc:
+            reason = _store_outage(exc)
+            if reason is None:
+                raise
+            # PostgreSQL restarting, say: nothing accepted is lost, and the client tries again.
+            raise HTTPError(
+                503, f"the relay's database is unavailable ({reason}); retry in {STORE_RETRY_AFTER} s",
+                [("retry-after", str(STORE_RETRY_AFTER))],
+            ) from None  # fmt: skip
+
+    async def _handle(self, request: Request) -> Response:
         if request.path == "/healthz":
             return Response.json({"status": "alive"})
         if request.path == "/readyz":

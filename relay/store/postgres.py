@@ -38,6 +38,8 @@ log = logging.getLogger("printrelay.relay.store")
 CHANNEL = "printrelay"
 NOTIFY_LIMIT = 7_000  # PostgreSQL refuses payloads of 8,000 bytes and more; messages are cut to fit
 CONNECT_TIMEOUT = 10.0
+CALL_TIMEOUT = 5.0  # a call waits this long for a connection while the database is away (then 503)
+RECONNECT_GIVE_UP = 10.0
 POOL_SIZE = 4
 LISTEN_RETRY = (0.5, 10.0)  # a lost listener reconnects after this (doubling up to the second figure)
 MIGRATION_LOCK = 0x7072696E7472  # pg_advisory_lock key: "printr"
@@ -279,7 +281,11 @@ class PostgresStore(SqlStore):
                 open=False,
                 kwargs={"autocommit": True, "row_factory": dict_row, "connect_timeout": int(CONNECT_TIMEOUT)},
                 check=psycopg_pool.ConnectionPool.check_connection,
-                timeout=CONNECT_TIMEOUT,
+                timeout=CALL_TIMEOUT,
+                # The pool backs off between reconnections without a cap until it gives up: giving up soon
+                # makes the next call start afresh (at 1 s), so a restarted database is found within seconds
+                # however long it was away.
+                reconnect_timeout=RECONNECT_GIVE_UP,
                 name="printrelay",
             )
             pool.open(wait=True, timeout=CONNECT_TIMEOUT)
