@@ -33,9 +33,8 @@ from connector.ledger import Ledger, LedgerEntry
 from connector.metrics import ConnectorMetrics
 from connector.ops import ops_listener
 from connector.printerbook import MAX_REQUEST_BYTES, PrinterBook, parse_printer_request
-from connector.proxy import proxy_for
 from connector.status import PrinterStatus, poll
-from connector.tunnel import TunnelClient, client_ssl_context
+from connector.tunnel import TunnelGroup
 from service.private_files import create_private, private_dir
 from tunnel.messages import (
     NDJSON,
@@ -158,10 +157,9 @@ class Connector:
         self._status_wakeup = trio.Event()
         self.status_rounds = 0  # completed polls of every printer (tests wait on it)
         self.name = config.name or platform.node() or "connector"
-        self.tunnel = TunnelClient(
-            config.relay, config.token, self.handle_stream,
-            ssl_context=client_ssl_context(config.ca_file) if config.relay.startswith("wss:") else None,
-            proxy=proxy_for(config.relay, config.proxy),
+        self.tunnel = TunnelGroup(
+            config.relay, config.token, self.handle_stream, sessions=config.sessions, ca_file=config.ca_file,
+            proxy_setting=config.proxy,
         )  # fmt: skip
         self._job_slots = trio.Semaphore(config.max_jobs)
         self._event_watchers: set[trio.MemorySendChannel[bytes]] = set()
@@ -207,8 +205,8 @@ class Connector:
         with trio.move_on_after(grace):
             while self._deliveries:
                 await self._jobs_changed.wait()
-        if self.tunnel.session is not None:
-            self.tunnel.session.close("connector shutting down")
+        for session in self.tunnel.sessions:
+            session.close("connector shutting down")
         self._nursery.cancel_scope.cancel()
 
     # --- streams from the relay -------------------------------------------------------------------
@@ -272,21 +270,23 @@ class Connector:
                 self._event_watchers.discard(watcher)
 
     def _drain_session(self, stream: H2Stream) -> None:
-        session = self.tunnel.session
-        if session is not None:
-            self._draining_sessions.add(id(session))
-            self._nursery.start_soon(self._close_when_idle, session)
+        """The relay replica of this stream's session is going away: finish that session's jobs, then
+        close it (its slot dials again, most likely another replica); the other sessions go on."""
+        session = stream.session
+        self._draining_sessions.add(id(session))
+        self._nursery.start_soon(self._close_when_idle, session)
 
     async def _close_when_idle(self, session: H2Session) -> None:
         while any(d.session is session for d in self._deliveries.values()):
             await self._jobs_changed.wait()
         session.close("relay asked us to drain")
+        self._draining_sessions.discard(id(session))
 
     # --- jobs -----------------------------------------------------------------------------------
 
     async def _serve_job(self, stream: H2Stream, job_id: str) -> None:
-        session = self.tunnel.session
-        if self.draining or (session is not None and id(session) in self._draining_sessions):
+        session = stream.session
+        if self.draining or id(session) in self._draining_sessions:
             await self._answer_early(stream, JobStatus("retry", "connector is draining", retry_after=1))
             return
         try:

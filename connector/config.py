@@ -83,7 +83,14 @@ def is_loopback(host: str) -> bool:
 
 @dataclass(frozen=True)
 class ConnectorConfig:
-    relay: str = option("ws://127.0.0.1:8081/v1/tunnel", "the relay's tunnel URL (ws:// or wss://)")
+    relay: list[str] = option(
+        ["ws://127.0.0.1:8081/v1/tunnel"], "the relay's tunnel URL (ws:// or wss://); give it once per relay "
+        "replica, or once for a name that resolves to several", multiple=True, metavar="URL",
+    )  # fmt: skip
+    sessions: int = option(
+        2, "tunnel sessions to keep, each to a different relay replica (never more than the relay says are "
+        "alive: one for a relay that runs alone)",
+    )  # fmt: skip
     token: str = option("", "connector token (printrelay token create --kind connector)", secret=True)
     ca_file: Path | None = option(
         None, "PEM file of CAs that may sign the relay's certificate (default: the system store)",
@@ -146,15 +153,22 @@ class ConnectorConfig:
     log_format: str = option("auto", "json, text, or auto (text on a terminal, else json)")
 
     def __post_init__(self) -> None:
-        scheme = urlsplit(self.relay).scheme
-        if scheme not in {"ws", "wss"}:
-            raise ValueError(f"relay must be a ws:// or wss:// URL, not {self.relay!r}")
-        host = urlsplit(self.relay).hostname or ""
-        if scheme == "ws" and not self.insecure and not is_loopback(host):
-            raise ValueError(
-                f"relay {self.relay} is not encrypted and {host or 'its host'} is not a loopback address: "
-                "use wss://, or --insecure to allow plain ws://"
-            )
+        if isinstance(self.relay, str):  # one URL, as code (not flags) often gives it
+            object.__setattr__(self, "relay", [self.relay])
+        if not self.relay:
+            raise ValueError("relay: at least one relay URL is needed")
+        for url in self.relay:
+            scheme = urlsplit(url).scheme
+            if scheme not in {"ws", "wss"}:
+                raise ValueError(f"relay must be a ws:// or wss:// URL, not {url!r}")
+            host = urlsplit(url).hostname or ""
+            if scheme == "ws" and not self.insecure and not is_loopback(host):
+                raise ValueError(
+                    f"relay {url} is not encrypted and {host or 'its host'} is not a loopback address: "
+                    "use wss://, or --insecure to allow plain ws://"
+                )
+        if not 1 <= self.sessions <= 8:
+            raise ValueError(f"sessions must be between 1 and 8, not {self.sessions}")
         if self.proxy.strip() and self.proxy.strip().lower() not in ("none", "direct"):
             parse_proxy(self.proxy)
         ids = [p.id for p in self.printer]

@@ -35,8 +35,15 @@ class _LiveState(Collector):
         sessions = GaugeMetricFamily(
             "printrelay_connector_tunnel_sessions", "Tunnel sessions to the relay that are up"
         )
-        sessions.add_metric([], 1 if tunnel.session is not None else 0)
+        sessions.add_metric([], len(tunnel.sessions))
         yield sessions
+        replicas = GaugeMetricFamily(
+            "printrelay_connector_tunnel_replicas",
+            "Distinct relay replicas this connector holds sessions to (HA: at least 2 when the relay runs "
+            "2+)",
+        )
+        replicas.add_metric([], len(tunnel.replicas))
+        yield replicas
         opened = CounterMetricFamily(
             "printrelay_connector_tunnel_sessions_opened", "Tunnel sessions established to the relay"
         )
@@ -46,10 +53,11 @@ class _LiveState(Collector):
             "printrelay_connector_tunnel_reconnects",
             "Times the connector dialed the relay again, by why the last attempt ended "
             "(session_ended, refused: HTTP 401 or similar, "
-            "busy: HTTP 503 from a relay under a reconnect storm, unreachable)",
+            "busy: HTTP 503 from a relay under a reconnect storm, unreachable, "
+            "duplicate: reached a replica another session holds)",
             labels=["reason"],
         )
-        for reason in ("session_ended", "refused", "busy", "unreachable"):
+        for reason in ("session_ended", "refused", "busy", "unreachable", "duplicate"):
             reconnects.add_metric([reason], tunnel.retries.get(reason, 0))
         yield reconnects
         printers = GaugeMetricFamily(

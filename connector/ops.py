@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 async def readiness(connector: Connector) -> str | None:
     if connector.tunnel.session is None:
-        return f"no tunnel session to {connector.config.relay}"
+        return f"no tunnel session to {', '.join(connector.config.relay)}"
     if not connector.registered:
         return "tunnel up, not registered by the relay yet"
     return None

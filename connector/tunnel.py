@@ -1,10 +1,11 @@
 """The connector's end of the tunnel: dial out, serve HTTP/2 on the WebSocket, reconnect.
 
-The connector only ever dials out (nothing is opened inbound on the site). It keeps one session to the
-relay; when the session ends — the relay restarted, the network dropped, a PING went unanswered — it
-dials again after a full-jitter backoff (1 s base, 60 s cap, reset once a session stayed up 30 s). A
-401 means the token is wrong or revoked: the connector keeps trying (an admin may fix the token at the
-relay) but honours the relay's ``Retry-After``.
+The connector only ever dials out (nothing is opened inbound on the site). A :class:`TunnelClient` keeps one
+session to the relay; when the session ends — the relay restarted, the network dropped, a PING went
+unanswered — it dials again after a full-jitter backoff (1 s base, 60 s cap, reset once a session stayed up
+30 s). A 401 means the token is wrong or revoked: the connector keeps trying (an admin may fix the token at
+the relay) but honours the relay's ``Retry-After``. A :class:`TunnelGroup` runs several of them, to distinct
+relay replicas (``--relay`` given several times, ``--sessions``).
 
 The relay is verified: a ``wss://`` URL needs a certificate that chains to the system store (or
 ``--ca-file``) and names the relay's host, over TLS 1.2 or newer. Through a proxy the connector asks for a
@@ -15,20 +16,31 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ipaddress
 import logging
+import math
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import trio
 from trio_websocket import ConnectionRejected, HandshakeError, WebSocketConnection, wrap_client_stream
 
-from connector.proxy import Proxy, ProxyError, open_connect_tunnel
+from connector.proxy import Proxy, ProxyError, open_connect_tunnel, proxy_for
+from service.signal import Signal
 from tunnel.backoff import Backoff
 from tunnel.protocol import TunnelSettings
 from tunnel.session import H2Session, H2Stream
-from tunnel.wsstream import MAX_MESSAGE_BYTES, SUBPROTOCOL, ReaderTasks, WebSocketStream
+from tunnel.wsstream import (
+    MAX_MESSAGE_BYTES,
+    REPLICA_HEADER,
+    REPLICAS_HEADER,
+    SUBPROTOCOL,
+    ReaderTasks,
+    WebSocketStream,
+)
 
 log = logging.getLogger("printrelay.connector.tunnel")
 
@@ -75,6 +87,80 @@ def _retry_after(rejection: ConnectionRejected) -> float | None:
     return None
 
 
+RESOLVE_INTERVAL = 60.0  # a relay name is resolved again after this long
+BACKOFF_BASE, BACKOFF_CAP, BACKOFF_RESET = 1.0, 60.0, 30.0  # full jitter; reset once a session lasted 30 s
+
+
+@dataclass(frozen=True)
+class Target:
+    url: str
+    address: str | None = None  # one address of the URL's host to dial (None: the host, resolved by trio)
+
+
+class SameReplica(Exception):
+    """The session reached a replica that another session of this connector already holds."""
+
+    def __init__(self, message: str, *, first: bool) -> None:
+        super().__init__(message)
+        self.first = first  # said once per replica; after that only at debug level
+
+
+class Targets:
+    """Where the slots of a :class:`TunnelGroup` dial: every ``--relay`` URL, a name that resolves to several
+    addresses counting as several. Each slot walks the list round-robin from its own starting point and
+    skips targets last seen to lead to a replica another slot holds."""
+
+    def __init__(self, urls: Sequence[str], proxied: Callable[[str], bool]) -> None:
+        self.urls = list(dict.fromkeys(urls))
+        self._proxied = proxied
+        self._targets: list[Target] = [Target(u) for u in self.urls]
+        self._resolved_at = -math.inf
+        self._next: dict[int, int] = {}  # slot -> index of its next target
+        self.replica_of: dict[Target, str] = {}  # the replica each target led to last time
+
+    async def _resolve(self) -> None:
+        if trio.current_time() - self._resolved_at < RESOLVE_INTERVAL:
+            return
+        self._resolved_at = trio.current_time()
+        targets: list[Target] = []
+        for url in self.urls:
+            parts = urlsplit(url)
+            host = parts.hostname or ""
+            if self._proxied(url) or _is_address(host):
+                targets.append(Target(url))
+                continue
+            try:
+                infos = await trio.socket.getaddrinfo(host, parts.port or 443, type=trio.socket.SOCK_STREAM)
+            except OSError as exc:
+                log.warning("cannot resolve %s: %s", host, exc)
+                targets.append(Target(url))
+                continue
+            addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+            targets += (
+                [Target(url, address) for address in addresses] if len(addresses) > 1 else [Target(url)]
+            )
+        self._targets = targets or [Target(u) for u in self.urls]
+
+    async def next_for(self, slot: int, held_by_others: set[str]) -> Target:
+        await self._resolve()
+        count = len(self._targets)
+        start = self._next.get(slot, slot)
+        for step in range(count):
+            target = self._targets[(start + step) % count]
+            if self.replica_of.get(target) not in held_by_others or step == count - 1:
+                self._next[slot] = start + step + 1
+                return target
+        raise AssertionError("unreachable")
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 class TunnelClient:
     """Keeps a session to the relay up for as long as :meth:`run` runs."""
 
@@ -89,22 +175,45 @@ class TunnelClient:
         settings: TunnelSettings | None = None,
         backoff: Backoff | None = None,
         on_session: Callable[[H2Session | None], None] | None = None,
+        targets: Callable[[TunnelClient], Awaitable[Target]] | None = None,
+        admit: Callable[[TunnelClient, str, int], None] | None = None,
+        ca_file: Path | None = None,
+        proxy_setting: str | None = None,
     ) -> None:
         self.url = url
         self.token = token
         self.handler = handler
         self.ssl_context = ssl_context
         if self.ssl_context is None and urlsplit(url).scheme == "wss":
-            self.ssl_context = client_ssl_context()
+            self.ssl_context = client_ssl_context(ca_file)
         self.proxy = proxy
         self.settings = settings or TunnelSettings()
-        self.backoff = backoff or Backoff(base=1.0, cap=60.0, reset_after=30.0)
+        self.backoff = backoff or Backoff(base=BACKOFF_BASE, cap=BACKOFF_CAP, reset_after=BACKOFF_RESET)
         self.on_session = on_session
+        # With several relay URLs (or a name of several addresses), where to dial next, and whether the
+        # replica that answered is one this connector should keep a session to (TunnelGroup).
+        self._targets = targets
+        self._admit = admit
+        self._ca_file = ca_file
+        self._proxy_setting = proxy_setting
+        self.target = Target(url)
         self.session: H2Session | None = None
+        self.replica: str | None = None  # the relay replica this session is to
         self.connected = trio.Event()
         self.sessions_opened = 0
         self.retries: collections.Counter[str] = collections.Counter()  # why each redial happened
         self.stopping = False
+
+    async def _next_target(self) -> None:
+        if self._targets is None:
+            return
+        target = await self._targets(self)
+        if target.url != self.url:
+            self.url = target.url
+            secure = urlsplit(target.url).scheme == "wss"
+            self.ssl_context = client_ssl_context(self._ca_file) if secure else None
+            self.proxy = proxy_for(target.url, self._proxy_setting or "")
+        self.target = target
 
     async def run(self) -> None:
         while not self.stopping:
@@ -112,7 +221,11 @@ class TunnelClient:
             reason = "session_ended"
             started = trio.current_time()
             try:
+                await self._next_target()
                 await self._one_session()
+            except SameReplica as exc:
+                reason = "duplicate"
+                log.log(logging.WARNING if exc.first else logging.DEBUG, "%s", exc)
             except ConnectionRejected as exc:
                 retry_after = _retry_after(exc)
                 body = (exc.body or b"").decode(errors="replace").strip()
@@ -136,6 +249,15 @@ class TunnelClient:
 
     async def _one_session(self) -> None:
         async with self._open_websocket() as ws:
+            headers = {k.lower(): v for k, v in ws.handshake_headers}
+            replica = headers.get(REPLICA_HEADER.encode(), b"").decode(errors="replace")[:128]
+            try:
+                advertised = int(headers.get(REPLICAS_HEADER.encode(), b"1"))
+            except ValueError:
+                advertised = 1
+            if self._admit is not None:
+                self._admit(self, replica, advertised)  # SameReplica: another session holds that replica
+            self.replica = replica or None
             session = H2Session(
                 WebSocketStream(ws), client_side=False, settings=self.settings, handler=self.handler,
                 name="tunnel to relay",
@@ -151,6 +273,7 @@ class TunnelClient:
                 log.warning("tunnel down: %s", session.close_reason)
             finally:
                 self.session = None
+                self.replica = None
                 self.connected = trio.Event()
                 if self.on_session:
                     self.on_session(None)
@@ -169,7 +292,7 @@ class TunnelClient:
         try:
             async with trio.open_nursery() as nursery:
                 with trio.fail_after(CONNECT_TIMEOUT):
-                    stream = await self._dial(host, port, secure)
+                    stream = await self._dial(host, port, secure, self.target.address)
                     try:
                         ws = await wrap_client_stream(
                             # Its reader's errors end this connection only (see ReaderTasks).
@@ -198,12 +321,13 @@ class TunnelClient:
             raise sole from sole.__cause__  # keeps the cause (the certificate error, say)
 
     async def _dial(
-        self, host: str, port: int, secure: bool
+        self, host: str, port: int, secure: bool, address: str | None = None
     ) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
         if self.proxy is not None:
             tcp = await open_connect_tunnel(self.proxy, host, port)
         else:
-            tcp = await trio.open_tcp_stream(host, port)
+            # One of the name's addresses when the group picked one; TLS still checks the name.
+            tcp = await trio.open_tcp_stream(address or host, port)
         if not secure:
             return tcp
         assert self.ssl_context is not None
@@ -214,3 +338,134 @@ class TunnelClient:
             await trio.aclose_forcefully(tcp)
             raise
         return tls
+
+
+class TunnelGroup:
+    """Sessions to ``sessions`` distinct relay replicas, each in a slot that redials on its own with the
+    jittered backoff of :class:`TunnelClient`.
+
+    Replicas name themselves on the upgrade, and say how many are alive. The group keeps
+    ``min(sessions, replicas alive)`` slots: one for a relay that runs alone. A session that lands on a
+    replica another slot holds (two URLs of one replica, or a load balancer choosing the same one again) is
+    closed, said once, and its slot dials again after a backoff. A job may arrive on any session: the ledger
+    keeps it from printing twice.
+    """
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        token: str,
+        handler: Callable[[H2Stream], Awaitable[None]],
+        *,
+        sessions: int = 2,
+        ca_file: Path | None = None,
+        proxy_setting: str = "",
+        settings: TunnelSettings | None = None,
+        on_session: Callable[[H2Session | None], None] | None = None,
+    ) -> None:
+        self.urls = list(urls)
+        self.token = token
+        self.handler = handler
+        self.sessions_wanted = max(1, sessions)
+        self._ca_file = ca_file
+        self._proxy_setting = proxy_setting
+        self._settings = settings
+        self._on_session = on_session
+        self.targets = Targets(urls, lambda url: proxy_for(url, proxy_setting) is not None)
+        self.clients: list[TunnelClient] = []
+        self.replicas_alive = 1  # as the relay last said
+        self._warned: set[str] = set()
+        self._changed = Signal()
+        self._stopping = False
+        self.connected = trio.Event()  # set while any session is up
+        self.backoff_cap = BACKOFF_CAP  # longest wait between dials of a slot (tests shorten it)
+
+    # --- what the connector reads -----------------------------------------------------------------
+
+    @property
+    def sessions(self) -> list[H2Session]:
+        return [c.session for c in self.clients if c.session is not None]
+
+    @property
+    def session(self) -> H2Session | None:
+        """A session that is up, if any (what a single-session caller asks)."""
+        found = self.sessions
+        return found[0] if found else None
+
+    @property
+    def replicas(self) -> set[str]:
+        return {c.replica for c in self.clients if c.session is not None and c.replica}
+
+    @property
+    def sessions_opened(self) -> int:
+        return sum(c.sessions_opened for c in self.clients)
+
+    @property
+    def retries(self) -> collections.Counter[str]:
+        total: collections.Counter[str] = collections.Counter()
+        for client in self.clients:
+            total.update(client.retries)
+        return total
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    @stopping.setter
+    def stopping(self, value: bool) -> None:
+        self._stopping = value
+        for client in self.clients:
+            client.stopping = value
+        self._changed.fire()
+
+    # --- running ----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            while not self._stopping:
+                wanted = min(self.sessions_wanted, max(1, self.replicas_alive))
+                while len(self.clients) < wanted:
+                    client = self._slot(len(self.clients))
+                    self.clients.append(client)
+                    nursery.start_soon(client.run)
+                await self._changed.wait()
+
+    def _slot(self, index: int) -> TunnelClient:
+        async def next_target(client: TunnelClient) -> Target:
+            held = {c.replica for c in self.clients if c is not client and c.replica}
+            return await self.targets.next_for(index, held)
+
+        def on_session(session: H2Session | None) -> None:
+            if session is not None:
+                self.connected.set()
+            elif not any(c.session is not None for c in self.clients) and self.connected.is_set():
+                self.connected = trio.Event()
+            self._changed.fire()
+            if self._on_session is not None:
+                self._on_session(session)
+
+        first = self.urls[0]
+        return TunnelClient(
+            first, self.token, self.handler, settings=self._settings, on_session=on_session,
+            ssl_context=client_ssl_context(self._ca_file) if first.startswith("wss:") else None,
+            proxy=proxy_for(first, self._proxy_setting), targets=next_target, admit=self.admit,
+            ca_file=self._ca_file, proxy_setting=self._proxy_setting,
+            backoff=Backoff(base=BACKOFF_BASE, cap=self.backoff_cap, reset_after=BACKOFF_RESET),
+        )  # fmt: skip
+
+    def admit(self, client: TunnelClient, replica: str, alive: int) -> None:
+        """A slot's session reached ``replica``; ``alive`` replicas exist, as the relay said."""
+        if alive != self.replicas_alive:
+            self.replicas_alive = alive
+            self._changed.fire()
+        self.targets.replica_of[client.target] = replica
+        if not replica:
+            return  # an older relay names no replica: nothing to compare
+        if any(c is not client and c.replica == replica for c in self.clients):
+            first = replica not in self._warned
+            self._warned.add(replica)
+            raise SameReplica(
+                f"reached relay replica {replica} again through {client.target.address or client.url}: "
+                f"another session holds it; dialing again for another of the {alive} replicas",
+                first=first,
+            )

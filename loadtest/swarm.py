@@ -76,7 +76,7 @@ class Swarm:
                         self.sinks.append(sink)
                     printers.append(PrinterSpec(printer_id, f"socket://127.0.0.1:{sink.port}"))
                 config = ConnectorConfig(
-                    relay=args.relay, token=token, printer=printers, name=connector_id,
+                    relay=[args.relay], token=token, printer=printers, name=connector_id,
                     state_dir=Path(args.state_dir) / connector_id, max_jobs=args.max_jobs,
                     status_interval=args.status_interval, log_level="warning",
                 )  # fmt: skip

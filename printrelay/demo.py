@@ -191,7 +191,7 @@ async def demo(args: argparse.Namespace) -> int:
         say(f"  printer:   {printer.description}, documents land in {printer.output}")
         connector = Connector(
             ConnectorConfig(
-                relay=tunnel,
+                relay=[tunnel],
                 token=connector_token,
                 printer=[parse_printer(f"demo-printer={printer.uri}")],
                 state_dir=data_dir / "connector",

@@ -104,6 +104,7 @@ class Relay:
         self.rate_limiter = TokenRateLimiter(config.rate_limit, config.rate_burst)
         self.tls = ServerTls(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
         self.accepting = False
+        self.replicas_alive = 1  # replicas sharing the store, as the last heartbeat counted them
         self.health = RelayHealth(
             self.store, self.spool, self.registry, self.metrics, config.data_dir, lambda: self.accepting
         )
@@ -166,6 +167,7 @@ class Relay:
                 thost, tport = config.tunnel_listen
                 listener = TunnelListener(
                     self.registry, self.store, self.metrics, self._new_session,
+                    replica=lambda: (self.replica_id, self.replicas_alive),
                     ssl_context=self.tls.context if self.tls else None,
                 )  # fmt: skip
                 tunnel_port = await nursery.start(listener.serve, thost, tport)
@@ -198,6 +200,7 @@ class Relay:
         again, and spool files without a live job are removed."""
         await self.spool.prepare()
         await self.store.register_replica(self.replica_id, platform.node())
+        self.replicas_alive = max(1, await self.store.live_replicas(SILENT_REPLICA))
         requeued = await self.store.requeue_orphaned(time.time())
         if requeued:
             log.info("queued %d interrupted jobs again", len(requeued))
@@ -214,6 +217,7 @@ class Relay:
                 await self.store.heartbeat(self.replica_id)
                 await self.store.retire_silent_replicas(SILENT_REPLICA)
                 await self.registry.write_pending_closes(self.store)
+                self.replicas_alive = max(1, await self.store.live_replicas(SILENT_REPLICA))
             except StoreUnavailable as exc:
                 log.warning("heartbeat skipped: %s", exc)
 

@@ -39,7 +39,15 @@ from service.signal import Signal
 from tunnel.messages import Inventory, LineSplitter, MessageError, PrinterCandidate, PrinterInfo, parse_event
 from tunnel.protocol import TunnelSettings
 from tunnel.session import H2Session, SessionClosed, StreamClosed
-from tunnel.wsstream import MAX_MESSAGE_BYTES, SUBPROTOCOL, TUNNEL_PATH, ReaderTasks, WebSocketStream
+from tunnel.wsstream import (
+    MAX_MESSAGE_BYTES,
+    REPLICA_HEADER,
+    REPLICAS_HEADER,
+    SUBPROTOCOL,
+    TUNNEL_PATH,
+    ReaderTasks,
+    WebSocketStream,
+)
 
 log = logging.getLogger("printrelay.relay.tunnel")
 
@@ -433,9 +441,11 @@ class TunnelListener:
         metrics: RelayMetrics,
         new_session: SessionFactory,
         *,
+        replica: Callable[[], tuple[str, int]] = lambda: ("", 1),
         ssl_context: ssl.SSLContext | None = None,
         settings: TunnelSettings | None = None,
     ) -> None:
+        self._replica = replica  # (this replica's id, replicas alive), told to each connector on the upgrade
         self._registry = registry
         self._tokens = tokens
         self._metrics = metrics
@@ -525,7 +535,16 @@ class TunnelListener:
         if SUBPROTOCOL not in request.proposed_subprotocols:
             await request.reject(400, body=f"subprotocol {SUBPROTOCOL} required\n".encode())
             return
-        ws = await request.accept(subprotocol=SUBPROTOCOL)
+        replica_id, alive = self._replica()
+        ws = await request.accept(
+            subprotocol=SUBPROTOCOL,
+            # A connector keeps sessions to distinct replicas: it must know which one answered, and how
+            # many there are (connector/tunnel.py TunnelGroup).
+            extra_headers=[
+                (REPLICA_HEADER.encode(), replica_id.encode()),
+                (REPLICAS_HEADER.encode(), str(alive).encode()),
+            ],
+        )
         h2 = H2Session(
             WebSocketStream(ws),
             client_side=True,

@@ -40,7 +40,7 @@ def exported_metric_names() -> set[str]:
     """Every series name relay and connector can expose (all families, observed or not)."""
     relay = RelayMetrics(per_printer=True)
     register_build_info(relay.registry, "relay")
-    tunnel = SimpleNamespace(session=None, sessions_opened=0, retries={})
+    tunnel = SimpleNamespace(sessions=[], replicas=set(), sessions_opened=0, retries={})
     connector: Any = SimpleNamespace(tunnel=tunnel, printers={}, deliveries_in_progress=0, candidates={})
     site = ConnectorMetrics(connector)
     register_build_info(site.registry, "connector")

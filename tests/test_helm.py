@@ -318,7 +318,7 @@ def test_alternate_relay_binds_ipv6_ports(chart: Chart, tmp_path: Path) -> None:
 
 def test_connector_settings_reach_the_connector(chart: Chart, tmp_path: Path) -> None:
     config = connector_config(chart, FULL, tmp_path)
-    assert config.relay == "wss://print.example.com/v1/tunnel"
+    assert config.relay == ["wss://print.example.com/v1/tunnel"]
     assert config.token == "prc_example"
     assert [(p.id, p.uri) for p in config.printer] == [
         ("office", "ipp://10.0.0.5:631/ipp/print"),
@@ -344,7 +344,7 @@ def test_in_cluster_connector_with_existing_secret(chart: Chart, tmp_path: Path)
     assert volumes["state"] == {"name": "state", "emptyDir": {}}
     # A plain ws:// URL inside the cluster passes the connector's own check only with insecure.
     config = connector_config(chart, ALTERNATE, tmp_path)
-    assert config.insecure and config.relay == "ws://relay-tunnel:8081/v1/tunnel"
+    assert config.insecure and config.relay == ["ws://relay-tunnel:8081/v1/tunnel"]
     assert config.printer == [] and config.metrics_listen == ("::", 9465)
 
 

@@ -236,7 +236,7 @@ async def test_a_relay_busy_registering_answers_503_with_retry_after_and_the_con
         state_dir=relay_stack.tmp_path / "connector",
     )
     connector = Connector(config)
-    connector.tunnel.backoff.cap = 0.1  # come back at once instead of after the Retry-After
+    connector.tunnel.backoff_cap = 0.1  # come back at once instead of after the Retry-After
     relay_stack.nursery.start_soon(connector.run)
     with trio.fail_after(10):
         while not connector.tunnel.retries["busy"]:  # noqa: ASYNC110 - a plain counter, no event to wait on

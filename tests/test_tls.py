@@ -99,7 +99,7 @@ async def test_valid_certificate_https_api_and_wss_tunnel(
     ) as client:
         assert (await client.get("/healthz")).status_code == 200
         connector = await tls_stack.start_connector({"label": raw_sink.uri}, ca_file=ca_file)
-        assert connector.tunnel.url.startswith("wss://")
+        assert connector.tunnel.urls[0].startswith("wss://")
         response = await client.post("/v1/printers/label/jobs", content=b"over TLS both ways\n")
         assert response.status_code == 201, response.text
         (document,) = await raw_sink.wait_for(1)

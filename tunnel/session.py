@@ -76,6 +76,11 @@ class H2Stream:
         self._reset_code: int | None = None
         self._changed = Signal()
 
+    @property
+    def session(self) -> H2Session:
+        """The session this stream belongs to."""
+        return self._session
+
     # --- request metadata (server side) ---------------------------------------------------------------
 
     def header(self, name: str, headers: Headers | None = None) -> str | None:

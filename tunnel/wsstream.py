@@ -19,6 +19,10 @@ _log = logging.getLogger("printrelay.tunnel.websocket")
 
 SUBPROTOCOL = "printrelay.h2.v1"
 TUNNEL_PATH = "/v1/tunnel"
+# The relay names itself on the upgrade (101) answer: which replica answered, and how many are alive, so a
+# connector keeps sessions to distinct replicas, and one session to a relay that runs alone.
+REPLICA_HEADER = "x-printrelay-replica"
+REPLICAS_HEADER = "x-printrelay-replicas"
 
 # Frames are batched into messages of at most this size (DESIGN §4); the receive side accepts a little more
 # so that a full batch plus framing never trips trio-websocket's max_message_size.

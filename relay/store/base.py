@@ -385,6 +385,10 @@ class ReplicaStore(Protocol):
         """Forget replicas whose heartbeat is older than ``silent_for`` seconds, and their sessions."""
         ...
 
+    async def live_replicas(self, silent_for: float) -> int:
+        """Replicas whose heartbeat is newer than ``silent_for`` seconds."""
+        ...
+
     async def take_duty(self, name: str, owner: str, seconds: float) -> bool:
         """Be the one replica doing ``name`` for the next ``seconds`` (or keep being it)."""
         ...

@@ -827,6 +827,14 @@ class SqlStore:
 
         return await self._write(retire)
 
+    async def live_replicas(self, silent_for: float) -> int:
+        row = await self._read(
+            lambda tx: tx.one(
+                "SELECT COUNT(*) AS n FROM replicas WHERE heartbeat_at >= {clock} - ?", (silent_for,)
+            )
+        )
+        return int(row["n"])
+
     async def take_duty(self, name: str, owner: str, seconds: float) -> bool:
         def take(tx: Tx) -> bool:
             tx.run(
