@@ -164,6 +164,7 @@ class Connector:
         self._job_slots = trio.Semaphore(config.max_jobs)
         self._event_watchers: set[trio.MemorySendChannel[bytes]] = set()
         self._deliveries: dict[str, Delivery] = {}
+        self._reporting: set[str] = set()  # jobs whose final status is not yet sent to the relay
         self._draining_sessions: set[int] = set()
         self._jobs_changed = trio.Event()
         self.deliveries = 0
@@ -199,11 +200,13 @@ class Connector:
                 await self.ledger.close()
 
     async def drain(self, grace: float) -> None:
-        """Stop taking new jobs, let in-flight ones finish within ``grace`` seconds, then stop."""
+        """Stop taking new jobs, let in-flight ones finish within ``grace`` seconds and report their final
+        state to the relay, then stop. (A session closed before the report went out left the job "queued:
+        tunnel lost" at the relay until the connector came back.)"""
         self.draining = True
         self.tunnel.stopping = True
         with trio.move_on_after(grace):
-            while self._deliveries:
+            while self._deliveries or self._reporting:
                 await self._jobs_changed.wait()
         for session in self.tunnel.sessions:
             session.close("connector shutting down")
@@ -334,6 +337,7 @@ class Connector:
         await stream.send_response(200, [("content-type", NDJSON)])
         delivery = Delivery(job_id, session)
         self._deliveries[job_id] = delivery
+        self._reporting.add(job_id)
         # The delivery belongs to the connector, not to the tunnel session: if the tunnel drops while a
         # printer is being fed, the printer still gets the whole job and the ledger records it, so the
         # relay's resend is answered from the ledger instead of printing a fragment.
@@ -343,8 +347,14 @@ class Connector:
             await delivery.done.wait()
             watch.cancel_scope.cancel()
         assert delivery.status is not None
-        await self._status(stream, delivery.status)
-        await stream.end()
+        try:
+            await self._status(stream, delivery.status)
+            await stream.end()
+        finally:
+            # The final status is on its way to the relay (or the stream is gone): a drain may close now.
+            self._reporting.discard(job_id)
+            self._jobs_changed.set()
+            self._jobs_changed = trio.Event()
 
     async def _cancel_on_reset(self, stream: H2Stream, delivery: Delivery) -> None:
         """RST_STREAM(CANCEL) from the relay means the job was canceled: stop delivering it. A stream that

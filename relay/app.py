@@ -168,6 +168,7 @@ class Relay:
                 listener = TunnelListener(
                     self.registry, self.store, self.metrics, self._new_session,
                     replica=lambda: (self.replica_id, self.replicas_alive),
+                    draining=lambda: self.drain_state.draining,
                     ssl_context=self.tls.context if self.tls else None,
                 )  # fmt: skip
                 tunnel_port = await nursery.start(listener.serve, thost, tport)
@@ -184,7 +185,10 @@ class Relay:
                     mhost, mport = config.metrics_listen
                     metrics_port = await nursery.start(self.health.listener().serve, mhost, mport)
                 self.accepting = True
-                log.info("relay ready: API on %s:%d, tunnel on %s:%d", host, http_port, thost, tunnel_port)
+                log.info(
+                    "relay ready (replica %s): API on %s:%d, tunnel on %s:%d", self.replica_id, host, http_port,
+                    thost, tunnel_port, extra={"replica": self.replica_id},
+                )  # fmt: skip
                 task_status.started(RelayAddresses(http_port, tunnel_port, metrics_port))
         finally:
             self.accepting = False
@@ -234,9 +238,13 @@ class Relay:
         is queued again; the connector's ledger keeps it from printing twice."""
         self.drain_state.draining = True
         self.accepting = False
-        for session in self.registry.sessions():
+        sessions = self.registry.sessions()
+        for session in sessions:
             self.registry.wake(session.tenant, session.connector_id)
         with trio.move_on_after(grace):
+            async with trio.open_nursery() as nursery:
+                for session in sessions:  # connectors move their sessions to other replicas
+                    nursery.start_soon(session.ask_to_drain)
             while self.jobs_in_flight():
                 await self.drain_state.streams_changed.wait()
         log.info("drained; %d job streams still in flight", self.jobs_in_flight())

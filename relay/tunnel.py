@@ -52,6 +52,8 @@ from tunnel.wsstream import (
 log = logging.getLogger("printrelay.relay.tunnel")
 
 HANDSHAKE_TIMEOUT = 10.0
+DRAIN_ASK_TIMEOUT = 5.0  # a connector answers POST /v1/drain within this
+DRAINING_RETRY_AFTER = 2  # seconds a connector dialing a draining replica waits
 DISCONNECT_TIMEOUT = 5.0  # for the WebSocket closing handshake
 INVENTORY_TIMEOUT = 30.0
 RETRY_AFTER_AUTH = 30  # seconds a refused connector should wait
@@ -304,6 +306,16 @@ class ConnectorSession:
         if self.dispatcher is not None:
             self.dispatcher.cancel(job_id)
 
+    async def ask_to_drain(self) -> None:
+        """This replica is going away: the connector finishes this session's jobs, then closes it and dials
+        again (most likely reaching another replica). Best effort, bounded."""
+        with trio.move_on_after(DRAIN_ASK_TIMEOUT):
+            try:
+                stream = await self.h2.open_stream("POST", "/v1/drain", end_stream=True)
+                await stream.receive_response()
+            except (StreamClosed, SessionClosed):
+                pass
+
     async def run(self) -> None:
         store = self._store
         async with trio.open_nursery() as nursery:
@@ -442,10 +454,12 @@ class TunnelListener:
         new_session: SessionFactory,
         *,
         replica: Callable[[], tuple[str, int]] = lambda: ("", 1),
+        draining: Callable[[], bool] = lambda: False,
         ssl_context: ssl.SSLContext | None = None,
         settings: TunnelSettings | None = None,
     ) -> None:
         self._replica = replica  # (this replica's id, replicas alive), told to each connector on the upgrade
+        self._draining = draining
         self._registry = registry
         self._tokens = tokens
         self._metrics = metrics
@@ -495,6 +509,14 @@ class TunnelListener:
     async def _serve_request(self, request: WebSocketRequest, remote: str) -> None:
         if request.path.split("?")[0] != TUNNEL_PATH:
             await request.reject(404, body=b"not found: the tunnel is at /v1/tunnel\n")
+            return
+        if self._draining():
+            # Going away: a connector registering now would only have to move again in a moment.
+            await request.reject(
+                503, extra_headers=[(b"retry-after", str(DRAINING_RETRY_AFTER).encode())],
+                body=f"relay replica is draining; retry in {DRAINING_RETRY_AFTER} s (another replica, if "
+                     "any)\n".encode(),
+            )  # fmt: skip
             return
         admission = self._registry.admission
         ticket = admission.enter()

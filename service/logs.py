@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 # Context fields callers pass with ``extra=``; they become top-level keys of the JSON line.
-CONTEXT_FIELDS = ("job_id", "connector_id", "tenant", "printer_id", "remote", "event", "audit")
+CONTEXT_FIELDS = ("job_id", "connector_id", "tenant", "printer_id", "remote", "event", "audit", "replica")
 
 
 class JsonFormatter(logging.Formatter):

@@ -4,16 +4,25 @@ prints exactly once."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
+import json
 import os
+import random
+import signal
 from collections import Counter
+from functools import partial
+from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 import trio
 from fixtures_postgres import PostgresServer
-from fixtures_printers import RawSink
-from fixtures_processes import ProcessStack
+from fixtures_printers import RawSink, free_port
+from fixtures_processes import ProcessStack, Service, printrelay
+from test_crash_connector import RecordingPrinter
 
 pytestmark = pytest.mark.e2e
 
@@ -69,3 +78,178 @@ async def test_a_relay_rides_out_a_database_restart(
         await wait_all_completed(client, set(bodies))
     printed = Counter(d.sha256 for d in await raw_sink.wait_for(len(bodies), within=60))
     assert printed == Counter(hashlib.sha256(b).hexdigest() for b in bodies.values())
+
+
+class Replicas:
+    """``count`` relay processes on one PostgreSQL, each on its own ports and data dir, one secret key."""
+
+    def __init__(self, tmp_path: Path, url: str, count: int) -> None:
+        self.url = url
+        self.key = tmp_path / "secret.key"
+        self.relays = []
+        for n in range(count):
+            http, tunnel = free_port(), free_port()
+            service = Service(
+                f"relay {n}",
+                ["serve", "--listen", f"127.0.0.1:{http}", "--tunnel-listen", f"127.0.0.1:{tunnel}",
+                 "--data-dir", str(tmp_path / f"relay-{n}"), "--database-url", url,
+                 "--secret-key-file", str(self.key), "--job-lease", "6s", "--drain-grace", "20s"],
+                tmp_path / f"relay-{n}.log",
+            )  # fmt: skip
+            self.relays.append((service, http, tunnel))
+
+    def api(self, n: int) -> str:
+        return f"http://127.0.0.1:{self.relays[n][1]}"
+
+    def tunnel(self, n: int) -> str:
+        return f"ws://127.0.0.1:{self.relays[n][2]}/v1/tunnel"
+
+    def service(self, n: int) -> Service:
+        return self.relays[n][0]
+
+    async def wait_ready(self, n: int) -> None:
+        async with httpx.AsyncClient(timeout=2) as client:
+            with trio.fail_after(30):
+                while True:
+                    with contextlib.suppress(httpx.TransportError):
+                        if (await client.get(f"{self.api(n)}/readyz")).status_code == 200:
+                            return
+                    await trio.sleep(0.05)  # another process: polled
+
+    def replica_id(self, n: int) -> str:
+        """From the relay's "ready" line (the log is JSON, one object a line)."""
+        for line in self.service(n).log().splitlines():
+            if line.startswith("{") and "relay ready" in line:
+                return str(json.loads(line)["replica"])
+        raise AssertionError(f"relay {n} is not ready")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {s.name} ---\n{s.log()[-3000:]}" for s, _, _ in self.relays)
+
+    def stop_all(self) -> None:
+        for service, _, _ in self.relays:
+            service.stop()
+
+
+async def test_three_replicas_lose_one_and_drain_one_and_print_every_job_once(
+    tmp_path: Path, postgres_url: str, nursery: trio.Nursery
+) -> None:
+    printer = RecordingPrinter()  # about 8 MB/s, like a real one: jobs spend time streaming
+    listeners = await nursery.start(partial(trio.serve_tcp, printer.handle, 0, host="127.0.0.1"))
+    printer_uri = f"socket://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    replicas = Replicas(tmp_path, postgres_url, 3)
+    api_token = printrelay(
+        "token",
+        "create",
+        "--database-url",
+        postgres_url,
+        "--tenant",
+        "acme",
+        "--kind",
+        "api",
+        "--scopes",
+        "admin",
+    ).stdout.strip()
+    connector_token = printrelay(
+        "token", "create", "--database-url", postgres_url, "--tenant", "acme", "--kind", "connector",
+        "--connector", "site-1",
+    ).stdout.strip()  # fmt: skip
+    connector = Service(
+        "connector",
+        ["connector", *[a for n in range(3) for a in ("--relay", replicas.tunnel(n))], "--sessions", "2",
+         "--state-dir", str(tmp_path / "connector"), "--printer", f"p={printer_uri}"],
+        tmp_path / "connector.log", env={"PRINTRELAY_TOKEN": connector_token},
+    )  # fmt: skip
+    try:
+        for n in range(3):
+            replicas.service(n).start()
+        for n in range(3):
+            await replicas.wait_ready(n)
+        connector.start()
+        headers = {"authorization": f"Bearer {api_token}"}
+        async with httpx.AsyncClient(base_url=replicas.api(2), headers=headers, timeout=10) as client:
+            with trio.fail_after(30):
+                while True:
+                    printers = (await client.get(f"{replicas.api(0)}/v1/printers")).json()["printers"]
+                    if printers and printers[0]["online"]:
+                        break
+                    await trio.sleep(0.1)  # another process: polled
+
+            bodies = [
+                f"job {n:03d}\n".encode() + os.urandom(random.randint(1_000, 200_000)) for n in range(90)
+            ]
+            accepted: dict[str, bytes] = {}
+
+            async def submit_somewhere(n: int, body: bytes) -> None:
+                """Round robin over the replicas, the next one when a replica is down (one Idempotency-Key:
+                a 201 lost with a dying replica is not a second job)."""
+                with trio.fail_after(90):
+                    for attempt in itertools.count():
+                        api = replicas.api((n + attempt) % 3)
+                        try:
+                            response = await client.post(
+                                f"{api}/v1/printers/p/jobs",
+                                content=body,
+                                headers={"idempotency-key": f"k{n}"},
+                            )
+                        except httpx.TransportError:
+                            continue
+                        if response.status_code in (200, 201):
+                            accepted[response.json()["id"]] = body
+                            return
+                        assert response.status_code in (429, 503), response.text
+                        await trio.sleep(0.1)
+
+            async def faults() -> None:
+                # SIGKILL a replica while it streams jobs: its leases lapse, its jobs go elsewhere.
+                await in_flight_on(replicas.replica_id(0))
+                replicas.service(0).kill()
+                # SIGTERM another while it streams: a drain (streams finish, the sessions move).
+                await in_flight_on(replicas.replica_id(1))
+                draining = replicas.service(1).process
+                assert draining is not None
+                draining.send_signal(signal.SIGTERM)  # not Service.kill: its wait would block our printer
+                await trio.to_thread.run_sync(draining.wait, 60)
+                replicas.service(1).start()
+                replicas.service(0).start()
+
+            async def in_flight_on(replica: str) -> None:
+                def streaming() -> bool:
+                    with psycopg.connect(postgres_url) as db:
+                        found = db.execute(
+                            "SELECT 1 FROM jobs WHERE lease_owner = %s AND state IN ('sending', 'printing')",
+                            (replica,),
+                        ).fetchone()
+                        return found is not None
+
+                with trio.fail_after(60):
+                    # In a thread: this process runs the printer too, which must keep reading meanwhile.
+                    while not await trio.to_thread.run_sync(streaming):  # noqa: ASYNC110  (another process)
+                        await trio.sleep(0.02)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(faults)
+                limiter = trio.CapacityLimiter(6)
+                for n, body in enumerate(bodies):
+
+                    async def one(n: int = n, body: bytes = body) -> None:
+                        async with limiter:
+                            await submit_somewhere(n, body)
+
+                    nursery.start_soon(one)
+                    await trio.sleep(0.05)
+            assert len(accepted) == len(bodies)
+            await replicas.wait_ready(0)
+            await replicas.wait_ready(1)
+            try:
+                await wait_all_completed(client, set(accepted), within=120)
+            except BaseException:
+                print(replicas.logs())
+                print(connector.log()[-4000:])
+                raise
+    finally:
+        connector.stop()
+        replicas.stop_all()
+    # Each job reached the printer once, whole: no fragments (a RAW job is received whole before it is
+    # fed), no second copy.
+    assert Counter(printer.received) == Counter(accepted.values())
