@@ -58,6 +58,7 @@ UNKNOWN_OUTCOME = "outcome unknown: the connector stopped while the printer was 
 JOB_PATH = re.compile(r"^/v1/jobs/([A-Za-z0-9_-]{1,128})$")
 PRINTER_PATH = re.compile(r"^/v1/printers/([A-Za-z0-9][A-Za-z0-9._-]{0,62})$")
 PROBE_INTERVAL = 30.0
+GOODBYE_TIMEOUT = 2.0  # a closing session's last bytes get this long to leave
 LEDGER_PRUNE_INTERVAL = 3600.0
 
 
@@ -208,8 +209,13 @@ class Connector:
         with trio.move_on_after(grace):
             while self._deliveries or self._reporting:
                 await self._jobs_changed.wait()
-        for session in self.tunnel.sessions:
+        sessions = self.tunnel.sessions
+        for session in sessions:
             session.close("connector shutting down")
+        # close() sends what is still queued (the last statuses) with the GOAWAY: let that leave first.
+        with trio.move_on_after(GOODBYE_TIMEOUT):
+            for session in sessions:
+                await session.finished.wait()
         self._nursery.cancel_scope.cancel()
 
     # --- streams from the relay -------------------------------------------------------------------

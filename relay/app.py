@@ -186,8 +186,8 @@ class Relay:
                     metrics_port = await nursery.start(self.health.listener().serve, mhost, mport)
                 self.accepting = True
                 log.info(
-                    "relay ready (replica %s): API on %s:%d, tunnel on %s:%d", self.replica_id, host, http_port,
-                    thost, tunnel_port, extra={"replica": self.replica_id},
+                    "relay ready (replica %s): API on %s:%d, tunnel on %s:%d", self.replica_id, host,
+                    http_port, thost, tunnel_port, extra={"replica": self.replica_id},
                 )  # fmt: skip
                 task_status.started(RelayAddresses(http_port, tunnel_port, metrics_port))
         finally:

@@ -111,6 +111,12 @@ class Dispatcher:
         self._slot_freed = trio.Event()
         self._streams: dict[str, H2Stream] = {}
 
+    async def settled(self) -> None:
+        """Wait until no job stream is in flight (the session has ended: nothing new is claimed)."""
+        self._wakeup.fire()  # the claim loop sees the session closed and stops
+        while self.in_flight:
+            await self._slot_freed.wait()
+
     def cancel(self, job_id: str) -> None:
         """The job was canceled while streaming: reset its stream; the connector stops it at the printer."""
         stream = self._streams.get(job_id)

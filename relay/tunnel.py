@@ -53,6 +53,7 @@ log = logging.getLogger("printrelay.relay.tunnel")
 
 HANDSHAKE_TIMEOUT = 10.0
 DRAIN_ASK_TIMEOUT = 5.0  # a connector answers POST /v1/drain within this
+SETTLE_TIMEOUT = 5.0  # after a session ends, its job streams this long to read what already arrived
 DRAINING_RETRY_AFTER = 2  # seconds a connector dialing a draining replica waits
 DISCONNECT_TIMEOUT = 5.0  # for the WebSocket closing handshake
 INVENTORY_TIMEOUT = 30.0
@@ -355,6 +356,10 @@ class ConnectorSession:
                 self.dispatcher = self._new_dispatcher(self)
                 nursery.start_soon(self.dispatcher.run)
                 await self.h2.finished.wait()
+                # Final statuses that arrived with the connector's goodbye (a draining connector sends its
+                # last ones just before it closes) are still read: job streams settle before the rest ends.
+                with trio.move_on_after(SETTLE_TIMEOUT):
+                    await self.dispatcher.settled()
                 nursery.cancel_scope.cancel()
             finally:
                 self._registry.remove(self)

@@ -188,3 +188,50 @@ async def test_an_old_ledger_gains_the_unknown_outcomes_column(tmp_path: Path) -
         assert entry is not None and entry.unknown_outcomes == 2
     finally:
         await ledger.close()
+
+
+async def test_a_draining_connector_reports_the_jobs_it_finishes(
+    relay_stack: RelayStack, nursery: trio.Nursery
+) -> None:
+    """SIGTERM on a connector: the deliveries finish, and their final state reaches the relay before the
+    tunnel closes (it used to stay "queued: tunnel lost" until the connector came back)."""
+    took_it = trio.Event()
+
+    async def slow_to_finish(stream: trio.SocketStream) -> None:
+        async with stream:
+            data = b"".join([chunk async for chunk in stream])
+            if data:
+                took_it.set()
+                await trio.sleep(0.5)  # the printer's own pace: it closes a moment after the job
+
+    listeners = await nursery.start(partial(trio.serve_tcp, slow_to_finish, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    token = await relay_stack.token("connector", "acme", connector_id="site-1")
+    connector = Connector(
+        ConnectorConfig(
+            relay=relay_stack.tunnel_url,
+            token=token,
+            printer=[parse_printer(f"raw=socket://127.0.0.1:{port}")],
+            state_dir=relay_stack.tmp_path / "connector",
+        )
+    )
+    stopped = trio.Event()
+
+    async def run() -> None:
+        await connector.run()
+        stopped.set()
+
+    nursery.start_soon(run)
+    with trio.fail_after(10):
+        while not relay_stack.relay.registry.sessions():
+            await relay_stack.relay.registry.changed.wait()
+    async with relay_stack.client() as client:
+        job_id = (await client.post("/v1/printers/raw/jobs", content=b"one page")).json()["id"]
+    with trio.fail_after(10):
+        await took_it.wait()
+        await connector.drain(30)
+        await stopped.wait()
+    async with relay_stack.client() as client:
+        job = (await client.get(f"/v1/jobs/{job_id}")).json()
+        history = (await client.get(f"/v1/jobs/{job_id}/events")).json()["events"]
+    assert job["state"] == "completed", history
