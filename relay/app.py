@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import trio
 
+from relay.adoption import Adoption
 from relay.api.ipp import IppEndpoint
 from relay.api.rest import RestApi
 from relay.auth import Principal
@@ -116,11 +117,13 @@ class Relay:
             public_url=config.public_url,
             tls=self.tls is not None,
         )
+        self.adoption = Adoption(self.store, self.registry, self.replica_id)
+        self.store.on_notice(self.adoption.heard)
         self.api = RestApi(
             self.store,
             self.jobs,
             self.intake,
-            self.registry,
+            self.adoption,
             self.rate_limiter,
             self.secrets_at_rest,
             ipp=ipp,
@@ -176,6 +179,7 @@ class Relay:
                 nursery.start_soon(self.leases.run)
                 nursery.start_soon(self._heartbeat)
                 nursery.start_soon(self.store.follow_other_processes)
+                nursery.start_soon(self.adoption.run)
                 await nursery.start(self.webhooks.run)
                 nursery.start_soon(self.registry.watch_tokens, self.store)
                 if self.tls and threading.current_thread() is threading.main_thread():

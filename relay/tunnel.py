@@ -23,6 +23,7 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
 
 from relay import audit
+from relay.adoption import printer_record
 from relay.auth import AuthError, Principal, authenticate, bearer
 from relay.dispatch import Dispatcher
 from relay.metrics import RelayMetrics
@@ -399,23 +400,8 @@ class ConnectorSession:
             self.tenant, self.connector_id, [self._printer(p) for p in inventory.printers]
         )
 
-    def printer_record(self, info: PrinterInfo) -> Printer:
-        """A printer this connector reports, as the store keeps it."""
-        return self._printer(info)
-
     def _printer(self, info: PrinterInfo) -> Printer:
-        return Printer(
-            tenant=self.tenant,
-            id=info.id,
-            connector_id=self.connector_id,
-            uri=info.uri,
-            kind=info.kind,
-            state=info.state,
-            reasons=list(info.reasons),
-            capabilities=info.capabilities,
-            online=True,
-            updated_at=time.time(),
-        )
+        return printer_record(self.tenant, self.connector_id, info)
 
     async def _follow_events(self) -> None:
         """Printer changes the connector reports; a malformed event ends only this stream."""
@@ -428,9 +414,22 @@ class ConnectorSession:
                     event = parse_event(line)
                     if isinstance(event, PrinterInfo):
                         await self._store.update_printer(self._printer(event))
-                        self.candidates.pop(event.uri, None)
+                        if self.candidates.pop(event.uri, None) is not None:
+                            await self._store.remove_candidate(self.tenant, self.connector_id, event.uri)
                         self._registry.wake(self.tenant, self.connector_id)
-                    elif isinstance(event, PrinterCandidate) and len(self.candidates) < MAX_CANDIDATES:
+                    elif (
+                        isinstance(event, PrinterCandidate)
+                        and len(self.candidates) < MAX_CANDIDATES
+                        # in the store, so that every replica lists it (and can adopt it)
+                        and await self._store.add_candidate(
+                            self.tenant,
+                            self.connector_id,
+                            event.uri,
+                            event.to_json(),
+                            time.time(),
+                            MAX_CANDIDATES,
+                        )
+                    ):
                         self.candidates[event.uri] = event
         except (StreamClosed, SessionClosed):
             return

@@ -14,6 +14,7 @@ import trio
 
 from ipp.options import OPTION_NAMES
 from relay import adoption, audit, webhooks
+from relay.adoption import Adoption
 from relay.api.ipp import IppEndpoint
 from relay.api.openapi import OPENAPI
 from relay.auth import AuthError, Principal, authenticate, bearer
@@ -24,7 +25,6 @@ from relay.ratelimit import TokenRateLimiter, spend_request
 from relay.secretbox import SecretBox
 from relay.store.base import Store, StoreUnavailable
 from relay.submit import MAX_COPIES, Intake, Refusal, Submission, SubmitError
-from relay.tunnel import ConnectorRegistry
 from service import bounded_json
 from service.http.message import HTTPError, Request, Response
 from service.settings import parse_duration
@@ -122,7 +122,7 @@ class RestApi:
         store: Store,
         jobs: JobLifecycle,
         intake: Intake,
-        registry: ConnectorRegistry,
+        adoption: Adoption,
         rate_limiter: TokenRateLimiter,
         secrets_at_rest: SecretBox,
         *,
@@ -132,7 +132,7 @@ class RestApi:
         self._store = store
         self._jobs = jobs
         self._intake = intake
-        self._registry = registry
+        self._adoption = adoption
         self._rate_limiter = rate_limiter
         self._secrets_at_rest = secrets_at_rest
         self._ipp = ipp
@@ -365,7 +365,7 @@ class RestApi:
         """Adopt a discovered candidate, or add or change a printer: ``{"uri", "id"?, "connector_id"?}``."""
         body = await request.body.read(MAX_ADMIN_BODY, limit_name="max_admin_body")
         try:
-            printer, created = await adoption.put_printer(self._store, self._registry, principal.tenant, body)
+            printer, created = await self._adoption.put_printer(principal.tenant, body)
         except adoption.AdoptionError as exc:
             raise HTTPError(exc.status, exc.message) from None
         audit.record(
@@ -379,9 +379,7 @@ class RestApi:
 
     async def remove_printer(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
         try:
-            printer = await adoption.remove_printer(
-                self._store, self._registry, principal.tenant, match["printer"]
-            )
+            printer = await self._adoption.remove_printer(principal.tenant, match["printer"])
         except adoption.AdoptionError as exc:
             raise HTTPError(exc.status, exc.message) from None
         audit.record(
@@ -391,7 +389,7 @@ class RestApi:
         return Response.json(printer.public())
 
     async def list_candidates(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
-        views = adoption.candidates(self._registry, principal.tenant)
+        views = await self._adoption.candidates(principal.tenant)
         return Response.json({"candidates": [v.public() for v in views]})
 
     # --- webhooks -------------------------------------------------------------------------------

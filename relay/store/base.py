@@ -173,12 +173,28 @@ class SessionRecord:
 
 
 @dataclass(frozen=True)
+class ConnectorRequest:
+    """A change of printers for one connector, asked on one replica and carried out by the replica that
+    holds the connector's session."""
+
+    id: str
+    tenant: str
+    connector_id: str
+    method: str
+    path: str
+    body: bytes | None
+    created_at: float
+
+
+@dataclass(frozen=True)
 class Notice:
     """A change another part of the relay (maybe on another replica) must hear about.
 
     ``kind``: ``job`` (a job changed state; ``data`` has tenant, connector_id, state, at, message),
     ``tokens`` (tokens were revoked or deleted; ``key`` is a token id, or empty for "any"),
-    ``request`` / ``answer`` (a change of printers asked of the replica holding a connector's session).
+    ``request`` / ``answer`` (a change of printers asked of the replica holding a connector's session;
+    ``key`` is the request id, ``data`` has tenant and connector_id), ``resync`` (notices may have been
+    missed while the listener reconnected: look again).
     """
 
     kind: str
@@ -238,6 +254,38 @@ class ConnectorStore(Protocol):
     async def update_printer(self, printer: Printer) -> None: ...
     async def get_printer(self, tenant: str, printer_id: str) -> Printer | None: ...
     async def list_printers(self, tenant: str) -> list[Printer]: ...
+
+    async def connectors_online(self, tenant: str) -> list[str]:
+        """Ids of the tenant's connectors that hold a session to some replica now."""
+        ...
+
+    # Printers a connector discovered and does not serve yet (read on every replica).
+    async def add_candidate(
+        self, tenant: str, connector_id: str, uri: str, data: dict[str, Any], at: float, limit: int
+    ) -> bool:
+        """Record it (or refresh it); False when the connector already has ``limit`` others."""
+        ...
+
+    async def remove_candidate(self, tenant: str, connector_id: str, uri: str) -> None: ...
+    async def list_candidates(self, tenant: str) -> list[tuple[str, dict[str, Any]]]:
+        """(connector id, candidate) of the tenant's connectors that hold a session now."""
+        ...
+
+    # A change of printers asked of a connector whose session another replica holds (relay/adoption.py).
+    async def add_connector_request(self, request: ConnectorRequest) -> None:
+        """Stored, and heard by every replica (a ``request`` notice)."""
+        ...
+
+    async def take_connector_request(self, request_id: str, owner: str) -> ConnectorRequest | None:
+        """The request, if no replica took it before (then it is this one's to carry out)."""
+        ...
+
+    async def answer_connector_request(self, request_id: str, status: int, answer: bytes) -> None:
+        """Stored, and heard by every replica (an ``answer`` notice)."""
+        ...
+
+    async def connector_answer(self, request_id: str) -> tuple[int, bytes] | None: ...
+    async def forget_connector_request(self, request_id: str) -> None: ...
 
 
 class JobStore(Protocol):

@@ -127,6 +127,16 @@ SCHEMA = [
         tenant TEXT PRIMARY KEY, bytes BIGINT NOT NULL DEFAULT 0, jobs BIGINT NOT NULL DEFAULT 0
     );
     CREATE TABLE duties (name TEXT PRIMARY KEY, owner TEXT NOT NULL, until DOUBLE PRECISION NOT NULL);
+    CREATE TABLE candidates (
+        tenant TEXT NOT NULL, connector_id TEXT NOT NULL, uri TEXT NOT NULL, data TEXT NOT NULL,
+        seen_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (tenant, connector_id, uri)
+    );
+    CREATE TABLE connector_requests (
+        id TEXT PRIMARY KEY, tenant TEXT NOT NULL, connector_id TEXT NOT NULL, method TEXT NOT NULL,
+        path TEXT NOT NULL, body BYTEA, claimed_by TEXT, status INTEGER, answer BYTEA,
+        created_at DOUBLE PRECISION NOT NULL
+    );
     CREATE TABLE payload_chunks (
         job_id TEXT NOT NULL, seq INTEGER NOT NULL, data BYTEA NOT NULL, written_at DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (job_id, seq)

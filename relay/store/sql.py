@@ -32,6 +32,7 @@ from relay.store import rows
 from relay.store.base import (
     Conflict,
     ConnectorRecord,
+    ConnectorRequest,
     IppJob,
     Lease,
     Notice,
@@ -303,6 +304,112 @@ class SqlStore:
             lambda tx: tx.all(f"{PRINTER_SELECT} WHERE p.tenant = ? ORDER BY p.id", (tenant,))
         )
         return [_printer(r) for r in found]
+
+    # --- candidates and requests to connectors ---------------------------------------------------
+
+    async def connectors_online(self, tenant: str) -> list[str]:
+        found = await self._read(
+            lambda tx: tx.all(
+                "SELECT DISTINCT connector_id FROM connector_sessions WHERE tenant = ? ORDER BY connector_id",
+                (tenant,),
+            )
+        )
+        return [r["connector_id"] for r in found]
+
+    async def add_candidate(
+        self, tenant: str, connector_id: str, uri: str, data: dict[str, Any], at: float, limit: int
+    ) -> bool:
+        def add(tx: Tx) -> bool:
+            known = tx.one(
+                "SELECT COUNT(*) FILTER (WHERE uri = ?) AS this, COUNT(*) AS n FROM candidates "
+                "WHERE tenant = ? AND connector_id = ?",
+                (uri, tenant, connector_id),
+            )
+            if not known["this"] and known["n"] >= limit:
+                return False
+            tx.run(
+                "INSERT INTO candidates (tenant, connector_id, uri, data, seen_at) VALUES (?, ?, ?, ?, ?) "
+                "ON CONFLICT (tenant, connector_id, uri) DO UPDATE SET data = excluded.data, "
+                "seen_at = excluded.seen_at",
+                (tenant, connector_id, uri, json.dumps(data, separators=(",", ":")), at),
+            )
+            return True
+
+        return await self._write(add)
+
+    async def remove_candidate(self, tenant: str, connector_id: str, uri: str) -> None:
+        await self._write(
+            lambda tx: tx.run(
+                "DELETE FROM candidates WHERE tenant = ? AND connector_id = ? AND uri = ?",
+                (tenant, connector_id, uri),
+            )
+        )
+
+    async def list_candidates(self, tenant: str) -> list[tuple[str, dict[str, Any]]]:
+        found = await self._read(
+            lambda tx: tx.all(
+                "SELECT c.connector_id, c.data FROM candidates c WHERE c.tenant = ? AND EXISTS "
+                "(SELECT 1 FROM connector_sessions s WHERE s.tenant = c.tenant AND s.connector_id = "
+                "c.connector_id) "
+                "ORDER BY c.connector_id, c.uri",
+                (tenant,),
+            )
+        )
+        return [(r["connector_id"], json.loads(r["data"])) for r in found]
+
+    async def add_connector_request(self, request: ConnectorRequest) -> None:
+        def add(tx: Tx) -> None:
+            tx.run(
+                "INSERT INTO connector_requests (id, tenant, connector_id, method, path, body, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (request.id, request.tenant, request.connector_id, request.method, request.path, request.body,
+                 request.created_at),
+            )  # fmt: skip
+            tx.notify(
+                Notice(
+                    "request", request.id, {"tenant": request.tenant, "connector_id": request.connector_id}
+                )
+            )
+
+        await self._write(add)
+
+    async def take_connector_request(self, request_id: str, owner: str) -> ConnectorRequest | None:
+        def take(tx: Tx) -> ConnectorRequest | None:
+            row = tx.one(
+                "UPDATE connector_requests SET claimed_by = ? WHERE id = ? AND claimed_by IS NULL "
+                "RETURNING *",
+                (owner, request_id),
+            )
+            if row is None:
+                return None
+            body = row["body"]
+            return ConnectorRequest(
+                row["id"], row["tenant"], row["connector_id"], row["method"], row["path"],
+                bytes(body) if body is not None else None, row["created_at"],
+            )  # fmt: skip
+
+        return await self._write(take)
+
+    async def answer_connector_request(self, request_id: str, status: int, answer: bytes) -> None:
+        def answered(tx: Tx) -> None:
+            tx.run(
+                "UPDATE connector_requests SET status = ?, answer = ? WHERE id = ?",
+                (status, answer, request_id),
+            )
+            tx.notify(Notice("answer", request_id))
+
+        await self._write(answered)
+
+    async def connector_answer(self, request_id: str) -> tuple[int, bytes] | None:
+        row = await self._read(
+            lambda tx: tx.one("SELECT status, answer FROM connector_requests WHERE id = ?", (request_id,))
+        )
+        if row is None or row["status"] is None:
+            return None
+        return int(row["status"]), bytes(row["answer"] or b"")
+
+    async def forget_connector_request(self, request_id: str) -> None:
+        await self._write(lambda tx: tx.run("DELETE FROM connector_requests WHERE id = ?", (request_id,)))
 
     # --- jobs -----------------------------------------------------------------------------------
 

@@ -152,6 +152,16 @@ SCHEMA = [
     ALTER TABLE webhook_deliveries ADD COLUMN claimed_by TEXT;
     ALTER TABLE webhook_deliveries ADD COLUMN claimed_until REAL;
     CREATE TABLE duties (name TEXT PRIMARY KEY, owner TEXT NOT NULL, until REAL NOT NULL);
+    CREATE TABLE candidates (
+        tenant TEXT NOT NULL, connector_id TEXT NOT NULL, uri TEXT NOT NULL, data TEXT NOT NULL,
+        seen_at REAL NOT NULL,
+        PRIMARY KEY (tenant, connector_id, uri)
+    );
+    CREATE TABLE connector_requests (
+        id TEXT PRIMARY KEY, tenant TEXT NOT NULL, connector_id TEXT NOT NULL, method TEXT NOT NULL,
+        path TEXT NOT NULL, body BLOB, claimed_by TEXT, status INTEGER, answer BLOB,
+        created_at REAL NOT NULL
+    );
     CREATE TABLE payload_chunks (
         job_id TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL, written_at REAL NOT NULL,
         PRIMARY KEY (job_id, seq)
