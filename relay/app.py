@@ -85,6 +85,7 @@ class Relay:
         )
         # Every change, here or on another replica, reaches watchers, webhooks, dispatchers, token checks.
         self.jobs.listeners.append(self.webhooks.notify)
+        self.store.observe(self.metrics)
         self.store.on_notice(self.jobs.heard)
         self.store.on_notice(self.registry.heard)
         self._expiry_wakeup = Signal()

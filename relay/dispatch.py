@@ -300,8 +300,9 @@ class Dispatcher:
         with trio.CancelScope(shield=True):
             # A lost tunnel is not the job's fault: give the attempt back.
             await self._transition(
-                job, JobEvent.RETRY, message, next_attempt_at=time.time(), attempts=max(0, job.attempts - 1)
-            )
+                job, JobEvent.RETRY, message, next_attempt_at=time.time(), attempts=max(0, job.attempts - 1),
+                last_error=message,
+            )  # fmt: skip
 
     async def _finish(self, job: Job, status: JobStatus) -> None:
         settings = self._settings

@@ -36,6 +36,10 @@ class JobState(enum.StrEnum):
         return self in FINAL_STATES
 
 
+#: why a job in flight went back to the queue when its claim lapsed (relay/leases.py); kept as its last_error,
+#: so the claim that takes it again is counted as a re-claim
+LEASE_LAPSED = "its claim lapsed: the stream that was sending it is gone; queued again"
+
 FINAL_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELED, JobState.EXPIRED})
 
 

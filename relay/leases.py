@@ -17,14 +17,14 @@ from collections.abc import Callable, Collection
 
 import trio
 
-from relay.jobs import JobEvent
+from relay.jobs import LEASE_LAPSED, JobEvent
 from relay.lifecycle import JobLifecycle
 from relay.store.base import JobStore, Lease, StoreUnavailable
 
 log = logging.getLogger("printrelay.relay.leases")
 
 SWEEP_BATCH = 500  # lapsed jobs queued again per round; more wait for the next one
-LAPSED = "its claim lapsed: the stream that was sending it is gone; queued again"
+LAPSED = LEASE_LAPSED
 
 
 class LeaseKeeper:
@@ -68,8 +68,9 @@ class LeaseKeeper:
             )  # fmt: skip
             # Not the job's fault: the attempt is given back, as for a lost tunnel.
             done = await self._jobs.transition(
-                job.id, JobEvent.RETRY, LAPSED, next_attempt_at=now, attempts=max(0, job.attempts - 1)
-            )
+                job.id, JobEvent.RETRY, LAPSED, next_attempt_at=now, attempts=max(0, job.attempts - 1),
+                last_error=LAPSED,
+            )  # fmt: skip
             requeued += done is not None
         if requeued:
             self._on_lapsed(requeued)

@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from relay.jobs import Job, JobState
+from relay.jobs import LEASE_LAPSED, Job, JobState
 from relay.store.base import StoreSample
 from tunnel.session import SessionStats
 
@@ -39,6 +39,7 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 
 QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
 RTT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 HTTP_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+STORE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 MAX_PRINTER_SERIES = 500  # with --metrics-per-printer: printers beyond this are counted as "other"
 OPEN_STATES = (JobState.HELD, JobState.QUEUED, JobState.SENDING, JobState.PRINTING)
 
@@ -243,6 +244,11 @@ class RelayMetrics:
             "Jobs in flight queued again because their claim lapsed (the stream sending them was gone)",
             registry=r,
         )
+        self.leases_reclaimed = Counter(
+            "printrelay_job_leases_reclaimed_total",
+            "Jobs claimed again by this replica after their earlier claim lapsed",
+            registry=r,
+        )
 
         # tunnel
         self.connectors = Gauge(
@@ -257,6 +263,12 @@ class RelayMetrics:
             registry=r,
         )
         self.sessions = Gauge("printrelay_tunnel_sessions", "Tunnel sessions this relay holds", registry=r)
+        self.replica_sessions = Gauge(
+            "printrelay_replica_tunnel_sessions",
+            "Tunnel sessions each live relay replica holds (from the store: the same on every replica)",
+            ["replica"],
+            registry=r,
+        )
         self.sessions_opened = Counter(
             "printrelay_tunnel_sessions_opened_total", "Tunnel sessions accepted (after auth)", registry=r
         )
@@ -312,6 +324,22 @@ class RelayMetrics:
         )
         self.ready = Gauge("printrelay_ready", "1 when the relay's /readyz answers ready", registry=r)
 
+        # store
+        self.store_latency = Histogram(
+            "printrelay_store_call_seconds",
+            "Store calls from asking to the answer (waiting for a group commit included), by kind",
+            ["kind"],
+            buckets=STORE_BUCKETS,
+            registry=r,
+        )
+        self.notice_lag = Histogram(
+            "printrelay_store_notice_lag_seconds",
+            "Time from another replica committing a change to this one hearing it (PostgreSQL NOTIFY; "
+            "includes the difference between the hosts' clocks)",
+            buckets=STORE_BUCKETS,
+            registry=r,
+        )
+
     # --- events -------------------------------------------------------------------------------------
 
     def job_finished(self, job: Job, message: str = "") -> None:
@@ -329,7 +357,9 @@ class RelayMetrics:
         return "other"
 
     def job_dispatched(self, job: Job, at: float) -> None:
-        if job.attempts <= 1:  # retries wait on backoff, not on the queue
+        if job.last_error == LEASE_LAPSED:
+            self.leases_reclaimed.inc()
+        elif job.attempts <= 1:  # retries wait on backoff, not on the queue
             self.queue_time.observe(max(0.0, at - job.created_at))
 
     def tunnel_bytes_out(self, n: int) -> None:
@@ -377,6 +407,12 @@ class RelayMetrics:
 
     # --- sampled before a scrape ---------------------------------------------------------------------
 
+    def store_call(self, kind: str, seconds: float) -> None:
+        self.store_latency.labels(kind).observe(seconds)
+
+    def notice_heard(self, lag: float) -> None:
+        self.notice_lag.observe(lag)
+
     def set_store_sample(self, sample: StoreSample, now: float) -> None:
         for state in OPEN_STATES:
             self.jobs.labels(str(state)).set(sample.jobs_by_state.get(str(state), 0))
@@ -384,6 +420,9 @@ class RelayMetrics:
         self.queue_oldest_age.set(0.0 if oldest is None else max(0.0, now - oldest))
         self.fleet.labels("online").set(sample.connectors_online)
         self.fleet.labels("offline").set(sample.connectors_offline)
+        self.replica_sessions.clear()  # retired replicas leave the series
+        for replica, count in sample.sessions_by_replica.items():
+            self.replica_sessions.labels(replica).set(count)
 
     def set_spool(self, used_bytes: int, files: int, fs: tuple[int, int] | None) -> None:
         """``fs``: (available, size) of the spool's filesystem; None when payloads live in the database."""

@@ -37,7 +37,15 @@ async def test_the_keeper_renews_what_is_held_and_queues_again_what_lapsed(relay
     assert still is not None and still.state is JobState.SENDING
     assert again is not None and again.state is JobState.QUEUED and again.attempts == 0
     assert (await relay.store.job_history(lost.id))[-1].message == LAPSED
+    assert again.last_error == LAPSED
     assert await keeper.round() == 0
+
+    (reclaimed,), _ = await relay.store.claim_jobs_and_next_due(
+        "acme", "site-9", time.time(), 1, Lease(relay.replica_id, 15.0)
+    )
+    relay.metrics.job_dispatched(reclaimed, time.time())
+    relay.metrics.job_dispatched(still, time.time())
+    assert relay.metrics.registry.get_sample_value("printrelay_job_leases_reclaimed_total") == 1
 
 
 @dataclass

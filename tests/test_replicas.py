@@ -15,6 +15,7 @@ import httpx
 import pytest
 import trio
 from fixtures_printers import RawSink
+from prometheus_client.parser import text_string_to_metric_families
 
 from connector.app import Connector
 from connector.config import ConnectorConfig, parse_printer
@@ -166,3 +167,37 @@ async def test_cancel_and_watch_a_job_streaming_on_the_other_replica(
                 assert reply.status_code in (200, 202), reply.text
         assert seen == ["canceled"], seen
         assert (await b.get(f"/v1/jobs/{job_id}")).json()["state"] == "canceled"
+
+
+async def test_metrics_show_every_replicas_sessions_and_the_notice_lag(
+    pair: Pair, nursery: trio.Nursery, tmp_path: Path, raw_sink: RawSink
+) -> None:
+    await connect_to_b(pair, nursery, tmp_path, raw_sink, [f"p={raw_sink.uri}"])
+    async with pair.client(0) as client:
+        reply = await client.post("/v1/printers/p/jobs", content=b"counted")
+        assert reply.status_code == 201, reply.text
+        with trio.fail_after(20):
+            assert await final_state(client, reply.json()["id"]) == "completed"
+    port = await nursery.start(pair.a.health.listener().serve, "127.0.0.1", 0)
+    async with httpx.AsyncClient(timeout=10) as http:
+        text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+
+    def value(family: str, name: str, **labels: str) -> float:
+        return next(
+            s.value for s in families[family].samples if s.name == name and labels.items() <= s.labels.items()
+        )
+
+    sessions = "printrelay_replica_tunnel_sessions"
+    assert value(sessions, sessions, replica=pair.b.replica_id) == 1
+    assert value(sessions, sessions, replica=pair.a.replica_id) == 0
+    assert value(TUNNEL, TUNNEL) == 0  # A itself holds none
+    calls = "printrelay_store_call_seconds"
+    assert value(calls, f"{calls}_count", kind="read") > 0
+    assert value(calls, f"{calls}_count", kind="write") > 0
+    lag = "printrelay_store_notice_lag_seconds"
+    assert value(lag, f"{lag}_count") >= 2  # B's "sending" and "completed" of the job A accepted
+    assert value(lag, f"{lag}_sum") < 5
+
+
+TUNNEL = "printrelay_tunnel_sessions"

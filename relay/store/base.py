@@ -143,6 +143,7 @@ class StoreSample:
     oldest_queued_at: float | None  # created_at of the oldest queued job
     connectors_online: int  # connectors with a valid token and a session to some replica
     connectors_offline: int  # connectors with a valid token and no session
+    sessions_by_replica: dict[str, int] = field(default_factory=dict)  # live replicas and their sessions
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,18 @@ class Notice:
 
 
 NoticeHandler = Callable[[Notice], None]
+
+
+class StoreObserver(Protocol):
+    """What the store tells /metrics about itself."""
+
+    def store_call(self, kind: str, seconds: float) -> None:
+        """A call (``read`` or ``write``) took ``seconds``, from asking to its answer (batching included)."""
+        ...
+
+    def notice_heard(self, lag: float) -> None:
+        """A notice from another replica arrived ``lag`` seconds after that replica committed it."""
+        ...
 
 
 class StoreError(Exception):
@@ -455,6 +468,10 @@ class Store(
     def on_notice(self, handler: NoticeHandler) -> None:
         """Call ``handler`` with every notice: those this process's writes made (once committed), and
         those of other processes (other replicas; the CLI revoking a token)."""
+        ...
+
+    def observe(self, observer: StoreObserver) -> None:
+        """Report call latencies and notice lag to ``observer``."""
         ...
 
     async def follow_other_processes(self, *, task_status: trio.TaskStatus[None] = ...) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -161,9 +162,11 @@ def _notify(conn: Any, notice: Notice, origin: str) -> None:
     data = dict(notice.data)
     if isinstance(data.get("message"), str):
         data["message"] = data["message"][:1000]
-    payload = json.dumps({"o": origin, "k": notice.kind, "key": notice.key, "d": data}, separators=(",", ":"))
+    # "t": when the sender sent it, for the receivers' notice lag (it includes the hosts' clock difference)
+    head = {"o": origin, "k": notice.kind, "key": notice.key, "t": round(time.time(), 4)}
+    payload = json.dumps({**head, "d": data}, separators=(",", ":"))
     if len(payload.encode()) > NOTIFY_LIMIT:
-        payload = json.dumps({"o": origin, "k": notice.kind, "key": notice.key, "d": {}})
+        payload = json.dumps({**head, "d": {}})
     conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
 
 
@@ -359,6 +362,9 @@ class PostgresStore(SqlStore):
             if obj.get("o") == self.replica_id:
                 return None  # our own: heard once already, when it committed
             data = obj.get("d") if isinstance(obj.get("d"), dict) else {}
+            sent = obj.get("t")
+            if self.observer is not None and isinstance(sent, (int, float)):
+                self.observer.notice_heard(max(0.0, time.time() - sent))
             return Notice(str(obj["k"]), str(obj.get("key", "")), data)
         except (ValueError, KeyError, AttributeError):
             log.warning("ignored a malformed notice on channel %s: %.200s", CHANNEL, payload)

@@ -42,6 +42,7 @@ from relay.store.base import (
     QuotaExceeded,
     SessionRecord,
     StoreError,
+    StoreObserver,
     StoreSample,
     TokenRecord,
     Webhook,
@@ -156,6 +157,7 @@ class SqlStore:
         self.replica_id = replica_id or new_replica_id()
         self._commits: GroupCommit[Tx] | None = None
         self._handlers: list[NoticeHandler] = []
+        self.observer: StoreObserver | None = None
 
     # --- plumbing -------------------------------------------------------------------------------
 
@@ -170,6 +172,9 @@ class SqlStore:
     def on_notice(self, handler: NoticeHandler) -> None:
         self._handlers.append(handler)
 
+    def observe(self, observer: StoreObserver) -> None:
+        self.observer = observer
+
     def deliver(self, notices: Sequence[Notice]) -> None:
         """Hand notices to this process's handlers (after commit, or as another process sent them)."""
         for notice in notices:
@@ -183,7 +188,11 @@ class SqlStore:
 
     async def _read(self, fn: Callable[[Tx], T]) -> T:
         """A read: runs with the next batch, outside its transaction."""
-        return await self._open_commits().read(fn)
+        started = time.perf_counter()
+        result = await self._open_commits().read(fn)
+        if self.observer is not None:
+            self.observer.store_call("read", time.perf_counter() - started)
+        return result
 
     async def _write(self, fn: Callable[[Tx], T]) -> T:
         """A write: runs inside the next batch's transaction, under a savepoint of its own (an error
@@ -194,7 +203,10 @@ class SqlStore:
             tx.notices = notices
             return fn(tx)
 
+        started = time.perf_counter()
         result = await self._open_commits().write(call)
+        if self.observer is not None:
+            self.observer.store_call("write", time.perf_counter() - started)
         self.deliver(notices)
         return result
 
@@ -632,9 +644,14 @@ class SqlStore:
                 (now,),
             )
             online = int(fleet["online"] or 0)
-            return StoreSample(
-                {r["state"]: int(r["n"]) for r in states}, oldest, online, int(fleet["known"] or 0) - online
+            sessions = tx.all(
+                "SELECT r.id, (SELECT COUNT(*) FROM connector_sessions s WHERE s.replica_id = r.id) AS n "
+                "FROM replicas r"
             )
+            return StoreSample(
+                {r["state"]: int(r["n"]) for r in states}, oldest, online, int(fleet["known"] or 0) - online,
+                {r["id"]: int(r["n"]) for r in sessions},
+            )  # fmt: skip
 
         return await self._read(read)
 
