@@ -243,6 +243,7 @@ class H2Session:
         self._out = bytearray()
         self._out_wanted = Signal()
         self._out_drained = Signal()
+        self._writing = False  # the writer is sending a chunk it took from _out
         self._flow_changed = Signal()
         self._nursery: trio.Nursery | None = None
         self._closed: str | None = None
@@ -322,16 +323,19 @@ class H2Session:
         try:
             self._conn.close_connection(error_code=error_code, additional_data=reason.encode()[:256])
             self._out += self._conn.data_to_send()
+            self._out_wanted.fire()
         except h2.exceptions.ProtocolError:
             pass
         if self._nursery is not None:
             self._nursery.start_soon(self._final_flush)
 
     async def _final_flush(self) -> None:
-        # Best effort: give the GOAWAY a moment to leave, then tear the session down.
+        # Best effort: give what is queued (the last statuses, then the GOAWAY) a moment to leave, then
+        # tear the session down. The writer sends it: a second sender racing a send in progress could cut
+        # the bytes before it off (the GOAWAY leaving while a status was still being written).
         with trio.move_on_after(1):
-            if self._out:
-                await self._transport.send_all(bytes(self._out))
+            while self._out or self._writing:
+                await self._out_drained.wait()
         self._out.clear()
         assert self._nursery is not None
         self._nursery.cancel_scope.cancel()
@@ -370,6 +374,7 @@ class H2Session:
             size = min(len(self._out), MAX_BATCH_BYTES)
             chunk = bytes(self._out[:size])
             del self._out[:size]
+            self._writing = True
             try:
                 with trio.fail_after(self.settings.send_timeout):
                     await self._transport.send_all(chunk)
@@ -383,6 +388,7 @@ class H2Session:
                 assert self._nursery is not None
                 self._nursery.cancel_scope.cancel()
                 return
+            self._writing = False
             self.stats.bytes_out += size
             if len(self._out) < self.settings.output_high_water:
                 self._out_drained.fire()
