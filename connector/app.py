@@ -6,7 +6,8 @@ Routes on the tunnel (the relay opens every stream):
 * ``GET /v1/events`` — printer changes as NDJSON, for as long as the session lives;
 * ``POST /v1/jobs/{id}`` — one job: check the ledger, open the data key, decrypt while delivering,
   answer with NDJSON status lines;
-* ``POST /v1/drain`` — the relay is going away: finish this session's jobs, then reconnect.
+* ``POST /v1/drain`` — the relay is going away: finish this session's jobs, then reconnect;
+* ``POST /v1/replicas`` — the number of relay replicas changed: keep sessions to up to that many.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from connector.status import PrinterStatus, poll
 from connector.tunnel import TunnelGroup
 from service.private_files import create_private, private_dir
 from tunnel.messages import (
+    MAX_REPLICAS_BYTES,
     NDJSON,
     TICKET_HEADER,
     Inventory,
@@ -46,6 +48,7 @@ from tunnel.messages import (
     PrinterCandidate,
     PrinterInfo,
     candidate_event,
+    parse_replicas,
     printer_event,
 )
 from tunnel.sealing import IntegrityError, PayloadOpener, open_key
@@ -233,6 +236,14 @@ class Connector:
         elif method == "POST" and path == "/v1/drain":
             await self._send_json(stream, 200, b'{"status":"draining"}')
             self._drain_session(stream)
+        elif method == "POST" and path == "/v1/replicas":
+            try:
+                alive = parse_replicas(await stream.read_body(MAX_REPLICAS_BYTES))
+            except MessageError as exc:
+                await self._send_json(stream, 400, json.dumps({"error": str(exc)}).encode())
+                return
+            self.tunnel.replicas_said(alive)
+            await self._send_json(stream, 200, b'{"status":"ok"}')
         elif method == "POST" and (match := JOB_PATH.match(path)):
             await self._serve_job(stream, match.group(1))
         else:

@@ -453,11 +453,15 @@ class TunnelGroup:
             backoff=Backoff(base=BACKOFF_BASE, cap=self.backoff_cap, reset_after=BACKOFF_RESET),
         )  # fmt: skip
 
-    def admit(self, client: TunnelClient, replica: str, alive: int) -> None:
-        """A slot's session reached ``replica``; ``alive`` replicas exist, as the relay said."""
+    def replicas_said(self, alive: int) -> None:
+        """The relay says ``alive`` replicas exist: open slots up to that many (never beyond --sessions)."""
         if alive != self.replicas_alive:
             self.replicas_alive = alive
             self._changed.fire()
+
+    def admit(self, client: TunnelClient, replica: str, alive: int) -> None:
+        """A slot's session reached ``replica``; ``alive`` replicas exist, as the relay said."""
+        self.replicas_said(alive)
         self.targets.replica_of[client.target] = replica
         if not replica:
             return  # an older relay names no replica: nothing to compare

@@ -27,7 +27,7 @@ from relay.ratelimit import TokenRateLimiter
 from relay.secretbox import SecretBox
 from relay.spool import DatabaseSpool, PayloadSpool, Spool
 from relay.store import store_for
-from relay.store.base import Lease, Store, StoreUnavailable
+from relay.store.base import Lease, Store, StoreError, StoreUnavailable
 from relay.submit import Intake, SubmitLimits
 from relay.tls import ServerTls
 from relay.tunnel import ConnectorRegistry, ConnectorSession, TunnelListener
@@ -120,6 +120,10 @@ class Relay:
         )
         self.adoption = Adoption(self.store, self.registry, self.replica_id)
         self.store.on_notice(self.adoption.heard)
+        self._replicas_changed = Signal()  # a replica joined or left: count again, tell the connectors
+        self.store.on_notice(
+            lambda notice: self._replicas_changed.fire() if notice.kind in ("replicas", "resync") else None
+        )
         self.api = RestApi(
             self.store,
             self.jobs,
@@ -209,6 +213,15 @@ class Relay:
         again, and spool files without a live job are removed."""
         await self.spool.prepare()
         await self.store.register_replica(self.replica_id, platform.node())
+        mine = self.secrets_at_rest.fingerprint
+        agreed = await self.store.agree("secret_key_fingerprint", mine)
+        if agreed != mine:
+            # Webhook secrets sealed by the others would not open here (nor ours there).
+            raise StoreError(
+                f"secret_key_file {self.config.secret_key_path} is not the key the database's other relays "
+                f"use (fingerprint {mine}, theirs {agreed}): give every relay sharing a database the same "
+                "--secret-key-file"
+            )
         self.replicas_alive = max(1, await self.store.live_replicas(SILENT_REPLICA))
         requeued = await self.store.requeue_orphaned(time.time())
         if requeued:
@@ -221,14 +234,23 @@ class Relay:
 
     async def _heartbeat(self) -> None:
         while True:
-            await trio.sleep(HEARTBEAT_INTERVAL)
+            with trio.move_on_after(HEARTBEAT_INTERVAL):
+                await self._replicas_changed.wait()
             try:
                 await self.store.heartbeat(self.replica_id)
                 await self.store.retire_silent_replicas(SILENT_REPLICA)
                 await self.registry.write_pending_closes(self.store)
-                self.replicas_alive = max(1, await self.store.live_replicas(SILENT_REPLICA))
+                alive = max(1, await self.store.live_replicas(SILENT_REPLICA))
             except StoreUnavailable as exc:
                 log.warning("heartbeat skipped: %s", exc)
+                continue
+            if alive != self.replicas_alive:
+                self.replicas_alive = alive
+                # Connectors learnt the count when they connected: one that met a lone replica opens
+                # its other sessions now.
+                async with trio.open_nursery() as nursery:
+                    for session in self.registry.sessions():
+                        nursery.start_soon(session.tell_replicas, alive)
 
     def jobs_in_flight(self) -> int:
         return self.registry.jobs_in_flight()

@@ -105,6 +105,20 @@ def next_state(state: JobState, event: JobEvent) -> JobState:
         raise IllegalTransition(state, event) from None
 
 
+def _moves() -> dict[JobEvent, tuple[frozenset[JobState], JobState]]:
+    found: dict[JobEvent, tuple[frozenset[JobState], JobState]] = {}
+    for (state, event), target in TRANSITIONS.items():
+        sources, known = found.get(event, (frozenset(), target))
+        if known is not target:  # the store applies an event in one statement, relying on this
+            raise AssertionError(f"event {event} leads to both {known} and {target}")
+        found[event] = (sources | {state}, target)
+    return found
+
+
+#: per event: the states it applies to, and the one state it leads to from each of them
+MOVES = _moves()
+
+
 def new_job_id() -> str:
     """Time-ordered (milliseconds, hex) then random: ids sort by submission and are unguessable."""
     return f"{int(time.time() * 1000):011x}{secrets.token_hex(8)}"

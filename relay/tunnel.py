@@ -37,7 +37,15 @@ from relay.store.base import (
     TokenStore,
 )
 from service.signal import Signal
-from tunnel.messages import Inventory, LineSplitter, MessageError, PrinterCandidate, PrinterInfo, parse_event
+from tunnel.messages import (
+    Inventory,
+    LineSplitter,
+    MessageError,
+    PrinterCandidate,
+    PrinterInfo,
+    parse_event,
+    replicas_message,
+)
 from tunnel.protocol import TunnelSettings
 from tunnel.session import H2Session, SessionClosed, StreamClosed
 from tunnel.wsstream import (
@@ -53,7 +61,7 @@ from tunnel.wsstream import (
 log = logging.getLogger("printrelay.relay.tunnel")
 
 HANDSHAKE_TIMEOUT = 10.0
-DRAIN_ASK_TIMEOUT = 5.0  # a connector answers POST /v1/drain within this
+DRAIN_ASK_TIMEOUT = 5.0  # a connector answers POST /v1/drain (and /v1/replicas) within this
 SETTLE_TIMEOUT = 5.0  # after a session ends, its job streams this long to read what already arrived
 DRAINING_RETRY_AFTER = 2  # seconds a connector dialing a draining replica waits
 DISCONNECT_TIMEOUT = 5.0  # for the WebSocket closing handshake
@@ -307,6 +315,19 @@ class ConnectorSession:
     def cancel_stream(self, job_id: str) -> None:
         if self.dispatcher is not None:
             self.dispatcher.cancel(job_id)
+
+    async def tell_replicas(self, alive: int) -> None:
+        """How many replicas are alive now (``POST /v1/replicas``). Best effort, bounded: a connector too
+        old to know the message answers 404, and learns the count when it next connects."""
+        with trio.move_on_after(DRAIN_ASK_TIMEOUT):
+            try:
+                stream = await self.h2.open_stream(
+                    "POST", "/v1/replicas", [("content-type", "application/json")]
+                )
+                await stream.send_data(replicas_message(alive), end_stream=True)
+                await stream.receive_response()
+            except (StreamClosed, SessionClosed):
+                pass
 
     async def ask_to_drain(self) -> None:
         """This replica is going away: the connector finishes this session's jobs, then closes it and dials

@@ -15,6 +15,7 @@ The relay's store and the connector's ledger both commit this way; what a batch 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -124,6 +125,10 @@ class GroupCommit(Generic[C]):
                     call.result = outcome.Error(exc)
 
 
+class _PassFailed(Exception):
+    """A write failed in the optimistic pass: the batch runs again, with savepoints."""
+
+
 def run_writes_in_transaction(
     writes: Sequence[Call[C, Any]],
     conn: C,
@@ -134,9 +139,33 @@ def run_writes_in_transaction(
     savepoint: Callable[[], object],
     rollback_to_savepoint: Callable[[], object],
     release_savepoint: Callable[[], object],
+    before_commit: Callable[[], object] = lambda: None,
+    optimistic: Callable[[], AbstractContextManager[object]] | None = None,
 ) -> None:
-    """The write half of a batch, for drivers with explicit transaction statements."""
+    """The write half of a batch, for drivers with explicit transaction statements.
+
+    ``optimistic``: first run the writes inside this context (PostgreSQL's pipeline mode: statements go
+    out without waiting for each other) and without savepoints. Only if that pass fails, wherever the
+    error surfaces, is it rolled back and the batch run again the careful way, each write under a savepoint
+    so that its error is its own. Write functions must then be safe to run twice (they touch only the
+    database and what they return).
+    """
     try:
+        if optimistic is not None:
+            try:
+                with optimistic():
+                    begin()
+                    for call in writes:
+                        call.result = outcome.capture(call.fn, conn)
+                        if isinstance(call.result, outcome.Error):
+                            raise _PassFailed
+                    before_commit()
+                    commit()
+                return
+            except Exception:  # whatever it was, the careful pass tells whose it is
+                rollback()
+                for call in writes:
+                    call.result = None
         begin()
         for call in writes:
             if len(writes) == 1:  # no savepoint needed: its error undoes the whole transaction
@@ -150,6 +179,7 @@ def run_writes_in_transaction(
             if isinstance(call.result, outcome.Error):
                 rollback_to_savepoint()
             release_savepoint()
+        before_commit()
         commit()
     except BaseException as exc:
         # BEGIN, a savepoint or COMMIT failed (disk full, I/O error, a lost connection): nothing of the

@@ -25,7 +25,7 @@ async def test_the_keeper_renews_what_is_held_and_queues_again_what_lapsed(relay
     for job in (held, lost):
         job.printer_id, job.connector_id = "p", "site-9"
         await relay.store.insert_job(job, "accepted")
-    await relay.store.claim_jobs_and_next_due("acme", "site-9", time.time(), 2, Lease(relay.replica_id, 0.0))
+    await relay.store.claim_jobs_and_next_due("acme", "site-9", time.time(), 2, Lease(relay.replica_id, -1.0))
     lapsed: list[int] = []
     keeper = LeaseKeeper(
         relay.store, relay.jobs, Lease(relay.replica_id, 15.0), lambda: {held.id}, on_lapsed=lapsed.append

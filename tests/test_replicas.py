@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from fixtures_printers import RawSink
+from fixtures_printers import RawSink, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from connector.app import Connector
@@ -22,6 +22,7 @@ from connector.config import ConnectorConfig, parse_printer
 from relay.app import Relay
 from relay.auth import new_token
 from relay.config import RelayConfig
+from relay.store.base import StoreError
 
 
 @dataclass
@@ -201,3 +202,59 @@ async def test_metrics_show_every_replicas_sessions_and_the_notice_lag(
 
 
 TUNNEL = "printrelay_tunnel_sessions"
+
+
+async def test_a_connector_that_met_a_lone_replica_opens_its_second_session_when_another_starts(
+    nursery: trio.Nursery, tmp_path: Path, postgres_url: str
+) -> None:
+    ports = [free_port() for _ in range(4)]
+
+    def relay(n: int) -> Relay:
+        return Relay(
+            RelayConfig(
+                listen=("127.0.0.1", ports[2 * n]), tunnel_listen=("127.0.0.1", ports[2 * n + 1]),
+                data_dir=tmp_path / f"relay-{n}", database_url=postgres_url,
+                secret_key_file=tmp_path / "secret.key",
+            )
+        )  # fmt: skip
+
+    a = relay(0)
+    await nursery.start(a.run)
+    secret, record = new_token("acme", "connector", connector_id="site-1")
+    await a.store.add_token(record)
+    connector = Connector(
+        ConnectorConfig(
+            relay=[f"ws://127.0.0.1:{ports[1]}/v1/tunnel", f"ws://127.0.0.1:{ports[3]}/v1/tunnel"],
+            token=secret, sessions=2, state_dir=tmp_path / "connector",
+        )
+    )  # fmt: skip
+    await nursery.start(connector.run)
+    with trio.fail_after(10):
+        while not a.registry.sessions():
+            await a.registry.changed.wait()
+    assert connector.tunnel.replicas_alive == 1 and len(connector.tunnel.sessions) == 1
+
+    b = relay(1)
+    await nursery.start(b.run)
+    with trio.fail_after(15):  # B joins, A hears it and tells the connector, which dials B
+        while not b.registry.sessions():
+            await b.registry.changed.wait()
+    assert connector.tunnel.replicas_alive == 2
+    assert connector.tunnel.replicas == {a.replica_id, b.replica_id}
+
+
+async def test_a_replica_with_another_secret_key_refuses_to_start(
+    pair: Pair, tmp_path: Path, postgres_url: str
+) -> None:
+    stray = Relay(
+        RelayConfig(
+            listen=("127.0.0.1", 0), tunnel_listen=("127.0.0.1", 0), data_dir=tmp_path / "relay-stray",
+            database_url=postgres_url,  # and the default key file in its own data dir: a new key
+        )
+    )  # fmt: skip
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(StoreError, match="not the key the database's other relays use"), flatten_subgroups=True
+    ):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(stray.run)
+    assert pair.a.secrets_at_rest.fingerprint == pair.b.secrets_at_rest.fingerprint

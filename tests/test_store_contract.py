@@ -6,6 +6,7 @@ database, as another relay process would.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -305,7 +306,9 @@ async def test_leases_renew_lapse_on_the_database_clock_and_end_with_the_flight(
     jobs = [new_job() for _ in range(3)]
     for job in jobs:
         await store.insert_job(job, "accepted")
-    await store.claim_jobs_and_next_due("acme", "c1", time.time(), 3, Lease("relay-a", 0.0))  # lapsed at once
+    await store.claim_jobs_and_next_due(
+        "acme", "c1", time.time(), 3, Lease("relay-a", -1.0)
+    )  # lapsed already
     assert {j.id for j in await store.lapsed_leases(10)} == {j.id for j in jobs}
     await store.renew_leases(Lease("relay-a", 60.0), [jobs[0].id])
     await store.renew_leases(Lease("relay-b", 60.0), [jobs[1].id])  # not its claim: no effect
@@ -459,6 +462,41 @@ async def test_writes_are_heard_here_once_committed(store: SqlStore) -> None:
     with pytest.raises(Conflict):
         await store.insert_job(job, "again")
     assert len(heard) == 2  # a write undone says nothing
+
+
+async def test_other_replicas_hear_only_the_writes_that_stayed(
+    store: SqlStore, open_store: Opener, backend: str
+) -> None:
+    if backend != "postgres":
+        pytest.skip("SQLite has one process: nothing to hear but the CLI's tokens")
+    replica = await open_store()
+    await store.insert_job(new_job(key="k1"), "accepted")
+    heard: list[str] = []
+    last = new_job()
+    done = trio.Event()
+
+    def hear(notice: Notice) -> None:
+        heard.append(notice.key)
+        if notice.key == last.id:
+            done.set()
+
+    replica.on_notice(hear)
+    kept = [new_job(), new_job()]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(replica.follow_other_processes)
+        async with trio.open_nursery() as writers:  # batched: a Conflict among writes that stay
+            for job in (kept[0], new_job(key="k1"), kept[1]):
+                writers.start_soon(_insert_quietly, store, job)
+        await store.insert_job(last, "accepted")  # notices arrive in order: after it, nothing more
+        with trio.fail_after(10):
+            await done.wait()
+        nursery.cancel_scope.cancel()
+    assert sorted(heard) == sorted([kept[0].id, kept[1].id, last.id])
+
+
+async def _insert_quietly(store: SqlStore, job: Job) -> None:
+    with contextlib.suppress(Conflict):
+        await store.insert_job(job, "accepted")
 
 
 async def test_tokens_revoked_anywhere_are_heard_by_every_replica(

@@ -10,6 +10,7 @@ import hyperframe.frame
 import pytest
 
 from tunnel.backoff import Backoff
+from tunnel.messages import MessageError, parse_replicas, replicas_message
 from tunnel.protocol import ProtocolViolation, RateLimit, TunnelProtocol, TunnelSettings
 
 
@@ -151,3 +152,14 @@ def test_headers_are_sent_without_huffman_coding_and_still_decode() -> None:
     assert ticket.encode() in wire  # a literal string, not Huffman-coded (RFC 7541 §5.2, H bit clear)
     [request] = [e for e in connector.receive_data(wire, now=0.0) if isinstance(e, h2.events.RequestReceived)]
     assert ("x-job-ticket", ticket) in request.headers
+
+
+def test_the_replicas_message_is_bounded_and_validated() -> None:
+    assert parse_replicas(replicas_message(3)) == 3
+    for bad in (b'{"alive": 0}', b'{"alive": true}', b'{"alive": "2"}', b"[2]", b"not json", b"{}"):
+        with pytest.raises(MessageError):
+            parse_replicas(bad)
+    with pytest.raises(MessageError, match="over 1024 bytes"):
+        parse_replicas(b'{"alive": 2, "pad": "' + b"x" * 2000 + b'"}')
+    with pytest.raises(MessageError, match="from 1 to 10000"):
+        parse_replicas(b'{"alive": 10001}')

@@ -11,6 +11,8 @@ Streams the relay opens (it is the HTTP/2 client):
   the sealed payload as the body; the response body is NDJSON status lines (:class:`JobStatus`), the last
   one final.
 * ``POST /v1/drain`` — the relay is going away: the connector should dial a new session.
+* ``POST /v1/replicas`` (body ``{"alive": N}``) — the number of relay replicas changed: the connector
+  keeps sessions to up to that many (it learnt the first count on the upgrade, ``x-printrelay-replicas``).
 
 Everything here is validated on the way in: a peer is never trusted to send well-formed data.
 """
@@ -302,6 +304,28 @@ def parse_event(line: bytes) -> PrinterInfo | PrinterCandidate | None:
     if obj.get("type") == "candidate":
         return PrinterCandidate.from_json(obj.get("candidate"))
     return None
+
+
+MAX_REPLICAS = 10_000
+MAX_REPLICAS_BYTES = 1024
+
+
+def replicas_message(alive: int) -> bytes:
+    """The body of ``POST /v1/replicas``."""
+    return json.dumps({"alive": alive}).encode()
+
+
+def parse_replicas(body: bytes) -> int:
+    """How many relay replicas are alive, from a ``POST /v1/replicas`` body."""
+    if len(body) > MAX_REPLICAS_BYTES:
+        raise MessageError(f"replicas message over {MAX_REPLICAS_BYTES} bytes")
+    try:
+        obj = bounded_json.loads(body)
+    except ValueError as exc:
+        raise MessageError(f"replicas message is not JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise MessageError("replicas message must be an object")
+    return _int(obj, "alive", low=1, high=MAX_REPLICAS)
 
 
 def decode_event(line: bytes) -> PrinterInfo | None:

@@ -194,8 +194,8 @@ class Notice:
     ``kind``: ``job`` (a job changed state; ``data`` has tenant, connector_id, state, at, message),
     ``tokens`` (tokens were revoked or deleted; ``key`` is a token id, or empty for "any"),
     ``request`` / ``answer`` (a change of printers asked of the replica holding a connector's session;
-    ``key`` is the request id, ``data`` has tenant and connector_id), ``resync`` (notices may have been
-    missed while the listener reconnected: look again).
+    ``key`` is the request id, ``data`` has tenant and connector_id), ``replicas`` (a replica joined or
+    was retired), ``resync`` (notices may have been missed while the listener reconnected: look again).
     """
 
     kind: str
@@ -448,6 +448,10 @@ class ReplicaStore(Protocol):
 
     async def live_replicas(self, silent_for: float) -> int:
         """Replicas whose heartbeat is newer than ``silent_for`` seconds."""
+        ...
+
+    async def agree(self, name: str, value: str) -> str:
+        """The value every replica must share for ``name``: the first one stored (``value`` if none was)."""
         ...
 
     async def take_duty(self, name: str, owner: str, seconds: float) -> bool:

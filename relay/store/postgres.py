@@ -16,6 +16,7 @@ worker thread (``trio.to_thread``) on a connection of a ``psycopg_pool`` pool, g
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -128,6 +129,7 @@ SCHEMA = [
         tenant TEXT PRIMARY KEY, bytes BIGINT NOT NULL DEFAULT 0, jobs BIGINT NOT NULL DEFAULT 0
     );
     CREATE TABLE duties (name TEXT PRIMARY KEY, owner TEXT NOT NULL, until DOUBLE PRECISION NOT NULL);
+    CREATE TABLE relay_settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
     CREATE TABLE candidates (
         tenant TEXT NOT NULL, connector_id TEXT NOT NULL, uri TEXT NOT NULL, data TEXT NOT NULL,
         seen_at DOUBLE PRECISION NOT NULL,
@@ -158,16 +160,25 @@ def redacted(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def _notify(conn: Any, notice: Notice, origin: str) -> None:
+def _payload(notice: Notice, origin: str, at: float) -> str:
     data = dict(notice.data)
     if isinstance(data.get("message"), str):
         data["message"] = data["message"][:1000]
     # "t": when the sender sent it, for the receivers' notice lag (it includes the hosts' clock difference)
-    head = {"o": origin, "k": notice.kind, "key": notice.key, "t": round(time.time(), 4)}
+    head = {"o": origin, "k": notice.kind, "key": notice.key, "t": round(at, 4)}
     payload = json.dumps({**head, "d": data}, separators=(",", ":"))
     if len(payload.encode()) > NOTIFY_LIMIT:
         payload = json.dumps({**head, "d": {}})
-    conn.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+    return payload
+
+
+def _notify(conn: Any, notices: Sequence[Notice], origin: str) -> None:
+    """One statement for a batch's notices (delivered in this order, once it commits)."""
+    at = time.time()
+    conn.execute(
+        "SELECT pg_notify(%s, p) FROM unnest(%s::text[]) WITH ORDINALITY AS n(p, i) ORDER BY i",
+        (CHANNEL, [_payload(notice, origin, at) for notice in notices]),
+    )
 
 
 DIALECT = Dialect(
@@ -249,8 +260,7 @@ class PostgresBatcher:
                     call.result = outcome.capture(call.fn, tx)
                 if writes:
                     run_writes_in_transaction(
-                        writes, tx,
-                        begin=lambda: conn.execute("BEGIN"),
+                        writes, tx, optimistic=tx.pipelined, before_commit=tx.send_notices, begin=tx.begin,
                         commit=lambda: conn.execute("COMMIT"),
                         rollback=lambda: conn.execute("ROLLBACK") if not conn.closed else None,
                         savepoint=lambda: conn.execute("SAVEPOINT call"),
@@ -306,13 +316,19 @@ class PostgresStore(SqlStore):
 
         self._pool = await trio.to_thread.run_sync(_open)
         self._commits = GroupCommit(PostgresBatcher(self._pool, self.url, self.replica_id))
+        # Reads need not wait for the writes' commit (its fsync): they run beside them.
+        self._reads = GroupCommit(PostgresBatcher(self._pool, self.url, self.replica_id))
 
     async def close(self) -> None:
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            limiter = self._commits.limiter if self._commits is not None else None
-            await trio.to_thread.run_sync(pool.close, limiter=limiter)
-            self._commits = None
+            # Holding both pipelines' limiters: no batch runs on the pool while it closes.
+            async with contextlib.AsyncExitStack() as held:
+                for pipeline in (self._commits, self._reads):
+                    if pipeline is not None:
+                        await held.enter_async_context(pipeline.limiter)
+                await trio.to_thread.run_sync(pool.close, limiter=trio.CapacityLimiter(1))
+            self._commits = self._reads = None
 
     async def follow_other_processes(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -12,21 +12,23 @@ its notice commit together or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from relay.jobs import (
     FINAL_STATES,
+    MOVES,
+    IllegalTransition,
     IppJobState,
     Job,
     JobEvent,
     JobHistoryEntry,
     JobState,
-    next_state,
 )
 from relay.store import rows
 from relay.store.base import (
@@ -72,7 +74,8 @@ class Dialect:
     event_order: str  # the column that orders job_events rows written in the same instant
     integrity_errors: tuple[type[BaseException], ...]
     translate: Callable[[str], str] = lambda sql: sql
-    notify: Callable[[Any, Notice, str], None] = lambda conn, notice, origin: None
+    # sends a committing batch's notices to the other processes (PostgreSQL NOTIFY), in its transaction
+    notify: Callable[[Any, Sequence[Notice], str], None] | None = None
     _prepared: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def prepare(self, sql: str) -> str:
@@ -90,7 +93,9 @@ class Tx:
         self.conn = conn
         self.dialect = dialect
         self.origin = origin  # this process's replica id, carried by its notices
-        self.notices: list[Notice] = []
+        self.notices: list[Notice] = []  # the running call's
+        self.outgoing: list[Notice] = []  # the batch's calls that succeeded: sent before it commits
+        self.pipeline: Any = None  # a psycopg pipeline while the batch's first pass runs in one
 
     def _sql(self, sql: str) -> str:
         return self.dialect.prepare(sql)
@@ -103,7 +108,15 @@ class Tx:
 
     def run(self, sql: str, params: Sequence[Any] = ()) -> int:
         """A statement's count of changed rows."""
-        return int(self.conn.execute(self._sql(sql), params).rowcount)
+        cursor = self.conn.execute(self._sql(sql), params)
+        if self.pipeline is not None:
+            self.pipeline.sync()  # the count is known once the server answered
+        return int(cursor.rowcount)
+
+    def send(self, sql: str, params: Sequence[Any] = ()) -> None:
+        """A statement whose outcome nobody reads but success: in a pipeline, sent without waiting (an
+        error then fails the batch's pass, see service/groupcommit.py)."""
+        self.conn.execute(self._sql(sql), params)
 
     def many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
         if params:
@@ -112,7 +125,33 @@ class Tx:
     def notify(self, notice: Notice) -> None:
         """Heard by this process once committed, and by the other replicas (PostgreSQL NOTIFY)."""
         self.notices.append(notice)
-        self.dialect.notify(self.conn, notice, self.origin)
+
+    def begin(self) -> None:
+        self.outgoing.clear()
+        self.conn.execute("BEGIN")
+
+    @contextlib.contextmanager
+    def pipelined(self) -> Iterator[None]:
+        """PostgreSQL's pipeline mode: statements go out without waiting for the one before."""
+        with self.conn.pipeline() as pipeline:
+            self.pipeline = pipeline
+            try:
+                yield
+            finally:
+                self.pipeline = None
+
+    def call(self, fn: Callable[[Tx], T]) -> tuple[T, list[Notice]]:
+        """Run one store call's function; its result and notices. A batch may run a call twice (when a
+        write fails in the optimistic pass, service/groupcommit.py): each run starts afresh."""
+        self.notices = []
+        result = fn(self)
+        if self.dialect.notify is not None:
+            self.outgoing += self.notices
+        return result, self.notices
+
+    def send_notices(self) -> None:
+        if self.outgoing and self.dialect.notify is not None:
+            self.dialect.notify(self.conn, self.outgoing, self.origin)
 
 
 def new_replica_id() -> str:
@@ -156,6 +195,9 @@ class SqlStore:
         # Who this process is among the replicas: lease owner, session holder, origin of its notices.
         self.replica_id = replica_id or new_replica_id()
         self._commits: GroupCommit[Tx] | None = None
+        # Reads on a pipeline of their own, beside the writes' (PostgreSQL: another pooled connection), or
+        # with the writes' batches (SQLite: one connection).
+        self._reads: GroupCommit[Tx] | None = None
         self._handlers: list[NoticeHandler] = []
         self.observer: StoreObserver | None = None
 
@@ -189,7 +231,7 @@ class SqlStore:
     async def _read(self, fn: Callable[[Tx], T]) -> T:
         """A read: runs with the next batch, outside its transaction."""
         started = time.perf_counter()
-        result = await self._open_commits().read(fn)
+        result = await (self._reads or self._open_commits()).read(fn)
         if self.observer is not None:
             self.observer.store_call("read", time.perf_counter() - started)
         return result
@@ -200,8 +242,8 @@ class SqlStore:
         notices: list[Notice] = []
 
         def call(tx: Tx) -> T:
-            tx.notices = notices
-            return fn(tx)
+            result, notices[:] = tx.call(fn)
+            return result
 
         started = time.perf_counter()
         result = await self._open_commits().write(call)
@@ -268,12 +310,12 @@ class SqlStore:
 
     async def session_opened(self, session: SessionRecord) -> None:
         def opened(tx: Tx) -> None:
-            tx.run(
+            tx.send(
                 "INSERT INTO connector_sessions (id, tenant, connector_id, replica_id, opened_at) "
                 "VALUES (?, ?, ?, ?, ?)",
                 (session.id, session.tenant, session.connector_id, session.replica_id, session.opened_at),
             )
-            tx.run(
+            tx.send(
                 "UPDATE connectors SET last_seen = ? WHERE tenant = ? AND id = ?",
                 (session.opened_at, session.tenant, session.connector_id),
             )
@@ -286,7 +328,7 @@ class SqlStore:
                 "DELETE FROM connector_sessions WHERE id = ? RETURNING tenant, connector_id", (session_id,)
             )
             if row is not None:
-                tx.run(
+                tx.send(
                     "UPDATE connectors SET last_seen = ? WHERE tenant = ? AND id = ?",
                     (at, row["tenant"], row["connector_id"]),
                 )
@@ -434,14 +476,14 @@ class SqlStore:
             if not job.state.final:
                 _use_quota(tx, job.tenant, job.sealed_size, 1, quota)
             try:
-                tx.run(
+                tx.send(
                     f"INSERT INTO jobs ({rows.JOBS.column_list()}) VALUES ({marks(len(rows.JOBS.columns))})",
                     rows.JOBS.dump(job),
                 )
             except integrity as exc:
                 raise Conflict(str(exc)) from exc
             if payload is not None:
-                tx.run("INSERT INTO payloads (job_id, sealed) VALUES (?, ?)", (job.id, payload))
+                tx.send("INSERT INTO payloads (job_id, sealed) VALUES (?, ?)", (job.id, payload))
             _record_event(tx, job, job.created_at, message)
             return job
 
@@ -515,32 +557,35 @@ class SqlStore:
         if unknown:
             raise ValueError(f"cannot set {sorted(unknown)} in a transition")
 
+        sources, state = MOVES[event]
+        values: dict[str, Any] = {**fields, "state": str(state), "updated_at": at}
+        if "wrapped_key" in values:
+            values["wrapped_key"] = bytes(values["wrapped_key"])
+        if state.final and "completed_at" not in fields:
+            values["completed_at"] = at
+        if state not in (JobState.SENDING, JobState.PRINTING):
+            values["lease_owner"] = values["lease_expires_at"] = None  # nobody holds it any more
+        assignments = ", ".join(f"{name} = ?" for name in values)
+        # One statement, a compare-and-set on the state: two replicas never both move a job from one state.
+        update = (
+            f"UPDATE jobs SET {assignments} WHERE id = ? AND state IN ({marks(len(sources))}) RETURNING *"
+        )
+        args = [*values.values(), job_id, *sorted(str(s) for s in sources)]
+        leaves_flight = state.final and not any(s.final for s in sources)
+
         def apply(tx: Tx) -> Job | None:
-            row = tx.one("SELECT * FROM jobs WHERE id = ?", (job_id,))
-            if row is None:
-                return None
-            job = rows.JOBS.load(row)
-            state = next_state(job.state, event)
-            values: dict[str, Any] = {**fields, "state": str(state), "updated_at": at}
-            if "wrapped_key" in values:
-                values["wrapped_key"] = bytes(values["wrapped_key"])
-            if state.final and "completed_at" not in fields:
-                values["completed_at"] = at
-            if state not in (JobState.SENDING, JobState.PRINTING):
-                values["lease_owner"] = values["lease_expires_at"] = None  # nobody holds it any more
-            assignments = ", ".join(f"{name} = ?" for name in values)
-            # The compare-and-set keeps two replicas from both moving the job from the state read above.
-            if not tx.run(
-                f"UPDATE jobs SET {assignments} WHERE id = ? AND state = ?",
-                [*values.values(), job_id, str(job.state)],
-            ):
-                return None
-            if state.final and not job.state.final:
-                _use_quota(tx, job.tenant, -job.sealed_size, -1, None)
+            updated = tx.one(update, args)
+            if updated is None:
+                row = tx.one("SELECT state FROM jobs WHERE id = ?", (job_id,))
+                if row is None or JobState(row["state"]) in sources:
+                    return None  # gone, or moved meanwhile
+                raise IllegalTransition(JobState(row["state"]), event)
+            changed = rows.JOBS.load(updated)
+            if leaves_flight:
+                _use_quota(tx, changed.tenant, -changed.sealed_size, -1, None)
                 # Erased with the final state: the payload kept with the row, or its chunks.
-                tx.run("DELETE FROM payloads WHERE job_id = ?", (job_id,))
-                tx.run("DELETE FROM payload_chunks WHERE job_id = ?", (job_id,))
-            changed = rows.JOBS.load(tx.one("SELECT * FROM jobs WHERE id = ?", (job_id,)))
+                tx.send("DELETE FROM payloads WHERE job_id = ?", (job_id,))
+                tx.send("DELETE FROM payload_chunks WHERE job_id = ?", (job_id,))
             _record_event(tx, changed, at, message)
             return changed
 
@@ -561,7 +606,7 @@ class SqlStore:
     async def renew_leases(self, lease: Lease, job_ids: Sequence[str]) -> None:
         def renew(tx: Tx) -> None:
             for batch in chunks(list(job_ids)):
-                tx.run(
+                tx.send(
                     "UPDATE jobs SET lease_expires_at = {clock} + ? WHERE lease_owner = ? "
                     f"AND state IN ('sending', 'printing') AND id IN ({marks(len(batch))})",
                     [lease.seconds, lease.owner, *batch],
@@ -877,7 +922,7 @@ class SqlStore:
 
     async def add_payload_chunk(self, job_id: str, seq: int, data: bytes) -> None:
         await self._write(
-            lambda tx: tx.run(
+            lambda tx: tx.send(
                 "INSERT INTO payload_chunks (job_id, seq, data, written_at) VALUES (?, ?, ?, {clock})",
                 (job_id, seq, data),
             )
@@ -924,13 +969,15 @@ class SqlStore:
     # --- replicas -------------------------------------------------------------------------------
 
     async def register_replica(self, replica_id: str, name: str) -> None:
-        await self._write(
-            lambda tx: tx.run(
+        def register(tx: Tx) -> None:
+            tx.run(
                 "INSERT INTO replicas (id, name, started_at, heartbeat_at) VALUES (?, ?, {clock}, {clock}) "
                 "ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
                 (replica_id, name),
             )
-        )
+            tx.notify(Notice("replicas", replica_id))
+
+        await self._write(register)
 
     async def heartbeat(self, replica_id: str) -> None:
         await self._write(
@@ -958,6 +1005,16 @@ class SqlStore:
             )
         )
         return int(row["n"])
+
+    async def agree(self, name: str, value: str) -> str:
+        def agree(tx: Tx) -> str:
+            tx.run(
+                "INSERT INTO relay_settings (name, value) VALUES (?, ?) ON CONFLICT (name) DO NOTHING",
+                (name, value),
+            )
+            return str(tx.one("SELECT value FROM relay_settings WHERE name = ?", (name,))["value"])
+
+        return await self._write(agree)
 
     async def take_duty(self, name: str, owner: str, seconds: float) -> bool:
         def take(tx: Tx) -> bool:
@@ -993,7 +1050,7 @@ def _upsert_printer(tx: Tx, printer: Printer) -> None:
         printer.updated_at = time.time()
     cols = rows.PRINTERS.columns
     updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in ("tenant", "id"))
-    tx.run(
+    tx.send(
         f"INSERT INTO printers ({rows.PRINTERS.column_list()}) VALUES ({marks(len(cols))}) "
         f"ON CONFLICT (tenant, id) DO UPDATE SET {updates}",
         rows.PRINTERS.dump(printer),
@@ -1004,11 +1061,11 @@ def _record_event(tx: Tx, job: Job, at: float, message: str) -> None:
     """A job's change: its history row, one outbox row per webhook of its tenant that wants it, and the
     notice that wakes watchers (here and on other replicas) once it commits."""
     state = str(job.state)
-    tx.run(
+    tx.send(
         "INSERT INTO job_events (job_id, at, state, message) VALUES (?, ?, ?, ?)",
         (job.id, at, state, message),
     )
-    tx.run(
+    tx.send(
         "INSERT INTO webhook_deliveries (id, webhook_id, tenant, job_id, at, state, message, job, "
         "next_attempt_at) SELECT ? || substr(w.id, 4), w.id, w.tenant, ?, ?, ?, ?, ?, ? FROM webhooks w "
         "WHERE w.tenant = ? AND (w.events LIKE ? OR w.events LIKE ?)",
@@ -1036,23 +1093,30 @@ def _record_event(tx: Tx, job: Job, at: float, message: str) -> None:
 def _use_quota(tx: Tx, tenant: str, sealed_bytes: int, jobs: int, quota: Quota | None) -> None:
     """Count a job in (or out of) its tenant's usage; with ``quota``, refuse it past the limits. One
     statement, so replicas submitting at once cannot both take the last of a quota."""
-    tx.run(
-        "INSERT INTO tenant_usage (tenant, bytes, jobs) VALUES (?, 0, 0) ON CONFLICT (tenant) DO NOTHING",
-        (tenant,),
-    )
     if quota is None:
-        tx.run(
-            "UPDATE tenant_usage SET bytes = bytes + ?, jobs = jobs + ? WHERE tenant = ?",
-            (sealed_bytes, jobs, tenant),
+        tx.send(
+            "INSERT INTO tenant_usage (tenant, bytes, jobs) VALUES (?, ?, ?) ON CONFLICT (tenant) "
+            "DO UPDATE SET bytes = tenant_usage.bytes + excluded.bytes, "
+            "jobs = tenant_usage.jobs + excluded.jobs",
+            (tenant, sealed_bytes, jobs),
         )
         return
-    if tx.run(
+    take = (
         "UPDATE tenant_usage SET bytes = bytes + ?, jobs = jobs + ? WHERE tenant = ? "
-        "AND bytes + ? <= ? AND jobs + ? <= ?",
-        (sealed_bytes, jobs, tenant, sealed_bytes, quota.max_bytes, jobs, quota.max_jobs),
-    ):
+        "AND bytes + ? <= ? AND jobs + ? <= ?"
+    )
+    args = (sealed_bytes, jobs, tenant, sealed_bytes, quota.max_bytes, jobs, quota.max_jobs)
+    if tx.run(take, args):
         return
     used = tx.one("SELECT bytes, jobs FROM tenant_usage WHERE tenant = ?", (tenant,))
+    if used is None:  # the tenant's first job
+        tx.run(
+            "INSERT INTO tenant_usage (tenant, bytes, jobs) VALUES (?, 0, 0) ON CONFLICT (tenant) DO NOTHING",
+            (tenant,),
+        )
+        if tx.run(take, args):
+            return
+        used = tx.one("SELECT bytes, jobs FROM tenant_usage WHERE tenant = ?", (tenant,))
     if used["jobs"] + jobs > quota.max_jobs:
         raise QuotaExceeded(
             "jobs", f"quota reached: {used['jobs']} undelivered jobs (tenant_max_jobs={quota.max_jobs})"
@@ -1083,6 +1147,8 @@ def retire_replicas(tx: Tx, replica_ids: Sequence[str]) -> None:
             batch,
         )
         tx.run(f"DELETE FROM replicas WHERE id IN ({marks(len(batch))})", batch)
+    if replica_ids:
+        tx.notify(Notice("replicas", ""))
 
 
 # Token operations as functions of a Tx: the CLI runs them too.

@@ -152,6 +152,7 @@ SCHEMA = [
     ALTER TABLE webhook_deliveries ADD COLUMN claimed_by TEXT;
     ALTER TABLE webhook_deliveries ADD COLUMN claimed_until REAL;
     CREATE TABLE duties (name TEXT PRIMARY KEY, owner TEXT NOT NULL, until REAL NOT NULL);
+    CREATE TABLE relay_settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
     CREATE TABLE candidates (
         tenant TEXT NOT NULL, connector_id TEXT NOT NULL, uri TEXT NOT NULL, data TEXT NOT NULL,
         seen_at REAL NOT NULL,
