@@ -36,12 +36,13 @@ LOADTEST_ARGS ?= --users 50 --spawn-rate 10 --duration 60s --connectors 20 --pri
 loadtest: setup
 	$(BIN)/python loadtest/run.py $(LOADTEST_ARGS) --out loadtest-results
 
-## benchmarks, each next to its baseline (direct TCP, websockify, CUPS); JSON in bench-results/
+## benchmarks, each next to its baseline (direct TCP, websockify, CUPS, the SQLite relay); JSON in bench-results/
 BENCH_IDLE_CONNECTORS ?= 10000
 bench: setup system-deps
 	$(BIN)/python loadtest/bench_tunnel.py --out bench-results
 	$(BIN)/python loadtest/bench_small_jobs.py --out bench-results
 	$(BIN)/python loadtest/bench_idle.py --connectors $(BENCH_IDLE_CONNECTORS) --out bench-results
+	$(BIN)/python loadtest/bench_replicas.py --out bench-results
 
 ## abuse storms against a relay, and its memory after each; JSON in bench-results/
 storm: setup

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,15 +162,16 @@ Submit = Any  # async (connection, printer index, tag, body) -> bool
 
 
 async def drive(
-    tracker: Tracker, submit: Submit, port: int, printers: int, jobs: int, concurrency: int, size: int,
-    pace: float = 0.0,
+    tracker: Tracker, submit: Submit, ports: Sequence[int], printers: int, jobs: int, concurrency: int,
+    size: int, pace: float = 0.0,
 ) -> None:  # fmt: skip
-    """Send ``jobs`` tagged documents from ``concurrency`` connections; ``pace`` jobs/s (0: flat out)."""
+    """Send ``jobs`` tagged documents from ``concurrency`` connections, spread over ``ports`` (several
+    relay replicas); ``pace`` jobs/s (0: flat out)."""
     counter = itertools.count()
     payload = os.urandom(size)
     start = trio.current_time()
 
-    async def worker() -> None:
+    async def worker(port: int) -> None:
         connection = HttpConnection(port)
         try:
             while (n := next(counter)) < jobs:
@@ -186,8 +188,8 @@ async def drive(
 
     with trio.fail_after(RUN_TIMEOUT):
         async with trio.open_nursery() as nursery:
-            for _ in range(concurrency):
-                nursery.start_soon(worker)
+            for n in range(concurrency):
+                nursery.start_soon(worker, ports[n % len(ports)])
 
 
 def figures(tracker: Tracker, started: float) -> dict[str, Any]:
@@ -205,15 +207,16 @@ def figures(tracker: Tracker, started: float) -> dict[str, Any]:
 
 
 async def run_case(
-    name: str, submit: Submit, port: int, sinks: list[RawSink], args: argparse.Namespace, *, pace: float
-) -> dict[str, Any]:
+    name: str, submit: Submit, ports: Sequence[int], sinks: list[RawSink], args: argparse.Namespace, *,
+    pace: float,
+) -> dict[str, Any]:  # fmt: skip
     results: dict[str, Any] = {}
     for label, jobs, rate in (("saturated", args.jobs, 0.0), ("paced", int(pace * args.paced_seconds), pace)):
         tracker = Tracker()
         for sink in sinks:
             sink.record = tracker.record
         started = time.time()
-        await drive(tracker, submit, port, len(sinks), jobs, args.concurrency, args.size, rate)
+        await drive(tracker, submit, ports, len(sinks), jobs, args.concurrency, args.size, rate)
         await tracker.wait_all()
         results[label] = figures(tracker, started) | {"target_jobs_per_s": rate or None}
         print(f"{name} {label}: {results[label]}", flush=True)
@@ -327,7 +330,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 nursery.start_soon(monitor.run)
                 started = time.time()
                 results["printrelay"] = await run_case(
-                    "printrelay", relay_submitter(tokens.api, printers), relay.http_port, sinks, args,
+                    "printrelay", relay_submitter(tokens.api, printers), [relay.http_port], sinks, args,
                     pace=args.paced_rate,
                 )  # fmt: skip
                 results["printrelay"]["relay"] = monitor.summary("relay", started)
@@ -346,7 +349,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     monitor.pids = {"cupsd": cupsd.pid}
                     started = time.time()
                     results["cups"] = await run_case(
-                        "cups", cups_submitter(port, list(queues)), port, sinks, args,
+                        "cups", cups_submitter(port, list(queues)), [port], sinks, args,
                         pace=args.cups_paced_rate,
                     )  # fmt: skip
                     results["cups"]["cupsd"] = monitor.summary("cupsd", started)

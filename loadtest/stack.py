@@ -69,15 +69,37 @@ class ProcSample:
     peak_rss: int  # VmHWM: the most this process ever held
 
 
-def sample(pid: int) -> ProcSample | None:
-    """CPU time and memory of ``pid`` (None once it is gone)."""
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (so ``[0]`` is the state, ``[1]`` the ppid)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of ``pid`` and its children, those still running and those it reaped (PostgreSQL runs a
+    process per connection)."""
+    root = _stat(pid)
+    if root is None:
+        return 0.0
+    ticks = sum(int(root[n]) for n in (11, 12, 13, 14))  # utime, stime, cutime, cstime
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (child := _stat(int(entry.name))) is not None and child[1] == str(pid):
+            ticks += int(child[11]) + int(child[12])
+    return ticks / CLOCK_TICKS
+
+
+def sample(pid: int, *, tree: bool = False) -> ProcSample | None:
+    """CPU time and memory of ``pid`` (None once it is gone); with ``tree``, CPU of its children too."""
+    fields = _stat(pid)
+    try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
-    fields = stat.rsplit(")", 1)[1].split()
-    cpu = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+    if fields is None:
+        return None
+    cpu = tree_cpu(pid) if tree else (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
     kib = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in status.splitlines()) if "kB" in v}
     return ProcSample(time.time(), cpu, kib.get("VmRSS", 0) * 1024, kib.get("VmHWM", 0) * 1024)
 
@@ -89,6 +111,7 @@ class Monitor:
     pids: dict[str, int]
     interval: float = 0.5
     samples: dict[str, list[ProcSample]] = field(default_factory=dict)
+    trees: set[str] = field(default_factory=set)  # names whose children's CPU counts too (PostgreSQL)
 
     async def run(self) -> None:
         while True:
@@ -97,7 +120,7 @@ class Monitor:
 
     def take(self) -> None:
         for name, pid in self.pids.items():
-            found = sample(pid)
+            found = sample(pid, tree=name in self.trees)
             if found is not None:
                 self.samples.setdefault(name, []).append(found)
 
@@ -105,9 +128,10 @@ class Monitor:
         """CPU (% of one core) between the first and last sample in the window, and RSS peaks."""
         window = [s for s in self.samples.get(name, []) if since <= s.at <= until]
         if len(window) < 2:
-            return {"cpu_percent": 0.0, "peak_rss_mib": 0.0, "max_sampled_rss_mib": 0.0}
+            return {"cpu_percent": 0.0, "cpu_seconds": 0.0, "peak_rss_mib": 0.0, "max_sampled_rss_mib": 0.0}
         first, last = window[0], window[-1]
         return {
+            "cpu_seconds": round(last.cpu_seconds - first.cpu_seconds, 2),
             "cpu_percent": round(100 * (last.cpu_seconds - first.cpu_seconds) / (last.at - first.at), 1),
             "peak_rss_mib": round(max(s.peak_rss for s in window) / 2**20, 1),
             "max_sampled_rss_mib": round(max(s.rss for s in window) / 2**20, 1),
