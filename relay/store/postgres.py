@@ -187,6 +187,7 @@ DIALECT = Dialect(
     skip_locked=" FOR UPDATE OF j SKIP LOCKED",
     event_order="seq",
     integrity_errors=(psycopg.errors.IntegrityError,),
+    combines_sends=True,
     translate=lambda sql: sql.replace("?", "%s"),
     notify=_notify,
 )
@@ -260,7 +261,7 @@ class PostgresBatcher:
                     call.result = outcome.capture(call.fn, tx)
                 if writes:
                     run_writes_in_transaction(
-                        writes, tx, optimistic=tx.pipelined, before_commit=tx.send_notices, begin=tx.begin,
+                        writes, tx, optimistic=tx.pipelined, before_commit=tx.before_commit, begin=tx.begin,
                         commit=lambda: conn.execute("COMMIT"),
                         rollback=lambda: conn.execute("ROLLBACK") if not conn.closed else None,
                         savepoint=lambda: conn.execute("SAVEPOINT call"),

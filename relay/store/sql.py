@@ -73,6 +73,9 @@ class Dialect:
     skip_locked: str  # appended to a claim's inner SELECT: rows another replica is claiming are skipped
     event_order: str  # the column that orders job_events rows written in the same instant
     integrity_errors: tuple[type[BaseException], ...]
+    # Statements sent without reading their outcome (Tx.send) are combined into one, as data-modifying
+    # WITH clauses (PostgreSQL): one round of parsing, planning and protocol instead of one each.
+    combines_sends: bool = False
     translate: Callable[[str], str] = lambda sql: sql
     # sends a committing batch's notices to the other processes (PostgreSQL NOTIFY), in its transaction
     notify: Callable[[Any, Sequence[Notice], str], None] | None = None
@@ -96,29 +99,60 @@ class Tx:
         self.notices: list[Notice] = []  # the running call's
         self.outgoing: list[Notice] = []  # the batch's calls that succeeded: sent before it commits
         self.pipeline: Any = None  # a psycopg pipeline while the batch's first pass runs in one
+        self._sends: list[tuple[str, Sequence[Any]]] = []  # sent statements not yet executed
+        self._expected: list[Any] = []  # cursors of expect()ed statements, checked before commit
 
     def _sql(self, sql: str) -> str:
         return self.dialect.prepare(sql)
 
     def all(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        self.flush()
         return list(self.conn.execute(self._sql(sql), params).fetchall())
 
     def one(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        self.flush()
         return self.conn.execute(self._sql(sql), params).fetchone()
 
     def run(self, sql: str, params: Sequence[Any] = ()) -> int:
         """A statement's count of changed rows."""
+        self.flush()
         cursor = self.conn.execute(self._sql(sql), params)
         if self.pipeline is not None:
             self.pipeline.sync()  # the count is known once the server answered
         return int(cursor.rowcount)
 
+    def expect(self, sql: str, params: Sequence[Any] = ()) -> bool:
+        """Whether a statement changed rows. In a pipeline it is assumed to, without waiting: the batch
+        checks before it commits, and when one did not, runs again the careful way, where this answers
+        truly (so the code for the other answer runs there)."""
+        if self.pipeline is None:
+            return self.run(sql, params) > 0
+        self.flush()
+        self._expected.append(self.conn.execute(self._sql(sql), params))
+        return True
+
     def send(self, sql: str, params: Sequence[Any] = ()) -> None:
-        """A statement whose outcome nobody reads but success: in a pipeline, sent without waiting (an
-        error then fails the batch's pass, see service/groupcommit.py)."""
-        self.conn.execute(self._sql(sql), params)
+        """A statement whose outcome nobody reads but success. It may run later: with the next statement
+        that reads, at :meth:`flush`, or when the call ends, combined with the others sent meanwhile (so
+        none may depend on another's effect). In a pipeline it goes out without waiting; an error then
+        fails the batch's pass (service/groupcommit.py)."""
+        if not self.dialect.combines_sends:
+            self.conn.execute(self._sql(sql), params)
+            return
+        self._sends.append((sql, params))
+
+    def flush(self) -> None:
+        """Run what :meth:`send` left waiting, as one statement."""
+        if not self._sends:
+            return
+        sends, self._sends = self._sends, []
+        *heads, (last, _) = sends
+        sql = "".join(f"{'WITH' if n == 0 else ','} s{n} AS ({head})" for n, (head, _) in enumerate(heads))
+        params = [value for _, values in sends for value in values]
+        self.conn.execute(self._sql(f"{sql} {last}" if heads else last), params)
 
     def many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
+        self.flush()
         if params:
             self.conn.cursor().executemany(self._sql(sql), params)
 
@@ -128,6 +162,7 @@ class Tx:
 
     def begin(self) -> None:
         self.outgoing.clear()
+        self._expected.clear()
         self.conn.execute("BEGIN")
 
     @contextlib.contextmanager
@@ -144,14 +179,27 @@ class Tx:
         """Run one store call's function; its result and notices. A batch may run a call twice (when a
         write fails in the optimistic pass, service/groupcommit.py): each run starts afresh."""
         self.notices = []
+        self._sends = []
         result = fn(self)
+        self.flush()
         if self.dialect.notify is not None:
             self.outgoing += self.notices
         return result, self.notices
 
-    def send_notices(self) -> None:
+    def before_commit(self) -> None:
+        """Check what :meth:`expect` assumed, then send the batch's notices (in its transaction)."""
+        if self._expected:
+            expected, self._expected = self._expected, []
+            if self.pipeline is not None:
+                self.pipeline.sync()
+            if any(cursor.rowcount <= 0 for cursor in expected):
+                raise Unexpected("a statement expected to change rows did not")
         if self.outgoing and self.dialect.notify is not None:
             self.dialect.notify(self.conn, self.outgoing, self.origin)
+
+
+class Unexpected(StoreError):
+    """An optimistic pass assumed wrong (Tx.expect): the batch runs again the careful way."""
 
 
 def new_replica_id() -> str:
@@ -480,11 +528,12 @@ class SqlStore:
                     f"INSERT INTO jobs ({rows.JOBS.column_list()}) VALUES ({marks(len(rows.JOBS.columns))})",
                     rows.JOBS.dump(job),
                 )
+                if payload is not None:
+                    tx.send("INSERT INTO payloads (job_id, sealed) VALUES (?, ?)", (job.id, payload))
+                _record_event(tx, job, job.created_at, message)
+                tx.flush()  # here, so that a reused Idempotency-Key is a Conflict
             except integrity as exc:
                 raise Conflict(str(exc)) from exc
-            if payload is not None:
-                tx.send("INSERT INTO payloads (job_id, sealed) VALUES (?, ?)", (job.id, payload))
-            _record_event(tx, job, job.created_at, message)
             return job
 
         return await self._write(insert)
@@ -1106,7 +1155,7 @@ def _use_quota(tx: Tx, tenant: str, sealed_bytes: int, jobs: int, quota: Quota |
         "AND bytes + ? <= ? AND jobs + ? <= ?"
     )
     args = (sealed_bytes, jobs, tenant, sealed_bytes, quota.max_bytes, jobs, quota.max_jobs)
-    if tx.run(take, args):
+    if tx.expect(take, args):
         return
     used = tx.one("SELECT bytes, jobs FROM tenant_usage WHERE tenant = ?", (tenant,))
     if used is None:  # the tenant's first job
