@@ -15,7 +15,7 @@ import trio
 from relay.adoption import Adoption
 from relay.api.ipp import IppEndpoint
 from relay.api.rest import RestApi
-from relay.auth import Principal
+from relay.auth import Principal, TokenCache, TokenLookup
 from relay.config import RelayConfig
 from relay.dispatch import Dispatcher, DispatchSettings, Drain
 from relay.jobs import Job, JobEvent, JobState
@@ -110,11 +110,20 @@ class Relay:
         self.health = RelayHealth(
             self.store, self.spool, self.registry, self.metrics, config.data_dir, lambda: self.accepting
         )
+        # With PostgreSQL, API tokens as requests check them are kept a moment: a revocation anywhere is a
+        # NOTIFY that drops them at once. SQLite hears the CLI's revocations only by polling (2 s), and its
+        # reads cost little: there every request reads its token.
+        self.tokens: TokenLookup = self.store
+        if config.database_url:
+            cache = TokenCache(self.store)
+            self.store.on_notice(cache.heard)
+            self.tokens = cache
         ipp = IppEndpoint(
             self.store,
             self.jobs,
             self.intake,
             self.rate_limiter,
+            tokens=self.tokens,
             public_url=config.public_url,
             tls=self.tls is not None,
         )
@@ -133,6 +142,7 @@ class Relay:
             self.secrets_at_rest,
             ipp=ipp,
             readiness=self.health.readiness,
+            tokens=self.tokens,
         )
         self.http = HttpServer(
             self.metrics.instrument_http(self.api.handle, self.api.routes),

@@ -15,14 +15,56 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
-from relay.store.base import TokenRecord, TokenStore
+from relay.store.base import Notice, TokenRecord
 
 KINDS = {"api": "a", "connector": "c"}
 API_SCOPES = ("jobs:submit", "jobs:read", "printers:admin", "admin")
 DEFAULT_API_SCOPES = ("jobs:submit", "jobs:read")
 TOKEN_RE = re.compile(r"^pr([ac])_([a-z0-9]{10})_([A-Za-z0-9_-]{43})$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+
+class TokenLookup(Protocol):
+    async def get_token(self, token_id: str) -> TokenRecord | None: ...
+
+
+class TokenCache:
+    """Token records as authentication reads them, kept for ``ttl`` seconds: every API request is
+    authenticated, and a store read for each was a good part of a small job's cost. A revocation or
+    deletion anywhere (this replica, another, the CLI) is heard as a ``tokens`` notice and drops the
+    record at once; ``ttl`` bounds what a missed notice could cost. Only tokens that exist are kept (a
+    flood of made-up ids fills nothing), at most ``max_entries`` of them."""
+
+    def __init__(self, store: TokenLookup, *, ttl: float = 5.0, max_entries: int = 10_000) -> None:
+        self._store = store
+        self._ttl = ttl
+        self._max = max_entries
+        self._records: dict[str, tuple[TokenRecord, float]] = {}
+        self._generation = 0  # changes with every revocation heard: a read it overlapped is not kept
+
+    async def get_token(self, token_id: str) -> TokenRecord | None:
+        now = time.monotonic()
+        found = self._records.get(token_id)
+        if found is not None and found[1] > now:
+            return found[0]
+        generation = self._generation
+        record = await self._store.get_token(token_id)
+        if record is not None and generation == self._generation:
+            self._records.pop(token_id, None)
+            if len(self._records) >= self._max:
+                del self._records[next(iter(self._records))]  # the oldest
+            self._records[token_id] = (record, now + self._ttl)
+        return record
+
+    def heard(self, notice: Notice) -> None:
+        if notice.kind == "tokens" and notice.key:
+            self._generation += 1
+            self._records.pop(notice.key, None)
+        elif notice.kind in ("tokens", "resync"):
+            self._generation += 1
+            self._records.clear()
 
 
 class AuthError(Exception):
@@ -96,7 +138,7 @@ def new_token(
     return token, record
 
 
-async def authenticate(store: TokenStore, token: str, *, kind: str, now: float | None = None) -> Principal:
+async def authenticate(store: TokenLookup, token: str, *, kind: str, now: float | None = None) -> Principal:
     """Check a bearer token; raises :class:`AuthError` with a reason that does not help an attacker."""
     match = TOKEN_RE.match(token.strip())
     if match is None or match.group(1) != KINDS.get(kind):

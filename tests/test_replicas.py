@@ -14,15 +14,16 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+import trio.testing
 from fixtures_printers import RawSink, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from connector.app import Connector
 from connector.config import ConnectorConfig, parse_printer
 from relay.app import Relay
-from relay.auth import new_token
+from relay.auth import TokenCache, new_token
 from relay.config import RelayConfig
-from relay.store.base import StoreError
+from relay.store.base import Notice, StoreError, TokenRecord
 
 
 @dataclass
@@ -253,8 +254,55 @@ async def test_a_replica_with_another_secret_key_refuses_to_start(
         )
     )  # fmt: skip
     with pytest.RaisesGroup(
-        pytest.RaisesExc(StoreError, match="not the key the database's other relays use"), flatten_subgroups=True
+        pytest.RaisesExc(StoreError, match="not the key the database's other relays use"),
+        flatten_subgroups=True,
     ):
         async with trio.open_nursery() as nursery:
             await nursery.start(stray.run)
     assert pair.a.secrets_at_rest.fingerprint == pair.b.secrets_at_rest.fingerprint
+
+
+async def test_an_api_token_revoked_on_one_replica_is_refused_by_the_other_at_once(pair: Pair) -> None:
+    secret, record = new_token("acme", "api", scopes=("jobs:read",))
+    await pair.b.store.add_token(record)
+    revoked = trio.Event()
+    pair.a.store.on_notice(lambda notice: revoked.set() if notice.kind == "tokens" else None)
+    async with httpx.AsyncClient(
+        base_url=pair.api[0], headers={"authorization": f"Bearer {secret}"}, timeout=10
+    ) as client:
+        assert (await client.get("/v1/jobs")).status_code == 200  # A keeps the record a moment
+        assert await pair.b.store.revoke_token(record.id, time.time())
+        with trio.fail_after(5):
+            await revoked.wait()  # B's NOTIFY
+        refused = await client.get("/v1/jobs")
+    assert refused.status_code == 401 and refused.json() == {"error": "token revoked"}
+
+
+async def test_the_token_cache_keeps_only_what_exists_and_never_a_read_that_overlapped_a_revocation() -> None:
+    records = {"t1": new_token("acme", "api")[1], "t2": new_token("acme", "api")[1]}
+    reads: list[str] = []
+    gate = trio.Event()
+
+    class Store:
+        async def get_token(self, token_id: str) -> TokenRecord | None:
+            reads.append(token_id)
+            if token_id == "t2":
+                await gate.wait()
+            return records.get(token_id)
+
+    cache = TokenCache(Store(), ttl=60, max_entries=1)
+    assert await cache.get_token("t1") is records["t1"]
+    assert await cache.get_token("t1") is records["t1"] and reads == ["t1"]  # kept
+    assert await cache.get_token("nope") is None and await cache.get_token("nope") is None
+    assert reads.count("nope") == 2  # misses are not kept
+    cache.heard(Notice("tokens", "t1"))
+    assert await cache.get_token("t1") is records["t1"] and reads.count("t1") == 2  # dropped, read again
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cache.get_token, "t2")
+        await trio.testing.wait_all_tasks_blocked()
+        cache.heard(Notice("tokens", ""))  # a revocation while t2 was being read
+        gate.set()
+    await cache.get_token("t2")
+    assert reads.count("t2") == 2  # the overlapping read was not kept
+    assert await cache.get_token("t2") is records["t2"] and reads.count("t2") == 2
+    assert await cache.get_token("t1") is records["t1"] and reads.count("t1") == 3  # max_entries=1: evicted

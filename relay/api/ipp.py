@@ -65,7 +65,7 @@ from relay.api.ipp_attributes import (
     select,
 )
 from relay.api.ipp_ticket import Ticket, job_ticket, option_attributes
-from relay.auth import AuthError, Principal, authenticate
+from relay.auth import AuthError, Principal, TokenLookup, authenticate
 from relay.jobs import FINAL_STATES, IPP_JOB_STATE, IppJobEvent, IppJobState, Job, JobEvent
 from relay.jobs import JobState as RelayState
 from relay.lifecycle import JobLifecycle
@@ -337,11 +337,13 @@ class IppEndpoint:
         intake: Intake,
         rate_limiter: TokenRateLimiter,
         *,
+        tokens: TokenLookup | None = None,
         public_url: str = "",
         tls: bool = False,
         limits: IppLimits | None = None,
     ) -> None:
         self._store = store
+        self._tokens: TokenLookup = tokens or store  # a TokenCache in the relay
         self._jobs = jobs
         self._intake = intake
         self._rate_limiter = rate_limiter
@@ -384,7 +386,7 @@ class IppEndpoint:
         else:
             raise HTTPError(401, f"unsupported authentication scheme {scheme[:20]!r}", CHALLENGE)
         try:
-            principal = await authenticate(self._store, token, kind="api")
+            principal = await authenticate(self._tokens, token, kind="api")
         except AuthError as exc:
             raise HTTPError(401, str(exc), CHALLENGE) from None
         if user is not None and user != principal.tenant:

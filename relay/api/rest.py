@@ -17,7 +17,7 @@ from relay import adoption, audit, webhooks
 from relay.adoption import Adoption
 from relay.api.ipp import IppEndpoint
 from relay.api.openapi import OPENAPI
-from relay.auth import AuthError, Principal, authenticate, bearer
+from relay.auth import AuthError, Principal, TokenLookup, authenticate, bearer
 from relay.capabilities import OptionRefused, validate_option
 from relay.jobs import Job, JobState
 from relay.lifecycle import JobLifecycle
@@ -128,8 +128,10 @@ class RestApi:
         *,
         ipp: IppEndpoint,
         readiness: Callable[[], Awaitable[str | None]],
+        tokens: TokenLookup | None = None,
     ) -> None:
         self._store = store
+        self._tokens: TokenLookup = tokens or store  # a TokenCache in the relay
         self._jobs = jobs
         self._intake = intake
         self._adoption = adoption
@@ -187,7 +189,7 @@ class RestApi:
         if token is None:
             raise HTTPError(401, "missing bearer token (Authorization: Bearer <api token>)", challenge)
         try:
-            return await authenticate(self._store, token, kind="api")
+            return await authenticate(self._tokens, token, kind="api")
         except AuthError as exc:
             raise HTTPError(401, str(exc), challenge) from None
 
