@@ -464,11 +464,8 @@ async def test_writes_are_heard_here_once_committed(store: SqlStore) -> None:
     assert len(heard) == 2  # a write undone says nothing
 
 
-async def test_other_replicas_hear_only_the_writes_that_stayed(
-    store: SqlStore, open_store: Opener, backend: str
-) -> None:
-    if backend != "postgres":
-        pytest.skip("SQLite has one process: nothing to hear but the CLI's tokens")
+@pytest.mark.parametrize("backend", ["postgres"])  # SQLite has one process: nothing to hear
+async def test_other_replicas_hear_only_the_writes_that_stayed(store: SqlStore, open_store: Opener) -> None:
     replica = await open_store()
     await store.insert_job(new_job(key="k1"), "accepted")
     heard: list[str] = []
