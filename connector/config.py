@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -92,6 +93,11 @@ class ConnectorConfig:
         "alive: one for a relay that runs alone)",
     )  # fmt: skip
     token: str = option("", "connector token (printrelay token create --kind connector)", secret=True)
+    token_file: Path | None = option(
+        None, "a file holding the connector token, instead of --token (a token on a command line is seen "
+        "by every user of the machine; a systemd credential or a Kubernetes Secret is a file)",
+        parse=Path, metavar="FILE",
+    )  # fmt: skip
     ca_file: Path | None = option(
         None, "PEM file of CAs that may sign the relay's certificate (default: the system store)",
         parse=Path, metavar="FILE",
@@ -119,7 +125,9 @@ class ConnectorConfig:
     )
     name: str = option("", "a name for this connector shown at the relay (default: host name)")
     max_jobs: int = option(8, "jobs delivered at once")
-    drain_grace: float = option(60.0, "on SIGTERM, how long in-flight jobs may take to finish")
+    drain_grace: float = option(
+        60.0, "on SIGTERM, how long in-flight jobs may take to finish", parse=parse_duration
+    )
     status_interval: float = option(
         30.0, "seconds between polls of each printer's status (IPP Get-Printer-Attributes, TCP connect)",
         parse=parse_duration,
@@ -167,6 +175,8 @@ class ConnectorConfig:
                     f"relay {url} is not encrypted and {host or 'its host'} is not a loopback address: "
                     "use wss://, or --insecure to allow plain ws://"
                 )
+        if self.token and self.token_file:
+            raise ValueError("give the connector token once: --token or --token-file, not both")
         if not 1 <= self.sessions <= 8:
             raise ValueError(f"sessions must be between 1 and 8, not {self.sessions}")
         if self.proxy.strip() and self.proxy.strip().lower() not in ("none", "direct"):
@@ -180,6 +190,34 @@ class ConnectorConfig:
             raise ValueError("uncertain delivery given twice for the same printer")
         if self.max_jobs < 1:
             raise ValueError("max_jobs must be at least 1")
+
+
+MAX_TOKEN_FILE_BYTES = 4096
+
+
+def read_token_file(path: Path) -> str:
+    """The token in ``path``: one line, surrounding whitespace ignored (editors add a newline)."""
+    try:
+        with path.open("rb") as file:
+            data = file.read(MAX_TOKEN_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"token file {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_TOKEN_FILE_BYTES:
+        raise ValueError(f"token file {path}: larger than {MAX_TOKEN_FILE_BYTES} bytes, not a token")
+    try:
+        token = data.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"token file {path}: not a token (tokens are ASCII)") from None
+    if not token or any(c.isspace() for c in token):
+        raise ValueError(f"token file {path}: expected one token on one line")
+    return token
+
+
+def with_token(config: ConnectorConfig) -> ConnectorConfig:
+    """``config`` with its token read from --token-file when one was given."""
+    if config.token_file is None:
+        return config
+    return dataclasses.replace(config, token=read_token_file(config.token_file), token_file=None)
 
 
 def uncertain_delivery_for(config: ConnectorConfig, printer_id: str) -> str:

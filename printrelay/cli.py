@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
-from connector.config import ConnectorConfig
+from connector.config import ConnectorConfig, with_token
 from printrelay.client import SubmitFailed
 from relay.config import RelayConfig
 from relay.store.base import StoreError
@@ -40,18 +40,8 @@ class CommandError(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["connector", "discover"]:
-        # A command of its own under `connector`, whose other flags configure the running connector.
-        from connector.discovery import main_discover
-
-        return main_discover(argv[2:])
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not hasattr(args, "run"):
-        parser.print_help()
-        return 2
     try:
-        return int(args.run(args) or 0)
+        return _dispatch(argv)
     except KeyboardInterrupt:
         return 130
     except BaseException as raised:
@@ -62,6 +52,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, KeyboardInterrupt):
             return 130
         raise
+
+
+def _dispatch(argv: list[str]) -> int:
+    # Commands of their own under `connector`, whose other flags configure the running connector.
+    if argv[:2] == ["connector", "discover"]:
+        from connector.discovery import main_discover
+
+        return main_discover(argv[2:])
+    if argv[:2] == ["connector", "systemd-unit"]:
+        from printrelay.systemd_unit import main_systemd_unit
+
+        return main_systemd_unit(argv[2:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    return int(args.run(args) or 0)
 
 
 def _sole(exc: BaseException) -> BaseException:
@@ -162,9 +170,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_connector(args: argparse.Namespace) -> int:
-    config = load(ConnectorConfig, args)
+    config = with_token(load(ConnectorConfig, args))
     if not config.token:
-        raise CommandError("a connector token is required: --token or PRINTRELAY_TOKEN")
+        raise CommandError(
+            "a connector token is required: --token-file FILE (or PRINTRELAY_TOKEN_FILE), "
+            "--token or PRINTRELAY_TOKEN"
+        )
     setup_logging(config.log_level, config.log_format)
     from connector.app import Connector
 

@@ -106,15 +106,16 @@ class ProcessStack:
         return result.stdout.strip()
 
     def start_connector(self, printers: dict[str, str], *, connector_id: str = "site-1") -> Service:
-        token = self.token("connector", "acme", "--connector", connector_id)
+        token_file = self.tmp_path / f"connector-{connector_id}.token"  # as a unit or a Secret gives it
+        token_file.write_text(self.token("connector", "acme", "--connector", connector_id) + "\n")
+        token_file.chmod(0o600)
         args = ["connector", "--relay", f"ws://127.0.0.1:{self.tunnel_port}/v1/tunnel",
-                "--state-dir", str(self.tmp_path / f"connector-{connector_id}")]  # fmt: skip
+                "--state-dir", str(self.tmp_path / f"connector-{connector_id}"),
+                "--token-file", str(token_file)]  # fmt: skip
         for printer_id, uri in printers.items():
             args += ["--printer", f"{printer_id}={uri}"]
-        connector = Service(
-            f"connector {connector_id}", args, self.tmp_path / f"connector-{connector_id}.log",
-            env={"PRINTRELAY_TOKEN": token},
-        )  # fmt: skip
+        log_path = self.tmp_path / f"connector-{connector_id}.log"
+        connector = Service(f"connector {connector_id}", args, log_path)
         connector.start()
         self.services.append(connector)
         return connector
