@@ -12,6 +12,7 @@ import os
 import random
 import signal
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
 
@@ -131,43 +132,58 @@ class Replicas:
             service.stop()
 
 
-async def test_three_replicas_lose_one_and_drain_one_and_print_every_job_once(
-    tmp_path: Path, postgres_url: str, nursery: trio.Nursery
+Faults = Callable[[Replicas, Callable[[int], Awaitable[None]]], Awaitable[None]]
+
+
+async def print_through_faults(
+    tmp_path: Path, postgres_url: str, nursery: trio.Nursery, count: int, faults: Faults, jobs: int = 90
 ) -> None:
+    """``count`` replicas, one connector keeping sessions to two of them, ``jobs`` jobs submitted round
+    robin while ``faults`` runs (given the replicas and a wait for a job streaming through replica n).
+    Every job that got a 201 reaches the printer exactly once, whole."""
     printer = RecordingPrinter()  # about 8 MB/s, like a real one: jobs spend time streaming
     listeners = await nursery.start(partial(trio.serve_tcp, printer.handle, 0, host="127.0.0.1"))
     printer_uri = f"socket://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
-    replicas = Replicas(tmp_path, postgres_url, 3)
+    replicas = Replicas(tmp_path, postgres_url, count)
     api_token = printrelay(
-        "token",
-        "create",
-        "--database-url",
-        postgres_url,
-        "--tenant",
-        "acme",
-        "--kind",
-        "api",
-        "--scopes",
-        "admin",
-    ).stdout.strip()
+        "token", "create", "--database-url", postgres_url, "--tenant", "acme", "--kind", "api",
+        "--scopes", "admin",
+    ).stdout.strip()  # fmt: skip
     connector_token = printrelay(
         "token", "create", "--database-url", postgres_url, "--tenant", "acme", "--kind", "connector",
         "--connector", "site-1",
     ).stdout.strip()  # fmt: skip
     connector = Service(
         "connector",
-        ["connector", *[a for n in range(3) for a in ("--relay", replicas.tunnel(n))], "--sessions", "2",
+        ["connector", *[a for n in range(count) for a in ("--relay", replicas.tunnel(n))], "--sessions", "2",
          "--state-dir", str(tmp_path / "connector"), "--printer", f"p={printer_uri}"],
         tmp_path / "connector.log", env={"PRINTRELAY_TOKEN": connector_token},
     )  # fmt: skip
+
+    async def in_flight_on(n: int) -> None:
+        replica = replicas.replica_id(n)
+
+        def streaming() -> bool:
+            with psycopg.connect(postgres_url) as db:
+                found = db.execute(
+                    "SELECT 1 FROM jobs WHERE lease_owner = %s AND state IN ('sending', 'printing')",
+                    (replica,),
+                ).fetchone()
+                return found is not None
+
+        with trio.fail_after(60):
+            # In a thread: this process runs the printer too, which must keep reading meanwhile.
+            while not await trio.to_thread.run_sync(streaming):  # noqa: ASYNC110  (another process)
+                await trio.sleep(0.02)
+
     try:
-        for n in range(3):
+        for n in range(count):
             replicas.service(n).start()
-        for n in range(3):
+        for n in range(count):
             await replicas.wait_ready(n)
         connector.start()
         headers = {"authorization": f"Bearer {api_token}"}
-        async with httpx.AsyncClient(base_url=replicas.api(2), headers=headers, timeout=10) as client:
+        async with httpx.AsyncClient(base_url=replicas.api(0), headers=headers, timeout=10) as client:
             with trio.fail_after(30):
                 while True:
                     printers = (await client.get(f"{replicas.api(0)}/v1/printers")).json()["printers"]
@@ -176,7 +192,7 @@ async def test_three_replicas_lose_one_and_drain_one_and_print_every_job_once(
                     await trio.sleep(0.1)  # another process: polled
 
             bodies = [
-                f"job {n:03d}\n".encode() + os.urandom(random.randint(1_000, 200_000)) for n in range(90)
+                f"job {n:03d}\n".encode() + os.urandom(random.randint(1_000, 200_000)) for n in range(jobs)
             ]
             accepted: dict[str, bytes] = {}
 
@@ -185,7 +201,7 @@ async def test_three_replicas_lose_one_and_drain_one_and_print_every_job_once(
                 a 201 lost with a dying replica is not a second job)."""
                 with trio.fail_after(90):
                     for attempt in itertools.count():
-                        api = replicas.api((n + attempt) % 3)
+                        api = replicas.api((n + attempt) % count)
                         try:
                             response = await client.post(
                                 f"{api}/v1/printers/p/jobs",
@@ -200,35 +216,8 @@ async def test_three_replicas_lose_one_and_drain_one_and_print_every_job_once(
                         assert response.status_code in (429, 503), response.text
                         await trio.sleep(0.1)
 
-            async def faults() -> None:
-                # SIGKILL a replica while it streams jobs: its leases lapse, its jobs go elsewhere.
-                await in_flight_on(replicas.replica_id(0))
-                replicas.service(0).kill()
-                # SIGTERM another while it streams: a drain (streams finish, the sessions move).
-                await in_flight_on(replicas.replica_id(1))
-                draining = replicas.service(1).process
-                assert draining is not None
-                draining.send_signal(signal.SIGTERM)  # not Service.kill: its wait would block our printer
-                await trio.to_thread.run_sync(draining.wait, 60)
-                replicas.service(1).start()
-                replicas.service(0).start()
-
-            async def in_flight_on(replica: str) -> None:
-                def streaming() -> bool:
-                    with psycopg.connect(postgres_url) as db:
-                        found = db.execute(
-                            "SELECT 1 FROM jobs WHERE lease_owner = %s AND state IN ('sending', 'printing')",
-                            (replica,),
-                        ).fetchone()
-                        return found is not None
-
-                with trio.fail_after(60):
-                    # In a thread: this process runs the printer too, which must keep reading meanwhile.
-                    while not await trio.to_thread.run_sync(streaming):  # noqa: ASYNC110  (another process)
-                        await trio.sleep(0.02)
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(faults)
+            async with trio.open_nursery() as submitters:
+                submitters.start_soon(faults, replicas, in_flight_on)
                 limiter = trio.CapacityLimiter(6)
                 for n, body in enumerate(bodies):
 
@@ -236,11 +225,11 @@ async def test_three_replicas_lose_one_and_drain_one_and_print_every_job_once(
                         async with limiter:
                             await submit_somewhere(n, body)
 
-                    nursery.start_soon(one)
+                    submitters.start_soon(one)
                     await trio.sleep(0.05)
             assert len(accepted) == len(bodies)
-            await replicas.wait_ready(0)
-            await replicas.wait_ready(1)
+            for n in range(count):
+                await replicas.wait_ready(n)
             try:
                 await wait_all_completed(client, set(accepted), within=120)
             except BaseException:
@@ -253,3 +242,43 @@ async def test_three_replicas_lose_one_and_drain_one_and_print_every_job_once(
     # Each job reached the printer once, whole: no fragments (a RAW job is received whole before it is
     # fed), no second copy.
     assert Counter(printer.received) == Counter(accepted.values())
+
+
+async def drain(replicas: Replicas, n: int) -> None:
+    """SIGTERM replica n and wait for it to exit (not Service.kill: its wait would block our printer)."""
+    draining = replicas.service(n).process
+    assert draining is not None
+    draining.send_signal(signal.SIGTERM)
+    assert await trio.to_thread.run_sync(draining.wait, 60) == 0
+
+
+async def test_three_replicas_lose_one_and_drain_one_and_print_every_job_once(
+    tmp_path: Path, postgres_url: str, nursery: trio.Nursery
+) -> None:
+    async def faults(replicas: Replicas, in_flight_on: Callable[[int], Awaitable[None]]) -> None:
+        # SIGKILL a replica while it streams jobs: its leases lapse, its jobs go elsewhere.
+        await in_flight_on(0)
+        replicas.service(0).kill()
+        # SIGTERM another while it streams: a drain (streams finish, the sessions move).
+        await in_flight_on(1)
+        await drain(replicas, 1)
+        replicas.service(1).start()
+        replicas.service(0).start()
+
+    await print_through_faults(tmp_path, postgres_url, nursery, 3, faults)
+
+
+async def test_a_rolling_restart_of_two_replicas_loses_and_duplicates_nothing(
+    tmp_path: Path, postgres_url: str, nursery: trio.Nursery
+) -> None:
+    """An upgrade as Kubernetes or an operator does it: one replica at a time is stopped with SIGTERM while
+    it streams jobs, its successor started and ready, then the next."""
+
+    async def faults(replicas: Replicas, in_flight_on: Callable[[int], Awaitable[None]]) -> None:
+        for n in (0, 1):
+            await in_flight_on(n)
+            await drain(replicas, n)
+            replicas.service(n).start()
+            await replicas.wait_ready(n)
+
+    await print_through_faults(tmp_path, postgres_url, nursery, 2, faults)
