@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Debian packages the demo and the tests use: real printers (ippeveprinter, ipptool), CUPS, avahi/D-Bus
 # for DNS-SD, Prometheus (promtool), websockify (benchmark baseline), iproute2 (network namespaces),
-# PostgreSQL (the scale-out store; tests run a private server).
+# PostgreSQL (the scale-out store; tests run a private server), and podman with buildah, runc and mmdebstrap
+# (the image test builds a base image from the Debian archive and the Containerfile on it, and runs both
+# programs from it).
 set -euo pipefail
-PACKAGES=(cups-ipp-utils cups cups-client avahi-daemon dbus prometheus websockify iproute2 postgresql)
+PACKAGES=(cups-ipp-utils cups cups-client avahi-daemon dbus prometheus websockify iproute2 postgresql
+          podman buildah runc mmdebstrap)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
