@@ -8,7 +8,7 @@ through these, and tighten what an older version left behind when they open it.
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import logging
 import os
 import stat
@@ -65,7 +65,24 @@ def private_database(path: Path) -> None:
 
 
 def tighten(paths: Iterable[Path]) -> None:
-    """Make these files 0600 where they exist."""
+    """Make these files 0600 where they exist.
+
+    A file given read-only (a Kubernetes Secret volume, a read-only bind mount) or owned by another user
+    (the kubelet) keeps its mode, with a warning: the service only reads it, and its owner chose the mode.
+    """
     for path in paths:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.chmod(path, FILE_MODE)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.EPERM) or (
+                exc.errno == errno.EPERM and path.stat().st_uid == os.geteuid()
+            ):
+                raise
+            mode = stat.S_IMODE(path.stat().st_mode)
+            if mode != FILE_MODE:
+                _log.warning(
+                    "%s is %s, so its mode stays %o", path,
+                    "on a read-only file system" if exc.errno == errno.EROFS else "another user's", mode,
+                )  # fmt: skip

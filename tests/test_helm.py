@@ -1,13 +1,17 @@
 """helm/printrelay: rendered with the real Helm engine (helm-python-sdk), linted strictly, every manifest
 validated against the Kubernetes schemas, and held to the programs' own contract: the PRINTRELAY_*
-variables and the TOML file the pods get load into RelayConfig/ConnectorConfig, the probes answer on a
-real relay, and the values schema knows exactly the settings the dataclasses declare."""
+variables, the Secrets mounted as files and the TOML file the pods get load into RelayConfig/ConnectorConfig,
+the probes answer on a real relay, and the values schema knows exactly the settings the dataclasses declare.
+Both relay modes: one replica on SQLite (a StatefulSet), and replicas sharing PostgreSQL (a Deployment)."""
 
 from __future__ import annotations
 
 import argparse
+import base64
 import copy
 import dataclasses
+import errno
+import os
 import re
 import tomllib
 import typing
@@ -25,10 +29,11 @@ from helm_python.errors import HelmError
 from yamllint import linter  # type: ignore[import-untyped]
 from yamllint.config import YamlLintConfig  # type: ignore[import-untyped]
 
-from connector.config import PRINTER_ID_RE, ConnectorConfig
+from connector.config import PRINTER_ID_RE, ConnectorConfig, with_token
 from printrelay.cli import build_parser
 from relay.app import Relay
 from relay.config import RelayConfig
+from relay.secretbox import KEY_BYTES, SecretBox
 from service.settings import env_name, load, parse_duration, parse_size
 from tunnel.wsstream import TUNNEL_PATH
 
@@ -44,11 +49,12 @@ CRD_GROUPS = ("monitoring.coreos.com/",)
 
 # Settings the chart sets itself from structured values (ports, volumes, TLS Secret, ingress host, logging);
 # every other setting is a key of relay.settings / connector.settings.
-# database_url comes from the chart's database values (a Secret), never from relay.settings.
+# database_url and secret_key_file come from the chart's database and relay.secretKey values (Secrets), and
+# the connector's token is a file from a Secret (token_file), never from the settings.
 RELAY_CHART_OWNED = {"listen", "tunnel_listen", "metrics_listen", "data_dir", "public_url", "tls_cert",
-                     "tls_key", "log_level", "log_format", "database_url"}  # fmt: skip
-CONNECTOR_CHART_OWNED = {"relay", "token", "insecure", "printer", "state_dir", "name", "drain_grace",
-                         "metrics_listen", "log_level", "log_format"}  # fmt: skip
+                     "tls_key", "log_level", "log_format", "database_url", "secret_key_file"}  # fmt: skip
+CONNECTOR_CHART_OWNED = {"relay", "token", "token_file", "insecure", "printer", "state_dir", "name",
+                         "drain_grace", "metrics_listen", "log_level", "log_format"}  # fmt: skip
 
 FULL: dict[str, Any] = {
     "image": {"repository": "registry.example.com/printrelay", "tag": "0.1.0-rc1", "pullPolicy": "Always"},
@@ -135,7 +141,59 @@ ALTERNATE: dict[str, Any] = {
         "persistence": {"enabled": False},
     },
 }
-VALUE_SETS = {"default": {}, "full": FULL, "alternate": ALTERNATE}
+# Relay replicas on PostgreSQL: the URL and the secret key from existing Secrets, a NetworkPolicy with peers,
+# a zone spread, the connector in the cluster...
+POSTGRES: dict[str, Any] = {
+    "database": {"existingSecret": "printrelay-db", "existingSecretKey": "dsn"},
+    "relay": {
+        "replicas": 3,
+        "settings": {"drain_grace": "45s", "job_lease": "20s"},
+        "secretKey": {"existingSecret": "printrelay-key", "key": "key"},
+        "topologySpread": {
+            "topologyKey": "topology.kubernetes.io/zone",
+            "whenUnsatisfiable": "DoNotSchedule",
+        },
+        "preStopSleepSeconds": 15,
+        "terminationGracePeriodSeconds": 90,
+        "podDisruptionBudget": {"minAvailable": 2},
+    },
+    "ingress": {
+        "enabled": True,
+        "className": "nginx",
+        "host": "print.example.com",
+        "tls": {"secretName": "p"},
+    },
+    "networkPolicy": {
+        "enabled": True,
+        "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}],
+        "metricsFrom": [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+        ],
+    },
+    "metrics": {"serviceMonitor": {"enabled": True}},
+    "connector": {
+        "enabled": True,
+        "relayUrl": "ws://pr-printrelay-tunnel:8081/v1/tunnel",
+        "insecure": True,
+        "token": {"existingSecret": "site-token"},
+    },
+}
+# ...and the URL as a value (the chart's own Secrets for it and the secret key), autoscaled, open policy.
+POSTGRES_URL: dict[str, Any] = {
+    "database": {"url": "postgresql://printrelay:s3cret@db.example.com:5432/printrelay?sslmode=verify-full"},
+    "relay": {"autoscaling": {"enabled": True, "minReplicas": 3, "maxReplicas": 10}},
+    "networkPolicy": {"enabled": True},
+}
+# The Secrets the values above expect to exist in the cluster: (name, key) -> content.
+CLUSTER_SECRETS = {
+    ("printrelay-db", "dsn"): "postgresql://relay@db.print.svc:5432/printrelay",
+    ("printrelay-key", "key"): base64.b64encode(bytes(range(KEY_BYTES))).decode(),
+    ("site-token", "token"): "prc_cluster",
+    ("site-token", "secret"): "prc_cluster",
+}
+SQLITE_SETS = {"default": {}, "full": FULL, "alternate": ALTERNATE}
+POSTGRES_SETS = {"postgres": POSTGRES, "postgres-url": POSTGRES_URL}
+VALUE_SETS = SQLITE_SETS | POSTGRES_SETS
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +230,48 @@ def plain_env(c: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e["value"] for e in c["env"] if "value" in e}
 
 
+def relay_workload(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (workload,) = [
+        d for d in docs if d["kind"] in ("StatefulSet", "Deployment") and container(d)["name"] == "relay"
+    ]
+    return workload
+
+
+def secret_value(docs: list[dict[str, Any]], name: str, key: str) -> str:
+    """A key of a Secret the chart renders, else of one the values expect in the cluster."""
+    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    if name not in secrets:
+        return CLUSTER_SECRETS[(name, key)]
+    secret = secrets[name]
+    if key in secret.get("stringData", {}):
+        return str(secret["stringData"][key])
+    return base64.b64decode(secret["data"][key]).decode()
+
+
+def pod_env(docs: list[dict[str, Any]], c: dict[str, Any]) -> dict[str, str]:
+    """The container's environment, secretKeyRef values included."""
+    env = plain_env(c)
+    for entry in c["env"]:
+        if "valueFrom" in entry:
+            ref = entry["valueFrom"]["secretKeyRef"]
+            env[entry["name"]] = secret_value(docs, ref["name"], ref["key"])
+    return env
+
+
+def mounted_secret(workload: dict[str, Any], path: str) -> tuple[str, str]:
+    """The (Secret, key) a file in the pod comes from."""
+    pod = workload["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    for mount in container(workload)["volumeMounts"]:
+        if path.startswith(mount["mountPath"] + "/") and "subPath" not in mount:
+            secret = volumes[mount["name"]]["secret"]
+            relative = path[len(mount["mountPath"]) + 1 :]
+            (key,) = [item["key"] for item in secret["items"] if item["path"] == relative]
+            assert mount["readOnly"] is True
+            return secret["secretName"], key
+    raise AssertionError(f"{path} is not mounted from a Secret")
+
+
 def settings_of(cls: type[Any]) -> dict[str, dataclasses.Field[Any]]:
     return {f.name: f for f in dataclasses.fields(cls) if "help" in f.metadata}
 
@@ -202,10 +302,16 @@ def test_manifests_validate_against_kubernetes_schemas(chart: Chart, which: str)
             except kubernetes_validate.ValidationError as exc:
                 path = ".".join(map(str, exc.path))
                 pytest.fail(f"{doc['kind']}/{doc['metadata']['name']} on {version}: {path}: {exc.message}")
-    assert {"StatefulSet", "Service", "ConfigMap", "PodDisruptionBudget"} <= validated
+    assert {"Service", "ConfigMap", "PodDisruptionBudget"} <= validated
+    workload = "StatefulSet" if which in SQLITE_SETS else "Deployment"
+    assert workload in validated
     if which == "full":
         assert {"Ingress", "Deployment", "Secret", "PersistentVolumeClaim"} <= validated
         assert {d["kind"] for d in docs} >= {"ServiceMonitor", "PrometheusRule"}
+    if which in POSTGRES_SETS:
+        assert "StatefulSet" not in validated and "NetworkPolicy" in validated
+    if which == "postgres-url":
+        assert {"Secret", "HorizontalPodAutoscaler"} <= validated
 
 
 @pytest.mark.parametrize("which", VALUE_SETS)
@@ -243,14 +349,15 @@ def test_every_printrelay_variable_is_a_setting(chart: Chart, which: str) -> Non
 
 
 def relay_config(chart: Chart, values: dict[str, Any], tmp_path: Path) -> RelayConfig:
-    """The RelayConfig the relay pod builds: its environment, and the ConfigMap's TOML as --config."""
+    """The RelayConfig the relay pod builds: its environment (the database URL from its Secret), and the
+    ConfigMap's TOML as --config."""
     docs = manifests(chart, values)
-    sts = next(d for d in docs if d["kind"] == "StatefulSet")
-    c = container(sts)
+    workload = relay_workload(docs)
+    c = container(workload)
     assert c["args"] == ["serve"]
-    env = plain_env(c)
+    env = pod_env(docs, c)
     (toml_mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == env["PRINTRELAY_CONFIG"]]
-    config_map = find(docs, "ConfigMap", sts["metadata"]["name"])
+    config_map = find(docs, "ConfigMap", workload["metadata"]["name"])
     toml_file = tmp_path / "relay.toml"
     toml_file.write_text(config_map["data"][toml_mount["subPath"]])
     env["PRINTRELAY_CONFIG"] = str(toml_file)
@@ -258,24 +365,32 @@ def relay_config(chart: Chart, values: dict[str, Any], tmp_path: Path) -> RelayC
 
 
 def connector_config(chart: Chart, values: dict[str, Any], tmp_path: Path) -> ConnectorConfig:
-    """The ConnectorConfig the connector pod builds from its arguments, environment and TOML."""
+    """The ConnectorConfig the connector pod builds from its arguments, environment, TOML and token file
+    (the Secret's key as the file the pod mounts, read as `printrelay connector` reads it)."""
     docs = manifests(chart, values)
-    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    deployment = find(docs, "Deployment", connector_name(values))
     c = container(deployment)
     assert c["command"] == ["printrelay"]
     args = build_parser().parse_args(c["args"])
     env = plain_env(c)
-    (token,) = [e for e in c["env"] if e["name"] == "PRINTRELAY_TOKEN"]
-    secret_ref = token["valueFrom"]["secretKeyRef"]
-    secrets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
-    if secret_ref["name"] in secrets:
-        env["PRINTRELAY_TOKEN"] = secrets[secret_ref["name"]]["stringData"][secret_ref["key"]]
+    # The token only as a file: never in the environment, where any process of the pod could read it.
+    assert "PRINTRELAY_TOKEN" not in {e["name"] for e in c["env"]}
+    secret, key = mounted_secret(deployment, env["PRINTRELAY_TOKEN_FILE"])
+    token_file = tmp_path / "token"
+    token_file.write_text(secret_value(docs, secret, key) + "\n")
+    env["PRINTRELAY_TOKEN_FILE"] = str(token_file)
     (toml_mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == env["PRINTRELAY_CONFIG"]]
     config_map = find(docs, "ConfigMap", deployment["metadata"]["name"])
     toml_file = tmp_path / "connector.toml"
     toml_file.write_text(config_map["data"][toml_mount["subPath"]])
     env["PRINTRELAY_CONFIG"] = str(toml_file)
-    return load(ConnectorConfig, args, environ=env)
+    config = load(ConnectorConfig, args, environ=env)
+    assert config.token_file == token_file and config.token == ""
+    return with_token(config)
+
+
+def connector_name(values: dict[str, Any]) -> str:
+    return f"{values['fullnameOverride']}-connector" if "fullnameOverride" in values else CONNECTOR
 
 
 def test_default_relay_settings(chart: Chart, tmp_path: Path) -> None:
@@ -286,6 +401,8 @@ def test_default_relay_settings(chart: Chart, tmp_path: Path) -> None:
     assert config.data_dir == Path("/var/lib/printrelay")
     assert config.tls_cert is None and config.public_url == ""
     assert config.log_format == "json"
+    # SQLite in the data directory, and the secret key made there at first start.
+    assert config.database_url == "" and config.secret_key_file is None
     # Everything else keeps the program's defaults.
     assert config.max_job_bytes == RelayConfig().max_job_bytes
 
@@ -338,14 +455,28 @@ def test_in_cluster_connector_with_existing_secret(chart: Chart, tmp_path: Path)
     docs = manifests(chart, ALTERNATE)
     assert not [d for d in docs if d["kind"] == "Secret"]
     deployment = find(docs, "Deployment", "relay-connector")
-    (token,) = [e for e in container(deployment)["env"] if e["name"] == "PRINTRELAY_TOKEN"]
-    assert token["valueFrom"]["secretKeyRef"] == {"name": "site-token", "key": "secret"}
+    token_file = plain_env(container(deployment))["PRINTRELAY_TOKEN_FILE"]
+    assert mounted_secret(deployment, token_file) == ("site-token", "secret")
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     assert volumes["state"] == {"name": "state", "emptyDir": {}}
     # A plain ws:// URL inside the cluster passes the connector's own check only with insecure.
     config = connector_config(chart, ALTERNATE, tmp_path)
     assert config.insecure and config.relay == ["ws://relay-tunnel:8081/v1/tunnel"]
     assert config.printer == [] and config.metrics_listen == ("::", 9465)
+    assert config.token == "prc_cluster"
+
+
+def test_connector_token_is_a_file_from_the_charts_secret(chart: Chart) -> None:
+    docs = manifests(chart, FULL)
+    deployment = find(docs, "Deployment", CONNECTOR)
+    token_file = plain_env(container(deployment))["PRINTRELAY_TOKEN_FILE"]
+    secret, key = mounted_secret(deployment, token_file)
+    assert find(docs, "Secret", secret)["stringData"] == {key: "prc_example"}
+    # Readable by the pod's group (fsGroup) only: the kubelet owns the files.
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "token")
+    assert volume["secret"]["defaultMode"] == 0o440
+    # The connector's replica count is fixed at one (see test_templates_refuse_contradictions).
+    assert deployment["spec"]["replicas"] == 1
 
 
 def test_chart_app_version_is_the_package_version() -> None:
@@ -399,12 +530,14 @@ def test_tunnel_ingress_reaches_the_tunnel_listener(chart: Chart) -> None:
     assert service["spec"]["loadBalancerSourceRanges"] == ["203.0.113.0/24"]
 
 
-def test_relay_is_one_stateful_replica(chart: Chart) -> None:
-    for values in VALUE_SETS.values():
+def test_relay_on_sqlite_is_one_stateful_replica(chart: Chart) -> None:
+    for values in SQLITE_SETS.values():
         docs = manifests(chart, values)
         (sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
         assert sts["spec"]["replicas"] == 1
-        assert not [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+        assert not [d for d in docs if d["kind"] in ("HorizontalPodAutoscaler", "NetworkPolicy")]
+        assert "topologySpreadConstraints" not in sts["spec"]["template"]["spec"]
+        assert not [e for e in container(sts)["env"] if "valueFrom" in e]
     sts = find(manifests(chart, {}), "StatefulSet", RELAY)
     (claim,) = sts["spec"]["volumeClaimTemplates"]
     mounts = {m["name"]: m["mountPath"] for m in container(sts)["volumeMounts"]}
@@ -414,6 +547,170 @@ def test_relay_is_one_stateful_replica(chart: Chart) -> None:
     assert "volumeClaimTemplates" not in alternate["spec"]
     volumes = {v["name"]: v for v in alternate["spec"]["template"]["spec"]["volumes"]}
     assert volumes["data"]["persistentVolumeClaim"] == {"claimName": "relay-data"}
+
+
+# --- relay replicas on PostgreSQL --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", POSTGRES_SETS)
+def test_relay_on_postgres_is_a_deployment_of_replicas(chart: Chart, which: str) -> None:
+    docs = manifests(chart, POSTGRES_SETS[which])
+    deployment = relay_workload(docs)
+    assert deployment["kind"] == "Deployment" and deployment["metadata"]["name"] == RELAY
+    assert not [d for d in docs if d["kind"] == "StatefulSet"]
+    # No claim for the relay (the connector keeps its state claim).
+    claims = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+    assert all(c["metadata"]["labels"]["app.kubernetes.io/component"] == "connector" for c in claims)
+    assert f"{RELAY}-headless" not in {d["metadata"]["name"] for d in docs if d["kind"] == "Service"}
+    # Rolling updates: a new replica first, then an old one drains; never fewer ready than asked for.
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+    }
+    pod = deployment["spec"]["template"]["spec"]
+    # No volume but scratch: the data directory (per-host state) and /tmp are emptyDirs.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    data_dir = plain_env(container(deployment))["PRINTRELAY_DATA_DIR"]
+    (data_mount,) = [m for m in container(deployment)["volumeMounts"] if m["mountPath"] == data_dir]
+    assert set(volumes[data_mount["name"]]) == {"name", "emptyDir"}
+    assert not [v for v in volumes.values() if "persistentVolumeClaim" in v]
+    (spread,) = pod["topologySpreadConstraints"]
+    assert spread["labelSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert spread["matchLabelKeys"] == ["pod-template-hash"]
+
+
+def test_replicas_default_to_two_and_spread_over_nodes(chart: Chart) -> None:
+    def spread_of(values: dict[str, Any]) -> list[dict[str, Any]]:
+        pod = relay_workload(manifests(chart, values))["spec"]["template"]["spec"]
+        return list(pod.get("topologySpreadConstraints", []))
+
+    docs = manifests(chart, {"database": {"existingSecret": "printrelay-db"}})
+    assert relay_workload(docs)["spec"]["replicas"] == 2
+    assert not [d for d in docs if d["kind"] in ("HorizontalPodAutoscaler", "NetworkPolicy")]
+    (spread,) = spread_of({"database": {"existingSecret": "printrelay-db"}})
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["whenUnsatisfiable"] == "ScheduleAnyway" and spread["maxSkew"] == 1
+    (spread,) = spread_of(POSTGRES)
+    assert spread["topologyKey"] == "topology.kubernetes.io/zone"
+    assert spread["whenUnsatisfiable"] == "DoNotSchedule"
+    assert (
+        spread_of({"database": {"existingSecret": "db"}, "relay": {"topologySpread": {"enabled": False}}})
+        == []
+    )
+    assert relay_workload(manifests(chart, POSTGRES))["spec"]["replicas"] == 3
+
+
+@pytest.mark.parametrize("which", POSTGRES_SETS)
+def test_database_url_reaches_the_relay_from_its_secret(chart: Chart, which: str, tmp_path: Path) -> None:
+    values = POSTGRES_SETS[which]
+    docs = manifests(chart, values)
+    (entry,) = [e for e in container(relay_workload(docs))["env"] if e["name"] == "PRINTRELAY_DATABASE_URL"]
+    ref = entry["valueFrom"]["secretKeyRef"]
+    url = values["database"].get("url")
+    if url:
+        assert ref == {"name": f"{RELAY}-database", "key": "url"}
+        assert find(docs, "Secret", ref["name"])["stringData"] == {"url": url}
+    else:
+        assert ref == {"name": "printrelay-db", "key": "dsn"}
+        url = CLUSTER_SECRETS[("printrelay-db", "dsn")]
+    # Never in a ConfigMap (nor anywhere in plain text but the chart's own Secret).
+    for doc in docs:
+        if doc["kind"] != "Secret":
+            assert "postgresql://" not in yaml.safe_dump(doc), doc["metadata"]["name"]
+    config = relay_config(chart, values, tmp_path)
+    assert config.database_url == url
+    assert config.secret_key_file == Path("/etc/printrelay/secret-key/secret.key")
+
+
+@pytest.mark.parametrize("which", POSTGRES_SETS)
+def test_replicas_share_one_secret_key(chart: Chart, which: str, tmp_path: Path) -> None:
+    """The key file every replica reads comes from one Secret, and is a key the relay accepts."""
+    values = POSTGRES_SETS[which]
+    docs = manifests(chart, values)
+    workload = relay_workload(docs)
+    path = plain_env(container(workload))["PRINTRELAY_SECRET_KEY_FILE"]
+    secret, key = mounted_secret(workload, path)
+    if "secretKey" in values.get("relay", {}):
+        assert (secret, key) == ("printrelay-key", "key")
+        assert f"{RELAY}-secret-key" not in {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"}
+    else:
+        # The chart's own: made once (lookup keeps it on upgrades), left behind on uninstall.
+        assert (secret, key) == (f"{RELAY}-secret-key", "secret.key")
+        own = find(docs, "Secret", secret)
+        assert own["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    key_file = tmp_path / "secret.key"
+    key_file.write_text(secret_value(docs, secret, key))
+    assert len(base64.b64decode(key_file.read_text(), validate=True)) == KEY_BYTES
+    SecretBox.load_or_create(key_file)
+
+
+def test_relay_takes_its_key_from_a_read_only_secret_volume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kubernetes mounts Secret volumes read-only (the files readable through fsGroup): the relay must use
+    the key file as it is, as the connector does its token file."""
+    key_file = tmp_path / "secret.key"
+    key_file.write_text(CLUSTER_SECRETS[("printrelay-key", "key")])
+    key_file.chmod(0o440)
+    chmod = os.chmod
+
+    def read_only(path: Any, mode: int, *args: Any, **kwargs: Any) -> None:
+        if Path(path) == key_file:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        chmod(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(os, "chmod", read_only)
+    SecretBox.load_or_create(key_file)
+
+
+def test_existing_secret_key_on_sqlite(chart: Chart, tmp_path: Path) -> None:
+    values = {"relay": {"secretKey": {"existingSecret": "printrelay-key", "key": "key"}}}
+    docs = manifests(chart, values)
+    sts = relay_workload(docs)
+    assert sts["kind"] == "StatefulSet" and not [d for d in docs if d["kind"] == "Secret"]
+    path = plain_env(container(sts))["PRINTRELAY_SECRET_KEY_FILE"]
+    assert mounted_secret(sts, path) == ("printrelay-key", "key")
+    assert relay_config(chart, values, tmp_path).secret_key_file == Path(path)
+
+
+def test_autoscaler_and_disruption_budget(chart: Chart) -> None:
+    docs = manifests(chart, POSTGRES_URL)
+    deployment = relay_workload(docs)
+    # The autoscaler owns the replica count.
+    assert "replicas" not in deployment["spec"]
+    hpa = find(docs, "HorizontalPodAutoscaler", RELAY)
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": RELAY}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 10)
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+    assert metric["resource"]["target"] == {"type": "Utilization", "averageUtilization": 70}
+    pdb = find(docs, "PodDisruptionBudget", RELAY)
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+    assert find(manifests(chart, POSTGRES), "PodDisruptionBudget", RELAY)["spec"]["minAvailable"] == 2
+    off = {"database": {"existingSecret": "db"}, "relay": {"podDisruptionBudget": {"enabled": False}}}
+    assert not [d for d in manifests(chart, off) if d["kind"] == "PodDisruptionBudget"]
+
+
+def test_network_policy(chart: Chart) -> None:
+    docs = manifests(chart, POSTGRES)
+    policy = find(docs, "NetworkPolicy", RELAY)
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == relay_workload(docs)["spec"]["selector"]["matchLabels"]
+    # Ingress only: egress (PostgreSQL, DNS, webhooks) stays open.
+    assert spec["policyTypes"] == ["Ingress"] and "egress" not in spec
+    public, metrics = spec["ingress"]
+    ports = {p["name"]: p["containerPort"] for p in container(relay_workload(docs))["ports"]}
+    assert [p["port"] for p in public["ports"]] == [ports["http"], ports["tunnel"]]
+    assert public["from"][0] == POSTGRES["networkPolicy"]["from"][0]
+    # This release's connector reaches the tunnel too.
+    connector = find(docs, "Deployment", CONNECTOR)
+    assert {"podSelector": {"matchLabels": connector["spec"]["selector"]["matchLabels"]}} in public["from"]
+    assert [p["port"] for p in metrics["ports"]] == [ports["metrics"]]
+    assert metrics["from"] == POSTGRES["networkPolicy"]["metricsFrom"]
+    # Without peers: the API and tunnel from anywhere, the metrics port from no pod.
+    (open_rule,) = find(manifests(chart, POSTGRES_URL), "NetworkPolicy", RELAY)["spec"]["ingress"]
+    assert "from" not in open_rule and [p["port"] for p in open_rule["ports"]] == [8080, 8081]
 
 
 @pytest.mark.parametrize("which", VALUE_SETS)
@@ -437,11 +734,39 @@ def test_pods_run_locked_down(chart: Chart, which: str) -> None:
         assert c["resources"]["requests"] and c["resources"]["limits"]["memory"]
 
 
-def test_termination_leaves_time_to_drain(chart: Chart) -> None:
+@pytest.mark.parametrize("which", VALUE_SETS)
+def test_termination_leaves_time_to_drain(chart: Chart, which: str, tmp_path: Path) -> None:
+    """The pod's grace covers the preStop pause, then the relay's drain_grace (as the relay reads it)."""
+    workload = relay_workload(manifests(chart, VALUE_SETS[which]))
+    pre_stop = container(workload)["lifecycle"]["preStop"]["sleep"]["seconds"]
+    drain_grace = relay_config(chart, VALUE_SETS[which], tmp_path).drain_grace
+    grace = workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert pre_stop > 0 and grace >= pre_stop + drain_grace + 5
+    assert container(workload)["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+@pytest.mark.parametrize(
+    ("relay", "grace"),
+    [
+        ({}, 10 + RelayConfig().drain_grace + 15),
+        ({"settings": {"drain_grace": "1m"}}, 10 + 60 + 15),
+        ({"settings": {"drain_grace": 2.5}, "preStopSleepSeconds": 5}, 5 + 3 + 15),
+        ({"settings": {"drain_grace": "500ms"}}, 10 + 1 + 15),
+        ({"settings": {"drain_grace": "1m"}, "extraEnv": [{"name": "PRINTRELAY_DRAIN_GRACE", "value": "2m"}]},
+         10 + 120 + 15),
+        ({"terminationGracePeriodSeconds": 35}, 35),
+    ],
+)  # fmt: skip
+def test_termination_grace_is_computed_from_drain_grace(
+    chart: Chart, relay: dict[str, Any], grace: int
+) -> None:
+    for database in ({}, {"existingSecret": "printrelay-db"}):
+        workload = relay_workload(manifests(chart, {"relay": relay, "database": database}))
+        assert workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == grace
+
+
+def test_connector_termination_and_disruption_budget(chart: Chart) -> None:
     docs = manifests(chart, FULL)
-    sts = find(docs, "StatefulSet", RELAY)
-    pre_stop = container(sts)["lifecycle"]["preStop"]["sleep"]["seconds"]
-    assert 0 < pre_stop < sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     deployment = find(docs, "Deployment", CONNECTOR)
     grace = float(plain_env(container(deployment))["PRINTRELAY_DRAIN_GRACE"])
     assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > grace
@@ -526,8 +851,8 @@ def test_every_default_passes_the_schema(chart: Chart) -> None:
     connector = defaults(ConnectorConfig(), CONNECTOR_CHART_OWNED)
     assert "max_job_bytes" in relay and "discover_ipp_port" in connector
     chart.validate_schema({"relay": {"settings": relay}, "connector": {"settings": connector}})
-    chart.validate_schema(copy.deepcopy(FULL))
-    chart.validate_schema(copy.deepcopy(ALTERNATE))
+    for values in VALUE_SETS.values():
+        chart.validate_schema(copy.deepcopy(values))
 
 
 @pytest.mark.parametrize(
@@ -539,7 +864,15 @@ def test_every_default_passes_the_schema(chart: Chart) -> None:
         ({"relay": {"settings": {"job_ttl": "two weeks"}}}, "job_ttl"),
         ({"relay": {"settings": {"max_attempts": 2.5}}}, "max_attempts"),
         ({"relay": {"settings": {"webhook_allow_private": "yes"}}}, "webhook_allow_private"),
-        ({"relay": {"replicas": 3}}, "replicas"),
+        ({"relay": {"replicas": 0}}, "replicas"),
+        ({"relay": {"autoscaling": {"maxReplicas": "many"}}}, "maxReplicas"),
+        ({"relay": {"topologySpread": {"whenUnsatisfiable": "Never"}}}, "whenUnsatisfiable"),
+        ({"relay": {"settings": {"secret_key_file": "/key"}}}, "secret_key_file"),
+        ({"relay": {"terminationGracePeriodSeconds": 0}}, "terminationGracePeriodSeconds"),
+        ({"database": {"host": "db"}}, "host"),
+        ({"networkPolicy": {"ingressFrom": []}}, "ingressFrom"),
+        ({"connector": {"replicas": 0}}, "replicas"),
+        ({"connector": {"settings": {"token_file": "/token"}}}, "token_file"),
         ({"relay": {"ports": {"http": 70000}}}, "http"),
         ({"relay": {"logLevel": "verbose"}}, "logLevel"),
         ({"relay": {"tunnel": {"service": {"type": "ExternalName"}}}}, "type"),
@@ -572,6 +905,47 @@ def test_schema_rejects_bad_values(chart: Chart, values: dict[str, Any], complai
 def test_templates_refuse_incomplete_values(chart: Chart, values: dict[str, Any], complaint: str) -> None:
     with pytest.raises(HelmError, match=re.escape(complaint)):
         render(chart, values)
+
+
+DB = {"existingSecret": "printrelay-db"}
+
+
+@pytest.mark.parametrize(
+    ("values", "complaints"),
+    [
+        ({"relay": {"replicas": 2}},
+         ["relay.replicas", "PostgreSQL", "database.existingSecret", "database.url"]),
+        ({"relay": {"autoscaling": {"enabled": True}}},
+         ["relay.autoscaling.enabled", "PostgreSQL", "database.existingSecret", "database.url"]),
+        ({"database": {"url": "postgresql://db/p", "existingSecret": "db"}},
+         ["database.url", "database.existingSecret"]),
+        ({"database": {"existingSecret": "db", "existingSecretKey": ""}}, ["database.existingSecretKey"]),
+        ({"database": {"url": "mysql://db/p"}}, ["database.url", "postgresql://"]),
+        ({"database": DB, "relay": {"replicas": 3, "autoscaling": {"enabled": True}}},
+         ["relay.replicas", "relay.autoscaling.enabled"]),
+        ({"database": DB, "relay": {"autoscaling": {"enabled": True, "minReplicas": 4, "maxReplicas": 3}}},
+         ["relay.autoscaling.minReplicas", "relay.autoscaling.maxReplicas"]),
+        ({"database": DB, "relay": {"persistence": {"existingClaim": "data"}}},
+         ["relay.persistence.existingClaim"]),
+        ({"relay": {"secretKey": {"existingSecret": "k", "key": ""}}}, ["relay.secretKey.key"]),
+        ({"relay": {"terminationGracePeriodSeconds": 30}},
+         ["relay.terminationGracePeriodSeconds", "relay.preStopSleepSeconds", "drain_grace", "35"]),
+        ({"database": DB, "relay": {"terminationGracePeriodSeconds": 60, "settings": {"drain_grace": "1m"}}},
+         ["relay.terminationGracePeriodSeconds", "75"]),
+        ({"connector": {"replicas": 2}},
+         ["connector.replicas", "ledger", "two relay replicas", "its own token"]),
+        ({"connector": {"enabled": True, "relayUrl": "wss://r/v1/tunnel",
+                        "token": {"existingSecret": "t", "value": "prc_x"}}},
+         ["connector.token.existingSecret", "connector.token.value"]),
+    ],
+)  # fmt: skip
+def test_templates_refuse_contradictions(chart: Chart, values: dict[str, Any], complaints: list[str]) -> None:
+    """Values that contradict each other fail rendering, and the message names the values to change."""
+    chart.validate_schema(copy.deepcopy(values))
+    with pytest.raises(HelmError) as refused:
+        render(chart, values)
+    for complaint in complaints:
+        assert complaint in str(refused.value)
 
 
 def test_printer_id_pattern_is_the_connectors(chart: Chart) -> None:
