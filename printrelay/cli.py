@@ -29,7 +29,7 @@ from service.logs import setup_logging
 from service.settings import SettingsError, add_arguments, load, parse_duration
 
 if TYPE_CHECKING:
-    from relay.store.base import Store
+    from relay.store.base import Store, TokenRecord
 
 T = TypeVar("T")
 
@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     create = token.add_parser("create", help="create a token and print it (shown once)")
     _store_arguments(create)
     create.add_argument("--tenant", required=True, help="the tenant the token belongs to")
-    create.add_argument("--kind", choices=("api", "connector"), required=True)
+    create.add_argument("--kind", choices=("api", "connector", "user"), required=True)
+    create.add_argument("--user", dest="user_email", help="kind user: the email of the user it is for")
     create.add_argument(
         "--connector", dest="connector_id", help="connector id (kind connector; default: new)"
     )
@@ -139,10 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("token_id", help="the id shown by 'token list' (the part after pra_/prc_)")
     revoke.set_defaults(run=run_token_revoke)
 
-    from printrelay import client, demo, printers
+    from printrelay import client, demo, printers, users
 
     client.add_submit_parser(commands)
     printers.add_printers_parser(commands)
+    users.add_user_parser(commands)
     demo.add_demo_parser(commands)
     return parser
 
@@ -297,27 +299,39 @@ def _audit(action: str, *, tenant: str, target: str, **details: object) -> None:
 def run_token_create(args: argparse.Namespace) -> int:
     from relay.auth import new_token
 
+    if (args.kind == "user") != bool(args.user_email):
+        raise CommandError("--user EMAIL goes with --kind user, and only with it")
     scopes = tuple(s.strip() for s in args.scopes.split(",") if s.strip())
-    secret, record = new_token(
-        args.tenant,
-        args.kind,
-        scopes=scopes,
-        connector_id=args.connector_id,
-        label=args.label,
-        expires_in=args.expires_in,
-    )
-    _with_store(args, lambda store: store.add_token(record))
+
+    async def create(store: Store) -> tuple[str, TokenRecord]:
+        user_id = None
+        if args.kind == "user":
+            user = await store.find_user(args.user_email.strip().lower())
+            if user is None or user.tenant != args.tenant:
+                raise CommandError(f"no user {args.user_email} in tenant {args.tenant}")
+            user_id = user.id
+        made = new_token(
+            args.tenant,
+            args.kind,
+            scopes=scopes,
+            connector_id=args.connector_id,
+            label=args.label,
+            expires_in=args.expires_in,
+            user_id=user_id,
+        )
+        await store.add_token(made[1])
+        return made
+
+    secret, record = _with_store(args, create)
     _audit(
         "token.created", tenant=record.tenant, target=f"token:{record.id}", kind=record.kind,
         scopes=",".join(record.scopes) or None, connector_id=record.connector_id, label=record.label or None,
         expires_at=record.expires_at,
     )  # fmt: skip
     print(secret)
-    detail = (
-        f"connector {record.connector_id}"
-        if record.kind == "connector"
-        else "scopes " + ",".join(record.scopes)
-    )
+    detail = {
+        "connector": f"connector {record.connector_id}", "user": f"user {args.user_email}"
+    }.get(record.kind, "scopes " + ",".join(record.scopes))  # fmt: skip
     print(
         f"token {record.id} for tenant {record.tenant} ({record.kind}, {detail}); shown once", file=sys.stderr
     )
@@ -332,7 +346,7 @@ def run_token_list(args: argparse.Namespace) -> int:
         status = (
             "revoked" if t.revoked_at else "expired" if t.expires_at and t.expires_at <= now else "active"
         )
-        what = t.connector_id if t.kind == "connector" else ",".join(t.scopes)
+        what = {"connector": t.connector_id, "user": t.user_id}.get(t.kind, ",".join(t.scopes))
         created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(t.created_at))
         print(f"{t.id:<12} {t.tenant:<16} {t.kind:<10} {what or '':<36} {created:<20} {status}")
     return 0

@@ -17,6 +17,7 @@ from relay.api.ipp import IppEndpoint
 from relay.api.rest import RestApi
 from relay.auth import Principal, TokenCache, TokenLookup
 from relay.config import RelayConfig
+from relay.credentials import Credentials
 from relay.dispatch import Dispatcher, DispatchSettings, Drain
 from relay.jobs import Job, JobEvent, JobState
 from relay.leases import LeaseKeeper
@@ -31,6 +32,7 @@ from relay.store.base import Lease, Store, StoreError, StoreUnavailable
 from relay.submit import Intake, SubmitLimits
 from relay.tls import ServerTls
 from relay.tunnel import ConnectorRegistry, ConnectorSession, TunnelListener
+from relay.users import People
 from relay.webhooks import WebhookSender
 from service.http.server import HttpServer
 from service.signal import Signal
@@ -114,16 +116,19 @@ class Relay:
         # NOTIFY that drops them at once. SQLite hears the CLI's revocations only by polling (2 s), and its
         # reads cost little: there every request reads its token.
         self.tokens: TokenLookup = self.store
+        self.people = People(self.store, cache_ttl=5.0 if config.database_url else 0.0)
+        self.store.on_notice(self.people.heard)
         if config.database_url:
             cache = TokenCache(self.store)
             self.store.on_notice(cache.heard)
             self.tokens = cache
+        credentials = Credentials(self.tokens, self.people)
         ipp = IppEndpoint(
             self.store,
             self.jobs,
             self.intake,
             self.rate_limiter,
-            tokens=self.tokens,
+            credentials=credentials,
             public_url=config.public_url,
             tls=self.tls is not None,
         )
@@ -142,7 +147,7 @@ class Relay:
             self.secrets_at_rest,
             ipp=ipp,
             readiness=self.health.readiness,
-            tokens=self.tokens,
+            credentials=credentials,
         )
         self.http = HttpServer(
             self.metrics.instrument_http(self.api.handle, self.api.routes),

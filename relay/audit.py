@@ -4,7 +4,8 @@ Entries go to the ``printrelay.audit`` logger at INFO with an ``audit`` field (a
 format), so operators can route them to their own sink with a logging filter on the logger name. An
 entry never carries a secret: tokens appear by their public id only.
 
-Actions: ``token.created``, ``token.revoked``, ``connector.session_closed`` (after a revocation),
+Actions: ``token.created``, ``token.revoked``, ``user.created``, ``user.changed`` (role, state,
+password), ``connector.session_closed`` (after a revocation),
 ``printer.adopted``, ``printer.changed``, ``printer.removed``, ``job.released``, ``job.canceled``.
 """
 
@@ -12,7 +13,10 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from relay.auth import Principal
 
 log = logging.getLogger("printrelay.audit")
 
@@ -20,6 +24,8 @@ ACTIONS = frozenset(
     {
         "token.created",
         "token.revoked",
+        "user.created",
+        "user.changed",
         "connector.session_closed",
         "printer.adopted",
         "printer.changed",
@@ -61,3 +67,8 @@ def record(action: str, *, tenant: str, actor: str, target: str, **details: Any)
 
 def actor_of(token_id: str) -> str:
     return f"token:{token_id}"
+
+
+def actor(principal: Principal) -> str:
+    """``user:EMAIL`` for a person (by password or their token), ``token:ID`` for an application."""
+    return f"user:{principal.email}" if principal.user_id else actor_of(principal.token_id)

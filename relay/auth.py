@@ -19,10 +19,12 @@ from typing import Protocol
 
 from relay.store.base import Notice, TokenRecord
 
-KINDS = {"api": "a", "connector": "c"}
+KINDS = {"api": "a", "connector": "c", "user": "u"}
 API_SCOPES = ("jobs:submit", "jobs:read", "printers:admin", "admin")
 DEFAULT_API_SCOPES = ("jobs:submit", "jobs:read")
-TOKEN_RE = re.compile(r"^pr([ac])_([a-z0-9]{10})_([A-Za-z0-9_-]{43})$")
+# What a person may do: a user their own jobs; a tenant's administrator everything an admin token may.
+USER_SCOPES = {"user": ("jobs:submit", "jobs:read"), "admin": ("admin",)}
+TOKEN_RE = re.compile(r"^pr([acu])_([a-z0-9]{10})_([A-Za-z0-9_-]{43})$")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 
@@ -73,14 +75,29 @@ class AuthError(Exception):
 
 @dataclass(frozen=True)
 class Principal:
+    """Who a request is: an API token, a connector, or a person (``kind`` "user", by password or by one of
+    their own tokens; ``token_id`` is then the token's id, or empty for a password)."""
+
     tenant: str
     kind: str
     token_id: str
     scopes: tuple[str, ...] = ()
     connector_id: str | None = None
+    user_id: str | None = None
+    email: str = ""
 
     def allows(self, scope: str) -> bool:
         return "admin" in self.scopes or scope in self.scopes
+
+    @property
+    def sees_all_jobs(self) -> bool:
+        """API tokens and tenant admins see every job of the tenant; a user only their own."""
+        return self.user_id is None or "admin" in self.scopes
+
+    @property
+    def actor(self) -> str:
+        """Who did it, for audit entries and job messages."""
+        return self.email or self.token_id
 
 
 def hash_secret(token: str) -> str:
@@ -105,6 +122,7 @@ def new_token(
     label: str = "",
     expires_in: float | None = None,
     now: float | None = None,
+    user_id: str | None = None,
 ) -> tuple[str, TokenRecord]:
     """Make a token; returns the secret (show it once) and the record to store."""
     if kind not in KINDS:
@@ -116,6 +134,10 @@ def new_token(
             raise ValueError(f"unknown scope {bad[0]!r}; scopes are {', '.join(API_SCOPES)}")
         scopes = scopes or DEFAULT_API_SCOPES
         connector_id = None
+    elif kind == "user":
+        if not user_id:
+            raise ValueError("a user token needs the user it belongs to")
+        scopes, connector_id = (), None  # the user's role decides, as it is when the token is used
     else:
         scopes = ()
         connector_id = validate_name("connector id", connector_id or f"connector-{secrets.token_hex(3)}")
@@ -134,12 +156,35 @@ def new_token(
         label=label,
         created_at=created,
         expires_at=created + expires_in if expires_in else None,
+        user_id=user_id if kind == "user" else None,
     )
     return token, record
 
 
 async def authenticate(store: TokenLookup, token: str, *, kind: str, now: float | None = None) -> Principal:
-    """Check a bearer token; raises :class:`AuthError` with a reason that does not help an attacker."""
+    """Check a bearer token; raises :class:`AuthError` with a reason that does not help an attacker. A user
+    token gives a principal without the user's role: :func:`relay.credentials` adds it."""
+    record = await token_record(store, token, kind=kind, now=now)
+    return Principal(
+        tenant=record.tenant,
+        kind=record.kind,
+        token_id=record.id,
+        scopes=record.scopes,
+        connector_id=record.connector_id,
+        user_id=record.user_id,
+    )
+
+
+def token_kind(token: str) -> str | None:
+    """``api``, ``connector`` or ``user`` by the token's prefix; None when it is not a token's shape."""
+    match = TOKEN_RE.match(token.strip())
+    if match is None:
+        return None
+    return next(kind for kind, letter in KINDS.items() if letter == match.group(1))
+
+
+async def token_record(store: TokenLookup, token: str, *, kind: str, now: float | None = None) -> TokenRecord:
+    """The live record of a token of ``kind``; :class:`AuthError` when it is not one."""
     match = TOKEN_RE.match(token.strip())
     if match is None or match.group(1) != KINDS.get(kind):
         raise AuthError(f"invalid {kind} token")
@@ -153,13 +198,7 @@ async def authenticate(store: TokenLookup, token: str, *, kind: str, now: float 
         raise AuthError("token revoked")
     if record.expires_at is not None and record.expires_at <= now:
         raise AuthError("token expired")
-    return Principal(
-        tenant=record.tenant,
-        kind=record.kind,
-        token_id=record.id,
-        scopes=record.scopes,
-        connector_id=record.connector_id,
-    )
+    return record
 
 
 def bearer(authorization: str | None) -> str | None:

@@ -134,6 +134,7 @@ class Job:
     document_format: str = "application/octet-stream"
     copies: int = 1
     user: str = ""
+    owner: str = ""  # the user id of the person who submitted it; empty for API tokens' jobs
     size: int = 0
     sealed_size: int = 0
     sha256: str = ""
@@ -168,6 +169,7 @@ class Job:
             "document_format": self.document_format,
             "copies": self.copies,
             "user": self.user,
+            "owner": self.owner or None,
             "size": self.size,
             "attempts": self.attempts,
             "max_attempts": self.max_attempts,
@@ -184,9 +186,9 @@ class Job:
 
 # Job fields a webhook delivery carries: what Job.public() shows, as the job was at the change.
 SNAPSHOT_FIELDS = (
-    "id", "tenant", "printer_id", "state", "title", "document_format", "copies", "user", "size", "attempts",
-    "max_attempts", "last_error", "unknown_outcomes", "options", "created_at", "updated_at", "completed_at",
-    "expires_at",
+    "id", "tenant", "printer_id", "state", "title", "document_format", "copies", "user", "owner", "size",
+    "attempts", "max_attempts", "last_error", "unknown_outcomes", "options", "created_at", "updated_at",
+    "completed_at", "expires_at",
 )  # fmt: skip
 
 

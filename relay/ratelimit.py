@@ -70,11 +70,12 @@ class TokenRateLimiter:
 
 def spend_request(limiter: TokenRateLimiter, principal: Principal) -> None:
     """One request of the token's budget, for the REST API and the IPP endpoint alike (429 beyond it)."""
-    wait = limiter.check(principal.token_id, time.monotonic())
+    wait = limiter.check(principal.token_id or f"user:{principal.user_id}", time.monotonic())
     if wait is not None:
+        who = f"token {principal.token_id}" if principal.token_id else f"user {principal.email}"
         raise HTTPError(
             429,
-            f"token {principal.token_id} exceeds rate_limit={limiter.rate:g} requests/s "
+            f"{who} exceeds rate_limit={limiter.rate:g} requests/s "
             f"(rate_burst={limiter.burst:g}); retry after {wait:.1f} s",
             [("retry-after", limiter.retry_after_header(wait))],
         )

@@ -54,6 +54,7 @@ class Submission:
     document_format: str = "application/octet-stream"
     copies: int = 1
     user: str = ""
+    owner: str = ""  # the user id of a person submitting; empty for an API token
     content_length: int | None = None
     idempotency_key: str | None = None
     hold: bool = False
@@ -158,6 +159,7 @@ class Intake:
             document_format=submission.document_format,
             copies=submission.copies,
             user=submission.user[:255],
+            owner=submission.owner,
             size=stored.size,
             sealed_size=stored.sealed_size,
             sha256=stored.sha256,

@@ -7,6 +7,7 @@ database, as another relay process would.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,6 +32,7 @@ from relay.store.base import (
     Webhook,
 )
 from relay.store.sql import SqlStore
+from relay.users import new_user
 
 Opener = Callable[[], Awaitable[SqlStore]]
 
@@ -581,3 +583,30 @@ async def test_chunks_of_an_upload_that_died_are_swept_once_silent(store: SqlSto
     assert await store.remove_orphan_chunks(3600) == 0  # written a moment ago: maybe still uploading
     assert await store.remove_orphan_chunks(-1) == 2  # silent "for -1 s": both uploads died
     assert await store.payload_chunks(job.id, 0, 10) == [b"sealed"]  # a job's chunks stay
+
+
+async def test_users_are_unique_by_email_and_their_changes_are_heard(store: SqlStore) -> None:
+    heard: list[Notice] = []
+    store.on_notice(heard.append)
+    ann = new_user("acme", "Ann@Example.com", name="Ann", password_hash="$argon2id$x")
+    await store.add_user(ann)
+    with pytest.raises(Conflict):
+        await store.add_user(new_user("other", "ann@example.com"))  # emails are unique across tenants
+    assert await store.find_user("ann@example.com") == ann and await store.get_user(ann.id) == ann
+    assert [u.email for u in await store.list_users("acme")] == ["ann@example.com"]
+    assert await store.list_users("other") == []
+    ann.state, ann.disabled_at, ann.role = "disabled", 5.0, "admin"
+    assert await store.update_user(ann)
+    assert await store.get_user(ann.id) == ann
+    assert [(n.kind, n.key) for n in heard] == [("users", ann.id)]
+    stranger = dataclasses.replace(ann, tenant="other")
+    assert not await store.update_user(stranger)  # not in that tenant: nothing changes
+
+
+async def test_jobs_list_by_owner(store: SqlStore) -> None:
+    mine = dataclasses.replace(new_job(), owner="usr_1")
+    await store.insert_job(mine, "accepted")
+    await store.insert_job(new_job(), "accepted")
+    assert [j.id for j in await store.list_jobs("acme", owner="usr_1")] == [mine.id]
+    assert len(await store.list_jobs("acme")) == 2
+    assert (await store.get_job("acme", mine.id)).owner == "usr_1"  # type: ignore[union-attr]

@@ -24,6 +24,8 @@ from trio_websocket import ConnectionRejected
 
 from connector.tunnel import TunnelClient
 from ipp import DelimiterTag, Operation, Status, ValueTag
+from relay.auth import new_token
+from relay.users import new_user
 
 MISSING = "zz-no-such-id"
 
@@ -70,7 +72,16 @@ async def test_rest_matrix_other_tenants_ids_look_like_missing_ones(
     job, held_job = queued.json()["id"], held.json()["id"]
     hook = await acme.post("/v1/webhooks", json={"url": "https://hooks.acme.example/print"})
     assert hook.status_code == 201, hook.text
+    ann = await acme.post("/v1/users", json={"email": "ann@acme.example", "password": "ann's password"})
+    assert ann.status_code == 201, ann.text
     await raw_sink.wait_for(1)
+    # A person of each tenant, with a token of their own.
+    ann_token, ann_record = new_token("acme", "user", user_id=ann.json()["id"])
+    await tenants.stack.relay.store.add_token(ann_record)
+    gus = new_user("globex", "gus@globex.example")
+    await tenants.stack.relay.store.add_user(gus)
+    gus_token, gus_record = new_token("globex", "user", user_id=gus.id)
+    await tenants.stack.relay.store.add_token(gus_record)
 
     # (method, path with {id}, the id of acme's, body)
     cases: list[tuple[str, str, str, Any]] = [
@@ -84,6 +95,8 @@ async def test_rest_matrix_other_tenants_ids_look_like_missing_ones(
         ("POST", "/v1/jobs/{id}/release", held_job, None),
         ("POST", "/v1/printers", "site-a", {"uri": raw_sink.uri, "id": "stolen", "connector_id": "{id}"}),
         ("DELETE", "/v1/webhooks/{id}", hook.json()["id"], None),
+        ("GET", "/v1/users/{id}", ann.json()["id"], None),
+        ("POST", "/v1/users/{id}", ann.json()["id"], {"state": "disabled"}),
     ]
     routes = {(m, p.pattern) for m, p, _, _ in tenants.stack.relay.api.routes}
     covered: set[tuple[str, str]] = set()
@@ -113,16 +126,34 @@ async def test_rest_matrix_other_tenants_ids_look_like_missing_ones(
     assert (await globex.get("/v1/webhooks")).json()["webhooks"] == []
     own = await globex.post("/v1/webhooks", json={"url": "https://hooks.globex.example/print"})
     assert own.status_code == 201
+    assert [u["email"] for u in (await globex.get("/v1/users")).json()["users"]] == ["gus@globex.example"]
+    made = await globex.post("/v1/users", json={"email": "gail@globex.example"})
+    assert made.status_code == 201
+    # /v1/me and a person's own tokens act on the caller alone: gus cannot reach ann's token.
+    async with tenants.stack.client(gus_token) as gus_client:
+        assert (await gus_client.get("/v1/me")).json()["tenant"] == "globex"
+        assert (await gus_client.get("/v1/me/tokens")).json()["tokens"][0]["id"] == gus_record.id
+        assert (await gus_client.post("/v1/me/tokens", json={})).status_code == 201
+        answers = [
+            (r.status_code, r.json()["error"].replace(some_id, "ID"))
+            for some_id in (ann_record.id, MISSING)
+            for r in [await gus_client.delete(f"/v1/me/tokens/{some_id}")]
+        ]
+        assert answers[0] == answers[1] and answers[0][0] == 404, answers
+    async with tenants.stack.client(ann_token) as ann_client:
+        assert (await ann_client.get("/v1/me")).json()["user"]["email"] == "ann@acme.example"
     assert [h["id"] for h in (await acme.get("/v1/webhooks")).json()["webhooks"]] == [hook.json()["id"]]
-    lists = (r"^/v1/printers$", r"^/v1/jobs$", r"^/v1/candidates$", r"^/v1/webhooks$")
+    lists = (r"^/v1/printers$", r"^/v1/jobs$", r"^/v1/candidates$", r"^/v1/webhooks$", r"^/v1/users$")
     covered |= {(m, p) for m, p in routes if m == "GET" and p in lists}
-    covered.add(("POST", r"^/v1/webhooks$"))
+    covered |= {("POST", r"^/v1/webhooks$"), ("POST", r"^/v1/users$")}
+    covered |= {(m, p) for m, p in routes if p.startswith("^/v1/me")}
     assert covered == routes, f"routes without an isolation case: {routes - covered}"
 
     # Nothing of acme's changed.
     assert (await acme.get(f"/v1/jobs/{held_job}")).json()["state"] == "held"
     assert (await acme.get("/v1/printers/a-only")).json()["state"] != "removed"
     assert (await acme.get("/v1/printers/stolen")).status_code == 404
+    assert (await acme.get(f"/v1/users/{ann.json()['id']}")).json()["state"] == "active"
 
 
 async def test_same_printer_id_two_tenants_jobs_never_cross(

@@ -21,8 +21,6 @@ has a number before it has a relay job; its document's Send-Document makes the r
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import re
 import time
@@ -65,13 +63,15 @@ from relay.api.ipp_attributes import (
     select,
 )
 from relay.api.ipp_ticket import Ticket, job_ticket, option_attributes
-from relay.auth import AuthError, Principal, TokenLookup, authenticate
+from relay.auth import AuthError, Principal
+from relay.credentials import Credentials
 from relay.jobs import FINAL_STATES, IPP_JOB_STATE, IppJobEvent, IppJobState, Job, JobEvent
 from relay.jobs import JobState as RelayState
 from relay.lifecycle import JobLifecycle
 from relay.ratelimit import TokenRateLimiter, spend_request
 from relay.store.base import IppJob, Printer, Store
 from relay.submit import MAX_COPIES, Intake, Refusal, Submission, SubmitError
+from relay.users import People, TooManyFailures
 from service.http.message import HTTPError, Request, Response
 
 log = logging.getLogger("printrelay.relay.ipp")
@@ -316,8 +316,16 @@ class _Call:
 
     @property
     def user(self) -> str:
+        """A person is who they signed in as; for an API token, requesting-user-name says (or the token)."""
+        if self.principal.user_id:
+            return self.principal.email
         name = _text(self.request, "requesting-user-name")
         return name[:255] if name else self.principal.token_id
+
+    @property
+    def owner(self) -> str | None:
+        """The user whose jobs alone this call may see and act on; None: all of the tenant's."""
+        return None if self.principal.sees_all_jobs else self.principal.user_id
 
     def job_uri(self, number: int) -> str:
         return f"{self.printer_uri}/{number}"
@@ -337,13 +345,13 @@ class IppEndpoint:
         intake: Intake,
         rate_limiter: TokenRateLimiter,
         *,
-        tokens: TokenLookup | None = None,
+        credentials: Credentials | None = None,
         public_url: str = "",
         tls: bool = False,
         limits: IppLimits | None = None,
     ) -> None:
         self._store = store
-        self._tokens: TokenLookup = tokens or store  # a TokenCache in the relay
+        self._credentials = credentials or Credentials(store, People(store))
         self._jobs = jobs
         self._intake = intake
         self._rate_limiter = rate_limiter
@@ -366,33 +374,13 @@ class IppEndpoint:
         return Response(200, [("content-type", IPP_CONTENT_TYPE)], encode(answer))
 
     async def _authenticate(self, request: Request) -> Principal:
-        header = request.headers.get("authorization")
-        if not header:
-            raise HTTPError(
-                401, "credentials required: HTTP Basic (tenant, API token) or a Bearer API token", CHALLENGE
-            )
-        scheme, _, value = header.strip().partition(" ")
-        user: str | None = None
-        if scheme.lower() == "basic":
-            try:
-                decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
-            except (binascii.Error, UnicodeDecodeError):
-                raise HTTPError(401, "malformed Basic credentials", CHALLENGE) from None
-            user, colon, token = decoded.partition(":")
-            if not colon:
-                raise HTTPError(401, "malformed Basic credentials", CHALLENGE)
-        elif scheme.lower() == "bearer":
-            token = value.strip()
-        else:
-            raise HTTPError(401, f"unsupported authentication scheme {scheme[:20]!r}", CHALLENGE)
+        client = request.client[0] if request.client else ""
         try:
-            principal = await authenticate(self._tokens, token, kind="api")
+            return await self._credentials.principal(request.headers.get("authorization"), client)
+        except TooManyFailures as exc:
+            raise HTTPError(429, str(exc), [("retry-after", str(exc.retry_after))]) from None
         except AuthError as exc:
             raise HTTPError(401, str(exc), CHALLENGE) from None
-        if user is not None and user != principal.tenant:
-            # Same answer as a bad token: which tenant a token belongs to is not ours to tell.
-            raise HTTPError(401, "invalid api token", CHALLENGE)
-        return principal
 
     async def _read(self, request: Request, head: _Head) -> tuple[Message, _Document, int]:
         """The attribute section, the document after it, and the section's size in bytes."""
@@ -592,6 +580,7 @@ class IppEndpoint:
             document_format=document_format,
             copies=int(ticket["copies"]),
             user=str(ticket["user"]),
+            owner=str(ticket.get("owner", "")),
             content_length=call.document_length,
             options=dict(ticket["options"]),
             hold=hold,
@@ -617,6 +606,7 @@ class IppEndpoint:
         record = {
             "title": self._title(call),
             "user": call.user,
+            "owner": call.principal.user_id or "",
             "copies": ticket.copies,
             "options": ticket.options,
         }
@@ -642,6 +632,7 @@ class IppEndpoint:
                 ticket={
                     "title": self._title(call),
                     "user": call.user,
+                    "owner": call.principal.user_id or "",
                     "copies": ticket.copies,
                     "options": ticket.options,
                     "document_format": document_format,
@@ -727,9 +718,18 @@ class IppEndpoint:
     async def _ipp_job(self, call: _Call) -> IppJob:
         number = job_number(call.request, call.path_job)
         record = await self._store.get_ipp_job(call.tenant, number)
-        if record is None or record.printer_id != call.printer_id:
+        if record is None or record.printer_id != call.printer_id or not await self._visible(call, record):
             raise _ipp_error(Status.CLIENT_ERROR_NOT_FOUND, f"job {number} not found")
         return await self._expire_pending(call, record)
+
+    async def _visible(self, call: _Call, record: IppJob) -> bool:
+        """Whether the caller may see this job: another user's is not found, as if it did not exist."""
+        if call.owner is None:
+            return True
+        if record.job_id is None:
+            return record.ticket.get("owner") == call.owner
+        job = await self._store.get_job(call.tenant, record.job_id)
+        return job is not None and job.owner == call.owner
 
     async def _expire_pending(self, call: _Call, record: IppJob) -> IppJob:
         """A Create-Job left without its document past multiple-operation-time-out is aborted."""
@@ -758,7 +758,7 @@ class IppEndpoint:
                 f"job {record.number} is already {job.state} to the printer and cannot be stopped",
             )
         audit.record(
-            "job.canceled", tenant=call.tenant, actor=audit.actor_of(call.principal.token_id),
+            "job.canceled", tenant=call.tenant, actor=audit.actor(call.principal),
             target=f"job:{job.id}", printer_id=job.printer_id, via="ipp",
         )  # fmt: skip
         return new_response(call.request, Status.SUCCESSFUL_OK)
@@ -787,7 +787,8 @@ class IppEndpoint:
         if limit is not None and limit < 1:
             raise _bad(f"limit {limit} must be at least 1")
         requested = requested_attributes(call.request) or list(DEFAULT_JOB_LISTING)
-        user = call.user if _bool(call.request, "my-jobs") else None
+        # A user sees their own jobs only, whatever my-jobs says; for others my-jobs means this user name.
+        user = call.user if _bool(call.request, "my-jobs") and call.owner is None else None
         views = await self._list_jobs(call, printer, which, user, history=bool(_TIMES & set(requested)))
         response = new_response(call.request, Status.SUCCESSFUL_OK)
         for view in views[:limit]:
@@ -806,7 +807,9 @@ class IppEndpoint:
         ]
         jobs: list[Job] = []
         for state in states:
-            jobs += await store.list_jobs(call.tenant, printer_id=printer.id, state=state, limit=cap)
+            jobs += await store.list_jobs(
+                call.tenant, printer_id=printer.id, state=state, owner=call.owner, limit=cap
+            )
         if user is not None:
             jobs = [job for job in jobs if job.user == user]
         numbers = await store.ipp_job_numbers(call.tenant, printer.id, [j.id for j in jobs], time.time())
@@ -817,7 +820,8 @@ class IppEndpoint:
         for record in await store.list_ipp_jobs(call.tenant, printer.id, placeholder_states, cap):
             view = self._pending_view(call, await self._expire_pending(call, record))
             finished = view.state >= JobState.CANCELED
-            if (done if finished else pending) and (user is None or view.user == user):
+            mine = call.owner is None or record.ticket.get("owner") == call.owner
+            if (done if finished else pending) and (user is None or view.user == user) and mine:
                 views.append(view)
         if done and not pending:
             views.sort(key=lambda v: (v.completed_at or v.created_at, v.number), reverse=True)

@@ -46,10 +46,11 @@ PRINTER = _path_param("printer", "printer id (unique within the tenant)")
 JOB = _path_param("job", "job id")
 
 AUTH_ERRORS: dict[str, Any] = {
-    "401": _error("missing, invalid, expired or revoked token"),
-    "403": _error("the token lacks this operation's scope"),
+    "401": _error("missing, invalid, expired or revoked token; wrong email or password; a disabled user"),
+    "403": _error("the token lacks this operation's scope (a user: it needs a tenant admin)"),
     "429": {
-        "description": "the token exceeds its request rate; wait Retry-After seconds",
+        "description": "the token exceeds its request rate, or too many failed sign-ins; wait Retry-After "
+        "seconds",
         "headers": {"Retry-After": {"schema": {"type": "integer", "minimum": 1}}},
         "content": {"application/json": {"schema": _ref("Error")}},
     },
@@ -68,7 +69,7 @@ def _op(
     op: dict[str, Any] = {
         "summary": summary,
         "x-scope": scope,
-        "security": [{"bearer": []}],
+        "security": [{"bearer": []}, {"basic": []}],
         "parameters": parameters or [],
         "responses": {**responses, **AUTH_ERRORS},
     }
@@ -301,6 +302,82 @@ PATHS: dict[str, dict[str, Any]] = {
     },
 }
 
+
+def _object(properties: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object", "additionalProperties": False, "required": list(required),
+                    "properties": properties,
+                }
+            }
+        },
+    }  # fmt: skip
+
+
+USER = _path_param("user", "user id (usr_...)")
+USER_FIELDS = {
+    "email": {"type": "string", "maxLength": 254},
+    "name": {"type": "string", "maxLength": 200},
+    "role": {"type": "string", "enum": ["user", "admin"]},
+    "password": {"type": "string", "minLength": 10, "maxLength": 1024},
+}
+
+# People: the caller (a person signs in with HTTP Basic email:password, or one of their own tokens) and a
+# tenant admin's users. Scope "" = any authenticated caller.
+PATHS.update(
+    {
+        "/v1/me": {
+            "get": _op(
+                "Who the credentials are: tenant, kind, scopes, and for a person their user record", "",
+                {"200": _json({"type": "object"}, "the caller")},
+            )
+        },
+        "/v1/me/tokens": {
+            "get": _op(
+                "A person's own tokens (never their secrets)", "",
+                {"200": _json({"type": "object", "properties": {"tokens": {"type": "array"}}}, "listed")},
+            ),
+            "post": _op(
+                "Make a token of one's own for a print client (the secret is shown once)", "",
+                {"201": _json({"type": "object"}, "made; token holds the secret")},
+                body=_object({"label": {"type": "string", "maxLength": 200},
+                              "expires_in": {"type": "string", "description": "e.g. 90d"}}),
+            ),
+        },
+        "/v1/me/tokens/{token}": {
+            "delete": _op(
+                "Revoke one of one's own tokens", "", {"204": {"description": "revoked"}, **NOT_FOUND},
+                parameters=[_path_param("token", "token id")],
+            )
+        },
+        "/v1/users": {
+            "get": _op(
+                "The tenant's users", "admin",
+                {"200": _json({"type": "object",
+                               "properties": {"users": {"type": "array", "items": _ref("User")}}}, "listed")},
+            ),
+            "post": _op(
+                "Create a user (emails are unique on the relay)", "admin",
+                {"201": _json(_ref("User"), "created"), "409": _error("the email is taken")},
+                body=_object(USER_FIELDS, ("email",)),
+            ),
+        },
+        "/v1/users/{user}": {
+            "get": _op("A user of the tenant", "admin", {"200": _json(_ref("User"), "the user"), **NOT_FOUND},
+                       parameters=[USER]),
+            "post": _op(
+                "Change a user's name, role, state (disabled: their passwords and tokens stop at once) or "
+                "password", "admin", {"200": _json(_ref("User"), "changed"), **NOT_FOUND}, parameters=[USER],
+                body=_object({**{k: v for k, v in USER_FIELDS.items() if k != "email"},
+                              "state": {"type": "string", "enum": ["active", "disabled"]}}),
+            ),
+        },
+    }
+)  # fmt: skip
+
 # Served without a token: probes, this document, and the IPP endpoint (its own Basic/Bearer auth).
 PUBLIC_PATHS: dict[str, dict[str, Any]] = {
     "/healthz": {
@@ -379,6 +456,20 @@ SCHEMAS: dict[str, Any] = {
             "secret": {"type": "string"},
         },
     },
+    "User": {
+        "type": "object",
+        "required": ["id", "email", "role", "state"],
+        "properties": {
+            "id": {"type": "string"},
+            "email": {"type": "string"},
+            "name": {"type": "string"},
+            "role": {"type": "string", "enum": ["user", "admin"]},
+            "state": {"type": "string", "enum": ["active", "disabled"]},
+            "has_password": {"type": "boolean"},
+            "created_at": {"type": ["string", "null"]},
+            "disabled_at": {"type": ["string", "null"]},
+        },
+    },
     "Printer": {
         "type": "object",
         "required": ["id", "connector_id", "online", "state"],
@@ -407,8 +498,17 @@ OPENAPI: dict[str, Any] = {
     "components": {
         "schemas": SCHEMAS,
         "securitySchemes": {
-            "bearer": {"type": "http", "scheme": "bearer", "description": "pra_<id>_<secret> API token"},
-            "basic": {"type": "http", "scheme": "basic", "description": "IPP only: tenant and API token"},
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "pra_<id>_<secret> API token, or pru_<id>_<secret>: a person's own token",
+            },
+            "basic": {
+                "type": "http",
+                "scheme": "basic",
+                "description": "a person: email and password (or one of their pru_ tokens); over IPP also "
+                "tenant and API token",
+            },
         },
     },
 }

@@ -17,14 +17,17 @@ from relay import adoption, audit, webhooks
 from relay.adoption import Adoption
 from relay.api.ipp import IppEndpoint
 from relay.api.openapi import OPENAPI
-from relay.auth import AuthError, Principal, TokenLookup, authenticate, bearer
+from relay.api.people import PEOPLE_ROUTES, PeopleApi
+from relay.auth import AuthError, Principal
 from relay.capabilities import OptionRefused, validate_option
+from relay.credentials import Credentials
 from relay.jobs import Job, JobState
 from relay.lifecycle import JobLifecycle
 from relay.ratelimit import TokenRateLimiter, spend_request
 from relay.secretbox import SecretBox
 from relay.store.base import Store, StoreUnavailable
 from relay.submit import MAX_COPIES, Intake, Refusal, Submission, SubmitError
+from relay.users import People, TooManyFailures
 from service import bounded_json
 from service.http.message import HTTPError, Request, Response
 from service.settings import parse_duration
@@ -128,10 +131,10 @@ class RestApi:
         *,
         ipp: IppEndpoint,
         readiness: Callable[[], Awaitable[str | None]],
-        tokens: TokenLookup | None = None,
+        credentials: Credentials | None = None,
     ) -> None:
         self._store = store
-        self._tokens: TokenLookup = tokens or store  # a TokenCache in the relay
+        self._credentials = credentials or Credentials(store, People(store))
         self._jobs = jobs
         self._intake = intake
         self._adoption = adoption
@@ -140,8 +143,12 @@ class RestApi:
         self._ipp = ipp
         self._readiness = readiness
         # (method, path, scope, handler) with the handlers bound to this API
+        people = PeopleApi(store)
         self.routes: list[tuple[str, re.Pattern[str], str, Route]] = [
             (method, pattern, scope, getattr(self, name)) for method, pattern, scope, name in ROUTES
+        ]
+        self.routes += [
+            (method, pattern, scope, getattr(people, name)) for method, pattern, scope, name in PEOPLE_ROUTES
         ]
 
     async def handle(self, request: Request) -> Response:
@@ -176,20 +183,22 @@ class RestApi:
                 continue
             principal = await self._authenticate(request)
             self.rate_limit(principal)
-            if not principal.allows(scope):
-                raise HTTPError(403, f"token lacks the {scope} scope")
+            if scope and not principal.allows(scope):
+                who = "a user" if principal.user_id else "token"
+                raise HTTPError(403, f"{who} lacks the {scope} scope" if who == "token" else
+                                f"{principal.email} may not do this: it needs a tenant admin")  # fmt: skip
             return await route(request, principal, match)
         if allowed:
             raise HTTPError(405, f"method {request.method} not allowed", [("allow", ", ".join(allowed))])
         raise HTTPError(404, f"no such resource: {request.path}")
 
     async def _authenticate(self, request: Request) -> Principal:
-        token = bearer(request.headers.get("authorization"))
-        challenge = [("www-authenticate", 'Bearer realm="printrelay"')]
-        if token is None:
-            raise HTTPError(401, "missing bearer token (Authorization: Bearer <api token>)", challenge)
+        challenge = [("www-authenticate", 'Bearer realm="printrelay", Basic realm="printrelay"')]
+        client = request.client[0] if request.client else ""
         try:
-            return await authenticate(self._tokens, token, kind="api")
+            return await self._credentials.principal(request.headers.get("authorization"), client)
+        except TooManyFailures as exc:
+            raise HTTPError(429, str(exc), [("retry-after", str(exc.retry_after))]) from None
         except AuthError as exc:
             raise HTTPError(401, str(exc), challenge) from None
 
@@ -222,7 +231,9 @@ class RestApi:
             title=_one(request, "title") or request.headers.get("x-job-title") or "untitled",
             document_format=document_format,
             copies=_int_param(request, "copies", 1, 1, MAX_COPIES),
-            user=_one(request, "user") or principal.token_id,
+            # A person is who they signed in as; an application may say on whose behalf it prints.
+            user=principal.email or _one(request, "user") or principal.token_id,
+            owner=principal.user_id or "",
             content_length=request.body.content_length,
             idempotency_key=idempotency_key,
             hold=hold in ("true", "1"),
@@ -249,12 +260,12 @@ class RestApi:
         job = await self._job(principal, match["job"])
         if job.state.final:
             raise HTTPError(409, f"job {job.id} is already {job.state}")
-        done = await self._jobs.cancel(job, f"canceled by {principal.token_id}")
+        done = await self._jobs.cancel(job, f"canceled by {principal.actor}")
         if done is None:
             job = await self._job(principal, job.id)
             raise HTTPError(409, f"job {job.id} is already {job.state}")
         audit.record(
-            "job.canceled", tenant=principal.tenant, actor=audit.actor_of(principal.token_id),
+            "job.canceled", tenant=principal.tenant, actor=audit.actor(principal),
             target=f"job:{job.id}", printer_id=job.printer_id, state=str(done.state),
         )  # fmt: skip
         return Response.json(done.public())
@@ -276,7 +287,7 @@ class RestApi:
         if job.state is not JobState.HELD:
             raise HTTPError(409, f"job {job.id} is {job.state}, not held")
         try:
-            done = await self._jobs.release(job, printer_id, f"released by {principal.token_id}")
+            done = await self._jobs.release(job, printer_id, f"released by {principal.actor}")
         except LookupError as exc:
             raise HTTPError(404, str(exc).strip("'\"")) from None
         except ValueError as exc:
@@ -285,7 +296,7 @@ class RestApi:
             job = await self._job(principal, job.id)
             raise HTTPError(409, f"job {job.id} is {job.state}, not held")
         audit.record(
-            "job.released", tenant=principal.tenant, actor=audit.actor_of(principal.token_id),
+            "job.released", tenant=principal.tenant, actor=audit.actor(principal),
             target=f"job:{job.id}", printer_id=done.printer_id,
         )  # fmt: skip
         return Response.json(done.public())
@@ -340,14 +351,16 @@ class RestApi:
                 known = ", ".join(s.value for s in JobState)
                 raise HTTPError(400, f"unknown state {state_text!r}; states are {known}") from None
         limit = _int_param(request, "limit", 100, 1, MAX_LIST)
+        owner = None if principal.sees_all_jobs else principal.user_id
         jobs = await self._store.list_jobs(
-            principal.tenant, printer_id=_one(request, "printer_id"), state=state, limit=limit
+            principal.tenant, printer_id=_one(request, "printer_id"), state=state, owner=owner, limit=limit
         )
         return Response.json({"jobs": [j.public() for j in jobs]})
 
     async def _job(self, principal: Principal, job_id: str) -> Job:
         job = await self._store.get_job(principal.tenant, job_id)
-        if job is None:
+        # Another user's job is not found, exactly as one that does not exist: job ids do not leak.
+        if job is None or not (principal.sees_all_jobs or job.owner == principal.user_id):
             raise HTTPError(404, f"job {job_id} not found")
         return job
 
@@ -372,7 +385,7 @@ class RestApi:
             raise HTTPError(exc.status, exc.message) from None
         audit.record(
             "printer.adopted" if created else "printer.changed", tenant=principal.tenant,
-            actor=audit.actor_of(principal.token_id), target=f"printer:{printer.id}",
+            actor=audit.actor(principal), target=f"printer:{printer.id}",
             connector_id=printer.connector_id, uri=printer.uri,
         )  # fmt: skip
         return Response.json(
@@ -385,7 +398,7 @@ class RestApi:
         except adoption.AdoptionError as exc:
             raise HTTPError(exc.status, exc.message) from None
         audit.record(
-            "printer.removed", tenant=principal.tenant, actor=audit.actor_of(principal.token_id),
+            "printer.removed", tenant=principal.tenant, actor=audit.actor(principal),
             target=f"printer:{printer.id}", connector_id=printer.connector_id,
         )  # fmt: skip
         return Response.json(printer.public())

@@ -21,7 +21,7 @@ from relay.jobs import IppJobState, Job, JobEvent, JobHistoryEntry, JobState, _i
 class TokenRecord:
     id: str  # the public prefix shown in listings and logs
     tenant: str
-    kind: str  # "api" | "connector"
+    kind: str  # "api" | "connector" | "user" (a person's own token, for print clients)
     secret_hash: str
     scopes: tuple[str, ...] = ()
     connector_id: str | None = None
@@ -29,6 +29,29 @@ class TokenRecord:
     created_at: float = 0.0
     expires_at: float | None = None
     revoked_at: float | None = None
+    user_id: str | None = None  # kind "user": whose
+
+
+@dataclass
+class UserRecord:
+    """A person of a tenant. Emails are unique across the relay (sign-in names the email, not the tenant)."""
+
+    id: str
+    tenant: str
+    email: str  # lower case
+    name: str = ""
+    role: str = "user"  # "user" | "admin" (the tenant's administrator)
+    state: str = "active"  # "active" | "disabled"
+    password_hash: str = ""  # argon2; empty: no password (tokens only)
+    created_at: float = 0.0
+    disabled_at: float | None = None
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "email": self.email, "name": self.name, "role": self.role, "state": self.state,
+            "has_password": bool(self.password_hash), "created_at": _iso(self.created_at),
+            "disabled_at": _iso(self.disabled_at) if self.disabled_at is not None else None,
+        }  # fmt: skip
 
 
 @dataclass
@@ -192,7 +215,8 @@ class Notice:
     """A change another part of the relay (maybe on another replica) must hear about.
 
     ``kind``: ``job`` (a job changed state; ``data`` has tenant, connector_id, state, at, message),
-    ``tokens`` (tokens were revoked or deleted; ``key`` is a token id, or empty for "any"),
+    ``tokens`` (tokens were revoked or deleted; ``key`` is a token id, or empty for "any"), ``users`` (a
+    user was disabled, enabled or changed; ``key`` is the user id),
     ``request`` / ``answer`` (a change of printers asked of the replica holding a connector's session;
     ``key`` is the request id, ``data`` has tenant and connector_id), ``replicas`` (a replica joined or
     was retired), ``resync`` (notices may have been missed while the listener reconnected: look again).
@@ -247,6 +271,23 @@ class TokenStore(Protocol):
     async def list_tokens(self, tenant: str | None = None) -> list[TokenRecord]: ...
     async def revoke_token(self, token_id: str, at: float) -> bool:
         """Revoke it; every relay replica hears of it (a ``tokens`` notice)."""
+        ...
+
+
+class UserStore(Protocol):
+    async def add_user(self, user: UserRecord) -> None:
+        """Raises :class:`Conflict` when the email is taken."""
+        ...
+
+    async def get_user(self, user_id: str) -> UserRecord | None: ...
+    async def find_user(self, email: str) -> UserRecord | None:
+        """By email (lower case), in any tenant."""
+        ...
+
+    async def list_users(self, tenant: str) -> list[UserRecord]: ...
+    async def update_user(self, user: UserRecord) -> bool:
+        """Store the user's name, role, state, password and disabled_at; every replica hears of it (a
+        ``users`` notice). False when there is no such user in its tenant."""
         ...
 
 
@@ -317,7 +358,13 @@ class JobStore(Protocol):
     async def get_job(self, tenant: str, job_id: str) -> Job | None: ...
     async def find_job_by_idempotency_key(self, tenant: str, key: str) -> Job | None: ...
     async def list_jobs(
-        self, tenant: str, *, printer_id: str | None = None, state: JobState | None = None, limit: int = 100
+        self,
+        tenant: str,
+        *,
+        printer_id: str | None = None,
+        state: JobState | None = None,
+        owner: str | None = None,
+        limit: int = 100,
     ) -> list[Job]: ...
     async def claim_jobs_and_next_due(
         self, tenant: str, connector_id: str, now: float, limit: int, lease: Lease
@@ -460,7 +507,15 @@ class ReplicaStore(Protocol):
 
 
 class Store(
-    TokenStore, ConnectorStore, JobStore, IppJobStore, WebhookStore, PayloadStore, ReplicaStore, Protocol
+    TokenStore,
+    UserStore,
+    ConnectorStore,
+    JobStore,
+    IppJobStore,
+    WebhookStore,
+    PayloadStore,
+    ReplicaStore,
+    Protocol,
 ):
     """Everything, plus the store's own life."""
 

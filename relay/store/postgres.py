@@ -147,6 +147,20 @@ SCHEMA = [
     -- sealed bytes are random: compressing them is wasted work
     ALTER TABLE payload_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
     """,
+    # version 2: people: users of a tenant, their own tokens, and the jobs they own
+    """
+    CREATE TABLE users (
+        id TEXT PRIMARY KEY, tenant TEXT NOT NULL, email TEXT NOT NULL UNIQUE, name TEXT NOT NULL DEFAULT '',
+        role TEXT NOT NULL DEFAULT 'user', state TEXT NOT NULL DEFAULT 'active',
+        password_hash TEXT NOT NULL DEFAULT '', created_at DOUBLE PRECISION NOT NULL,
+        disabled_at DOUBLE PRECISION
+    );
+    CREATE INDEX users_tenant ON users (tenant, email);
+    ALTER TABLE tokens ADD COLUMN user_id TEXT;
+    CREATE INDEX tokens_user ON tokens (user_id) WHERE user_id IS NOT NULL;
+    ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    CREATE INDEX jobs_owner ON jobs (tenant, owner, created_at) WHERE owner != '';
+    """,
 ]
 SCHEMA_VERSION = len(SCHEMA)
 

@@ -14,7 +14,15 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 from relay.jobs import IppJobState, Job, JobState
-from relay.store.base import ConnectorRecord, IppJob, Printer, TokenRecord, Webhook, WebhookDelivery
+from relay.store.base import (
+    ConnectorRecord,
+    IppJob,
+    Printer,
+    TokenRecord,
+    UserRecord,
+    Webhook,
+    WebhookDelivery,
+)
 
 R = TypeVar("R")
 
@@ -87,6 +95,7 @@ JOBS = RowMap(Job, {"state": enum_codec(JobState), "wrapped_key": BYTES, "option
 PRINTERS = RowMap(Printer, {"reasons": JSON, "capabilities": JSON}, read_only=("online",))
 CONNECTORS = RowMap(ConnectorRecord, {"public_key": BYTES}, read_only=("sessions",))
 TOKENS = RowMap(TokenRecord, {"scopes": COMMA_LIST})
+USERS = RowMap(UserRecord)
 IPP_JOBS = RowMap(IppJob, {"state": enum_codec(IppJobState), "ticket": JSON})
 WEBHOOKS = RowMap(Webhook, {"events": SPACED_LIST}, read_only=("pending",))
 DELIVERIES = RowMap(WebhookDelivery, {"job": JSON}, read_only=("url", "secret"))

@@ -47,6 +47,7 @@ from relay.store.base import (
     StoreObserver,
     StoreSample,
     TokenRecord,
+    UserRecord,
     Webhook,
     WebhookDelivery,
 )
@@ -330,6 +331,50 @@ class SqlStore:
     async def revoke_token(self, token_id: str, at: float) -> bool:
         return await self._write(lambda tx: revoke_token(tx, token_id, at))
 
+    # --- users ----------------------------------------------------------------------------------
+
+    async def add_user(self, user: UserRecord) -> None:
+        integrity = self.dialect.integrity_errors
+
+        def insert(tx: Tx) -> None:
+            try:
+                columns, count = rows.USERS.column_list(), len(rows.USERS.columns)
+                tx.run(f"INSERT INTO users ({columns}) VALUES ({marks(count)})", rows.USERS.dump(user))
+            except integrity:
+                raise Conflict(f"a user with the email {user.email} exists") from None
+
+        await self._write(insert)
+
+    async def get_user(self, user_id: str) -> UserRecord | None:
+        row = await self._read(lambda tx: tx.one("SELECT * FROM users WHERE id = ?", (user_id,)))
+        return rows.USERS.load(row) if row else None
+
+    async def find_user(self, email: str) -> UserRecord | None:
+        row = await self._read(lambda tx: tx.one("SELECT * FROM users WHERE email = ?", (email,)))
+        return rows.USERS.load(row) if row else None
+
+    async def list_users(self, tenant: str) -> list[UserRecord]:
+        found = await self._read(
+            lambda tx: tx.all("SELECT * FROM users WHERE tenant = ? ORDER BY email", (tenant,))
+        )
+        return [rows.USERS.load(r) for r in found]
+
+    async def update_user(self, user: UserRecord) -> bool:
+        values = [user.name, user.role, user.state, user.password_hash, user.disabled_at]
+        values += [user.id, user.tenant]
+
+        def update(tx: Tx) -> bool:
+            changed = tx.run(
+                "UPDATE users SET name = ?, role = ?, state = ?, password_hash = ?, disabled_at = ? "
+                "WHERE id = ? AND tenant = ?",
+                values,
+            )
+            if changed:
+                tx.notify(Notice("users", user.id))
+            return changed > 0
+
+        return await self._write(update)
+
     # --- connectors, sessions and printers ------------------------------------------------------
 
     async def upsert_connector(self, connector: ConnectorRecord) -> None:
@@ -555,10 +600,19 @@ class SqlStore:
         return rows.JOBS.load(row) if row else None
 
     async def list_jobs(
-        self, tenant: str, *, printer_id: str | None = None, state: JobState | None = None, limit: int = 100
+        self,
+        tenant: str,
+        *,
+        printer_id: str | None = None,
+        state: JobState | None = None,
+        owner: str | None = None,
+        limit: int = 100,
     ) -> list[Job]:
         sql = "SELECT * FROM jobs WHERE tenant = ?"
         args: list[Any] = [tenant]
+        if owner is not None:
+            sql += " AND owner = ?"
+            args.append(owner)
         if printer_id is not None:
             sql += " AND printer_id = ?"
             args.append(printer_id)

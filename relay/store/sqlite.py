@@ -168,6 +168,19 @@ SCHEMA = [
         PRIMARY KEY (job_id, seq)
     );
     """,
+    # version 7: people: users of a tenant, their own tokens, and the jobs they own
+    """
+    CREATE TABLE users (
+        id TEXT PRIMARY KEY, tenant TEXT NOT NULL, email TEXT NOT NULL UNIQUE, name TEXT NOT NULL DEFAULT '',
+        role TEXT NOT NULL DEFAULT 'user', state TEXT NOT NULL DEFAULT 'active',
+        password_hash TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL, disabled_at REAL
+    );
+    CREATE INDEX users_tenant ON users (tenant, email);
+    ALTER TABLE tokens ADD COLUMN user_id TEXT;
+    CREATE INDEX tokens_user ON tokens (user_id) WHERE user_id IS NOT NULL;
+    ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    CREATE INDEX jobs_owner ON jobs (tenant, owner, created_at) WHERE owner != '';
+    """,
 ]
 
 # The current version: what `printrelay db status` reports and what newer code refuses to run under.
