@@ -25,11 +25,13 @@ from relay.store.base import (
     IppJob,
     Lease,
     Notice,
+    OidcProvider,
     Printer,
     Quota,
     QuotaExceeded,
     SessionRecord,
     Webhook,
+    WebSession,
 )
 from relay.store.sql import SqlStore
 from relay.users import new_user
@@ -610,3 +612,34 @@ async def test_jobs_list_by_owner(store: SqlStore) -> None:
     assert [j.id for j in await store.list_jobs("acme", owner="usr_1")] == [mine.id]
     assert len(await store.list_jobs("acme")) == 2
     assert (await store.get_job("acme", mine.id)).owner == "usr_1"  # type: ignore[union-attr]
+
+
+async def test_a_printers_pull_flag_survives_its_connectors_reports(store: SqlStore) -> None:
+    assert await store.set_printer_pull("acme", "p1", True)
+    assert not await store.set_printer_pull("acme", "nope", True)
+    await store.replace_printers("acme", "c1", [Printer("acme", "p1", "c1", state="processing")])
+    printer = await store.get_printer("acme", "p1")
+    assert printer is not None and printer.pull and printer.state == "processing"
+    assert printer.public()["pull"] is True
+    await store.replace_printers("acme", "c1", [Printer("acme", "p2", "c1")])
+    assert not (await store.get_printer("acme", "p2")).pull  # type: ignore[union-attr]
+
+
+async def test_web_sessions_and_oidc_providers(store: SqlStore) -> None:
+    now = time.time()
+    first = WebSession("s" * 64, "acme", "usr_1", now, now + 3600)
+    await store.add_web_session(first)
+    await store.add_web_session(dataclasses.replace(first, id="t" * 64))
+    await store.add_web_session(dataclasses.replace(first, id="u" * 64, user_id="usr_2", via="oidc"))
+    await store.touch_web_session(first.id, now + 5)
+    found = await store.get_web_session(first.id)
+    assert found is not None and found.last_seen_at == now + 5 and found.revoked_at is None
+    assert await store.revoke_web_sessions(session_id=first.id, at=now + 6) == 1
+    assert await store.revoke_web_sessions(user_id="usr_1", at=now + 7) == 1  # the other one of usr_1
+    assert (await store.get_web_session("u" * 64)).revoked_at is None  # type: ignore[union-attr]
+    assert await store.get_web_session("x" * 64) is None
+    provider = OidcProvider("acme", "https://id.example", "printrelay", b"sealed", created_at=now)
+    await store.set_oidc_provider(provider)
+    await store.set_oidc_provider(dataclasses.replace(provider, create_users=True))
+    assert await store.get_oidc_provider("acme") == dataclasses.replace(provider, create_users=True)
+    assert await store.delete_oidc_provider("acme") and await store.get_oidc_provider("acme") is None

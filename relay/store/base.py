@@ -55,6 +55,33 @@ class UserRecord:
 
 
 @dataclass
+class WebSession:
+    """A person signed in to the portal. The cookie holds a random secret; the store keeps its SHA-256."""
+
+    id: str  # SHA-256 hex of the cookie's secret
+    tenant: str
+    user_id: str
+    created_at: float
+    expires_at: float
+    last_seen_at: float = 0.0
+    revoked_at: float | None = None
+    via: str = "password"  # "password" | "oidc"
+
+
+@dataclass
+class OidcProvider:
+    """A tenant's OpenID Connect sign-in: authorization code with PKCE against ``issuer``."""
+
+    tenant: str
+    issuer: str
+    client_id: str
+    client_secret_sealed: bytes = b""  # sealed with the relay's secret key (relay/secretbox.py)
+    email_claim: str = "email"
+    create_users: bool = False  # sign-in of an unknown email creates a user (role user) in the tenant
+    created_at: float = 0.0
+
+
+@dataclass
 class ConnectorRecord:
     tenant: str
     id: str
@@ -82,12 +109,16 @@ class Printer:
     capabilities: dict[str, Any] = field(default_factory=dict)
     online: bool = False  # its connector holds a session to a live replica (read, never written)
     updated_at: float = 0.0
+    # A pull printer holds every job until its owner releases it at the printer. Set by a tenant admin
+    # (ConnectorStore.set_printer_pull), never by the connector's reports.
+    pull: bool = False
 
     def public(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "connector_id": self.connector_id,
             "online": self.online,
+            "pull": self.pull,
             "state": self.state if self.online else "offline",
             "printer_state": self.state,
             "reasons": self.reasons,
@@ -291,6 +322,23 @@ class UserStore(Protocol):
         ...
 
 
+class WebStore(Protocol):
+    """The portal's sessions and the tenants' OpenID Connect providers."""
+
+    async def add_web_session(self, session: WebSession) -> None: ...
+    async def get_web_session(self, session_id: str) -> WebSession | None: ...
+    async def touch_web_session(self, session_id: str, at: float) -> None: ...
+    async def revoke_web_sessions(
+        self, *, session_id: str | None = None, user_id: str | None = None, at: float
+    ) -> int:
+        """Revoke one session, or every session of a user; how many were live."""
+        ...
+
+    async def set_oidc_provider(self, provider: OidcProvider) -> None: ...
+    async def get_oidc_provider(self, tenant: str) -> OidcProvider | None: ...
+    async def delete_oidc_provider(self, tenant: str) -> bool: ...
+
+
 class ConnectorStore(Protocol):
     """Connectors, the sessions replicas hold to them, and their printers."""
 
@@ -308,6 +356,9 @@ class ConnectorStore(Protocol):
     async def update_printer(self, printer: Printer) -> None: ...
     async def get_printer(self, tenant: str, printer_id: str) -> Printer | None: ...
     async def list_printers(self, tenant: str) -> list[Printer]: ...
+    async def set_printer_pull(self, tenant: str, printer_id: str, pull: bool) -> bool:
+        """Make the printer a pull printer (or not); False when the tenant has no such printer."""
+        ...
 
     async def connectors_online(self, tenant: str) -> list[str]:
         """Ids of the tenant's connectors that hold a session to some replica now."""
@@ -509,6 +560,7 @@ class ReplicaStore(Protocol):
 class Store(
     TokenStore,
     UserStore,
+    WebStore,
     ConnectorStore,
     JobStore,
     IppJobStore,

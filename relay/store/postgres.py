@@ -161,6 +161,23 @@ SCHEMA = [
     ALTER TABLE jobs ADD COLUMN owner TEXT NOT NULL DEFAULT '';
     CREATE INDEX jobs_owner ON jobs (tenant, owner, created_at) WHERE owner != '';
     """,
+    # version 3: pull printers (jobs held until released at the printer), the portal's sessions, and
+    # the tenants' OpenID Connect providers
+    """
+    ALTER TABLE printers ADD COLUMN pull INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE web_sessions (
+        id TEXT PRIMARY KEY, tenant TEXT NOT NULL, user_id TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL, expires_at DOUBLE PRECISION NOT NULL,
+        last_seen_at DOUBLE PRECISION NOT NULL DEFAULT 0, revoked_at DOUBLE PRECISION,
+        via TEXT NOT NULL DEFAULT 'password'
+    );
+    CREATE INDEX web_sessions_user ON web_sessions (user_id);
+    CREATE TABLE oidc_providers (
+        tenant TEXT PRIMARY KEY, issuer TEXT NOT NULL, client_id TEXT NOT NULL,
+        client_secret_sealed BYTEA NOT NULL, email_claim TEXT NOT NULL DEFAULT 'email',
+        create_users INTEGER NOT NULL DEFAULT 0, created_at DOUBLE PRECISION NOT NULL
+    );
+    """,
 ]
 SCHEMA_VERSION = len(SCHEMA)
 

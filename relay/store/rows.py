@@ -17,11 +17,13 @@ from relay.jobs import IppJobState, Job, JobState
 from relay.store.base import (
     ConnectorRecord,
     IppJob,
+    OidcProvider,
     Printer,
     TokenRecord,
     UserRecord,
     Webhook,
     WebhookDelivery,
+    WebSession,
 )
 
 R = TypeVar("R")
@@ -92,10 +94,13 @@ class RowMap(Generic[R]):
 
 
 JOBS = RowMap(Job, {"state": enum_codec(JobState), "wrapped_key": BYTES, "options": JSON})
-PRINTERS = RowMap(Printer, {"reasons": JSON, "capabilities": JSON}, read_only=("online",))
+BOOL = Codec(lambda v: 1 if v else 0, bool)
+PRINTERS = RowMap(Printer, {"reasons": JSON, "capabilities": JSON, "pull": BOOL}, read_only=("online",))
 CONNECTORS = RowMap(ConnectorRecord, {"public_key": BYTES}, read_only=("sessions",))
 TOKENS = RowMap(TokenRecord, {"scopes": COMMA_LIST})
 USERS = RowMap(UserRecord)
+WEB_SESSIONS = RowMap(WebSession)
+OIDC_PROVIDERS = RowMap(OidcProvider, {"client_secret_sealed": BYTES, "create_users": BOOL})
 IPP_JOBS = RowMap(IppJob, {"state": enum_codec(IppJobState), "ticket": JSON})
 WEBHOOKS = RowMap(Webhook, {"events": SPACED_LIST}, read_only=("pending",))
 DELIVERIES = RowMap(WebhookDelivery, {"job": JSON}, read_only=("url", "secret"))

@@ -39,6 +39,7 @@ from relay.store.base import (
     Lease,
     Notice,
     NoticeHandler,
+    OidcProvider,
     Printer,
     Quota,
     QuotaExceeded,
@@ -50,6 +51,7 @@ from relay.store.base import (
     UserRecord,
     Webhook,
     WebhookDelivery,
+    WebSession,
 )
 from service.groupcommit import GroupCommit
 
@@ -451,6 +453,70 @@ class SqlStore:
             lambda tx: tx.all(f"{PRINTER_SELECT} WHERE p.tenant = ? ORDER BY p.id", (tenant,))
         )
         return [_printer(r) for r in found]
+
+    async def set_printer_pull(self, tenant: str, printer_id: str, pull: bool) -> bool:
+        return await self._write(
+            lambda tx: (
+                tx.run(
+                    "UPDATE printers SET pull = ? WHERE tenant = ? AND id = ?",
+                    (1 if pull else 0, tenant, printer_id),
+                )
+                > 0
+            )
+        )
+
+    # --- the portal's sessions and OpenID Connect providers ---------------------------------------
+
+    async def add_web_session(self, session: WebSession) -> None:
+        columns, count = rows.WEB_SESSIONS.column_list(), len(rows.WEB_SESSIONS.columns)
+        await self._write(
+            lambda tx: tx.run(
+                f"INSERT INTO web_sessions ({columns}) VALUES ({marks(count)})",
+                rows.WEB_SESSIONS.dump(session),
+            )
+        )
+
+    async def get_web_session(self, session_id: str) -> WebSession | None:
+        row = await self._read(lambda tx: tx.one("SELECT * FROM web_sessions WHERE id = ?", (session_id,)))
+        return rows.WEB_SESSIONS.load(row) if row else None
+
+    async def touch_web_session(self, session_id: str, at: float) -> None:
+        await self._write(
+            lambda tx: tx.send("UPDATE web_sessions SET last_seen_at = ? WHERE id = ?", (at, session_id))
+        )
+
+    async def revoke_web_sessions(
+        self, *, session_id: str | None = None, user_id: str | None = None, at: float
+    ) -> int:
+        if (session_id is None) == (user_id is None):
+            raise ValueError("revoke one session or one user's")
+        column, value = ("id", session_id) if session_id is not None else ("user_id", user_id)
+        return await self._write(
+            lambda tx: tx.run(
+                f"UPDATE web_sessions SET revoked_at = ? WHERE {column} = ? AND revoked_at IS NULL",
+                (at, value),
+            )
+        )
+
+    async def set_oidc_provider(self, provider: OidcProvider) -> None:
+        cols = rows.OIDC_PROVIDERS.columns
+        updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c != "tenant")
+        await self._write(
+            lambda tx: tx.run(
+                f"INSERT INTO oidc_providers ({rows.OIDC_PROVIDERS.column_list()}) "
+                f"VALUES ({marks(len(cols))}) ON CONFLICT (tenant) DO UPDATE SET {updates}",
+                rows.OIDC_PROVIDERS.dump(provider),
+            )
+        )
+
+    async def get_oidc_provider(self, tenant: str) -> OidcProvider | None:
+        row = await self._read(lambda tx: tx.one("SELECT * FROM oidc_providers WHERE tenant = ?", (tenant,)))
+        return rows.OIDC_PROVIDERS.load(row) if row else None
+
+    async def delete_oidc_provider(self, tenant: str) -> bool:
+        return await self._write(
+            lambda tx: tx.run("DELETE FROM oidc_providers WHERE tenant = ?", (tenant,)) > 0
+        )
 
     # --- candidates and requests to connectors ---------------------------------------------------
 
@@ -1152,7 +1218,8 @@ def _upsert_printer(tx: Tx, printer: Printer) -> None:
     if not printer.updated_at:
         printer.updated_at = time.time()
     cols = rows.PRINTERS.columns
-    updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in ("tenant", "id"))
+    # pull is the tenant admin's to set (set_printer_pull), never a connector's report
+    updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in ("tenant", "id", "pull"))
     tx.send(
         f"INSERT INTO printers ({rows.PRINTERS.column_list()}) VALUES ({marks(len(cols))}) "
         f"ON CONFLICT (tenant, id) DO UPDATE SET {updates}",
