@@ -36,6 +36,7 @@ from connector.ops import ops_listener
 from connector.printerbook import MAX_REQUEST_BYTES, PrinterBook, parse_printer_request
 from connector.status import PrinterStatus, poll
 from connector.tunnel import TunnelGroup
+from service.listen import start_listener
 from service.private_files import create_private, private_dir
 from tunnel.messages import (
     MAX_REPLICAS_BYTES,
@@ -197,7 +198,8 @@ class Connector:
                 nursery.start_soon(self.tunnel.run)
                 if self.config.metrics_listen is not None:
                     host, port = self.config.metrics_listen
-                    self.metrics_port = await nursery.start(ops_listener(self).serve, host, port)
+                    serve = ops_listener(self).serve
+                    self.metrics_port = await start_listener(nursery, serve, host, port, "--metrics-listen")
                 task_status.started()
         finally:
             with trio.CancelScope(shield=True):

@@ -25,6 +25,7 @@ from connector.config import ConnectorConfig, with_token
 from printrelay.client import SubmitFailed
 from relay.config import RelayConfig
 from relay.store.base import StoreError
+from service.listen import ListenError
 from service.logs import setup_logging
 from service.settings import SettingsError, add_arguments, load, parse_duration
 
@@ -46,7 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BaseException as raised:
         exc = _sole(raised)
-        if isinstance(exc, CommandError | SettingsError | SubmitFailed | ValueError | StoreError):
+        if isinstance(
+            exc, CommandError | SettingsError | SubmitFailed | ValueError | StoreError | ListenError
+        ):
             print(f"printrelay: {exc}", file=sys.stderr)
             return 1
         if isinstance(exc, KeyboardInterrupt):
@@ -72,6 +75,15 @@ def _dispatch(argv: list[str]) -> int:
     return int(args.run(args) or 0)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("printrelay")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def _sole(exc: BaseException) -> BaseException:
     """The one exception inside (nested) single-member groups, as trio's nurseries raise them."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
@@ -84,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="printrelay",
         description="Print through a cloud relay to printers on networks nobody can reach from outside.",
     )
+    parser.add_argument("--version", action="version", version=f"printrelay {_version()}")
     commands = parser.add_subparsers(metavar="COMMAND")
 
     serve = commands.add_parser(
@@ -221,11 +234,22 @@ def _store_arguments(parser: argparse.ArgumentParser) -> None:
         "--database-url", default=os.environ.get("PRINTRELAY_DATABASE_URL", ""),
         help="the relay's --database-url, postgresql://... (env PRINTRELAY_DATABASE_URL); beats --data-dir",
     )  # fmt: skip
+    parser.add_argument(
+        "--create", action="store_true",
+        help="make the --data-dir if it does not exist (without it a mistyped path is an error, not a new "
+        "empty relay)",
+    )  # fmt: skip
 
 
 def _with_store(args: argparse.Namespace, work: Callable[[Store], Awaitable[T]]) -> T:
     """Open the relay's store as the relay would (migrating it first), run ``work``, close it."""
     from relay.store import store_for
+
+    if not args.database_url and not args.data_dir.exists() and not args.create:
+        raise CommandError(
+            f"no relay data directory at {args.data_dir}: give the relay's --data-dir (or "
+            "PRINTRELAY_DATA_DIR), or add --create to start a new one"
+        )
 
     async def run() -> T:
         try:

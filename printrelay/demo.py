@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import itertools
+import shlex
 import shutil
 import signal
 import subprocess
@@ -27,6 +28,7 @@ import trio
 from connector.app import Connector
 from connector.config import ConnectorConfig, parse_printer
 from connector.delivery.ipp import IppBackend
+from printrelay import program
 from printrelay.dnssd import DnsSdUnavailable, ensure_dns_sd
 from relay.app import Relay
 from relay.auth import new_token
@@ -54,6 +56,13 @@ def add_demo_parser(commands: Any) -> None:
         default=("127.0.0.1", 8081),
         metavar="HOST:PORT",
         help="relay tunnel listener (default 127.0.0.1:8081)",
+    )
+    demo.add_argument(
+        "--metrics-listen",
+        type=parse_hostport,
+        default=("127.0.0.1", 9464),
+        metavar="HOST:PORT",
+        help="relay /metrics, /healthz, /readyz (default 127.0.0.1:9464)",
     )
     demo.add_argument(
         "--printer",
@@ -174,7 +183,12 @@ def run_demo(args: argparse.Namespace) -> int:
 
 async def demo(args: argparse.Namespace) -> int:
     data_dir: Path = args.data_dir.resolve()
-    config = RelayConfig(listen=args.listen, tunnel_listen=args.tunnel_listen, data_dir=data_dir / "relay")
+    config = RelayConfig(
+        listen=args.listen,
+        tunnel_listen=args.tunnel_listen,
+        metrics_listen=args.metrics_listen,
+        data_dir=data_dir / "relay",
+    )
     async with trio.open_nursery() as nursery:
         say("printrelay demo")
         relay = Relay(config)
@@ -182,6 +196,7 @@ async def demo(args: argparse.Namespace) -> int:
         api = f"http://{config.listen[0]}:{addresses.http_port}"
         tunnel = f"ws://{config.tunnel_listen[0]}:{addresses.tunnel_port}/v1/tunnel"
         say(f"  relay:     API {api}   tunnel {tunnel}")
+        say(f"  metrics:   http://{args.metrics_listen[0]}:{addresses.metrics_port}/metrics")
         api_token, record = new_token("demo", "api", scopes=("admin",), label="demo")
         await relay.store.add_token(record)
         connector_token, record = new_token("demo", "connector", connector_id="demo-site", label="demo")
@@ -209,7 +224,7 @@ async def demo(args: argparse.Namespace) -> int:
         say("")
         say("Try it yourself (Ctrl-C stops the demo):")
         say(f"  export PRINTRELAY_API_TOKEN={api_token}")
-        say(f"  printrelay submit --relay {api} --printer demo-printer --wait FILE")
+        say(f"  {shlex.quote(program())} submit --relay {api} --printer demo-printer --wait FILE")
         say(f"  curl -H 'Authorization: Bearer {api_token}' {api}/v1/printers")
         say(f"  curl -H 'Authorization: Bearer {api_token}' {api}/v1/jobs")
         if args.once:

@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
-import shutil
-import sys
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from connector.config import ConnectorConfig
+from printrelay import program
 from service.settings import add_arguments, flag_name, load
 
 DEFAULT_TOKEN_FILE = "/etc/printrelay/connector.token"
@@ -129,12 +128,10 @@ def _quote(word: str) -> str:
 
 
 def _this_printrelay() -> str:
-    """The console script of this installation (beside its Python, as in a venv), else the one on PATH."""
-    beside = Path(sys.executable).parent / "printrelay"
-    found = str(beside) if beside.is_file() else shutil.which("printrelay")
-    if not found:
+    found = program()
+    if not Path(found).is_absolute():
         raise ValueError("cannot find the printrelay program: give --executable PATH")
-    return str(Path(found).absolute())
+    return found
 
 
 UNIT = """\

@@ -35,6 +35,7 @@ from relay.tunnel import ConnectorRegistry, ConnectorSession, TunnelListener
 from relay.users import People
 from relay.webhooks import WebhookSender
 from service.http.server import HttpServer
+from service.listen import start_listener
 from service.signal import Signal
 from tunnel.session import H2Session
 
@@ -186,7 +187,7 @@ class Relay:
             await self._recover()
             async with trio.open_nursery() as nursery:
                 host, port = config.listen
-                http_port = await nursery.start(self.http.serve, host, port)
+                http_port = await start_listener(nursery, self.http.serve, host, port, "--listen")
                 thost, tport = config.tunnel_listen
                 listener = TunnelListener(
                     self.registry, self.store, self.metrics, self._new_session,
@@ -194,7 +195,7 @@ class Relay:
                     draining=lambda: self.drain_state.draining,
                     ssl_context=self.tls.context if self.tls else None,
                 )  # fmt: skip
-                tunnel_port = await nursery.start(listener.serve, thost, tport)
+                tunnel_port = await start_listener(nursery, listener.serve, thost, tport, "--tunnel-listen")
                 nursery.start_soon(self._expire_jobs)
                 nursery.start_soon(self.leases.run)
                 nursery.start_soon(self._heartbeat)
@@ -207,7 +208,8 @@ class Relay:
                 metrics_port = None
                 if config.metrics_listen is not None:
                     mhost, mport = config.metrics_listen
-                    metrics_port = await nursery.start(self.health.listener().serve, mhost, mport)
+                    serve = self.health.listener().serve
+                    metrics_port = await start_listener(nursery, serve, mhost, mport, "--metrics-listen")
                 self.accepting = True
                 log.info(
                     "relay ready (replica %s): API on %s:%d, tunnel on %s:%d", self.replica_id, host,

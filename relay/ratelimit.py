@@ -73,9 +73,10 @@ def spend_request(limiter: TokenRateLimiter, principal: Principal) -> None:
     wait = limiter.check(principal.token_id or f"user:{principal.user_id}", time.monotonic())
     if wait is not None:
         who = f"token {principal.token_id}" if principal.token_id else f"user {principal.email}"
+        retry_after = limiter.retry_after_header(wait)  # the body says what the header says
         raise HTTPError(
             429,
             f"{who} exceeds rate_limit={limiter.rate:g} requests/s "
-            f"(rate_burst={limiter.burst:g}); retry after {wait:.1f} s",
-            [("retry-after", limiter.retry_after_header(wait))],
+            f"(rate_burst={limiter.burst:g}); retry after {retry_after} s",
+            [("retry-after", retry_after)],
         )

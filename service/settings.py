@@ -103,7 +103,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
     for field in _fields(cls):
         meta = field.metadata
         default = field.default_factory() if meta["multiple"] else field.default  # type: ignore[operator]
-        shown = "" if meta["secret"] else f" (default: {_show(default)}; env {env_name(field)})"
+        # Defaults as one would type them (1GiB, 14d, 127.0.0.1:8080); a secret's default is not shown.
+        shown = (
+            f" (env {env_name(field)})"
+            if meta["secret"]
+            else f" (default: {_show(default, meta['parse'])}; env {env_name(field)})"
+        )
         kwargs: dict[str, Any] = {"help": meta["help"] + shown, "default": argparse.SUPPRESS}
         if isinstance(default, bool) and meta["parse"] is None:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -114,11 +119,35 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
         parser.add_argument(flag_name(field), dest=field.name, **kwargs)
 
 
-def _show(value: Any) -> str:
+def format_size(size: int) -> str:
+    """``1GiB`` for 1073741824: the largest binary unit that divides it, as parse_size reads it back."""
+    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if size and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+def format_duration(seconds: float) -> str:
+    """``14d`` for 1209600, ``500ms`` for 0.5: the largest unit that divides it (parse_duration reads it)."""
+    for unit, factor in (("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds and seconds % factor == 0:
+            return f"{int(seconds // factor)}{unit}"
+    millis = seconds * 1000
+    return f"{int(millis)}ms" if millis == int(millis) else f"{seconds:g}s"
+
+
+def _show(value: Any, parse: Callable[[str], Any] | None = None) -> str:
     if isinstance(value, list):
-        return " ".join(map(str, value)) or "none"
+        return " ".join(_show(v, parse) for v in value) or "none"
     if value is None or value == "":
         return "none"
+    if parse is parse_size and isinstance(value, int):
+        return format_size(value)
+    if parse is parse_duration and isinstance(value, int | float):
+        return format_duration(float(value))
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], int):  # HOST:PORT
+        host = f"[{value[0]}]" if ":" in str(value[0]) else value[0]
+        return f"{host}:{value[1]}"
     return str(value)
 
 

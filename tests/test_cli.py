@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
+import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +20,11 @@ from fixtures_relay import RelayStack
 from trio_websocket import ConnectionRejected, open_websocket_url
 
 from printrelay import cli
+from printrelay import program as printrelay_program
 from printrelay.cli import build_parser
 from relay.config import RelayConfig
 from relay.runtime import GC_THRESHOLDS
-from service.settings import SettingsError, load
+from service.settings import SettingsError, format_duration, format_size, load, parse_duration, parse_size
 from tunnel.wsstream import SUBPROTOCOL
 
 
@@ -69,6 +73,68 @@ def test_help_shows_defaults_and_environment_names() -> None:
     text = " ".join(result.stdout.split())
     assert "--tunnel-listen HOST:PORT" in text
     assert "(default: printrelay-data; env PRINTRELAY_DATA_DIR)" in text
+    # defaults as one types them, each read back by the setting's own parser
+    for name, default in (("MAX_JOB_BYTES", "1GiB"), ("JOB_TTL", "14d"), ("LISTEN", "127.0.0.1:8080"),
+                          ("RETRY_BASE", "2s"), ("TENANT_MAX_SPOOL_BYTES", "50GiB")):  # fmt: skip
+        assert f"(default: {default}; env PRINTRELAY_{name})" in text, name
+    connector = subprocess.run(
+        [sys.executable, "-m", "printrelay.cli", "connector", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "(env PRINTRELAY_TOKEN)" in " ".join(connector.stdout.split())  # a secret: its env, no default
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(1209600.0, "14d"), (300.0, "5m"), (2.0, "2s"), (0.5, "500ms"), (90.0, "90s")]
+)
+def test_durations_are_shown_as_typed(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text and parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(("size", "text"), [(1073741824, "1GiB"), (65536, "64KiB"), (1000, "1000")])
+def test_sizes_are_shown_as_typed(size: int, text: str) -> None:
+    assert format_size(size) == text and parse_size(text) == size
+
+
+def test_version() -> None:
+    result = printrelay("--version")
+    assert result.stdout.strip() == f"printrelay {importlib.metadata.version('printrelay')}"
+
+
+@pytest.mark.parametrize("flag", ["--listen", "--tunnel-listen", "--metrics-listen"])
+def test_a_busy_port_is_one_line_naming_the_port_and_the_flag(tmp_path: Path, flag: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ports = {
+            "--listen": "127.0.0.1:0",
+            "--tunnel-listen": "127.0.0.1:0",
+            "--metrics-listen": "127.0.0.1:0",
+        }
+        ports[flag] = f"127.0.0.1:{port}"
+        args = [a for pair in ports.items() for a in pair]
+        result = printrelay("serve", "--data-dir", str(tmp_path / "relay"), *args, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"printrelay: cannot listen on 127.0.0.1:{port} ({flag}): Address already in use; choose another "
+        f"with {flag}"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_store_commands_refuse_a_data_dir_that_does_not_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "typo"
+    refused = printrelay("token", "create", "--data-dir", str(missing), "--tenant", "acme", "--kind", "api",
+                         check=False)  # fmt: skip
+    assert refused.returncode == 1 and f"no relay data directory at {missing}" in refused.stderr
+    assert not missing.exists()
+    made = printrelay(
+        "token", "create", "--data-dir", str(missing), "--create", "--tenant", "acme", "--kind", "api"
+    )
+    assert made.stdout.startswith("pra_") and missing.is_dir()
 
 
 def test_serve_collects_garbage_less_often_than_the_default(
@@ -131,11 +197,14 @@ async def test_a_token_created_while_the_relay_runs_is_honoured_at_once(relay_st
 def test_the_demo_prints_a_page_through_the_tunnel(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "printrelay.cli", "demo", "--once", "--data-dir", str(tmp_path / "demo"),
-         "--listen", "127.0.0.1:0", "--tunnel-listen", "127.0.0.1:0"],
+         "--listen", "127.0.0.1:0", "--tunnel-listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"],
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "(byte-identical to what was submitted)" in result.stdout
+    # the commands it prints run as printed: this installation's program, and its metrics are served
+    assert f"{printrelay_program()} submit --relay http://127.0.0.1:" in result.stdout
+    assert re.search(r"metrics: +http://127\.0\.0\.1:\d+/metrics", result.stdout), result.stdout
     assert "ippeveprinter on port" in result.stdout  # the real printer, not the fallback
     printed = list((tmp_path / "demo" / "printed").iterdir())
     assert printed and printed[0].read_bytes().startswith(b"%PDF-1.4")

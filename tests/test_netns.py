@@ -157,7 +157,7 @@ def test_client_prints_through_relay_and_connector_but_cannot_reach_the_printer(
     def token(kind: str, *extra: str) -> str:
         result = subprocess.run(
             [sys.executable, "-m", "printrelay.cli", "token", "create", "--data-dir", str(data_dir),
-             "--tenant", "acme", "--kind", kind, *extra],
+             "--create", "--tenant", "acme", "--kind", kind, *extra],
             capture_output=True, text=True, timeout=60, check=True,
         )  # fmt: skip
         return result.stdout.strip()

@@ -200,8 +200,8 @@ async def test_people_cache_forgets_a_changed_user_at_once() -> None:
 def test_cli_users_and_their_tokens(tmp_path: Path) -> None:
     data = ["--data-dir", str(tmp_path / "relay")]
     created = subprocess.run(
-        [*printrelay_command(), "user", "create", *data, "--tenant", "acme", "--email", "Ann@Example.com",
-         "--role", "admin", "--password-stdin"],
+        [*printrelay_command(), "user", "create", *data, "--create", "--tenant", "acme", "--email",
+         "Ann@Example.com", "--role", "admin", "--password-stdin"],
         input=PASSWORD + "\n", capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert created.returncode == 0, created.stderr

@@ -24,6 +24,7 @@ import urllib.parse
 from collections.abc import AsyncIterable, Sequence
 from dataclasses import dataclass
 from email.utils import formatdate
+from http import HTTPStatus
 from typing import Any
 
 import h11
@@ -182,6 +183,14 @@ class HttpServer:
         finally:
             self._rejecting -= 1
             await trio.aclose_forcefully(stream)
+
+
+def _reason(status: int) -> bytes:
+    """The standard reason phrase (``201 Created``): h11 sends none unless told, and people read them."""
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 def _canned_error(status: int, reason: str, message: str, extra: str = "") -> bytes:
@@ -467,7 +476,9 @@ class _Connection:
         if self._h11.their_state is not h11.SEND_BODY:
             return None
         if self._h11.they_are_waiting_for_100_continue:
-            await self._send(self._h11.send(h11.InformationalResponse(status_code=100, headers=[])))
+            await self._send(
+                self._h11.send(h11.InformationalResponse(status_code=100, headers=[], reason=_reason(100)))
+            )
         self._reading_body = True
         try:
             while True:
@@ -557,7 +568,7 @@ class _Connection:
         headers.append(("date", formatdate(usegmt=True)))
         try:
             # Validates names and values before h11's state changes, so a bad header is a 500.
-            head = h11.Response(status_code=response.status, headers=headers)
+            head = h11.Response(status_code=response.status, headers=headers, reason=_reason(response.status))
         except (h11.LocalProtocolError, ValueError, TypeError):
             _log.exception("invalid response head for %s %s", request.method, request.target)
             await _aclose_body(body)
@@ -606,7 +617,7 @@ class _Connection:
             ("connection", "close"),
             ("server", self._server.server_header),
         ]
-        data = self._h11.send(h11.Response(status_code=status, headers=headers))
+        data = self._h11.send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
         data = (data or b"") + (self._h11.send(h11.Data(data=body)) or b"")
         data += self._h11.send(h11.EndOfMessage()) or b""
         # An error answer is small: a peer that cannot take it within header_timeout (e.g. one
