@@ -169,10 +169,16 @@ def validate_events(events: object) -> tuple[str, ...]:
 
 
 async def register(
-    store: Store, secrets_at_rest: SecretBox, tenant: str, body: bytes, now: float | None = None
+    store: Store,
+    secrets_at_rest: SecretBox,
+    tenant: str,
+    body: bytes,
+    now: float | None = None,
+    *,
+    allow_private: bool = False,
 ) -> Webhook:
     """``POST /v1/webhooks``: ``{"url": ..., "events": [...]?}`` -> the webhook with its secret in clear
-    (the store keeps it sealed)."""
+    (the store keeps it sealed). A URL the relay would never send to is refused now, not dropped later."""
     try:
         data = bounded_json.loads(body)
     except ValueError as exc:
@@ -192,6 +198,12 @@ async def register(
         secret=new_secret(),
         created_at=time.time() if now is None else now,
     )
+    if not allow_private:
+        refusal = await private_destination(hook.url)
+        if refusal:
+            raise WebhookError(
+                400, f"{refusal}: the relay does not deliver webhooks there (webhook_allow_private is off)"
+            )
     sealed = dataclasses.replace(hook, secret=secrets_at_rest.seal(hook.secret, hook.id))
     if not await store.add_webhook(sealed, MAX_WEBHOOKS_PER_TENANT):
         raise WebhookError(
@@ -346,7 +358,7 @@ class WebhookSender:
                 return
             outcome = await self.send(client, delivery, body)
             if outcome.delivered:
-                await self.store.remove_webhook_delivery(delivery.seq)
+                await self.store.remove_webhook_delivery(delivery.seq, delivered_at=time.time())
                 return
             attempts = delivery.attempts + 1
             if attempts >= self.max_attempts:
@@ -356,7 +368,7 @@ class WebhookSender:
                     delivery.job_id, delivery.state, attempts, self.max_attempts, outcome.error,
                     extra={"tenant": delivery.tenant, "job_id": delivery.job_id},
                 )  # fmt: skip
-                await self.store.remove_webhook_delivery(delivery.seq)
+                await self.store.remove_webhook_delivery(delivery.seq, error=outcome.error)
                 return
             delay = retry_delay(attempts, self.retry_base, self.retry_cap)
             log.info("webhook %s: delivery %s failed (%s); attempt %d in %.1f s", delivery.webhook_id,

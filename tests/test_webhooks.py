@@ -208,7 +208,11 @@ async def test_a_failing_receiver_gets_retries_and_then_every_change_in_order(
             job = (await api.post("/v1/printers/label/jobs?hold=true", content=b"pull me")).json()
             assert (await api.post(f"/v1/jobs/{job['id']}/cancel")).status_code == 200
             await receiver.wait_until(lambda: receiver.states("/flaky") == ["held", "canceled"])
-            assert (await api.get("/v1/webhooks")).json()["webhooks"][0]["pending"] == 0
+            (hook,) = (await api.get("/v1/webhooks")).json()["webhooks"]
+            assert hook["pending"] == 0
+            # a webhook's changes go out in order: "held" was delivered, and recorded, before "canceled" left
+            assert hook["last_error"].startswith("HTTP 500") and "bad day" in hook["last_error"]
+            assert hook["last_delivered_at"] is not None and hook["last_delivered_at"] > hook["last_error_at"]
     # three 500s for the first change, and its successor was not sent before it got through
     assert receiver.attempts == [("/flaky", "held")] * 4 + [("/flaky", "canceled")]
     assert receiver.bad_signatures == []
@@ -236,7 +240,11 @@ async def test_a_relay_restart_keeps_pending_deliveries(
     async with running_relay(nursery, tmp_path) as stack:
         await receiver.wait_until(lambda: receiver.states("/later") == ["held", "canceled"])
         async with stack.client() as api:
-            assert (await api.get("/v1/webhooks")).json()["webhooks"] == [{**hook_public(hook), "pending": 0}]
+            (listed,) = (await api.get("/v1/webhooks")).json()["webhooks"]
+            outcome = {k: listed.pop(k) for k in ("last_error", "last_error_at", "last_delivered_at")}
+            registered = {k: v for k, v in hook_public(hook).items() if k not in outcome}
+            assert listed == {**registered, "pending": 0}
+            assert outcome["last_error"].startswith("HTTP 500") and outcome["last_delivered_at"] is not None
     assert receiver.hits[1].body["event"]["message"] == "canceled while the relay was down"
     assert receiver.bad_signatures == []
 
@@ -404,3 +412,15 @@ async def test_webhooks_to_private_addresses_are_refused_unless_allowed() -> Non
         reason = await private_destination(url)
         assert reason is not None and "non-public" in reason, url
     assert await private_destination("http://93.184.216.34/hook") is None
+
+
+async def test_registration_refuses_an_address_the_relay_will_never_deliver_to(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    async with running_relay(nursery, tmp_path, webhook_allow_private=False) as stack, stack.client() as api:
+        for url in ("http://127.0.0.1:9/hook", "http://169.254.169.254/latest/meta-data", "http://[::1]/x",
+                    "http://localhost/x"):  # fmt: skip
+            response = await api.post("/v1/webhooks", json={"url": url})
+            assert response.status_code == 400, response.text
+            assert "webhook_allow_private is off" in response.json()["error"], response.text
+        assert (await api.get("/v1/webhooks")).json()["webhooks"] == []

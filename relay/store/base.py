@@ -158,6 +158,10 @@ class Webhook:
     secret: str  # sealed at rest (relay/secretbox.py); shown to the tenant only when created
     created_at: float = 0.0
     pending: int = 0  # deliveries waiting in the outbox (listings only)
+    # The last attempt's outcome, kept after its delivery left the outbox (delivered or dropped).
+    last_error: str = ""
+    last_error_at: float | None = None
+    last_delivered_at: float | None = None
 
     def public(self) -> dict[str, Any]:
         return {
@@ -166,6 +170,9 @@ class Webhook:
             "events": list(self.events),
             "created_at": _iso(self.created_at),
             "pending": self.pending,
+            "last_error": self.last_error or None,
+            "last_error_at": _iso(self.last_error_at),
+            "last_delivered_at": _iso(self.last_delivered_at),
         }
 
 
@@ -415,8 +422,16 @@ class JobStore(Protocol):
         printer_id: str | None = None,
         state: JobState | None = None,
         owner: str | None = None,
+        user: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        before: tuple[float, str] | None = None,
         limit: int = 100,
-    ) -> list[Job]: ...
+    ) -> list[Job]:
+        """Newest first (``created_at``, then ``id``, descending); ``before`` continues after that job,
+        so paging sees every job once while new ones arrive. ``since``/``until`` bound ``created_at``."""
+        ...
+
     async def claim_jobs_and_next_due(
         self, tenant: str, connector_id: str, now: float, limit: int, lease: Lease
     ) -> tuple[list[Job], float | None]:
@@ -503,9 +518,17 @@ class WebhookStore(Protocol):
 
     async def next_webhook_due(self) -> float | None: ...
     async def webhook_delivery_failed(
-        self, seq: int, attempts: int, next_attempt_at: float, error: str
-    ) -> None: ...
-    async def remove_webhook_delivery(self, seq: int) -> None: ...
+        self, seq: int, attempts: int, next_attempt_at: float, error: str, at: float | None = None
+    ) -> None:
+        """Retry it at ``next_attempt_at``; its webhook shows ``error`` as its last one."""
+        ...
+
+    async def remove_webhook_delivery(
+        self, seq: int, *, delivered_at: float | None = None, error: str | None = None
+    ) -> None:
+        """It left the outbox: delivered at ``delivered_at``, or dropped after ``error``; its webhook
+        keeps that outcome."""
+        ...
 
 
 class PayloadStore(Protocol):

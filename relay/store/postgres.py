@@ -178,6 +178,12 @@ SCHEMA = [
         create_users INTEGER NOT NULL DEFAULT 0, created_at DOUBLE PRECISION NOT NULL
     );
     """,
+    # version 4: a webhook's last outcome, kept after its delivery left the outbox
+    """
+    ALTER TABLE webhooks ADD COLUMN last_error TEXT NOT NULL DEFAULT '';
+    ALTER TABLE webhooks ADD COLUMN last_error_at DOUBLE PRECISION;
+    ALTER TABLE webhooks ADD COLUMN last_delivered_at DOUBLE PRECISION;
+    """,
 ]
 SCHEMA_VERSION = len(SCHEMA)
 

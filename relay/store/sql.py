@@ -672,6 +672,10 @@ class SqlStore:
         printer_id: str | None = None,
         state: JobState | None = None,
         owner: str | None = None,
+        user: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        before: tuple[float, str] | None = None,
         limit: int = 100,
     ) -> list[Job]:
         sql = "SELECT * FROM jobs WHERE tenant = ?"
@@ -679,6 +683,18 @@ class SqlStore:
         if owner is not None:
             sql += " AND owner = ?"
             args.append(owner)
+        if user is not None:
+            sql += ' AND "user" = ?'
+            args.append(user)
+        if since is not None:
+            sql += " AND created_at >= ?"
+            args.append(since)
+        if until is not None:
+            sql += " AND created_at < ?"
+            args.append(until)
+        if before is not None:  # the page after one that ended at this job: newest first, by (created_at, id)
+            sql += " AND (created_at < ? OR (created_at = ? AND id < ?))"
+            args += [before[0], before[0], before[1]]
         if printer_id is not None:
             sql += " AND printer_id = ?"
             args.append(printer_id)
@@ -1074,18 +1090,39 @@ class SqlStore:
         return _due(row)
 
     async def webhook_delivery_failed(
-        self, seq: int, attempts: int, next_attempt_at: float, error: str
+        self, seq: int, attempts: int, next_attempt_at: float, error: str, at: float | None = None
     ) -> None:
-        await self._write(
-            lambda tx: tx.run(
+        def failed(tx: Tx) -> None:
+            tx.send(
+                "UPDATE webhooks SET last_error = ?, last_error_at = ? "
+                "WHERE id = (SELECT webhook_id FROM webhook_deliveries WHERE seq = ?)",
+                (error, time.time() if at is None else at, seq),
+            )
+            tx.send(
                 "UPDATE webhook_deliveries SET attempts = ?, next_attempt_at = ?, last_error = ?, "
                 "claimed_by = NULL, claimed_until = NULL WHERE seq = ?",
                 (attempts, next_attempt_at, error, seq),
             )
-        )
 
-    async def remove_webhook_delivery(self, seq: int) -> None:
-        await self._write(lambda tx: tx.run("DELETE FROM webhook_deliveries WHERE seq = ?", (seq,)))
+        await self._write(failed)
+
+    async def remove_webhook_delivery(
+        self, seq: int, *, delivered_at: float | None = None, error: str | None = None
+    ) -> None:
+        def remove(tx: Tx) -> None:
+            # The webhook keeps the outcome (delivered, or dropped with its last error) in the same
+            # transaction: a listing never shows the delivery gone and its outcome not yet there.
+            if delivered_at is not None or error is not None:
+                column = "last_delivered_at = ?" if error is None else "last_error = ?, last_error_at = ?"
+                values: list[Any] = [delivered_at] if error is None else [error, time.time()]
+                tx.send(
+                    f"UPDATE webhooks SET {column} "
+                    "WHERE id = (SELECT webhook_id FROM webhook_deliveries WHERE seq = ?)",
+                    [*values, seq],
+                )
+            tx.send("DELETE FROM webhook_deliveries WHERE seq = ?", (seq,))
+
+        await self._write(remove)
 
     # --- payload chunks -------------------------------------------------------------------------
 

@@ -197,6 +197,12 @@ SCHEMA = [
         create_users INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL
     );
     """,
+    # version 9: a webhook's last outcome, kept after its delivery left the outbox
+    """
+    ALTER TABLE webhooks ADD COLUMN last_error TEXT NOT NULL DEFAULT '';
+    ALTER TABLE webhooks ADD COLUMN last_error_at REAL;
+    ALTER TABLE webhooks ADD COLUMN last_delivered_at REAL;
+    """,
 ]
 
 # The current version: what `printrelay db status` reports and what newer code refuses to run under.
