@@ -13,6 +13,8 @@ from typing import Any, BinaryIO
 
 import httpx
 
+from relay.jobs import AWAITING_RELEASE
+
 CHUNK = 256 * 1024
 FINAL = ("completed", "failed", "canceled", "expired")
 
@@ -139,6 +141,7 @@ def _follow(client: httpx.Client, token: str, job: dict[str, Any], timeout: floa
     state = job["state"]
     if show:
         sys.stderr.write(f"job {job['id']}: {state}\n")
+    told = False
     while state not in FINAL:
         if time.monotonic() > deadline:
             raise SubmitFailed(f"job {job['id']} still {state} after {timeout:.0f} s")
@@ -151,7 +154,11 @@ def _follow(client: httpx.Client, token: str, job: dict[str, Any], timeout: floa
             state = job["state"]
             if show:
                 sys.stderr.write(f"job {job['id']}: {state}\n")
-        if state == "held" and job.get("hold_reason"):
+        if state == "held" and job.get("hold_reason") == AWAITING_RELEASE:
+            if show and not told:
+                sys.stderr.write(f"job {job['id']}: {AWAITING_RELEASE}\n")
+            told = True  # a person releases it at the printer: keep waiting
+        elif state == "held" and job.get("hold_reason"):
             # Only a person can decide this one: waiting longer would not change it.
             raise SubmitFailed(
                 f"job {job['id']} held: {job['hold_reason']}; release it to print it again "

@@ -1,4 +1,5 @@
-"""``printrelay printers``: list, adopt and remove printers at a relay (needs a printers:admin token)."""
+"""``printrelay printers``: list, adopt, change and remove printers at a relay (needs a printers:admin
+token)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from printrelay.client import SubmitFailed, _error
 
 
 def add_printers_parser(commands: Any) -> None:
-    printers = commands.add_parser("printers", help="list, adopt and remove printers at a relay")
+    printers = commands.add_parser("printers", help="list, adopt, change and remove printers at a relay")
     actions = printers.add_subparsers(metavar="ACTION")
 
     def common(parser: argparse.ArgumentParser) -> None:
@@ -34,12 +35,27 @@ def add_printers_parser(commands: Any) -> None:
     adopt.add_argument(
         "--connector", dest="connector_id", help="which connector serves it (default: the finder)"
     )
+    pull_option(adopt)
     adopt.set_defaults(run=run_adopt)
+
+    change = actions.add_parser("set", help="change a printer the relay serves (no connector asked)")
+    common(change)
+    change.add_argument("printer_id")
+    pull_option(change, required=True)
+    change.set_defaults(run=run_set)
 
     remove = actions.add_parser("remove", help="stop serving a printer")
     common(remove)
     remove.add_argument("printer_id")
     remove.set_defaults(run=run_remove)
+
+
+def pull_option(parser: argparse.ArgumentParser, *, required: bool = False) -> None:
+    parser.add_argument(
+        "--pull", action=argparse.BooleanOptionalAction, required=required,
+        help="a pull printer holds every job until its owner (or a tenant admin) releases it"
+        + ("" if required else " (default: leave as it is; a new printer is not one)"),
+    )  # fmt: skip
 
 
 def _client(args: argparse.Namespace) -> httpx.Client:
@@ -48,7 +64,8 @@ def _client(args: argparse.Namespace) -> httpx.Client:
     return httpx.Client(base_url=args.relay, timeout=30, headers={"authorization": f"Bearer {args.token}"})
 
 
-def _call(args: argparse.Namespace, method: str, path: str, **kw: Any) -> Any:
+def _call(args: argparse.Namespace, method: str, path: str, *, optional: bool = False, **kw: Any) -> Any:
+    """The answer's JSON; ``optional``: a 403 (the token lacks the scope) is an empty answer, not an error."""
     try:
         with _client(args) as client:
             response = client.request(method, path, **kw)
@@ -56,6 +73,8 @@ def _call(args: argparse.Namespace, method: str, path: str, **kw: Any) -> Any:
         raise SubmitFailed(f"relay unreachable at {args.relay}") from None
     except httpx.HTTPError as exc:
         raise SubmitFailed(f"talking to the relay failed: {exc}") from None
+    if optional and response.status_code == 403:
+        return {}
     if response.status_code >= 400:
         raise SubmitFailed(_error(response))
     return response.json() if response.content else {}
@@ -63,13 +82,15 @@ def _call(args: argparse.Namespace, method: str, path: str, **kw: Any) -> Any:
 
 def run_list(args: argparse.Namespace) -> int:
     printers = _call(args, "GET", "/v1/printers")["printers"]
-    candidates = _call(args, "GET", "/v1/candidates").get("candidates", [])
+    # Discovered candidates need printers:admin; an ordinary API token lists the printers alone.
+    candidates = _call(args, "GET", "/v1/candidates", optional=True).get("candidates", [])
     if args.json:
         print(json.dumps({"printers": printers, "candidates": candidates}, indent=2))
         return 0
-    print(f"{'PRINTER':<20} {'CONNECTOR':<18} {'STATE':<10} KIND")
+    print(f"{'PRINTER':<20} {'CONNECTOR':<18} {'STATE':<10} {'PULL':<5} KIND")
     for p in printers:
-        print(f"{p['id']:<20} {p['connector_id']:<18} {p['state']:<10} {p.get('kind', '')}")
+        pull = "yes" if p.get("pull") else "no"
+        print(f"{p['id']:<20} {p['connector_id']:<18} {p['state']:<10} {pull:<5} {p.get('kind', '')}")
     if candidates:
         print(f"\n{'CANDIDATE URI':<48} {'CONNECTOR':<18} NAME")
         for c in candidates:
@@ -78,13 +99,21 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_adopt(args: argparse.Namespace) -> int:
-    body: dict[str, str] = {"uri": args.uri}
+    body: dict[str, str | bool] = {"uri": args.uri}
     if args.printer_id:
         body["id"] = args.printer_id
     if args.connector_id:
         body["connector_id"] = args.connector_id
+    if args.pull is not None:
+        body["pull"] = args.pull
     printer = _call(args, "POST", "/v1/printers", json=body)
     print(printer.get("id", ""))
+    return 0
+
+
+def run_set(args: argparse.Namespace) -> int:
+    printer = _call(args, "POST", "/v1/printers", json={"id": args.printer_id, "pull": args.pull})
+    print(f"{printer['id']}: {'a pull printer' if printer.get('pull') else 'not a pull printer'}")
     return 0
 
 

@@ -176,14 +176,18 @@ class Adoption:
         return views
 
     async def put_printer(self, tenant: str, body: bytes) -> tuple[Printer, bool]:
-        """``POST /v1/printers`` ``{"uri", "id"?, "connector_id"?}``: adopt, add or change a printer.
-        Returns it and whether it is new."""
+        """``POST /v1/printers`` ``{"uri", "id"?, "connector_id"?, "pull"?}``: adopt, add or change a
+        printer; ``{"id", "pull"}`` alone changes only whether it is a pull printer (the relay's to know,
+        the connector is not asked). Returns it and whether it is new."""
         store = self._store
-        printer_id, uri, connector_id = _parse_request(body)
+        printer_id, uri, connector_id, pull = _parse_request(body)
+        if uri is None and printer_id is not None and pull is not None and connector_id is None:
+            return await self._set_pull(tenant, printer_id, pull), False
         if uri is None:
             raise AdoptionError(
-                400, "uri is required (a candidate's uri from GET /v1/candidates, or any printer URI)"
-            )
+                400, "uri is required (a candidate's uri from GET /v1/candidates, or any printer URI); "
+                'to make a printer a pull printer or not, {"id": ..., "pull": true|false} alone',
+            )  # fmt: skip
         if connector_id is not None and not NAME_RE.match(connector_id):
             raise AdoptionError(400, f"invalid connector_id {connector_id!r}")
         if connector_id is not None and await store.get_connector(tenant, connector_id) is None:
@@ -214,10 +218,21 @@ class Adoption:
             raise AdoptionError(502, f"connector answered nonsense: {exc}") from None
         record = printer_record(tenant, connector_id, info)
         await store.update_printer(record)
+        if pull is not None:
+            await store.set_printer_pull(tenant, info.id, pull)
         await store.remove_candidate(tenant, connector_id, uri)
         self._registry.wake(tenant, connector_id)
         stored = await store.get_printer(tenant, info.id)
         return stored or record, status == 201
+
+    async def _set_pull(self, tenant: str, printer_id: str, pull: bool) -> Printer:
+        printer = await self._store.get_printer(tenant, printer_id)
+        if printer is None or printer.state == "removed":
+            raise AdoptionError(404, f"printer {printer_id} not found")
+        if not await self._store.set_printer_pull(tenant, printer_id, pull):
+            raise AdoptionError(404, f"printer {printer_id} not found")  # gone meanwhile
+        printer.pull = pull
+        return printer
 
     async def remove_printer(self, tenant: str, printer_id: str) -> Printer:
         """``DELETE /v1/printers/{id}``: the connector stops serving it; its jobs fail with that reason."""
@@ -272,12 +287,12 @@ def _error(answer: bytes) -> str:
     return str(obj.get("error", obj)) if isinstance(obj, dict) else str(obj)
 
 
-def _parse_request(body: bytes) -> tuple[str | None, str | None, str | None]:
+def _parse_request(body: bytes) -> tuple[str | None, str | None, str | None, bool | None]:
     try:
         obj = bounded_json.loads(body or b"{}")
     except ValueError as exc:  # UnicodeDecodeError is one
         raise AdoptionError(
-            400, f'body must be JSON: {{"uri": ..., "id": ..., "connector_id": ...}}: {exc}'
+            400, f'body must be JSON: {{"uri": ..., "id": ..., "connector_id": ..., "pull": ...}}: {exc}'
         ) from None
     if not isinstance(obj, dict):
         raise AdoptionError(400, "body must be a JSON object")
@@ -288,4 +303,7 @@ def _parse_request(body: bytes) -> tuple[str | None, str | None, str | None]:
             raise AdoptionError(400, f"{key} must be a string of 1 to 2048 characters")
         values.append(value)
     printer_id, uri, connector_id, candidate = values
-    return printer_id, uri or candidate, connector_id
+    pull = obj.get("pull")
+    if pull is not None and not isinstance(pull, bool):
+        raise AdoptionError(400, f"pull must be true or false, not {json.dumps(pull)[:40]}")
+    return printer_id, uri or candidate, connector_id, pull

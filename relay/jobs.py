@@ -4,7 +4,7 @@
      ▲                  ▲                    │  │                  │  │
      │                  └──────retry─────────┘  └──────fail────────┴──┴──▶ failed
      └──────────────────hold (outcome unknown)───────────────────────┘
-    any non-final state ──cancel──▶ canceled;  held/queued ──expire──▶ expired
+    any non-final state ──cancel──▶ canceled;  held/queued ──expire──▶ expired;  queued ──set_aside──▶ held
 
 A retry returns the job to ``queued`` (tunnel lost, printer busy); the dispatcher honours its
 ``next_attempt_at``. A hold from ``sending`` or ``printing`` means the connector cannot know whether a
@@ -40,6 +40,11 @@ class JobState(enum.StrEnum):
 #: so the claim that takes it again is counted as a re-claim
 LEASE_LAPSED = "its claim lapsed: the stream that was sending it is gone; queued again"
 
+#: why a job to a pull printer is held (relay/submit.py), kept as its last_error while it waits: its
+#: hold_reason over REST, its job-state-message over IPP. It prints only once a person releases it
+#: (JobLifecycle.release), never when an IPP job's last document arrives (documents_complete).
+AWAITING_RELEASE = "waiting for release at the printer"
+
 FINAL_STATES = frozenset({JobState.COMPLETED, JobState.FAILED, JobState.CANCELED, JobState.EXPIRED})
 
 
@@ -51,6 +56,7 @@ class JobEvent(enum.StrEnum):
     FAIL = "fail"
     RETRY = "retry"
     HOLD = "hold"  # outcome unknown: a person decides whether to print again
+    SET_ASIDE = "set_aside"  # a person holds their queued job until they release it (IPP Hold-Job)
     CANCEL = "cancel"
     EXPIRE = "expire"
 
@@ -61,6 +67,7 @@ TRANSITIONS: dict[tuple[JobState, JobEvent], JobState] = {
     (S.HELD, E.CANCEL): S.CANCELED,
     (S.HELD, E.EXPIRE): S.EXPIRED,
     (S.QUEUED, E.DISPATCH): S.SENDING,
+    (S.QUEUED, E.SET_ASIDE): S.HELD,
     (S.QUEUED, E.CANCEL): S.CANCELED,
     (S.QUEUED, E.EXPIRE): S.EXPIRED,
     (S.QUEUED, E.FAIL): S.FAILED,
@@ -155,6 +162,10 @@ class Job:
     completed_at: float | None = None
     expires_at: float | None = None
 
+    @property
+    def awaits_release_at_printer(self) -> bool:
+        return self.state is JobState.HELD and self.last_error == AWAITING_RELEASE
+
     def snapshot(self) -> dict[str, Any]:
         """The job as a webhook delivery keeps it (the fields ``public()`` shows), taken with the change."""
         return {name: getattr(self, name) for name in SNAPSHOT_FIELDS}
@@ -174,8 +185,11 @@ class Job:
             "attempts": self.attempts,
             "max_attempts": self.max_attempts,
             "last_error": self.last_error or None,
-            # Why a job that was on its way is held now; None for a job held for release at submission.
-            "hold_reason": self.last_error if self.state is JobState.HELD and self.unknown_outcomes else None,
+            # Why it is held: a delivery of unknown outcome, or a pull printer waiting for its release;
+            # None for a job held with hold=true to a printer that is not a pull printer.
+            "hold_reason": self.last_error
+            if self.state is JobState.HELD and (self.unknown_outcomes or self.last_error == AWAITING_RELEASE)
+            else None,
             "options": self.options,
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),

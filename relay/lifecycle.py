@@ -5,6 +5,7 @@ One place, so that nothing that follows from a transition can be forgotten by on
 webhook outbox rows and a ``job`` notice, in one transaction; once committed:
 
 * here, on the replica that made the change: a final state erases the payload and counts the job;
+  a job held for release waits at most ``held_job_ttl``, and a release gives it ``job_ttl`` from then on;
 * on every replica (the notice, locally at once and to the others through the store): live watchers (SSE)
   get the change, webhook senders wake, a queued job wakes its connector's dispatcher, and a canceled job
   that is streaming is stopped by whoever streams it.
@@ -22,6 +23,7 @@ from typing import Any
 
 import trio
 
+from relay.capabilities import OptionRefused, check_options
 from relay.jobs import (
     IllegalTransition,
     IppJobEvent,
@@ -52,8 +54,12 @@ class JobLifecycle:
         printers: ConnectorStore,
         spool: PayloadSpool,
         metrics: RelayMetrics,
+        *,
+        job_ttl: float,
+        held_job_ttl: float,
     ) -> None:
         self._jobs = jobs
+        self._job_ttl, self._held_job_ttl = job_ttl, held_job_ttl
         self._ipp_jobs = ipp_jobs
         self._printers = printers
         self._spool = spool
@@ -68,6 +74,10 @@ class JobLifecycle:
     async def transition(self, job_id: str, event: JobEvent, message: str, **fields: Any) -> Job | None:
         """Apply ``event``; None when the job is gone or the move is no longer legal (a newer state won)."""
         now = time.time()
+        if event is JobEvent.RELEASE:  # on its way again: job_ttl from now to be delivered
+            fields.setdefault("expires_at", now + self._job_ttl)
+        elif event is JobEvent.SET_ASIDE:  # a document nobody releases does not wait long (see submit.py)
+            fields.setdefault("expires_at", now + self._held_job_ttl)
         try:
             job = await self._jobs.transition(job_id, event, message, now, **fields)
         except IllegalTransition as exc:
@@ -140,23 +150,53 @@ class JobLifecycle:
         """Cancel a job in any non-final state. Held or queued: it never prints. Sending or printing: the
         relay streaming it (this one or another) resets the stream when it hears of the change, and the
         connector cancels it at the printer where the protocol allows (IPP Cancel-Job)."""
-        return await self.transition(job.id, JobEvent.CANCEL, reason)
+        return await self.transition(job.id, JobEvent.CANCEL, reason, **_no_longer_waiting(job))
+
+    async def expire(self, job: Job) -> Job | None:
+        """A held or queued job whose ``expires_at`` passed: expired, and its document erased."""
+        if job.state is JobState.HELD:
+            message = "not released before expires_at; its document is erased"
+            return await self.transition(job.id, JobEvent.EXPIRE, message, **_no_longer_waiting(job, message))
+        return await self.transition(job.id, JobEvent.EXPIRE, "not delivered before expires_at")
+
+    async def hold(self, job: Job, message: str) -> Job | None:
+        """A person holds their queued job until they release it; None when it left the queue meanwhile."""
+        return await self.transition(job.id, JobEvent.SET_ASIDE, message)
 
     async def release(self, job: Job, printer_id: str | None, message: str) -> Job | None:
-        """Release a held job, optionally to another printer of the tenant served by the same connector
-        (the payload is sealed to that connector; the relay cannot re-seal it to another)."""
-        fields: dict[str, Any] = {}
+        """A person releases a held job, optionally to another printer of the tenant served by the same
+        connector (the payload is sealed to that connector; the relay cannot re-seal it to another) that
+        can print it as it was submitted. LookupError: no such printer; ValueError: it cannot take the job."""
+        fields = _no_longer_waiting(job)
         if printer_id is not None and printer_id != job.printer_id:
             printer = await self._printers.get_printer(job.tenant, printer_id)
-            if printer is None:
+            if printer is None or printer.state == "removed":
                 raise LookupError(f"printer {printer_id} not found")
             if printer.connector_id != job.connector_id:
                 raise ValueError(
                     f"printer {printer_id} is served by connector {printer.connector_id}, but the job is "
                     f"sealed to connector {job.connector_id}; submit it again for that printer"
                 )
+            try:
+                check_options(
+                    printer.capabilities, document_format=job.document_format, copies=job.copies,
+                    options=job.options,
+                )  # fmt: skip
+            except OptionRefused as exc:
+                raise ValueError(
+                    f"printer {printer_id} cannot print this job: {exc.message}; release it to another "
+                    "printer or submit it again"
+                ) from None
             fields["printer_id"] = printer_id
         return await self.transition(job.id, JobEvent.RELEASE, message, **fields)
+
+    async def documents_complete(self, tenant: str, job_id: str) -> Job | None:
+        """An IPP job's last document arrived (Close-Job): queue the job that was held for it, unless it
+        waits for a person's release at a pull printer; then it stays held (None), like a refused move."""
+        job = await self._jobs.get_job(tenant, job_id)
+        if job is None or job.awaits_release_at_printer:
+            return None
+        return await self.transition(job_id, JobEvent.RELEASE, "last document received")
 
     # --- IPP Create-Job records -----------------------------------------------------------------
 
@@ -175,6 +215,12 @@ class JobLifecycle:
             if job_id is not None:
                 record.job_id = job_id
         return moved
+
+
+def _no_longer_waiting(job: Job, why: str = "") -> dict[str, Any]:
+    """A job leaving its wait for a release at a pull printer no longer says it waits (its last_error is
+    its hold reason over REST and its job-state-message over IPP)."""
+    return {"last_error": why} if job.awaits_release_at_printer else {}
 
 
 __all__ = ["IppJobEvent", "IppJobState", "JobLifecycle"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import trio
 
 from relay.capabilities import OptionRefused, check_options
-from relay.jobs import Job, JobState, new_job_id
+from relay.jobs import AWAITING_RELEASE, Job, JobState, new_job_id
 from relay.metrics import RelayMetrics
 from relay.spool import PayloadSpool, PayloadTooLarge, SpoolFull
 from relay.store.base import Conflict, Quota, QuotaExceeded, Store
@@ -57,8 +57,8 @@ class Submission:
     owner: str = ""  # the user id of a person submitting; empty for an API token
     content_length: int | None = None
     idempotency_key: str | None = None
-    hold: bool = False
-    expires_in: float | None = None  # seconds; default: the relay's job_ttl
+    hold: bool = False  # a pull printer holds every job, whatever this says
+    expires_in: float | None = None  # seconds; default: the relay's job_ttl (held: at most held_job_ttl)
     options: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -69,6 +69,7 @@ class SubmitLimits:
     tenant_max_spool_bytes: int
     max_attempts: int
     job_ttl: float
+    held_job_ttl: float
 
 
 class Intake:
@@ -150,11 +151,16 @@ class Intake:
             raise SubmitError(Refusal.STORAGE_FULL, f"cannot accept the job: {exc}") from None
 
         now = time.time()
+        held = submission.hold or printer.pull
+        ttl = submission.expires_in if submission.expires_in is not None else limits.job_ttl
+        if held:
+            # A document nobody releases does not wait for long; a release gives it job_ttl again.
+            ttl = min(ttl, limits.held_job_ttl)
         job = Job(
             id=job_id,
             tenant=submission.tenant,
             printer_id=printer.id,
-            state=JobState.HELD if submission.hold else JobState.QUEUED,
+            state=JobState.HELD if held else JobState.QUEUED,
             title=submission.title[:MAX_TITLE],
             document_format=submission.document_format,
             copies=submission.copies,
@@ -167,15 +173,19 @@ class Intake:
             key_id=stored.key_id,
             connector_id=printer.connector_id,
             max_attempts=limits.max_attempts,
+            last_error=AWAITING_RELEASE if printer.pull else "",
             idempotency_key=submission.idempotency_key,
             options=dict(submission.options),
             created_at=now,
             updated_at=now,
-            expires_at=now + (submission.expires_in if submission.expires_in is not None else limits.job_ttl),
+            expires_at=now + ttl,
+        )
+        accepted = f"accepted {stored.size} bytes" + (
+            f"; {AWAITING_RELEASE} {printer.id}" if printer.pull else ""
         )
         quota = Quota(max_bytes=limits.tenant_max_spool_bytes, max_jobs=limits.tenant_max_jobs)
         try:
-            await store.insert_job(job, f"accepted {stored.size} bytes", payload=stored.inline, quota=quota)
+            await store.insert_job(job, accepted, payload=stored.inline, quota=quota)
         except Conflict:
             if stored.inline is None:
                 await spool.erase(job_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from ipp import (
     Attribute,
     DelimiterTag,
     IPPError,
+    Message,
     Operation,
     PrinterState,
     Range,
@@ -19,7 +21,7 @@ from ipp import (
     decode,
     new_request,
 )
-from relay.api.ipp import check_request, job_number
+from relay.api.ipp import check_request, job_number, uri_credentials
 from relay.api.ipp_attributes import (
     DEFAULT_PRINTER_ATTRIBUTES,
     PrinterView,
@@ -58,8 +60,8 @@ def test_check_request_accepts_a_plain_request_and_names_what_is_wrong() -> None
     with pytest.raises(IPPError, match="'limit' must have one value") as info:
         check_request(request)
     assert info.value.status == Status.CLIENT_ERROR_BAD_REQUEST
-    request = new_request(Operation.HOLD_JOB, 1, printer_uri=URI)
-    with pytest.raises(IPPError, match="hold-job is not supported") as info:
+    request = new_request(Operation.RESTART_JOB, 1, printer_uri=URI)
+    with pytest.raises(IPPError, match="restart-job is not supported") as info:
         check_request(request)
     assert info.value.status == Status.SERVER_ERROR_OPERATION_NOT_SUPPORTED
 
@@ -155,3 +157,48 @@ def test_options_render_back_as_attributes() -> None:
         ("page-ranges", (Range(1, 2), Range(5, 5))),
         ("media", ("a4",)),
     ]
+
+
+def test_uri_credentials_only_from_a_get_printer_attributes_printer_uri() -> None:
+    def request(operation: int, uri: str) -> Message:
+        return new_request(operation, 1, printer_uri=uri)
+
+    found = uri_credentials(
+        request(
+            Operation.GET_PRINTER_ATTRIBUTES,
+            "ipps://ann%40example.com:p%40ss%3Aword@relay.example/ipp/print/x",
+        )
+    )
+    assert found == "Basic " + base64.b64encode(b"ann@example.com:p@ss:word").decode()
+    for message in (
+        request(Operation.GET_JOBS, "ipp://ann%40example.com:pw@relay.example/ipp/print/x"),
+        request(Operation.GET_PRINTER_ATTRIBUTES, "ipp://relay.example/ipp/print/x"),
+        request(Operation.GET_PRINTER_ATTRIBUTES, "ipp://ann%40example.com@relay.example/ipp/print/x"),
+        request(Operation.GET_PRINTER_ATTRIBUTES, "ipp://[bad/ipp/print/x"),
+        new_request(Operation.GET_PRINTER_ATTRIBUTES, 1),
+    ):
+        assert uri_credentials(message) is None
+
+
+@pytest.mark.parametrize(
+    ("pull", "value", "held", "unsupported"),
+    [
+        (False, "no-hold", False, False),
+        (False, "indefinite", True, False),
+        (False, "evening", True, True),  # a time the relay does not keep: held until released
+        (True, "indefinite", True, False),
+        (True, "no-hold", True, True),  # a pull printer holds every job
+    ],
+)
+def test_job_hold_until_holds_the_job_or_is_substituted(
+    pull: bool, value: str, held: bool, unsupported: bool
+) -> None:
+    attrs = printer_attributes(None, view(pull=pull))
+    assert attrs["job-hold-until-default"].values == (("indefinite",) if pull else ("no-hold",))
+    asked = Attribute("job-hold-until", ValueTag.KEYWORD, (value,))
+    ticket = job_ticket(attrs, [asked], forward=(), max_copies=999)
+    assert (ticket.hold, ticket.unsupported) == (held, [asked] if unsupported else [])
+    assert Attribute("job-hold-until", ValueTag.KEYWORD, ("indefinite",)) in option_attributes(
+        1, {}, held=True
+    )
+    assert all(a.name != "job-hold-until" for a in option_attributes(1, {}))

@@ -5,9 +5,13 @@ ordinary relay jobs, accepted through :class:`relay.submit.Intake` like REST sub
 
 Shape of one request:
 
-1. HTTP: POST with ``Content-Type: application/ipp``; credentials are HTTP Basic (user = tenant,
-   password = an API token of that tenant) or Bearer. None or bad: 401 with a Basic challenge, which
-   is what makes CUPS ask for (or send) the password.
+1. HTTP: POST with ``Content-Type: application/ipp``; credentials are HTTP Basic (a person's email and
+   password or one of their tokens; or a tenant and an API token of it) or Bearer. None or bad: 401 with
+   a Basic challenge, which is what makes CUPS ask for (or send) the password. One exception: a small
+   Get-Printer-Attributes without an Authorization header may carry the credentials in its printer-uri
+   (``ipp://user:password@host/...``). That is how CUPS's scheduler asks for a printer's attributes when
+   ``lpadmin -m everywhere`` makes a queue: it sends the device URI, credentials and all, and never
+   answers a 401 (see :func:`uri_credentials`).
 2. The attribute section is parsed incrementally from the body (bounded by
    ``IppLimits.max_attribute_bytes``); the document that follows is streamed into the spool, never
    held whole.
@@ -17,10 +21,15 @@ Shape of one request:
 
 IPP names jobs by integers: each tenant's jobs get numbers from the store (``ipp_jobs``). A Create-Job
 has a number before it has a relay job; its document's Send-Document makes the relay job.
+
+A job asked for with job-hold-until (anything but no-hold), one set aside with Hold-Job and every job
+of a pull printer is a held relay job until Release-Job; only its owner or a tenant admin sees it to
+hold or release it, like every other job operation.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import time
@@ -65,7 +74,7 @@ from relay.api.ipp_attributes import (
 from relay.api.ipp_ticket import Ticket, job_ticket, option_attributes
 from relay.auth import AuthError, Principal
 from relay.credentials import Credentials
-from relay.jobs import FINAL_STATES, IPP_JOB_STATE, IppJobEvent, IppJobState, Job, JobEvent
+from relay.jobs import FINAL_STATES, IPP_JOB_STATE, IppJobEvent, IppJobState, Job
 from relay.jobs import JobState as RelayState
 from relay.lifecycle import JobLifecycle
 from relay.ratelimit import TokenRateLimiter, spend_request
@@ -88,6 +97,9 @@ IPP_CONTENT_TYPE = "application/ipp"
 RECEIVING_TIMEOUT = 3600.0
 #: bound on the store write that undoes a failed Send-Document (it runs even while being cancelled)
 STORE_CLEANUP_TIMEOUT = 10.0
+#: the largest request read before authentication, for credentials in its printer-uri (CUPS's own
+#: Get-Printer-Attributes is about 200 bytes); a larger one, or one of unknown length, is a plain 401
+URI_CREDENTIALS_MAX_BODY = 8 * 1024
 
 # Operation attributes the relay reads, and the syntaxes RFC 8011 gives them.
 _NAME = (ValueTag.NAME, ValueTag.NAME_WITH_LANGUAGE)
@@ -106,6 +118,7 @@ OPERATION_SYNTAX: dict[str, tuple[int, ...]] = {
     "which-jobs": (ValueTag.KEYWORD,),
     "limit": (ValueTag.INTEGER,),
     "requested-attributes": (ValueTag.KEYWORD,),
+    "job-hold-until": (ValueTag.KEYWORD, *_NAME),
 }
 MULTI_VALUED = frozenset({"requested-attributes"})
 JOB_CREATION = frozenset({Operation.PRINT_JOB, Operation.VALIDATE_JOB, Operation.CREATE_JOB})
@@ -114,6 +127,8 @@ JOB_TARGETED = frozenset(
         Operation.SEND_DOCUMENT,
         Operation.CANCEL_JOB,
         Operation.GET_JOB_ATTRIBUTES,
+        Operation.HOLD_JOB,
+        Operation.RELEASE_JOB,
         Operation.CLOSE_JOB,
     }
 )
@@ -262,6 +277,31 @@ def job_number(message: Message, path_job: int | None) -> int:
     return number
 
 
+def uri_credentials(message: Message) -> str | None:
+    """An ``Authorization`` value from the userinfo of a Get-Printer-Attributes' printer-uri, or None.
+
+    CUPS's scheduler, making a queue with ``lpadmin -m everywhere``, asks the device URI for its attributes
+    with the URI's credentials in printer-uri and none in the HTTP request, and gives up on a 401 (the
+    queue is then made without the printer's options). The credentials are the ones a Basic header would
+    carry, on the same connection, and are checked the same way (rate limits included). Only for
+    Get-Printer-Attributes: every other request answers a 401 with the header, as IPP clients do.
+    """
+    if message.code != Operation.GET_PRINTER_ATTRIBUTES:
+        return None
+    uri = _text(message, "printer-uri")
+    if uri is None:
+        return None
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        user, password = parts.username, parts.password
+    except ValueError:
+        return None
+    if not user or password is None:
+        return None
+    pair = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+    return "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+
+
 # --------------------------------------------------------------------------------------------
 # the document part of the body
 
@@ -368,15 +408,19 @@ class IppEndpoint:
         content_type = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
         if content_type != IPP_CONTENT_TYPE:
             raise HTTPError(415, f"Content-Type must be {IPP_CONTENT_TYPE}, not {content_type or 'none'!r}")
-        principal = await self._authenticate(request)
-        spend_request(self._rate_limiter, principal)  # the REST budget of the token, shared (429)
+        authorization = request.headers.get("authorization")
+        length = request.body.content_length
+        principal = None
+        if authorization or length is None or length > URI_CREDENTIALS_MAX_BODY:
+            principal = await self._authenticate(request, authorization)
+            spend_request(self._rate_limiter, principal)  # the REST budget of the token, shared (429)
         answer = await self._answer(request, principal, match["printer"], match["job"])
         return Response(200, [("content-type", IPP_CONTENT_TYPE)], encode(answer))
 
-    async def _authenticate(self, request: Request) -> Principal:
+    async def _authenticate(self, request: Request, authorization: str | None) -> Principal:
         client = request.client[0] if request.client else ""
         try:
-            return await self._credentials.principal(request.headers.get("authorization"), client)
+            return await self._credentials.principal(authorization, client)
         except TooManyFailures as exc:
             raise HTTPError(429, str(exc), [("retry-after", str(exc.retry_after))]) from None
         except AuthError as exc:
@@ -401,13 +445,27 @@ class IppEndpoint:
         raise AssertionError("unreachable: end_of_input raised")
 
     async def _answer(
-        self, request: Request, principal: Principal, printer_id: str, path_job: str | None
+        self, request: Request, principal: Principal | None, printer_id: str, path_job: str | None
     ) -> Message:
+        """``principal`` None: a small request without credentials; its printer-uri may carry some.
+
+        Such a request is checked as IPP before credentials are asked for (a malformed one is answered
+        as such: that reads nothing of any tenant). Besides, ipptool gives a request a new request-id
+        after a 401 that comes with its response rather than before its body, so a conformance test of
+        a bad request-id would otherwise never reach the check.
+        """
         head = _Head()
         try:
             message, document, size = await self._read(request, head)
         except IPPError as exc:
             return error_response(head.request_id, exc, version=head.version)
+        try:
+            check_request(message)
+        except IPPError as exc:
+            return _error_answer(message, exc)
+        if principal is None:
+            principal = await self._authenticate(request, uri_credentials(message))
+            spend_request(self._rate_limiter, principal)
         remaining = None
         if request.body.content_length is not None:
             remaining = request.body.content_length - size
@@ -423,18 +481,12 @@ class IppEndpoint:
             document_length=remaining,
         )
         try:
-            check_request(message)
             scope = "jobs:read" if message.code in READ_ONLY else "jobs:submit"
             if not principal.allows(scope):
                 raise _ipp_error(Status.CLIENT_ERROR_NOT_AUTHORIZED, f"token lacks the {scope} scope")
             return await self._operation(call)
         except IPPError as exc:
-            answer = new_response(message, exc.status, status_message=exc.message[:255])
-            if exc.status == Status.CLIENT_ERROR_DOCUMENT_FORMAT_NOT_SUPPORTED:
-                fmt = message.attribute(DelimiterTag.OPERATION_ATTRIBUTES, "document-format")
-                if fmt is not None:
-                    answer.add_group(DelimiterTag.UNSUPPORTED_ATTRIBUTES).attributes[fmt.name] = fmt
-            return answer
+            return _error_answer(message, exc)
 
     def _bases(self, request: Request, printer_id: str) -> tuple[str, str]:
         public = urllib.parse.urlsplit(self._public_url) if self._public_url else None
@@ -457,6 +509,8 @@ class IppEndpoint:
             Operation.GET_JOB_ATTRIBUTES: self.get_job_attributes,
             Operation.GET_JOBS: self.get_jobs,
             Operation.GET_PRINTER_ATTRIBUTES: self.get_printer_attributes,
+            Operation.HOLD_JOB: self.hold_job,
+            Operation.RELEASE_JOB: self.release_job,
         }
         return await handlers[Operation(call.request.code)](call)
 
@@ -479,6 +533,7 @@ class IppEndpoint:
             reasons=printer.reasons,
             queued_jobs=queued,
             connector_id=printer.connector_id,
+            pull=printer.pull,
         )
 
     async def _printer_attributes(
@@ -610,7 +665,7 @@ class IppEndpoint:
             "copies": ticket.copies,
             "options": ticket.options,
         }
-        job = await self._accept(call, printer, document_format, record)
+        job = await self._accept(call, printer, document_format, record, hold=ticket.hold)
         numbers = await self._store.ipp_job_numbers(call.tenant, printer.id, [job.id], time.time())
         response = self._creation_response(call, ticket)
         self._add_job(response, self._relay_job_view(call, numbers[job.id], job), _CREATED)
@@ -636,6 +691,7 @@ class IppEndpoint:
                     "copies": ticket.copies,
                     "options": ticket.options,
                     "document_format": document_format,
+                    "hold": ticket.hold,
                 },
                 created_at=now,
                 updated_at=now,
@@ -667,7 +723,9 @@ class IppEndpoint:
         try:
             # A job whose last document has not come yet is held (the relay has no "incoming"
             # state): the dispatcher leaves it alone until Close-Job releases it.
-            job = await self._accept(call, printer, document_format, ticket, hold=not last)
+            job = await self._accept(
+                call, printer, document_format, ticket, hold=not last or bool(ticket.get("hold"))
+            )
         except BaseException:
             # Also when the client left (cancelled): the job must take a document again.
             with trio.CancelScope(shield=True), trio.move_on_after(STORE_CLEANUP_TIMEOUT):
@@ -700,18 +758,20 @@ class IppEndpoint:
         if record.state is IppJobState.INCOMING:
             await self._jobs.advance_ipp_job(record, IppJobEvent.ABANDON)  # no document will come
         elif record.state is IppJobState.OPEN and record.job_id is not None:
-            await self._release(call, record)
+            await self._documents_complete(call, record)
         elif record.state is not IppJobState.ATTACHED:
             raise self._not_open(record)
         response = new_response(call.request, Status.SUCCESSFUL_OK)
         self._add_job(response, await self._job_view(call, record), _CREATED)
         return response
 
-    async def _release(self, call: _Call, record: IppJob) -> None:
+    async def _documents_complete(self, call: _Call, record: IppJob) -> None:
         assert record.job_id is not None
-        if await self._jobs.advance_ipp_job(record, IppJobEvent.CLOSE):
-            # Canceled or expired meanwhile: the transition is refused, and that is the answer.
-            await self._jobs.transition(record.job_id, JobEvent.RELEASE, "last document received")
+        # Canceled or expired meanwhile: the transition is refused, and that is the answer. A job created
+        # with job-hold-until stays held for its Release-Job (so does one at a pull printer: the lifecycle
+        # knows that one).
+        if await self._jobs.advance_ipp_job(record, IppJobEvent.CLOSE) and not record.ticket.get("hold"):
+            await self._jobs.documents_complete(call.tenant, record.job_id)
 
     # --- existing jobs --------------------------------------------------------------------------
 
@@ -766,6 +826,62 @@ class IppEndpoint:
     async def _cancel_relay_job(self, job: Job) -> bool:
         """Cancel through the lifecycle: a job on its way to the printer is stopped by whoever streams it."""
         return await self._jobs.cancel(job, "canceled over IPP") is not None
+
+    async def _relay_job(self, call: _Call, record: IppJob, operation: str) -> Job:
+        """The relay job of an IPP job that has its document; a Create-Job still without one cannot be held
+        or released (a hold asked for at Create-Job, with job-hold-until, applies when it comes)."""
+        if record.job_id is None or record.state is not IppJobState.ATTACHED:
+            why = "is still open for its document" if record.state is IppJobState.OPEN else "has no document"
+            raise _ipp_error(
+                Status.CLIENT_ERROR_NOT_POSSIBLE,
+                f"job {record.number} {why}; {operation} applies to a job once its document has come",
+            )
+        job = await self._store.get_job(call.tenant, record.job_id)
+        if job is None:
+            raise _ipp_error(Status.CLIENT_ERROR_NOT_FOUND, f"job {record.number} not found")
+        return job
+
+    async def hold_job(self, call: _Call) -> Message:
+        """RFC 8011 §4.3.5: a pending job waits for Release-Job; a held one stays held."""
+        await self._printer(call)
+        record = await self._ipp_job(call)
+        job = await self._relay_job(call, record, "Hold-Job")
+        if job.state is RelayState.QUEUED:
+            # Not audited (nothing prints or is lost): the job's history says who held it.
+            held = await self._jobs.hold(job, f"held by {call.principal.actor} (IPP Hold-Job)")
+            job = held or await self._store.get_job(call.tenant, job.id) or job  # on its way meanwhile
+        if job.state is not RelayState.HELD:
+            raise _ipp_error(
+                Status.CLIENT_ERROR_NOT_POSSIBLE,
+                f"job {record.number} is {job.state}: only a pending job can be held",
+            )
+        # The one hold the relay keeps is until released: any other job-hold-until is held that way.
+        until = call.request.attribute(DelimiterTag.OPERATION_ATTRIBUTES, "job-hold-until")
+        if until is None or until.value == "indefinite":
+            return new_response(call.request, Status.SUCCESSFUL_OK)
+        response = new_response(call.request, Status.SUCCESSFUL_OK_IGNORED_OR_SUBSTITUTED_ATTRIBUTES)
+        response.add_group(DelimiterTag.UNSUPPORTED_ATTRIBUTES).attributes[until.name] = until
+        return response
+
+    async def release_job(self, call: _Call) -> Message:
+        """RFC 8011 §4.3.6: a held job (by job-hold-until, Hold-Job or a pull printer) goes to its printer."""
+        await self._printer(call)
+        record = await self._ipp_job(call)
+        job = await self._relay_job(call, record, "Release-Job")
+        released = None
+        if job.state is RelayState.HELD:
+            message = f"released by {call.principal.actor} (IPP Release-Job)"
+            released = await self._jobs.release(job, None, message)
+        if released is None:
+            job = await self._store.get_job(call.tenant, job.id) or job
+            raise _ipp_error(
+                Status.CLIENT_ERROR_NOT_POSSIBLE, f"job {record.number} is {job.state}, not held"
+            )
+        audit.record(
+            "job.released", tenant=call.tenant, actor=audit.actor(call.principal),
+            target=f"job:{job.id}", printer_id=released.printer_id, via="ipp",
+        )  # fmt: skip
+        return new_response(call.request, Status.SUCCESSFUL_OK)
 
     async def get_job_attributes(self, call: _Call) -> Message:
         await self._printer(call)
@@ -839,7 +955,12 @@ class IppEndpoint:
             raise _ipp_error(Status.CLIENT_ERROR_NOT_FOUND, f"job {record.number} not found")
         view = await self._relay_view_with_history(call, record.number, job, history)
         if record.state is IppJobState.OPEN:  # held for more documents, not for a release by a user
-            view = replace(view, reasons=("job-incoming",), message="waiting for Close-Job")
+            template = view.template
+            if not record.ticket.get("hold"):
+                template = tuple(a for a in template if a.name != "job-hold-until")
+            view = replace(
+                view, reasons=("job-incoming",), message="waiting for Close-Job", template=template
+            )
         return view
 
     async def _relay_view_with_history(self, call: _Call, number: int, job: Job, history: bool) -> JobView:
@@ -870,7 +991,7 @@ class IppEndpoint:
             completed_at=(job.completed_at or job.updated_at) if final else None,
             size=job.size,
             document_format=job.document_format,
-            template=tuple(option_attributes(job.copies, job.options)),
+            template=tuple(option_attributes(job.copies, job.options, held=job.state is RelayState.HELD)),
             uuid=uuid.uuid5(uuid.NAMESPACE_URL, f"printrelay:job:{job.id}").urn,
         )
 
@@ -900,7 +1021,9 @@ class IppEndpoint:
             documents=0,
             template=tuple(
                 option_attributes(
-                    copies if isinstance(copies, int) else 1, options if isinstance(options, dict) else {}
+                    copies if isinstance(copies, int) else 1,
+                    options if isinstance(options, dict) else {},
+                    held=bool(ticket.get("hold")),
                 )
             ),
             uuid=uuid.uuid5(uuid.NAMESPACE_URL, f"printrelay:ipp-job:{record.tenant}/{record.number}").urn,
@@ -911,6 +1034,15 @@ class IppEndpoint:
         group = response.add_group(DelimiterTag.JOB_ATTRIBUTES)
         for attribute in select(attrs, requested, job_groups(attrs)):
             group.attributes[attribute.name] = attribute
+
+
+def _error_answer(request: Message, error: IPPError) -> Message:
+    answer = new_response(request, error.status, status_message=error.message[:255])
+    if error.status == Status.CLIENT_ERROR_DOCUMENT_FORMAT_NOT_SUPPORTED:
+        fmt = request.attribute(DelimiterTag.OPERATION_ATTRIBUTES, "document-format")
+        if fmt is not None:
+            answer.add_group(DelimiterTag.UNSUPPORTED_ATTRIBUTES).attributes[fmt.name] = fmt
+    return answer
 
 
 #: what a job creation answer carries (RFC 8011 §4.2.1.2)

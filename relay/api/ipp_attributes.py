@@ -35,8 +35,13 @@ RELAY_OPERATIONS = (
     Operation.GET_JOB_ATTRIBUTES,
     Operation.GET_JOBS,
     Operation.GET_PRINTER_ATTRIBUTES,
+    Operation.HOLD_JOB,
+    Operation.RELEASE_JOB,
     Operation.CLOSE_JOB,
 )
+#: job-hold-until values the relay keeps (RFC 8011 §5.2.2): a job prints now, or waits for Release-Job.
+#: Times of day (evening, night, ...) are not kept: see ipp_ticket for what a request for one gets.
+HOLD_UNTIL = ("no-hold", "indefinite")
 #: a Create-Job waits this long for its document (multiple-operation-time-out, RFC 8011 §5.4.28)
 MULTIPLE_OPERATION_TIMEOUT = 300
 WHICH_JOBS = ("completed", "not-completed", "all")
@@ -107,8 +112,9 @@ RELAY_OWNED = frozenset(
 
 #: what the relay records of a job's ticket and forwards to the printer (see ipp_ticket)
 CREATION_ATTRIBUTES = (
-    "copies", "document-format", "document-name", "ipp-attribute-fidelity", "job-name", "media",
-    "media-col", "orientation-requested", "page-ranges", "print-color-mode", "print-quality", "sides",
+    "copies", "document-format", "document-name", "ipp-attribute-fidelity", "job-hold-until", "job-name",
+    "media", "media-col", "orientation-requested", "page-ranges", "print-color-mode", "print-quality",
+    "sides",
 )  # fmt: skip
 
 
@@ -206,6 +212,7 @@ class PrinterView:
     reasons: Sequence[str] = ()
     queued_jobs: int = 0
     connector_id: str = ""
+    pull: bool = False  # every job is held until its owner releases it
     now: float = field(default_factory=time.time)
 
     @property
@@ -282,6 +289,9 @@ def printer_attributes(reported: Iterable[Attribute] | None, view: PrinterView) 
         _a("multiple-operation-time-out-action", ValueTag.KEYWORD, "abort-job"),
         _a("which-jobs-supported", ValueTag.KEYWORD, *WHICH_JOBS),
         _a("job-ids-supported", ValueTag.BOOLEAN, True),
+        # A pull printer holds every job: "no-hold" is not one it can keep.
+        _a("job-hold-until-default", ValueTag.KEYWORD, "indefinite" if view.pull else "no-hold"),
+        _a("job-hold-until-supported", ValueTag.KEYWORD, *(("indefinite",) if view.pull else HOLD_UNTIL)),
         _a("job-creation-attributes-supported", ValueTag.KEYWORD, *creation),
         _a("preferred-attributes-supported", ValueTag.BOOLEAN, False),
     ]
@@ -300,7 +310,7 @@ def _values(attrs: Iterable[Attribute] | None, name: str) -> tuple[Any, ...]:
 
 
 def _supported_names(attrs: Mapping[str, Attribute]) -> set[str]:
-    names = {"document-format", "document-name", "ipp-attribute-fidelity", "job-name"}
+    names = {"document-format", "document-name", "ipp-attribute-fidelity", "job-hold-until", "job-name"}
     names.update(n[: -len("-supported")] for n in attrs if n.endswith("-supported"))
     if "media-supported" in attrs:
         names.add("media-col")

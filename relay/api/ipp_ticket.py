@@ -34,7 +34,21 @@ _KEYWORDISH = (ValueTag.KEYWORD, ValueTag.NAME)
 class Ticket:
     copies: int = 1
     options: dict[str, str] = field(default_factory=dict)
+    hold: bool = False  # held until Release-Job (job-hold-until)
     unsupported: list[Attribute] = field(default_factory=list)
+
+
+def hold_until(printer: Mapping[str, Attribute], attribute: Attribute) -> tuple[bool, bool]:
+    """What a job-hold-until asks of this printer: (hold the job, the value is supported).
+
+    A value the printer does not keep (a time of day such as "evening", a site's name, another syntax)
+    still asks that the job not print now: it is held until released, the substitution RFC 8011 §4.1.7
+    allows, rather than printed at once; the caller reports the value as unsupported.
+    """
+    value = attribute.value if len(attribute.values) == 1 and attribute.tag in _KEYWORDISH else None
+    if value in _supported(printer, "job-hold-until"):
+        return value != "no-hold", True
+    return True, False
 
 
 def _supported(printer: Mapping[str, Attribute], name: str) -> tuple[object, ...]:
@@ -135,6 +149,11 @@ def job_ticket(
                 continue
         elif name in FORWARDED:
             option = _option(printer, attribute)
+        elif name == "job-hold-until":
+            ticket.hold, supported = hold_until(printer, attribute)
+            if not supported:
+                ticket.unsupported.append(attribute)
+            continue
         elif name == "media-col":
             option = _media_col(printer, attribute)
             name = "media"
@@ -147,9 +166,11 @@ def job_ticket(
     return ticket
 
 
-def option_attributes(copies: int, options: Mapping[str, str]) -> list[Attribute]:
-    """A job's ticket as job template attributes (for Get-Job-Attributes)."""
+def option_attributes(copies: int, options: Mapping[str, str], *, held: bool = False) -> list[Attribute]:
+    """A job's ticket as job template attributes (for Get-Job-Attributes); a held job's job-hold-until."""
     result = [Attribute("copies", ValueTag.INTEGER, (copies,))]
+    if held:
+        result.append(Attribute("job-hold-until", ValueTag.KEYWORD, ("indefinite",)))
     enums = {"orientation-requested": ORIENTATIONS, "print-quality": PRINT_QUALITIES}
     for name, text in options.items():
         tag = FORWARDED.get(name)
