@@ -4,6 +4,10 @@ printrelay serve       run a relay
 printrelay connector   run a connector on the printers' network
 printrelay token ...   create, list and revoke tokens (works while the relay runs)
 printrelay db ...      the relay's database: migrate, status
+printrelay user ...    the people of a tenant: create, list, disable, enable
+printrelay tenant oidc a tenant's OpenID Connect sign-in: set, show, remove
+printrelay printers    list, adopt, change and remove printers at a relay
+printrelay client      add a relay printer to this machine's CUPS
 printrelay submit      print a file through a relay
 printrelay demo        relay + connector + printer in one command
 """
@@ -153,11 +157,13 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("token_id", help="the id shown by 'token list' (the part after pra_/prc_)")
     revoke.set_defaults(run=run_token_revoke)
 
-    from printrelay import client, demo, printers, users
+    from printrelay import client, client_install, demo, printers, tenants, users
 
     client.add_submit_parser(commands)
+    client_install.add_client_parser(commands)
     printers.add_printers_parser(commands)
     users.add_user_parser(commands)
+    tenants.add_tenant_parser(commands)
     demo.add_demo_parser(commands)
     return parser
 

@@ -99,6 +99,8 @@ def run_user_state(args: argparse.Namespace) -> int:
         user.state = args.state
         user.disabled_at = time.time() if args.state == "disabled" else None
         await store.update_user(user)
+        if args.state == "disabled":
+            await store.revoke_web_sessions(user_id=user.id, at=time.time())
         return user.id
 
     user_id = _with_store(args, change)

@@ -19,11 +19,12 @@ from relay.auth import Principal, TokenCache, TokenLookup
 from relay.config import RelayConfig
 from relay.credentials import Credentials
 from relay.dispatch import Dispatcher, DispatchSettings, Drain
-from relay.jobs import Job, JobEvent, JobState
+from relay.jobs import Job, JobState
 from relay.leases import LeaseKeeper
 from relay.lifecycle import JobLifecycle
 from relay.metrics import RelayMetrics
 from relay.ops import RelayHealth
+from relay.portal import Portal
 from relay.ratelimit import TokenRateLimiter
 from relay.secretbox import SecretBox
 from relay.spool import DatabaseSpool, PayloadSpool, Spool
@@ -66,7 +67,10 @@ class Relay:
         )
         self.registry = ConnectorRegistry()
         self.metrics = RelayMetrics(per_printer=config.metrics_per_printer)
-        self.jobs = JobLifecycle(self.store, self.store, self.store, self.spool, self.metrics)
+        self.jobs = JobLifecycle(
+            self.store, self.store, self.store, self.spool, self.metrics, job_ttl=config.job_ttl,
+            held_job_ttl=config.held_job_ttl,
+        )  # fmt: skip
         self.drain_state = Drain()
         # Claims on jobs in flight are leases held by this replica (relay/leases.py).
         self.lease = Lease(owner=self.replica_id, seconds=config.job_lease)
@@ -103,6 +107,7 @@ class Relay:
                 tenant_max_spool_bytes=config.tenant_max_spool_bytes,
                 max_attempts=config.max_attempts,
                 job_ttl=config.job_ttl,
+                held_job_ttl=config.held_job_ttl,
             ),
             on_accepted=self._job_accepted,
         )
@@ -149,7 +154,17 @@ class Relay:
             ipp=ipp,
             readiness=self.health.readiness,
             credentials=credentials,
+            webhook_allow_private=config.webhook_allow_private,
         )
+        # The portal (/portal, /release/...): people's pages, signed in with a session cookie.
+        self.portal = Portal(
+            self.store, self.people, self.jobs, self.intake, self.secrets_at_rest,
+            public_url=config.public_url, tls=self.tls is not None, session_ttl=config.portal_session_ttl,
+            max_upload=config.portal_max_upload_bytes,
+        )  # fmt: skip
+        self.store.on_notice(self.portal.heard)  # job changes for live pages; users disabled
+        self.api.portal = self.portal.handle
+        self.api.public_url, self.api.tls = config.public_url, self.tls is not None
         self.http = HttpServer(
             self.metrics.instrument_http(self.api.handle, self.api.routes),
             ssl_context=self.tls.context if self.tls else None,
@@ -307,7 +322,7 @@ class Relay:
                 # One replica sweeps at a time (the duty outlives a round, so it stays with one replica).
                 if await self.store.take_duty("expiry", self.replica_id, 3 * EXPIRY_INTERVAL):
                     for job in await self.store.expired_jobs(time.time(), 500):
-                        await self.jobs.transition(job.id, JobEvent.EXPIRE, "not delivered before expires_at")
+                        await self.jobs.expire(job)
                 soonest = await self.store.next_expiry()
             except StoreUnavailable as exc:
                 log.warning("expiry sweep skipped: %s", exc)

@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from service.settings import option, parse_duration, parse_hostport, parse_size
+from service.settings import format_duration, option, parse_duration, parse_hostport, parse_size
 
 GiB = 1024**3
+MAX_HELD_JOB_TTL = 365 * 86400.0  # a year: a longer wait for a release is a typo, not a policy
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,10 @@ class RelayConfig:
     public_url: str = option("", "URL clients use to reach --listen (for IPP printer-uri and links)")
     max_job_bytes: int = option(1 * GiB, "largest document accepted (413 above)", parse=parse_size)
     job_ttl: float = option(14 * 86400.0, "undelivered jobs expire after this long", parse=parse_duration)
+    held_job_ttl: float = option(
+        86400.0, "jobs held for release (pull printers, hold=true) that nobody releases expire after this "
+        "long, and their documents are erased; a released job has --job-ttl again", parse=parse_duration,
+    )  # fmt: skip
     max_attempts: int = option(5, "delivery attempts before a job fails")
     retry_base: float = option(
         2.0, "first retry delay; doubles per attempt, with jitter", parse=parse_duration
@@ -79,6 +84,14 @@ class RelayConfig:
     drain_grace: float = option(
         20.0, "on SIGTERM, how long job streams in flight may take to finish", parse=parse_duration
     )
+    portal_session_ttl: float = option(
+        12 * 3600.0, "a sign-in to the portal (/portal) lasts this long; then the person signs in again",
+        parse=parse_duration,
+    )  # fmt: skip
+    portal_max_upload_bytes: int = option(
+        100 * 1024**2, "largest file printed from the portal's page (413 above; never above max_job_bytes)",
+        parse=parse_size,
+    )  # fmt: skip
     log_level: str = option("info", "debug, info, warning or error")
     log_format: str = option("auto", "json, text, or auto (text on a terminal, else json)")
 
@@ -89,6 +102,11 @@ class RelayConfig:
             raise ValueError("max_attempts must be at least 1")
         if self.max_streams_per_connector < 1:
             raise ValueError("max_streams_per_connector must be at least 1")
+        if not 1.0 <= self.held_job_ttl <= MAX_HELD_JOB_TTL:
+            raise ValueError(
+                f"held_job_ttl must be between 1s and {format_duration(MAX_HELD_JOB_TTL)}, "
+                f"not {format_duration(self.held_job_ttl)}"
+            )
         if not 1.0 <= self.job_lease <= 3600.0:
             raise ValueError(f"job_lease must be between 1 s and 1 h, not {self.job_lease:g} s")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -97,6 +115,12 @@ class RelayConfig:
             raise ValueError("rate_limit must be >= 0 and rate_burst at least 1")
         if self.webhook_max_attempts < 1 or self.webhook_retry_base <= 0:
             raise ValueError("webhook_max_attempts must be at least 1 and webhook_retry_base positive")
+        if not 60.0 <= self.portal_session_ttl <= 30 * 86400.0:
+            raise ValueError(
+                f"portal_session_ttl must be between 1 min and 30 days, not {self.portal_session_ttl:g} s"
+            )
+        if self.portal_max_upload_bytes <= 0:
+            raise ValueError("portal_max_upload_bytes must be positive")
         if self.log_format not in {"json", "text", "auto"}:
             raise ValueError(f"log_format must be json, text or auto, not {self.log_format!r}")
 

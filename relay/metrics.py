@@ -131,6 +131,10 @@ def http_route(path: str, patterns: Iterable[re.Pattern[str]]) -> str:
         return path
     if path.startswith("/ipp/"):
         return "/ipp/print/{printer}"
+    if path.startswith("/portal"):
+        return "/portal"
+    if path.startswith("/release/"):
+        return "/release/{printer}"
     for pattern in patterns:
         if pattern.match(path):
             return route_template(pattern)

@@ -3,13 +3,16 @@
 # for DNS-SD, Prometheus (promtool), websockify (benchmark baseline), iproute2 (network namespaces),
 # PostgreSQL (the scale-out store; tests run a private server), and podman with buildah, runc and mmdebstrap
 # (the image test builds a base image from the Debian archive and the Containerfile on it, and runs both
-# programs from it).
+# programs from it), and for the portal's tests headless Chromium with its WebDriver and Node.js with npm
+# (they install and run a real OpenID Connect provider, npm oidc-provider).
 set -euo pipefail
 PACKAGES=(cups-ipp-utils cups cups-client avahi-daemon dbus prometheus websockify iproute2 postgresql
-          podman buildah runc mmdebstrap)
+          podman buildah runc mmdebstrap chromium chromium-driver nodejs npm)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
+  # A Node.js build that bundles npm (it provides and conflicts with Debian's npm) counts as npm.
+  if [ "$pkg" = npm ] && command -v npm >/dev/null; then continue; fi
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
 if [ ${#missing[@]} -eq 0 ]; then

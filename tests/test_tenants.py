@@ -87,6 +87,8 @@ async def test_rest_matrix_other_tenants_ids_look_like_missing_ones(
     cases: list[tuple[str, str, str, Any]] = [
         ("POST", "/v1/printers/{id}/jobs", "a-only", b"globex tries acme's printer"),
         ("GET", "/v1/printers/{id}", "a-only", None),
+        ("GET", "/v1/printers/{id}/qr.svg", "a-only", None),
+        ("GET", "/v1/printers/{id}/qr.png", "a-only", None),
         ("DELETE", "/v1/printers/{id}", "a-only", None),
         ("GET", "/v1/jobs/{id}", job, None),
         ("GET", "/v1/jobs/{id}/events", job, None),

@@ -83,11 +83,16 @@ SUBMIT_PARAMETERS = [
     _query("title", {"type": "string", "maxLength": 255}, "job name (default: X-Job-Title or 'untitled')"),
     _query("copies", {"type": "integer", "minimum": 1, "maximum": 999}, "copies (default 1)"),
     _query("user", {"type": "string", "maxLength": 255}, "requesting user shown to the printer"),
-    _query("hold", {"type": "string", "enum": ["true", "false", "1", "0"]}, "hold for release (pull print)"),
+    _query(
+        "hold",
+        {"type": "string", "enum": ["true", "false", "1", "0"]},
+        "hold for release (pull print); a pull printer holds every job",
+    ),
     _query(
         "expires_in",
         {"type": "string", "pattern": r"^\d+(\.\d+)?(ms|s|m|h|d)?$"},
-        "undelivered job expires after this long, e.g. 2h (at most 365 days)",
+        "undelivered job expires after this long, e.g. 2h (at most 365 days); a held job at most the "
+        "relay's held_job_ttl until it is released",
     ),
     *[_query(name, {"type": "string", "maxLength": 255}, f"IPP {name}") for name in OPTION_NAMES],
     {
@@ -106,8 +111,14 @@ PRINTER_CHANGE = {
         "uri": {"type": "string", "description": "ipp://, ipps://, socket://, lpd:// or cups: URI"},
         "id": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"},
         "connector_id": {"type": "string"},
+        "pull": {
+            "type": "boolean",
+            "description": "a pull printer holds every job until its owner (or a tenant admin) releases it",
+        },
     },
-    "required": ["uri"],
+    "description": 'adopt, add or change a printer (uri required), or {"id", "pull"} alone: only make it a '
+    "pull printer or not (the connector is not asked)",
+    "anyOf": [{"required": ["uri"]}, {"required": ["id", "pull"]}],
 }
 
 PATHS: dict[str, dict[str, Any]] = {
@@ -230,11 +241,20 @@ PATHS: dict[str, dict[str, Any]] = {
     },
     "/v1/jobs": {
         "get": _op(
-            "List the tenant's jobs, newest first",
+            "List the tenant's jobs (a user: their own), newest first, a page at a time",
             "jobs:read",
             {
                 "200": _json(
-                    {"type": "object", "properties": {"jobs": {"type": "array", "items": _ref("Job")}}},
+                    {
+                        "type": "object",
+                        "properties": {
+                            "jobs": {"type": "array", "items": _ref("Job")},
+                            "next": {
+                                "type": ["string", "null"],
+                                "description": "give it as after= for the next page; null on the last",
+                            },
+                        },
+                    },
                     "jobs",
                 ),
                 "400": _error("a bad parameter"),
@@ -242,7 +262,11 @@ PATHS: dict[str, dict[str, Any]] = {
             parameters=[
                 _query("state", {"type": "string", "enum": [s.value for s in JobState]}, "only this state"),
                 _query("printer_id", {"type": "string"}, "only this printer"),
-                _query("limit", {"type": "integer", "minimum": 1, "maximum": 500}, "at most (default 100)"),
+                _query("user", {"type": "string"}, "only jobs submitted by or for this user"),
+                _query("since", {"type": "string"}, "created at or after (ISO 8601 or epoch seconds)"),
+                _query("until", {"type": "string"}, "created before (ISO 8601 or epoch seconds)"),
+                _query("after", {"type": "string"}, "the next cursor of the previous page"),
+                _query("limit", {"type": "integer", "minimum": 1, "maximum": 500}, "per page (default 100)"),
             ],
         )
     },
@@ -286,9 +310,16 @@ PATHS: dict[str, dict[str, Any]] = {
     },
     "/v1/jobs/{job}/release": {
         "post": _op(
-            "Release a held job, optionally to another printer of the tenant",
+            "Release a held job (a user: their own), optionally to another printer of the same connector",
             "jobs:submit",
-            {"200": _json(_ref("Job"), "queued"), "409": _error("not held"), **NOT_FOUND},
+            {
+                "200": _json(_ref("Job"), "queued"),
+                "409": _error(
+                    "not held, or the printer cannot take it (another connector's, or it does not support "
+                    "the job's document format or options)"
+                ),
+                **NOT_FOUND,
+            },
             parameters=[JOB, _query("printer_id", {"type": "string"}, "print on this printer instead")],
             body={
                 "required": False,
@@ -378,6 +409,29 @@ PATHS.update(
     }
 )  # fmt: skip
 
+
+def _qr(kind: str, media: str) -> dict[str, Any]:
+    return {
+        "get": _op(
+            f"A QR code ({kind.upper()}) of the printer's release page, {{public_url}}/release/{{printer}}: "
+            "people scan it at a pull printer to release their held jobs there",
+            "jobs:read",
+            {
+                "200": {"description": "the code", "content": {media: {}}},
+                "409": _error("the relay has no public_url and the request no usable Host header"),
+                **NOT_FOUND,
+            },
+            parameters=[
+                PRINTER,
+                _query("scale", {"type": "integer", "minimum": 1, "maximum": 20}, "module size (default 6)"),
+            ],
+        )
+    }
+
+
+PATHS.update({"/v1/printers/{printer}/qr.svg": _qr("svg", "image/svg+xml"),
+              "/v1/printers/{printer}/qr.png": _qr("png", "image/png")})  # fmt: skip
+
 # Served without a token: probes, this document, and the IPP endpoint (its own Basic/Bearer auth).
 PUBLIC_PATHS: dict[str, dict[str, Any]] = {
     "/healthz": {
@@ -437,7 +491,8 @@ SCHEMAS: dict[str, Any] = {
             "last_error": {"type": ["string", "null"]},
             "hold_reason": {
                 "type": ["string", "null"],
-                "description": "why a job that was on its way is held (the outcome of a delivery is unknown)",
+                "description": "why the job is held: the outcome of a delivery is unknown, or it is "
+                "waiting for release at a pull printer; null for a job held with hold=true",
             },
             "options": {"type": "object"},
             "created_at": {"type": "string"},
@@ -454,6 +509,10 @@ SCHEMAS: dict[str, Any] = {
             "url": {"type": "string"},
             "events": {"type": "array"},
             "secret": {"type": "string"},
+            "pending": {"type": "integer"},
+            "last_error": {"type": ["string", "null"], "description": "the last failed attempt's error"},
+            "last_error_at": {"type": ["string", "null"]},
+            "last_delivered_at": {"type": ["string", "null"]},
         },
     },
     "User": {
@@ -482,6 +541,10 @@ SCHEMAS: dict[str, Any] = {
             "reasons": {"type": "array", "items": {"type": "string"}},
             "kind": {"type": "string"},
             "capabilities": {"type": "object"},
+            "pull": {
+                "type": "boolean",
+                "description": "holds every job until its owner (or a tenant admin) releases it",
+            },
         },
     },
 }

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 from relay import audit
 from relay.auth import Principal, new_token
-from relay.store.base import Conflict, TokenRecord, TokenStore, UserRecord, UserStore
+from relay.store.base import Conflict, TokenRecord, TokenStore, UserRecord, UserStore, WebStore
 from relay.users import ROLES, hash_password, new_user
 from service import bounded_json
 from service.http.message import HTTPError, Request, Response
@@ -33,7 +33,7 @@ PEOPLE_ROUTES: tuple[tuple[str, re.Pattern[str], str, str], ...] = (
 )
 
 
-class PeopleStore(UserStore, TokenStore, Protocol):
+class PeopleStore(UserStore, TokenStore, WebStore, Protocol):
     pass
 
 
@@ -220,6 +220,10 @@ class PeopleApi:
             changed.append("password")
         if changed:
             await self._store.update_user(user)
+            if "state" in changed and user.state == "disabled":
+                # Their portal sessions end now, not at their next request (tokens and passwords are
+                # refused by the user's state already).
+                await self._store.revoke_web_sessions(user_id=user.id, at=time.time())
             audit.record(
                 "user.changed", tenant=principal.tenant, actor=audit.actor(principal),
                 target=f"user:{user.id}", changed=",".join(changed), role=user.role, state=user.state,

@@ -6,6 +6,9 @@ that do not exist. Errors are JSON ``{"error": "..."}`` naming the limit or the 
 
 from __future__ import annotations
 
+import base64
+import binascii
+import datetime
 import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -13,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import trio
 
 from ipp.options import OPTION_NAMES
-from relay import adoption, audit, webhooks
+from relay import adoption, audit, qr, webhooks
 from relay.adoption import Adoption
 from relay.api.ipp import IppEndpoint
 from relay.api.openapi import OPENAPI
@@ -29,7 +32,7 @@ from relay.store.base import Store, StoreUnavailable
 from relay.submit import MAX_COPIES, Intake, Refusal, Submission, SubmitError
 from relay.users import People, TooManyFailures
 from service import bounded_json
-from service.http.message import HTTPError, Request, Response
+from service.http.message import Handler, HTTPError, Request, Response
 from service.settings import parse_duration
 
 Route = Callable[[Request, Principal, re.Match[str]], Awaitable[Response]]
@@ -72,6 +75,43 @@ def _duration_param(request: Request, name: str) -> float | None:
     return value
 
 
+def encode_cursor(job: Job) -> str:
+    """Where a page of jobs ended, opaque to clients: the last job's (created_at, id)."""
+    return base64.urlsafe_b64encode(json.dumps([job.created_at, job.id]).encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        if len(cursor) > 200:
+            raise ValueError("too long")
+        created_at, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(created_at, int | float) or not isinstance(job_id, str):
+            raise ValueError("not a cursor")
+        return float(created_at), job_id
+    except (ValueError, TypeError, binascii.Error):
+        raise HTTPError(400, "after must be the next cursor of a previous page") from None
+
+
+def _time_param(request: Request, name: str) -> float | None:
+    """An ISO 8601 time (``2026-12-06T10:00:00Z``) or seconds since the epoch."""
+    text = _one(request, name)
+    if not text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise HTTPError(
+            400, f"{name} must be an ISO 8601 time (2026-12-06T10:00:00Z) or epoch seconds"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return moment.timestamp()
+
+
 def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
     raw = _one(request, name)
     if raw is None:
@@ -104,6 +144,12 @@ ROUTES: tuple[tuple[str, re.Pattern[str], str, str], ...] = (
     ("POST", re.compile(r"^/v1/printers/(?P<printer>[^/]+)/jobs$"), "jobs:submit", "submit_job"),
     ("GET", re.compile(r"^/v1/printers$"), "jobs:read", "list_printers"),
     ("GET", re.compile(r"^/v1/printers/(?P<printer>[^/]+)$"), "jobs:read", "get_printer"),
+    (
+        "GET",
+        re.compile(r"^/v1/printers/(?P<printer>[^/]+)/qr(?P<kind>\.svg|\.png)$"),
+        "jobs:read",
+        "printer_qr",
+    ),
     ("POST", re.compile(r"^/v1/printers$"), "printers:admin", "put_printer"),
     ("DELETE", re.compile(r"^/v1/printers/(?P<printer>[^/]+)$"), "printers:admin", "remove_printer"),
     ("GET", re.compile(r"^/v1/candidates$"), "printers:admin", "list_candidates"),
@@ -120,6 +166,11 @@ ROUTES: tuple[tuple[str, re.Pattern[str], str, str], ...] = (
 
 
 class RestApi:
+    # Set by the relay (relay/app.py): the portal's pages, and where the release URLs in QR codes point.
+    portal: Handler | None = None
+    public_url: str = ""
+    tls: bool = False
+
     def __init__(
         self,
         store: Store,
@@ -132,9 +183,11 @@ class RestApi:
         ipp: IppEndpoint,
         readiness: Callable[[], Awaitable[str | None]],
         credentials: Credentials | None = None,
+        webhook_allow_private: bool = False,
     ) -> None:
         self._store = store
         self._credentials = credentials or Credentials(store, People(store))
+        self._webhook_allow_private = webhook_allow_private
         self._jobs = jobs
         self._intake = intake
         self._adoption = adoption
@@ -173,6 +226,10 @@ class RestApi:
             return Response.json(OPENAPI)
         if request.path.startswith("/ipp/"):
             return await self._ipp.handle(request)
+        if self.portal is not None and (
+            request.path == "/portal" or request.path.startswith(("/portal/", "/release/"))
+        ):
+            return await self.portal(request)  # people's pages: a session cookie, not a token
         allowed: list[str] = []
         for method, pattern, scope, route in self.routes:
             match = pattern.match(request.path)
@@ -352,10 +409,18 @@ class RestApi:
                 raise HTTPError(400, f"unknown state {state_text!r}; states are {known}") from None
         limit = _int_param(request, "limit", 100, 1, MAX_LIST)
         owner = None if principal.sees_all_jobs else principal.user_id
+        after = _one(request, "after")
         jobs = await self._store.list_jobs(
-            principal.tenant, printer_id=_one(request, "printer_id"), state=state, owner=owner, limit=limit
+            principal.tenant, printer_id=_one(request, "printer_id"), state=state, owner=owner,
+            user=_one(request, "user"), since=_time_param(request, "since"),
+            until=_time_param(request, "until"), before=decode_cursor(after) if after else None,
+            limit=limit + 1,
+        )  # fmt: skip
+        # One more than asked tells whether a next page exists; its cursor is the last job shown.
+        page, more = jobs[:limit], len(jobs) > limit
+        return Response.json(
+            {"jobs": [j.public() for j in page], "next": encode_cursor(page[-1]) if more else None}
         )
-        return Response.json({"jobs": [j.public() for j in jobs]})
 
     async def _job(self, principal: Principal, job_id: str) -> Job:
         job = await self._store.get_job(principal.tenant, job_id)
@@ -376,8 +441,18 @@ class RestApi:
             raise HTTPError(404, f"printer {match['printer']} not found")
         return Response.json(printer.public())
 
+    async def printer_qr(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
+        """A QR code (SVG or PNG) of the printer's release page, ``{public_url}/release/{printer}``."""
+        printer = await self._store.get_printer(principal.tenant, match["printer"])
+        if printer is None:
+            raise HTTPError(404, f"printer {match['printer']} not found")
+        url = qr.release_url(qr.base_url(self.public_url, request, tls=self.tls), printer.id)
+        body, content_type = qr.image(url, match["kind"][1:], qr.scale_param(request))
+        return Response(200, [("content-type", content_type), ("cache-control", "no-store")], body)
+
     async def put_printer(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
-        """Adopt a discovered candidate, or add or change a printer: ``{"uri", "id"?, "connector_id"?}``."""
+        """Adopt a discovered candidate, or add or change a printer: ``{"uri", "id"?, "connector_id"?,
+        "pull"?}``; or ``{"id", "pull"}``: make it a pull printer or not."""
         body = await request.body.read(MAX_ADMIN_BODY, limit_name="max_admin_body")
         try:
             printer, created = await self._adoption.put_printer(principal.tenant, body)
@@ -386,7 +461,7 @@ class RestApi:
         audit.record(
             "printer.adopted" if created else "printer.changed", tenant=principal.tenant,
             actor=audit.actor(principal), target=f"printer:{printer.id}",
-            connector_id=printer.connector_id, uri=printer.uri,
+            connector_id=printer.connector_id, uri=printer.uri, pull=printer.pull,
         )  # fmt: skip
         return Response.json(
             printer.public(), 201 if created else 200, [("location", f"/v1/printers/{printer.id}")]
@@ -413,7 +488,10 @@ class RestApi:
         """Register a URL for the tenant's job changes; the signing secret is shown in this answer only."""
         body = await request.body.read(webhooks.MAX_BODY, limit_name="max_webhook_body")
         try:
-            hook = await webhooks.register(self._store, self._secrets_at_rest, principal.tenant, body)
+            hook = await webhooks.register(
+                self._store, self._secrets_at_rest, principal.tenant, body,
+                allow_private=self._webhook_allow_private,
+            )  # fmt: skip
         except webhooks.WebhookError as exc:
             raise HTTPError(exc.status, exc.message) from None
         return Response.json(
