@@ -4,10 +4,11 @@
 # PostgreSQL (the scale-out store; tests run a private server), and podman with buildah, runc and mmdebstrap
 # (the image test builds a base image from the Debian archive and the Containerfile on it, and runs both
 # programs from it), and for the portal's tests headless Chromium with its WebDriver and Node.js with npm
-# (they install and run a real OpenID Connect provider, npm oidc-provider).
+# (they install and run a real OpenID Connect provider, npm oidc-provider), and systemd's own verifier for the
+# connector's unit (systemd-analyze).
 set -euo pipefail
 PACKAGES=(cups-ipp-utils cups cups-client avahi-daemon dbus prometheus websockify iproute2 postgresql
-          podman buildah runc mmdebstrap chromium chromium-driver nodejs npm)
+          podman buildah runc mmdebstrap chromium chromium-driver nodejs npm systemd)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
