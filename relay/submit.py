@@ -104,6 +104,8 @@ class Intake:
                 f"job too large: {format_bytes(submission.content_length)} exceeds "
                 f"max_job_bytes={format_bytes(limit)}",
             )
+        if submission.content_length == 0:
+            raise SubmitError(Refusal.BAD_REQUEST, "the document is empty (0 bytes): nothing to print")
         if not 1 <= submission.copies <= MAX_COPIES:
             raise SubmitError(Refusal.BAD_REQUEST, f"copies must be between 1 and {MAX_COPIES}")
         try:
@@ -149,6 +151,9 @@ class Intake:
             ) from None
         except SpoolFull as exc:
             raise SubmitError(Refusal.STORAGE_FULL, f"cannot accept the job: {exc}") from None
+        if stored.size == 0:  # a chunked body that ended at once: nothing was worth keeping
+            await spool.erase(job_id)
+            raise SubmitError(Refusal.BAD_REQUEST, "the document is empty (0 bytes): nothing to print")
 
         now = time.time()
         held = submission.hold or printer.pull

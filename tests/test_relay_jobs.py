@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
@@ -49,6 +50,32 @@ async def test_unknown_printer_and_bad_token(relay_stack: RelayStack) -> None:
     async with relay_stack.client("pra_aaaaaaaaaa_" + "x" * 43) as client:
         response = await client.get("/v1/jobs")
         assert response.status_code == 401
+
+
+async def test_mistakes_are_refused_not_ignored(relay_stack: RelayStack, raw_sink: RawSink) -> None:
+    await relay_stack.start_connector({"label": raw_sink.uri})
+
+    async def chunked_empty() -> AsyncIterator[bytes]:
+        return
+        yield b""  # an async generator that sends no bytes: a chunked body that ends at once
+
+    async with relay_stack.client() as client:
+        misspelt = await client.post(
+            "/v1/printers/label/jobs", params={"side": "two-sided-long-edge"}, content=b"x"
+        )
+        assert misspelt.status_code == 400
+        error = misspelt.json()["error"]
+        assert (
+            error.startswith("unknown parameter 'side'; a job takes ")
+            and "sides" in error
+            and "title" in error
+        )
+        for body in (b"", chunked_empty()):
+            empty = await client.post("/v1/printers/label/jobs", content=body)
+            assert empty.status_code == 400, empty.text
+            assert empty.json()["error"] == "the document is empty (0 bytes): nothing to print"
+        assert (await client.get("/v1/jobs")).json()["jobs"] == []  # nothing was accepted
+        assert await relay_stack.relay.spool.usage() == (0, 0)  # and nothing left in the spool
 
 
 async def test_many_concurrent_jobs(relay_stack: RelayStack, raw_sink: RawSink) -> None:

@@ -139,6 +139,9 @@ def _options(request: Request) -> dict[str, str]:
     return options
 
 
+# The query parameters of a submit: the job's own, and the print options (relay/capabilities.py).
+SUBMIT_PARAMETERS = frozenset({"title", "copies", "user", "hold", "expires_in", *OPTION_NAMES})
+
 # Every route: method, path pattern, scope its token needs, and the RestApi method that answers.
 ROUTES: tuple[tuple[str, re.Pattern[str], str, str], ...] = (
     ("POST", re.compile(r"^/v1/printers/(?P<printer>[^/]+)/jobs$"), "jobs:submit", "submit_job"),
@@ -279,6 +282,13 @@ class RestApi:
         idempotency_key = request.headers.get("idempotency-key")
         if idempotency_key is not None and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY:
             raise HTTPError(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+        unknown = sorted(set(request.query) - SUBMIT_PARAMETERS)
+        if unknown:
+            # A misspelt option (?side=...) would otherwise be dropped and the job printed without it.
+            raise HTTPError(
+                400,
+                f"unknown parameter {unknown[0][:40]!r}; a job takes {', '.join(sorted(SUBMIT_PARAMETERS))}",
+            )
         hold = (_one(request, "hold") or "false").lower()
         if hold not in ("true", "false", "1", "0"):
             raise HTTPError(400, "hold must be true or false")
