@@ -9,6 +9,7 @@ printrelay tenant oidc a tenant's OpenID Connect sign-in: set, show, remove
 printrelay printers    list, adopt, change and remove printers at a relay
 printrelay client      add a relay printer to this machine's CUPS
 printrelay submit      print a file through a relay
+printrelay jobs ...    list, show, cancel, release and watch jobs at a relay
 printrelay demo        relay + connector + printer in one command
 """
 
@@ -157,9 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("token_id", help="the id shown by 'token list' (the part after pra_/prc_)")
     revoke.set_defaults(run=run_token_revoke)
 
-    from printrelay import client, client_install, demo, printers, tenants, users
+    from printrelay import client, client_install, demo, jobs, printers, tenants, users
 
     client.add_submit_parser(commands)
+    jobs.add_jobs_parser(commands)
     client_install.add_client_parser(commands)
     printers.add_printers_parser(commands)
     users.add_user_parser(commands)

@@ -42,6 +42,11 @@ def add_submit_parser(commands: Any) -> None:
     submit.add_argument(
         "--hold", action="store_true", help="hold the job until it is released (pull printing)"
     )
+    submit.add_argument("--sides", choices=("one-sided", "two-sided-long-edge", "two-sided-short-edge"))
+    submit.add_argument("--media", help="paper size, e.g. iso_a4_210x297mm or na_letter_8.5x11in")
+    submit.add_argument("--color", dest="print_color_mode", choices=("color", "monochrome", "auto"),
+                        help="print-color-mode")  # fmt: skip
+    submit.add_argument("--pages", dest="page_ranges", help="page ranges, e.g. 1-3 or 2")
     submit.add_argument("--idempotency-key", help="submit at most once under this key")
     submit.add_argument("--wait", action="store_true", help="follow the job to its final state")
     submit.add_argument(
@@ -111,6 +116,10 @@ def _submit(args: argparse.Namespace) -> int:
     }
     if args.hold:
         params["hold"] = "true"
+    # Print options, checked by the relay against what the printer supports (400 naming the one it lacks).
+    options = {"sides": args.sides, "media": args.media, "print-color-mode": args.print_color_mode,
+               "page-ranges": args.page_ranges}  # fmt: skip
+    params.update({name: value for name, value in options.items() if value})
     headers = {"authorization": f"Bearer {args.token}", "content-type": document_format}
     if args.idempotency_key:
         headers["idempotency-key"] = args.idempotency_key

@@ -1,16 +1,13 @@
-"""``printrelay printers``: list, adopt, change and remove printers at a relay (needs a printers:admin
-token)."""
+"""``printrelay printers``: list printers at a relay (any API token); adopt, change and remove them (a
+printers:admin token)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 from typing import Any
 
-import httpx
-
-from printrelay.client import SubmitFailed, _error
+from printrelay.api_client import add_relay_arguments, call
 
 
 def add_printers_parser(commands: Any) -> None:
@@ -18,10 +15,7 @@ def add_printers_parser(commands: Any) -> None:
     actions = printers.add_subparsers(metavar="ACTION")
 
     def common(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--relay", default=os.environ.get("PRINTRELAY_RELAY_URL", "http://127.0.0.1:8080"),
-                            help="the relay's API URL (env PRINTRELAY_RELAY_URL)")  # fmt: skip
-        parser.add_argument("--token", default=os.environ.get("PRINTRELAY_API_TOKEN"),
-                            help="API token, printers:admin scope (env PRINTRELAY_API_TOKEN)")  # fmt: skip
+        add_relay_arguments(parser, "printers:admin scope to change printers")
 
     listing = actions.add_parser("list", help="printers and the candidates connectors discovered")
     common(listing)
@@ -58,32 +52,10 @@ def pull_option(parser: argparse.ArgumentParser, *, required: bool = False) -> N
     )  # fmt: skip
 
 
-def _client(args: argparse.Namespace) -> httpx.Client:
-    if not args.token:
-        raise SubmitFailed("an API token is required: --token or PRINTRELAY_API_TOKEN")
-    return httpx.Client(base_url=args.relay, timeout=30, headers={"authorization": f"Bearer {args.token}"})
-
-
-def _call(args: argparse.Namespace, method: str, path: str, *, optional: bool = False, **kw: Any) -> Any:
-    """The answer's JSON; ``optional``: a 403 (the token lacks the scope) is an empty answer, not an error."""
-    try:
-        with _client(args) as client:
-            response = client.request(method, path, **kw)
-    except httpx.ConnectError:
-        raise SubmitFailed(f"relay unreachable at {args.relay}") from None
-    except httpx.HTTPError as exc:
-        raise SubmitFailed(f"talking to the relay failed: {exc}") from None
-    if optional and response.status_code == 403:
-        return {}
-    if response.status_code >= 400:
-        raise SubmitFailed(_error(response))
-    return response.json() if response.content else {}
-
-
 def run_list(args: argparse.Namespace) -> int:
-    printers = _call(args, "GET", "/v1/printers")["printers"]
+    printers = call(args, "GET", "/v1/printers")["printers"]
     # Discovered candidates need printers:admin; an ordinary API token lists the printers alone.
-    candidates = _call(args, "GET", "/v1/candidates", optional=True).get("candidates", [])
+    candidates = call(args, "GET", "/v1/candidates", optional=True).get("candidates", [])
     if args.json:
         print(json.dumps({"printers": printers, "candidates": candidates}, indent=2))
         return 0
@@ -106,17 +78,17 @@ def run_adopt(args: argparse.Namespace) -> int:
         body["connector_id"] = args.connector_id
     if args.pull is not None:
         body["pull"] = args.pull
-    printer = _call(args, "POST", "/v1/printers", json=body)
+    printer = call(args, "POST", "/v1/printers", json=body)
     print(printer.get("id", ""))
     return 0
 
 
 def run_set(args: argparse.Namespace) -> int:
-    printer = _call(args, "POST", "/v1/printers", json={"id": args.printer_id, "pull": args.pull})
+    printer = call(args, "POST", "/v1/printers", json={"id": args.printer_id, "pull": args.pull})
     print(f"{printer['id']}: {'a pull printer' if printer.get('pull') else 'not a pull printer'}")
     return 0
 
 
 def run_remove(args: argparse.Namespace) -> int:
-    _call(args, "DELETE", f"/v1/printers/{args.printer_id}")
+    call(args, "DELETE", f"/v1/printers/{args.printer_id}")
     return 0
