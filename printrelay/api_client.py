@@ -8,7 +8,16 @@ from typing import Any
 
 import httpx
 
-from printrelay.client import SubmitFailed, _error
+
+class SubmitFailed(Exception):
+    """A one-line answer from (or about) the relay; the CLI prints it and exits 1."""
+
+
+def error_text(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("error") or response.text)
+    except ValueError:
+        return response.text.strip() or f"HTTP {response.status_code}"
 
 
 def add_relay_arguments(parser: argparse.ArgumentParser, scope: str = "") -> None:
@@ -38,5 +47,5 @@ def call(args: argparse.Namespace, method: str, path: str, *, optional: bool = F
     if optional and response.status_code == 403:
         return {}
     if response.status_code >= 400:
-        raise SubmitFailed(_error(response))
+        raise SubmitFailed(error_text(response))
     return response.json() if response.content else {}

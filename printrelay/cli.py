@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, TypeVar
 import trio
 
 from connector.config import ConnectorConfig, with_token
-from printrelay.client import SubmitFailed
+from printrelay.api_client import SubmitFailed
 from relay.config import RelayConfig
 from relay.store.base import StoreError
 from service.listen import ListenError

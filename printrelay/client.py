@@ -13,26 +13,16 @@ from typing import Any, BinaryIO
 
 import httpx
 
+from printrelay.api_client import SubmitFailed, add_relay_arguments, error_text
 from relay.jobs import AWAITING_RELEASE
 
 CHUNK = 256 * 1024
 FINAL = ("completed", "failed", "canceled", "expired")
 
 
-class SubmitFailed(Exception):
-    pass
-
-
 def add_submit_parser(commands: Any) -> None:
     submit = commands.add_parser("submit", help="print a file through a relay")
-    submit.add_argument(
-        "--relay",
-        default=os.environ.get("PRINTRELAY_RELAY_URL", "http://127.0.0.1:8080"),
-        help="the relay's API URL (env PRINTRELAY_RELAY_URL; default %(default)s)",
-    )
-    submit.add_argument(
-        "--token", default=os.environ.get("PRINTRELAY_API_TOKEN"), help="API token (env PRINTRELAY_API_TOKEN)"
-    )
+    add_relay_arguments(submit)
     submit.add_argument("--printer", required=True, help="printer id")
     submit.add_argument("--title", help="job title (default: the file name)")
     submit.add_argument("--copies", type=int, default=1)
@@ -78,13 +68,6 @@ def _progress(sent: int, total: int | None, elapsed: float) -> None:
     else:
         sys.stderr.write(f"\ruploading {sent / 1e6:.1f} MB {rate:.1f} MB/s")
     sys.stderr.flush()
-
-
-def _error(response: httpx.Response) -> str:
-    try:
-        return str(response.json().get("error") or response.text)
-    except ValueError:
-        return response.text.strip() or f"HTTP {response.status_code}"
 
 
 def run_submit(args: argparse.Namespace) -> int:
@@ -137,7 +120,7 @@ def _submit(args: argparse.Namespace) -> int:
                 content=_chunks(source, total, show),
             )
         if response.status_code not in (200, 201):
-            raise SubmitFailed(_error(response))
+            raise SubmitFailed(error_text(response))
         job = response.json()
         print(job["id"])
         if not args.wait:
@@ -157,7 +140,7 @@ def _follow(client: httpx.Client, token: str, job: dict[str, Any], timeout: floa
         time.sleep(0.25)
         response = client.get(f"/v1/jobs/{job['id']}", headers={"authorization": f"Bearer {token}"})
         if response.status_code != 200:
-            raise SubmitFailed(_error(response))
+            raise SubmitFailed(error_text(response))
         job = response.json()
         if job["state"] != state:
             state = job["state"]

@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 
 from ipp import DelimiterTag, IPPError, Operation, Status, ValueTag, decode, encode, keyword, new_request
-from printrelay.client import SubmitFailed
+from printrelay.api_client import SubmitFailed
 
 #: how long CUPS may take to make the queue's options (it asks the relay for the printer's attributes)
 PPD_TIMEOUT = 60.0

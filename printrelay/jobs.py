@@ -11,8 +11,8 @@ from typing import Any
 
 import httpx
 
-from printrelay.api_client import add_relay_arguments, call, client
-from printrelay.client import FINAL, SubmitFailed, _error
+from printrelay.api_client import SubmitFailed, add_relay_arguments, call, client, error_text
+from printrelay.client import FINAL
 
 MAX_LIST = 500  # the API's page size limit
 
@@ -120,7 +120,7 @@ def run_watch(args: argparse.Namespace) -> int:
         ) as response:  # fmt: skip
             if response.status_code != 200:
                 response.read()
-                raise SubmitFailed(_error(response))
+                raise SubmitFailed(error_text(response))
             state = ""
             for line in response.iter_lines():
                 if not line.startswith("data: "):

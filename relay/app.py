@@ -144,6 +144,13 @@ class Relay:
         self.store.on_notice(
             lambda notice: self._replicas_changed.fire() if notice.kind in ("replicas", "resync") else None
         )
+        # The portal (/portal, /release/...): people's pages, signed in with a session cookie.
+        self.portal = Portal(
+            self.store, self.people, self.jobs, self.intake, self.secrets_at_rest,
+            public_url=config.public_url, tls=self.tls is not None, session_ttl=config.portal_session_ttl,
+            max_upload=config.portal_max_upload_bytes,
+        )  # fmt: skip
+        self.store.on_notice(self.portal.heard)  # job changes for live pages; users disabled
         self.api = RestApi(
             self.store,
             self.jobs,
@@ -155,16 +162,10 @@ class Relay:
             readiness=self.health.readiness,
             credentials=credentials,
             webhook_allow_private=config.webhook_allow_private,
+            portal=self.portal.handle,
+            public_url=config.public_url,
+            tls=self.tls is not None,
         )
-        # The portal (/portal, /release/...): people's pages, signed in with a session cookie.
-        self.portal = Portal(
-            self.store, self.people, self.jobs, self.intake, self.secrets_at_rest,
-            public_url=config.public_url, tls=self.tls is not None, session_ttl=config.portal_session_ttl,
-            max_upload=config.portal_max_upload_bytes,
-        )  # fmt: skip
-        self.store.on_notice(self.portal.heard)  # job changes for live pages; users disabled
-        self.api.portal = self.portal.handle
-        self.api.public_url, self.api.tls = config.public_url, self.tls is not None
         self.http = HttpServer(
             self.metrics.instrument_http(self.api.handle, self.api.routes),
             ssl_context=self.tls.context if self.tls else None,

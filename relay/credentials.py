@@ -19,6 +19,7 @@ import binascii
 from relay.auth import USER_SCOPES, AuthError, Principal, TokenLookup, authenticate, token_kind, token_record
 from relay.store.base import UserRecord
 from relay.users import People, SignInError, TooManyFailures
+from service.http.message import HTTPError, Request
 
 MAX_CREDENTIALS = 2048  # bytes of an Authorization header's credentials
 
@@ -27,6 +28,19 @@ class Credentials:
     def __init__(self, tokens: TokenLookup, people: People) -> None:
         self._tokens = tokens
         self._people = people
+
+    async def of_request(
+        self, request: Request, challenge: list[tuple[str, str]], authorization: str | None = None
+    ) -> Principal:
+        """The request's principal, from ``authorization`` (default: its header); 401 with ``challenge``,
+        or 429 with Retry-After after too many failed sign-ins."""
+        header = request.headers.get("authorization") if authorization is None else authorization
+        try:
+            return await self.principal(header, request.client[0] if request.client else "")
+        except TooManyFailures as exc:
+            raise HTTPError(429, str(exc), [("retry-after", str(exc.retry_after))]) from None
+        except AuthError as exc:
+            raise HTTPError(401, str(exc), challenge) from None
 
     async def principal(self, authorization: str | None, client: str) -> Principal:
         """The principal these credentials prove; :class:`AuthError` (or :class:`TooManyFailures`, a 429)."""

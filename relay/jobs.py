@@ -188,7 +188,7 @@ class Job:
             # Why it is held: a delivery of unknown outcome, or a pull printer waiting for its release;
             # None for a job held with hold=true to a printer that is not a pull printer.
             "hold_reason": self.last_error
-            if self.state is JobState.HELD and (self.unknown_outcomes or self.last_error == AWAITING_RELEASE)
+            if self.awaits_release_at_printer or (self.state is JobState.HELD and self.unknown_outcomes)
             else None,
             "options": self.options,
             "created_at": _iso(self.created_at),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import re
 import time
 from collections.abc import AsyncIterable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -27,6 +28,10 @@ log = logging.getLogger("printrelay.relay.submit")
 
 MAX_TITLE = 255
 MAX_COPIES = 999
+
+
+# A MIME type as a document format (``application/pdf``): what REST and the portal accept from clients.
+FORMAT_RE = re.compile(r"^[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+$")
 
 
 class Refusal(enum.Enum):

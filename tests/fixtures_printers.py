@@ -326,3 +326,21 @@ async def raw_sink(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[RawSi
     listeners = await nursery.start(partial(trio.serve_tcp, sink._handle, 0, host="127.0.0.1"))
     sink.port = listeners[0].socket.getsockname()[1]
     yield sink
+
+
+# --- ipptool, CUPS's IPP test client ------------------------------------------------------------------
+
+IPPTOOL_SUITES = Path("/usr/share/cups/ipptool")
+
+
+def run_ipptool(uri: str, test: str | Path, workdir: Path, *extra: str, **variables: str) -> tuple[int, str]:
+    """Run ``test`` (a file of CUPS's suite directory, or a path) against ``uri``; (exit code, report).
+    ``variables`` become ``-d NAME=VALUE``. Run from ``workdir`` so the tests' FILE names resolve there."""
+    defines = [arg for name, value in variables.items() for arg in ("-d", f"{name}={value}")]
+    completed = subprocess.run(
+        # -t: a test report; -v: show why a test failed
+        ["ipptool", "-t", "-v", *extra, *defines, "-T", "30", "-f", "document-a4.pdf", uri,
+         str(IPPTOOL_SUITES / test)],
+        cwd=workdir, capture_output=True, text=True, timeout=300, env={**os.environ, "HOME": str(workdir)},
+    )  # fmt: skip
+    return completed.returncode, completed.stdout + completed.stderr

@@ -18,10 +18,11 @@ from fixtures_printers import free_port
 STARTUP_TIMEOUT = 20.0
 
 
-def printrelay(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run a short printrelay command (token create, submit) to completion."""
+def printrelay(*args: str, check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a short printrelay command (token create, submit) to completion; ``input`` is its stdin."""
     return subprocess.run(
         [sys.executable, "-m", "printrelay.cli", *args],
+        input=input,
         capture_output=True,
         text=True,
         timeout=120,

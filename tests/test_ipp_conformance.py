@@ -4,22 +4,19 @@ compared test by test with the same suite run against an ippeveprinter itself.""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import subprocess
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 import trio
-from fixtures_printers import IppEvePrinter, IppEvePrinterFactory
+from fixtures_printers import IppEvePrinter, IppEvePrinterFactory, run_ipptool
 from fixtures_relay import RelayStack
 from test_users import ANN, PASSWORD
 
 from printrelay.demo import one_page_pdf
 
-SUITES = Path("/usr/share/cups/ipptool")
 #: operations the relay does not claim; their tests must be skipped, never failed
 UNCLAIMED = ("Print-URI", "Send-URI")
 
@@ -49,20 +46,6 @@ def sample_documents(directory: Path) -> None:
         (directory / name).write_bytes(b"%!PS-Adobe-3.0\nshowpage\n")
     for name in ("color.jpg", "gray.jpg"):
         (directory / name).write_bytes(JPEG)
-
-
-def run_ipptool(uri: str, suite: str, workdir: Path, *extra: str) -> tuple[int, str]:
-    """``suite``: a file name in CUPS's suite directory, or a path."""
-    # -t: a test report; -v: show why a test failed. Run from workdir so FILE names resolve there.
-    completed = subprocess.run(
-        ["ipptool", "-t", "-v", *extra, "-T", "30", "-f", "document-a4.pdf", uri, str(SUITES / suite)],
-        cwd=workdir,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HOME": str(workdir)},
-    )
-    return completed.returncode, completed.stdout + completed.stderr
 
 
 def results(report: str) -> list[tuple[str, str]]:

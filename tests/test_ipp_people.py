@@ -16,11 +16,11 @@ from urllib.parse import quote
 import httpx
 import pytest
 import trio
-from fixtures_printers import IppEvePrinter
+from fixtures_printers import IppEvePrinter, run_ipptool
 from fixtures_relay import RelayStack
 from test_ipp_conformance import pdf
 from test_ipp_endpoint import OP, PRINTER, offline_printer
-from test_users import ADA, ANN, BOB, PASSWORD, as_user, ipptool, make_users
+from test_users import ADA, ANN, BOB, PASSWORD, as_user, make_users
 
 from ipp import Message, Operation, Status, ValueTag, decode, encode, new_request
 
@@ -61,7 +61,7 @@ async def run_as(
     path = workdir / f"{email}-{trio.current_time()}.test"
     await trio.Path(path).write_text(tests)
     code, report = await trio.to_thread.run_sync(
-        partial(ipptool, person_uri(stack, email, printer), path, workdir, **values)
+        partial(run_ipptool, person_uri(stack, email, printer), path, workdir, **values)
     )
     assert code == 0 and "[FAIL]" not in report, report
     return report

@@ -25,6 +25,8 @@ from connector.app import Connector
 from connector.config import ConnectorConfig, parse_printer
 from ipp import JobState as IppJobState
 from ipp import Operation, Status, ValueTag
+from printrelay.api_client import SubmitFailed
+from printrelay.client import _follow
 from relay.config import RelayConfig
 from relay.jobs import AWAITING_RELEASE
 from service.settings import load
@@ -426,3 +428,25 @@ def test_held_job_ttl_is_a_bounded_duration() -> None:
         RelayConfig(held_job_ttl=0.5)
     with pytest.raises(ValueError, match=r"^held_job_ttl must be between 1s and 365d, not 400d$"):
         RelayConfig(held_job_ttl=400 * DAY)
+
+
+def test_submit_wait_does_not_stop_at_a_job_awaiting_its_release() -> None:
+    """``_follow`` alone, against a relay that answers held (awaiting release) twice, then completed: no
+    timing decides whether the held branch runs."""
+
+    def relay_answering(*answers: dict[str, Any]) -> httpx.Client:
+        states = iter(answers)
+        transport = httpx.MockTransport(
+            lambda request: httpx.Response(200, json={"id": "j1", **next(states)})
+        )
+        return httpx.Client(base_url="http://relay", transport=transport)
+
+    awaiting = {"state": "held", "hold_reason": AWAITING_RELEASE}
+    with relay_answering(awaiting, awaiting, {"state": "completed"}) as client:
+        assert _follow(client, "pra_x", {"id": "j1", "state": "held"}, 30.0, False) == 0
+    unknown = {"state": "held", "hold_reason": "outcome unknown: the connector stopped"}
+    with (
+        relay_answering(unknown) as client,
+        pytest.raises(SubmitFailed, match="release it to print it again"),
+    ):
+        _follow(client, "pra_x", {"id": "j1", "state": "queued"}, 30.0, False)

@@ -4,9 +4,8 @@ over IPP (ipptool as two users), on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
-import os
+import re
 import shutil
-import subprocess
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -15,11 +14,12 @@ from urllib.parse import quote
 import httpx
 import pytest
 import trio
-from fixtures_printers import IppEvePrinter, RawSink
+from fixtures_printers import IppEvePrinter, RawSink, run_ipptool
 from fixtures_processes import printrelay
 from fixtures_relay import RelayStack
 
-from relay.users import MAX_FAILURES_PER_ACCOUNT, FailureCounter, People
+from relay.store.base import Notice
+from relay.users import MAX_FAILURES_PER_ACCOUNT, FailureCounter, People, new_user
 
 ANN, BOB, ADA = "ann@example.com", "bob@example.com", "ada@example.com"
 PASSWORD = "correct horse battery"
@@ -186,12 +186,23 @@ async def test_people_cache_forgets_a_changed_user_at_once() -> None:
 
         async def get_user(self, user_id: str) -> Any:
             self.reads += 1
-            return None
+            return new_user("acme", "ann@example.com") if user_id == "usr_1" else None
 
     store = Store()
     people = People(store, cache_ttl=60)  # type: ignore[arg-type]
-    assert await people.user("usr_1") is None and await people.user("usr_1") is None
+    assert await people.user("nobody") is None and await people.user("nobody") is None
     assert store.reads == 2  # nothing cached for a user that does not exist
+    await people.user("usr_1")
+    for notice in (Notice("users", "usr_1"), Notice("users", ""), Notice("tokens", ""), Notice("resync", "")):
+        before = store.reads
+        await people.user("usr_1")
+        assert store.reads == before  # kept...
+        people.heard(notice)
+        await people.user("usr_1")
+        assert store.reads == before + 1, notice  # ...and read again once a change is heard
+        people.heard(Notice("users", "usr_2"))  # another user's change keeps it
+        await people.user("usr_1")
+        assert store.reads == before + 1
 
 
 # --- the CLI, and over IPP -----------------------------------------------------------------------
@@ -199,12 +210,10 @@ async def test_people_cache_forgets_a_changed_user_at_once() -> None:
 
 def test_cli_users_and_their_tokens(tmp_path: Path) -> None:
     data = ["--data-dir", str(tmp_path / "relay")]
-    created = subprocess.run(
-        [*printrelay_command(), "user", "create", *data, "--create", "--tenant", "acme", "--email",
-         "Ann@Example.com", "--role", "admin", "--password-stdin"],
-        input=PASSWORD + "\n", capture_output=True, text=True, timeout=60,
+    created = printrelay(
+        "user", "create", *data, "--create", "--tenant", "acme", "--email", "Ann@Example.com",
+        "--role", "admin", "--password-stdin", input=PASSWORD + "\n",
     )  # fmt: skip
-    assert created.returncode == 0, created.stderr
     assert created.stdout.startswith("usr_")
     listed = printrelay("user", "list", *data, "--tenant", "acme").stdout
     assert "ann@example.com" in listed and "admin" in listed
@@ -231,21 +240,6 @@ def test_cli_users_and_their_tokens(tmp_path: Path) -> None:
         check=False,
     )
     assert bad.returncode == 1 and "a password must have 10 to 1024 characters" in bad.stderr
-
-
-def printrelay_command() -> list[str]:
-    import sys
-
-    return [sys.executable, "-m", "printrelay.cli"]
-
-
-def ipptool(uri: str, test: Path, workdir: Path, **variables: str) -> tuple[int, str]:
-    defines = [arg for name, value in variables.items() for arg in ("-d", f"{name}={value}")]
-    completed = subprocess.run(
-        ["ipptool", "-t", "-v", "-T", "30", *defines, uri, str(test)], cwd=workdir, capture_output=True,
-        text=True, timeout=120, env={**os.environ, "HOME": str(workdir)},
-    )  # fmt: skip
-    return completed.returncode, completed.stdout + completed.stderr
 
 
 PRINT_AS = """
@@ -320,7 +314,7 @@ async def test_two_users_over_ipp(
 
     for email in (ANN, BOB):
         code, report = await trio.to_thread.run_sync(
-            partial(ipptool, uri(email), tmp_path / "print.test", tmp_path, who=email)
+            partial(run_ipptool, uri(email), tmp_path / "print.test", tmp_path, who=email)
         )
         assert code == 0, report
     async with as_user(relay_stack, ADA) as ada:
@@ -331,11 +325,13 @@ async def test_two_users_over_ipp(
     )
     (ann_job,) = numbers.values()
     code, report = await trio.to_thread.run_sync(
-        lambda: ipptool(uri(BOB), tmp_path / "others.test", tmp_path, job=str(ann_job), email=BOB)
+        lambda: run_ipptool(uri(BOB), tmp_path / "others.test", tmp_path, job=str(ann_job), email=BOB)
     )
     assert code == 0 and "[FAIL]" not in report, report
     wrong = f"ipp://{quote(ANN, safe='')}:wrong-password@127.0.0.1:{port}/ipp/print/eve"
     code, report = await trio.to_thread.run_sync(
-        lambda: ipptool(wrong, tmp_path / "print.test", tmp_path, who="mallory")
+        lambda: run_ipptool(wrong, tmp_path / "print.test", tmp_path, who="mallory")
     )
-    assert code != 0 and "successful-ok" not in report.split("Print-Job as mallory", 1)[-1].split("[")[0]
+    assert code != 0 and re.search(r"Print-Job as mallory.*\[FAIL\]", report), report
+    async with as_user(relay_stack, ADA) as ada:  # the wrong password stored nothing
+        assert len((await ada.get("/v1/jobs")).json()["jobs"]) == 2

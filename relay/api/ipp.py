@@ -72,7 +72,7 @@ from relay.api.ipp_attributes import (
     select,
 )
 from relay.api.ipp_ticket import Ticket, job_ticket, option_attributes
-from relay.auth import AuthError, Principal
+from relay.auth import Principal
 from relay.credentials import Credentials
 from relay.jobs import FINAL_STATES, IPP_JOB_STATE, IppJobEvent, IppJobState, Job
 from relay.jobs import JobState as RelayState
@@ -80,7 +80,7 @@ from relay.lifecycle import JobLifecycle
 from relay.ratelimit import TokenRateLimiter, spend_request
 from relay.store.base import IppJob, Printer, Store
 from relay.submit import MAX_COPIES, Intake, Refusal, Submission, SubmitError
-from relay.users import People, TooManyFailures
+from relay.users import People
 from service.http.message import HTTPError, Request, Response
 
 log = logging.getLogger("printrelay.relay.ipp")
@@ -412,19 +412,10 @@ class IppEndpoint:
         length = request.body.content_length
         principal = None
         if authorization or length is None or length > URI_CREDENTIALS_MAX_BODY:
-            principal = await self._authenticate(request, authorization)
+            principal = await self._credentials.of_request(request, CHALLENGE, authorization)
             spend_request(self._rate_limiter, principal)  # the REST budget of the token, shared (429)
         answer = await self._answer(request, principal, match["printer"], match["job"])
         return Response(200, [("content-type", IPP_CONTENT_TYPE)], encode(answer))
-
-    async def _authenticate(self, request: Request, authorization: str | None) -> Principal:
-        client = request.client[0] if request.client else ""
-        try:
-            return await self._credentials.principal(authorization, client)
-        except TooManyFailures as exc:
-            raise HTTPError(429, str(exc), [("retry-after", str(exc.retry_after))]) from None
-        except AuthError as exc:
-            raise HTTPError(401, str(exc), CHALLENGE) from None
 
     async def _read(self, request: Request, head: _Head) -> tuple[Message, _Document, int]:
         """The attribute section, the document after it, and the section's size in bytes."""
@@ -464,7 +455,7 @@ class IppEndpoint:
         except IPPError as exc:
             return _error_answer(message, exc)
         if principal is None:
-            principal = await self._authenticate(request, uri_credentials(message))
+            principal = await self._credentials.of_request(request, CHALLENGE, uri_credentials(message))
             spend_request(self._rate_limiter, principal)
         remaining = None
         if request.body.content_length is not None:

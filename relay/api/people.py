@@ -101,7 +101,7 @@ class PeopleApi:
 
     async def list_my_tokens(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
         user_id = self._person(principal)
-        tokens = [t for t in await self._store.list_tokens(principal.tenant) if t.user_id == user_id]
+        tokens = await self._store.list_tokens(principal.tenant, user_id=user_id)
         return Response.json({"tokens": [token_view(t) for t in tokens]})
 
     async def create_my_token(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:

@@ -21,7 +21,7 @@ from relay.adoption import Adoption
 from relay.api.ipp import IppEndpoint
 from relay.api.openapi import OPENAPI
 from relay.api.people import PEOPLE_ROUTES, PeopleApi
-from relay.auth import AuthError, Principal
+from relay.auth import Principal
 from relay.capabilities import OptionRefused, validate_option
 from relay.credentials import Credentials
 from relay.jobs import Job, JobState
@@ -29,8 +29,8 @@ from relay.lifecycle import JobLifecycle
 from relay.ratelimit import TokenRateLimiter, spend_request
 from relay.secretbox import SecretBox
 from relay.store.base import Store, StoreUnavailable
-from relay.submit import MAX_COPIES, Intake, Refusal, Submission, SubmitError
-from relay.users import People, TooManyFailures
+from relay.submit import FORMAT_RE, MAX_COPIES, Intake, Refusal, Submission, SubmitError
+from relay.users import People
 from service import bounded_json
 from service.http.message import Handler, HTTPError, Request, Response
 from service.settings import parse_duration
@@ -43,7 +43,6 @@ SSE_KEEPALIVE = 15.0  # seconds between comments that keep proxies from closing 
 MAX_LIST = 500
 MAX_IDEMPOTENCY_KEY = 255
 MAX_ADMIN_BODY = 16 * 1024
-FORMAT_RE = re.compile(r"^[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+$")
 
 
 def _store_outage(exc: BaseException) -> StoreUnavailable | None:
@@ -139,6 +138,8 @@ def _options(request: Request) -> dict[str, str]:
     return options
 
 
+CHALLENGE = [("www-authenticate", 'Bearer realm="printrelay", Basic realm="printrelay"')]
+
 # The query parameters of a submit: the job's own, and the print options (relay/capabilities.py).
 SUBMIT_PARAMETERS = frozenset({"title", "copies", "user", "hold", "expires_in", *OPTION_NAMES})
 
@@ -169,11 +170,6 @@ ROUTES: tuple[tuple[str, re.Pattern[str], str, str], ...] = (
 
 
 class RestApi:
-    # Set by the relay (relay/app.py): the portal's pages, and where the release URLs in QR codes point.
-    portal: Handler | None = None
-    public_url: str = ""
-    tls: bool = False
-
     def __init__(
         self,
         store: Store,
@@ -187,10 +183,15 @@ class RestApi:
         readiness: Callable[[], Awaitable[str | None]],
         credentials: Credentials | None = None,
         webhook_allow_private: bool = False,
+        portal: Handler | None = None,
+        public_url: str = "",
+        tls: bool = False,
     ) -> None:
         self._store = store
         self._credentials = credentials or Credentials(store, People(store))
         self._webhook_allow_private = webhook_allow_private
+        self.portal = portal  # people's pages (/portal, /release/...)
+        self.public_url, self.tls = public_url, tls  # where the release URLs in QR codes point
         self._jobs = jobs
         self._intake = intake
         self._adoption = adoption
@@ -241,26 +242,16 @@ class RestApi:
             if method != request.method and not (method == "GET" and request.method == "HEAD"):
                 allowed.append(method)
                 continue
-            principal = await self._authenticate(request)
+            principal = await self._credentials.of_request(request, CHALLENGE)
             self.rate_limit(principal)
             if scope and not principal.allows(scope):
-                who = "a user" if principal.user_id else "token"
-                raise HTTPError(403, f"{who} lacks the {scope} scope" if who == "token" else
-                                f"{principal.email} may not do this: it needs a tenant admin")  # fmt: skip
+                if principal.user_id:
+                    raise HTTPError(403, f"{principal.email} may not do this: it needs a tenant admin")
+                raise HTTPError(403, f"token lacks the {scope} scope")
             return await route(request, principal, match)
         if allowed:
             raise HTTPError(405, f"method {request.method} not allowed", [("allow", ", ".join(allowed))])
         raise HTTPError(404, f"no such resource: {request.path}")
-
-    async def _authenticate(self, request: Request) -> Principal:
-        challenge = [("www-authenticate", 'Bearer realm="printrelay", Basic realm="printrelay"')]
-        client = request.client[0] if request.client else ""
-        try:
-            return await self._credentials.principal(request.headers.get("authorization"), client)
-        except TooManyFailures as exc:
-            raise HTTPError(429, str(exc), [("retry-after", str(exc.retry_after))]) from None
-        except AuthError as exc:
-            raise HTTPError(401, str(exc), challenge) from None
 
     def rate_limit(self, principal: Principal) -> None:
         """Spend one request of the token's budget (after authentication: see relay.ratelimit)."""

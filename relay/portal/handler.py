@@ -36,7 +36,7 @@ from relay.portal.multipart import MultipartReader, boundary_of
 from relay.portal.oidc import OidcClient, OidcError, open_client_secret
 from relay.secretbox import SecretBox, SecretBoxError
 from relay.store.base import Conflict, Notice, OidcProvider, Store, UserRecord, WebSession
-from relay.submit import MAX_COPIES, MAX_TITLE, Intake, Submission, SubmitError
+from relay.submit import FORMAT_RE, MAX_COPIES, MAX_TITLE, Intake, Submission, SubmitError
 from relay.users import People, SignInError, TooManyFailures, new_user, normal_email
 from service.http.message import HTTPError, Request, Response, format_bytes
 
@@ -646,7 +646,7 @@ class Portal:
         if not 1 <= copies <= MAX_COPIES:
             raise HTTPError(400, f"copies must be between 1 and {MAX_COPIES}")
         document_format = content_type.split(";")[0].strip().lower() or "application/octet-stream"
-        if not re.match(r"^[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+$", document_format):
+        if not FORMAT_RE.match(document_format):
             document_format = "application/octet-stream"  # the printer sniffs it
         options: dict[str, str] = {}
         if fields.get("sides"):
@@ -661,8 +661,7 @@ class Portal:
         return Submission(
             tenant=user.tenant, printer_id=printer.id, title=title[:MAX_TITLE],
             document_format=document_format, copies=copies, user=user.email, owner=user.id,
-            # A pull printer holds every job until its owner releases it there.
-            hold=fields.get("hold") == "on" or printer.pull, options=options,
+            hold=fields.get("hold") == "on", options=options,  # a pull printer's: held by the intake
         )  # fmt: skip
 
     async def _bounded(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -681,7 +680,7 @@ class Portal:
 
     async def tokens_page(self, visit: web.Visit, match: re.Match[str], new_secret: str = "") -> Response:
         user = visit.signed_in
-        tokens = [t for t in await self.store.list_tokens(user.tenant) if t.user_id == user.id]
+        tokens = await self.store.list_tokens(user.tenant, user_id=user.id)
         return self.page(visit, "tokens.html", tokens=tokens, new_secret=new_secret, now=self.now(),
                          lifetimes=list(TOKEN_LIFETIMES))  # fmt: skip
 

@@ -306,7 +306,12 @@ class TokenStore(Protocol):
         """The records of these tokens that exist, by id (one query for many sessions)."""
         ...
 
-    async def list_tokens(self, tenant: str | None = None) -> list[TokenRecord]: ...
+    async def list_tokens(
+        self, tenant: str | None = None, *, user_id: str | None = None
+    ) -> list[TokenRecord]:
+        """Tokens, oldest first: all, a tenant's, or one user's own."""
+        ...
+
     async def revoke_token(self, token_id: str, at: float) -> bool:
         """Revoke it; every relay replica hears of it (a ``tokens`` notice)."""
         ...

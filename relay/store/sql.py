@@ -327,8 +327,10 @@ class SqlStore:
 
         return await self._read(select)
 
-    async def list_tokens(self, tenant: str | None = None) -> list[TokenRecord]:
-        return await self._read(lambda tx: list_tokens(tx, tenant))
+    async def list_tokens(
+        self, tenant: str | None = None, *, user_id: str | None = None
+    ) -> list[TokenRecord]:
+        return await self._read(lambda tx: list_tokens(tx, tenant, user_id))
 
     async def revoke_token(self, token_id: str, at: float) -> bool:
         return await self._write(lambda tx: revoke_token(tx, token_id, at))
@@ -680,12 +682,12 @@ class SqlStore:
     ) -> list[Job]:
         sql = "SELECT * FROM jobs WHERE tenant = ?"
         args: list[Any] = [tenant]
-        if owner is not None:
-            sql += " AND owner = ?"
-            args.append(owner)
-        if user is not None:
-            sql += ' AND "user" = ?'
-            args.append(user)
+        state_text = str(state) if state is not None else None
+        equal = {"owner": owner, '"user"': user, "printer_id": printer_id, "state": state_text}
+        for column, value in equal.items():
+            if value is not None:
+                sql += f" AND {column} = ?"
+                args.append(value)
         if since is not None:
             sql += " AND created_at >= ?"
             args.append(since)
@@ -695,12 +697,6 @@ class SqlStore:
         if before is not None:  # the page after one that ended at this job: newest first, by (created_at, id)
             sql += " AND (created_at < ? OR (created_at = ? AND id < ?))"
             args += [before[0], before[0], before[1]]
-        if printer_id is not None:
-            sql += " AND printer_id = ?"
-            args.append(printer_id)
-        if state is not None:
-            sql += " AND state = ?"
-            args.append(str(state))
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         args.append(limit)
         found = await self._read(lambda tx: tx.all(sql, args))
@@ -1040,10 +1036,10 @@ class SqlStore:
     async def claim_webhook_deliveries(
         self, owner: str, now: float, limit: int, *, per_webhook: int, lease_seconds: float
     ) -> list[WebhookDelivery]:
-        def claim(tx: Tx) -> list[WebhookDelivery]:
+        def heads(tx: Tx, limit: int) -> list[Any]:
             # Heads of their (webhook, job) line, due, unclaimed (or their sender's claim lapsed), and at
             # most per_webhook in flight per webhook, counting those already claimed.
-            found = tx.all(
+            return tx.all(
                 "SELECT seq FROM (SELECT d.seq, d.next_attempt_at, ROW_NUMBER() OVER "
                 "(PARTITION BY d.webhook_id ORDER BY d.next_attempt_at, d.seq) + (SELECT COUNT(*) "
                 "FROM webhook_deliveries f WHERE f.webhook_id = d.webhook_id AND f.claimed_until > "
@@ -1055,6 +1051,9 @@ class SqlStore:
                 "WHERE n <= ? ORDER BY next_attempt_at, seq LIMIT ?",
                 (now, per_webhook, limit),
             )
+
+        def claim(tx: Tx) -> list[WebhookDelivery]:
+            found = heads(tx, limit)
             seqs = [r["seq"] for r in found]
             claimed: list[Any] = []
             for batch in chunks(seqs):
@@ -1076,6 +1075,10 @@ class SqlStore:
             )
             return [rows.DELIVERIES.load(r, url=r["url"], secret=r["secret"]) for r in got]
 
+        # Every replica looks at every job change: a read finds that nothing is due (the usual answer, and
+        # always for a tenant without webhooks); only then a write transaction claims, looking again.
+        if not await self._read(lambda tx: heads(tx, 1)):
+            return []
         return await self._write(claim)
 
     async def next_webhook_due(self) -> float | None:
@@ -1368,12 +1371,13 @@ def add_token(tx: Tx, token: TokenRecord) -> None:
     )
 
 
-def list_tokens(tx: Tx, tenant: str | None) -> list[TokenRecord]:
-    if tenant is None:
-        found = tx.all("SELECT * FROM tokens ORDER BY created_at")
-    else:
-        found = tx.all("SELECT * FROM tokens WHERE tenant = ? ORDER BY created_at", (tenant,))
-    return [rows.TOKENS.load(r) for r in found]
+def list_tokens(tx: Tx, tenant: str | None, user_id: str | None = None) -> list[TokenRecord]:
+    sql, args = "SELECT * FROM tokens WHERE 1 = 1", []
+    for column, value in (("tenant", tenant), ("user_id", user_id)):
+        if value is not None:
+            sql += f" AND {column} = ?"
+            args.append(value)
+    return [rows.TOKENS.load(r) for r in tx.all(sql + " ORDER BY created_at", args)]
 
 
 def revoke_token(tx: Tx, token_id: str, at: float) -> bool:
