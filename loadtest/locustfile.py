@@ -9,14 +9,18 @@ simulated by ``loadtest/swarm.py`` in a trio process). Run it headless, as ``loa
 Options (flag, or the environment variable in brackets):
 
 * ``--api-token`` [PRLOAD_API_TOKEN]: an API token with the ``jobs:submit`` and ``jobs:read`` scopes;
-* ``--record`` [PRLOAD_RECORD]: NDJSON file of every accepted, released and canceled job (tag, job id,
-  time, SHA-256), which ``run.py`` matches against what the sink printers received;
+* ``--record`` [PRLOAD_RECORD]: NDJSON file of what the users did (see below), which ``run.py`` judges
+  together with the relay's final job states and what the sink printers received;
 * ``--large-ratio`` [PRLOAD_LARGE_RATIO]: share of documents of 1 to ``--max-large-mib`` MiB (default 0.05);
   the others are 10 to 200 KiB;
 * ``--max-large-mib`` [PRLOAD_MAX_LARGE_MIB]: the largest document (default 20);
 * ``--think-min`` / ``--think-max`` [PRLOAD_THINK_MIN/MAX]: seconds each user waits between tasks.
 
-Every document starts with a tag line (``PRLOAD <tag>``), so the printers can say which job arrived.
+Every document starts with a tag line (``PRLOAD <tag>``), so the printers can say which job arrived, and the
+job's title is ``prload-<tag>``, so the relay's job list says which job is which. Each intent is recorded
+*before* its request is sent (``submitting``, ``releasing``, ``canceling``) and each answer after it
+(``accepted``/``held``, ``released``, ``canceled`` with the status): when Locust stops a user mid-request,
+the record still says what may have happened, and the relay's final state says what did.
 """
 
 from __future__ import annotations
@@ -25,21 +29,27 @@ import hashlib
 import json
 import os
 import random
+import sys
 import threading
 import time
 import uuid
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 from locust import FastHttpUser, events, task
 from locust.argument_parser import LocustArgumentParser
 from locust.env import Environment
 
-MiB = 1024 * 1024
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # locust imports this file by path
+from loadtest.documents import TITLE_PREFIX, MiB, block, tag_line
+
 SMALL = (10 * 1024, 200 * 1024)
-# One random block that documents are cut from: random bytes (incompressible, like PDFs and rasters)
-# without paying os.urandom for every job; the tag line makes every document distinct.
-_BLOCK = os.urandom(21 * MiB)
+# One pseudo-random block that documents are cut from (incompressible, like PDFs and rasters), without
+# paying for random bytes on every job; the tag line makes every document distinct. It is a function of
+# _SEED, so the judge can rebuild any document from its record.
+_SEED = int.from_bytes(os.urandom(6), "big")
+_block = block(_SEED, 21 * MiB)
 _record_lock = threading.Lock()
 _printers: list[str] = []
 
@@ -84,37 +94,42 @@ class PrintUser(FastHttpUser):
                     return
                 _printers.extend(p["id"] for p in response.json()["printers"])
 
-    def _document(self) -> tuple[str, bytes]:
+    def _document(self) -> tuple[str, int, bytes]:
+        """A new document: its tag, the offset of its payload in the block, its bytes."""
+        global _block
         options = self.environment.parsed_options
         if random.random() < options.large_ratio:
             size = random.randint(MiB, int(options.max_large_mib * MiB))
         else:
             size = random.randint(*SMALL)
-        start = random.randrange(0, len(_BLOCK) - size)
+        if size + MiB > len(_block):
+            _block = block(_SEED, size + MiB)  # --max-large-mib above the block: a longer one, same prefix
+        offset = random.randrange(0, len(_block) - size)
         tag = uuid.uuid4().hex
-        body = b"PRLOAD " + tag.encode() + b"\n" + _BLOCK[start : start + size]
-        return tag, body
+        return tag, offset, tag_line(tag) + _block[offset : offset + size]
 
     def _submit(self, *, hold: bool) -> tuple[str, str] | None:
         if not _printers:
             return None
         printer = random.choice(_printers)
-        tag, body = self._document()
+        tag, offset, body = self._document()
         query = "?hold=true" if hold else ""
         name = "/v1/printers/[id]/jobs" + query
+        url = f"/v1/printers/{printer}/jobs?title={TITLE_PREFIX}{tag}" + ("&hold=true" if hold else "")
+        _record(
+            self.environment, event="submitting", tag=tag, printer=printer, hold=hold, at=time.time(),
+            size=len(body), sha256=hashlib.sha256(body).hexdigest(), seed=_SEED, offset=offset,
+        )  # fmt: skip
         # geventhttpclient sends bytes as they are; locust's stub only names str and dict
         with self.client.post(
-            f"/v1/printers/{printer}/jobs{query}", data=body, name=name, catch_response=True,  # type: ignore[arg-type]
+            url, data=body, name=name, catch_response=True,  # type: ignore[arg-type]
             headers={**self.headers, "Content-Type": "application/octet-stream"},
         ) as response:  # fmt: skip
             if response.status_code != 201:
                 response.failure(f"submit answered {response.status_code}: {response.text[:200]}")
                 return None
             job_id = response.json()["id"]
-        _record(
-            self.environment, event="held" if hold else "accepted", tag=tag, job=job_id, printer=printer,
-            at=time.time(), size=len(body), sha256=hashlib.sha256(body).hexdigest(),
-        )  # fmt: skip
+        _record(self.environment, event="held" if hold else "accepted", tag=tag, job=job_id, at=time.time())
         self.recent.append(job_id)
         return tag, job_id
 
@@ -127,6 +142,7 @@ class PrintUser(FastHttpUser):
         """Submit held; release it on a later visit (to the same printer, as at a release station)."""
         if self.held and random.random() < 0.7:
             tag, job_id = self.held.popleft()
+            _record(self.environment, event="releasing", tag=tag, job=job_id, at=time.time())
             with self.client.post(
                 f"/v1/jobs/{job_id}/release", name="/v1/jobs/[id]/release", headers=self.headers,
                 catch_response=True,
@@ -147,14 +163,15 @@ class PrintUser(FastHttpUser):
         if submitted is None:
             return
         tag, job_id = submitted
+        _record(self.environment, event="canceling", tag=tag, job=job_id, at=time.time(), held=True)
         with self.client.post(
             f"/v1/jobs/{job_id}/cancel", name="/v1/jobs/[id]/cancel (held)", headers=self.headers,
             catch_response=True,
         ) as response:  # fmt: skip
+            _record(self.environment, event="canceled", tag=tag, job=job_id, at=time.time(),
+                    status=response.status_code)  # fmt: skip
             if response.status_code != 200:
                 response.failure(f"cancel answered {response.status_code}: {response.text[:200]}")
-                return
-        _record(self.environment, event="canceled", tag=tag, job=job_id, at=time.time(), held=True)
 
     @task(1)
     def change_of_mind(self) -> None:
@@ -163,17 +180,17 @@ class PrintUser(FastHttpUser):
         if submitted is None:
             return
         tag, job_id = submitted
+        _record(self.environment, event="canceling", tag=tag, job=job_id, at=time.time(), held=False)
         with self.client.post(
             f"/v1/jobs/{job_id}/cancel", name="/v1/jobs/[id]/cancel (queued)", headers=self.headers,
             catch_response=True,
         ) as response:  # fmt: skip
+            _record(self.environment, event="canceled", tag=tag, job=job_id, at=time.time(),
+                    status=response.status_code)  # fmt: skip
             if response.status_code == 409:
                 response.success()  # too late: it completed
-                return
-            if response.status_code != 200:
+            elif response.status_code != 200:
                 response.failure(f"cancel answered {response.status_code}: {response.text[:200]}")
-                return
-        _record(self.environment, event="canceled", tag=tag, job=job_id, at=time.time(), held=False)
 
     @task(10)
     def poll_status(self) -> None:

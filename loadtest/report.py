@@ -1,16 +1,7 @@
-"""What a load test proved: submissions matched against what the printers received, and plots.
+"""What a load test proved: the verdict's figures (``verdict.py`` judges each job), latency and plots.
 
-Inputs are two NDJSON files: the job record Locust writes (``accepted``, ``held``, ``released``,
-``canceled``, each with the document's tag and SHA-256) and the arrivals the sink printers write. A job is
-*expected* once it is accepted (or released, for a held job) and not canceled. Then:
-
-* lost: expected, but no intact copy arrived (must be 0);
-* duplicate: more than one intact copy arrived (must be 0);
-* corrupt: a copy arrived whose size or SHA-256 differs from what was submitted (must be 0);
-* canceled_printed: a held job was canceled and printed anyway (must be 0). A queued job canceled
-  while already streaming may print (the cancel raced the printer); that is counted, not failed.
-
-Latency is from the client's "accepted" (201) or "released" (200) answer to the printer's EOF.
+Latency is from the client's "accepted" (201) or "released" (200) answer to the printer's EOF, for jobs
+printed in full; throughput counts those jobs over the span from the first submission to the last arrival.
 """
 
 from __future__ import annotations
@@ -18,10 +9,11 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from loadtest.verdict import Outcome, Submission, Verdict
 
 
 def read_ndjson(path: Path) -> list[dict[str, Any]]:
@@ -46,124 +38,73 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-@dataclass
-class Submitted:
-    tag: str
-    job: str
-    size: int
-    sha256: str
-    accepted_at: float
-    expected_at: float | None = None  # when it became due to print (accepted, or released)
-    canceled: bool = False
-    canceled_held: bool = False
+def _printed(verdict: Verdict, subs: Mapping[str, Submission]) -> list[tuple[Submission, float]]:
+    """(submission, when its first whole copy ended) of every job printed in full and due at a known time."""
+    printed = []
+    for key, judged in verdict.judged.items():
+        sub = subs.get(key)
+        if sub is not None and sub.due_at is not None and judged.printed_at is not None:
+            printed.append((sub, judged.printed_at))
+    return printed
 
 
-@dataclass
-class Matching:
-    submitted: dict[str, Submitted] = field(default_factory=dict)
-    arrivals: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
-
-    @classmethod
-    def of(cls, records: Iterable[dict[str, Any]], arrivals: Iterable[dict[str, Any]]) -> Matching:
-        matching = cls()
-        for row in records:
-            event, tag = row.get("event"), row.get("tag", "")
-            if event in ("accepted", "held"):
-                sub = Submitted(tag, row["job"], row["size"], row["sha256"], row["at"])
-                if event == "accepted":
-                    sub.expected_at = row["at"]
-                matching.submitted[tag] = sub
-            elif event == "released" and tag in matching.submitted:
-                matching.submitted[tag].expected_at = row["at"]
-            elif event == "canceled" and tag in matching.submitted:
-                sub = matching.submitted[tag]
-                sub.canceled = True
-                sub.canceled_held = bool(row.get("held"))
-        for arrival in arrivals:
-            matching.arrivals[arrival["tag"]].append(arrival)
-        return matching
-
-    def expected(self) -> list[Submitted]:
-        return [s for s in self.submitted.values() if s.expected_at is not None and not s.canceled]
-
-    def intact(self, sub: Submitted) -> list[dict[str, Any]]:
-        return [
-            a for a in self.arrivals.get(sub.tag, ()) if a["size"] == sub.size and a["sha256"] == sub.sha256
-        ]
-
-    def missing(self) -> list[Submitted]:
-        return [s for s in self.expected() if not self.intact(s)]
-
-
-def summarize(matching: Matching) -> dict[str, Any]:
-    expected = matching.expected()
-    latencies: list[float] = []
-    lost: list[str] = []
-    duplicates: list[str] = []
-    for sub in expected:
-        copies = matching.intact(sub)
-        if not copies:
-            lost.append(sub.job)
-            continue
-        if len(copies) > 1:
-            duplicates.append(sub.job)
-        assert sub.expected_at is not None
-        latencies.append(min(a["done_at"] for a in copies) - sub.expected_at)
-    corrupt = 0
-    for sub in matching.submitted.values():
-        corrupt += len(matching.arrivals.get(sub.tag, ())) - len(matching.intact(sub))
-    known = set(matching.submitted)
-    strangers = sum(len(v) for tag, v in matching.arrivals.items() if tag not in known)
-    canceled = [s for s in matching.submitted.values() if s.canceled]
-    held_open = [s for s in matching.submitted.values() if s.expected_at is None and not s.canceled]
-    canceled_printed = [s.job for s in canceled if s.canceled_held and matching.arrivals.get(s.tag)]
-    raced = [s.job for s in canceled if not s.canceled_held and matching.intact(s)]
-    held_printed = [s.job for s in held_open if matching.arrivals.get(s.tag)]
-    done = [a["done_at"] for v in matching.arrivals.values() for a in v]
-    starts = [s.accepted_at for s in matching.submitted.values()]
+def summarize(verdict: Verdict, subs: Mapping[str, Submission]) -> dict[str, Any]:
+    """The report's figures; the names ``lost``, ``duplicates``, ``corrupt``... are the verdict's counts."""
+    counts = verdict.counts()
+    named = verdict.to_json()["failing_jobs"]
+    latencies = [done - sub.due_at for sub, done in _printed(verdict, subs) if sub.due_at is not None]
+    printed = [k for k, j in verdict.judged.items() if j.outcome is Outcome.PRINTED]
+    done = [j.printed_at for j in verdict.judged.values() if j.printed_at is not None]
+    starts = [s.due_at for s in subs.values() if s.due_at is not None]
     span = (max(done) - min(starts)) if done and starts else 0.0
-    delivered = len(expected) - len(lost)
-    delivered_bytes = sum(s.size for s in expected if s.job not in set(lost))
+    canceled = [s for s in subs.values() if s.cancel_sent]
+    held_canceled = [s for s in canceled if s.hold and not s.release_sent]
+    raced = counts[Outcome.CANCELED_PRINTED_WHOLE] + sum(1 for k in printed if subs[k].cancel_sent)
     return {
-        "submitted": len(matching.submitted),
-        "expected": len(expected),
-        "delivered": delivered,
-        "delivered_mib": round(delivered_bytes / 2**20, 1),
-        "lost": len(lost),
-        "lost_jobs": lost[:20],
-        "duplicates": len(duplicates),
-        "duplicate_jobs": duplicates[:20],
-        "corrupt": corrupt,
-        "unknown_arrivals": strangers,
-        "canceled_held": sum(1 for s in canceled if s.canceled_held),
-        "canceled_queued": sum(1 for s in canceled if not s.canceled_held),
-        "canceled_printed": len(canceled_printed) + len(held_printed),
-        "canceled_raced_printed": len(raced),
-        "still_held": len(held_open),
-        "jobs_per_s": round(delivered / span, 1) if span else 0.0,
+        "submitted": sum(1 for j in verdict.judged.values() if j.state),
+        "expected": sum(1 for s in subs.values() if s.due_at is not None and not s.cancel_sent),
+        "delivered": len(printed),
+        "delivered_mib": round(sum(subs[k].size for k in printed) / 2**20, 1),
+        "lost": counts[Outcome.LOST],
+        "lost_jobs": [j["job"] for j in named.get("lost", [])],
+        "duplicates": counts[Outcome.DUPLICATE],
+        "duplicate_jobs": [j["job"] for j in named.get("duplicate", [])],
+        "corrupt": counts[Outcome.CORRUPT],
+        "unknown_arrivals": len(verdict.unknown_arrivals),
+        "canceled_held": len(held_canceled),
+        "canceled_queued": len(canceled) - len(held_canceled),
+        "canceled_partial": counts[Outcome.CANCELED_PARTIAL],
+        "canceled_printed": counts[Outcome.PRINTED_UNRELEASED],  # a held job printed without its release
+        "canceled_raced_printed": raced,
+        "failed": counts[Outcome.FAILED] + counts[Outcome.EXPIRED],
+        "unsettled": counts[Outcome.UNSETTLED],
+        "still_held": counts[Outcome.HELD],
+        "jobs_per_s": round(len(printed) / span, 1) if span else 0.0,
         "latency_ms": {
             "p50": round(1000 * percentile(latencies, 50), 1),
             "p95": round(1000 * percentile(latencies, 95), 1),
             "p99": round(1000 * percentile(latencies, 99), 1),
             "max": round(1000 * max(latencies, default=0.0), 1),
         },
+        "verdict": verdict.to_json(),
     }
 
 
-def timeline(matching: Matching, start: float, bin_seconds: float = 1.0) -> dict[str, list[float]]:
-    """Per-second series: accepted jobs, delivered jobs, and p50/p99 latency of the jobs delivered."""
+def timeline(
+    verdict: Verdict, subs: Mapping[str, Submission], start: float, bin_seconds: float = 1.0
+) -> dict[str, list[float]]:
+    """Per-second series: jobs due to print (not canceled), jobs printed, and p50/p99 latency of those."""
     accepted: Counter[int] = Counter()
     delivered: Counter[int] = Counter()
     latency: dict[int, list[float]] = defaultdict(list)
-    for sub in matching.expected():
-        assert sub.expected_at is not None
-        accepted[int((sub.expected_at - start) // bin_seconds)] += 1
-        copies = matching.intact(sub)
-        if copies:
-            done = min(a["done_at"] for a in copies)
-            slot = int((done - start) // bin_seconds)
-            delivered[slot] += 1
-            latency[slot].append(done - sub.expected_at)
+    for sub in subs.values():
+        if sub.due_at is not None and not sub.cancel_sent:
+            accepted[int((sub.due_at - start) // bin_seconds)] += 1
+    for sub, done in _printed(verdict, subs):
+        assert sub.due_at is not None
+        slot = int((done - start) // bin_seconds)
+        delivered[slot] += 1
+        latency[slot].append(done - sub.due_at)
     last = max([*accepted, *delivered, 0])
     slots = range(0, last + 1)
     return {

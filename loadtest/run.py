@@ -5,9 +5,13 @@
 
 Starts ``printrelay serve`` on free loopback ports with fresh tokens, ``loadtest/swarm.py`` with the
 connectors and their sink printers, waits until the relay lists every printer online, runs
-``locust --headless -u -r -t --csv``, waits (bounded by ``--drain-timeout``) until every accepted job has
-reached a printer, stops everything and writes ``report.json``, ``report.md`` and PNG plots to ``--out``.
-Exits 1 when a job was lost, printed twice, corrupted, or printed after its cancel.
+``locust --headless -u -r -t --csv``, then waits (bounded by ``--drain-timeout``) until the run has
+settled: every job the relay lists rests (completed, failed, canceled, expired, or held and never
+released) and the swarm has no delivery running and no sink connection open, twice in a row with nothing
+changed. Only then does it stop everything and judge each job by its final state, what the harness did to
+it and what the printers received (``verdict.py``), so the verdict does not depend on how a race went.
+Writes ``report.json`` (with ``verdict``), ``verdict.json``, ``report.md`` and PNG plots to ``--out``,
+prints one ``verdict:`` line with the count of every outcome, and exits 1 unless the verdict passed.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +32,9 @@ import trio
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loadtest.report import Matching, plot, read_ndjson, summarize, timeline
+from loadtest.report import plot, read_ndjson, summarize, timeline
 from loadtest.stack import Monitor, Relay, Service, create_tokens, machine, wait_printers_online
+from loadtest.verdict import RESTING_STATES, Received, RelayJob, Submission, judge
 
 HERE = Path(__file__).resolve().parent
 
@@ -47,7 +53,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-large-mib", type=float, default=20.0)
     parser.add_argument("--think-min", type=float, default=0.1, help="seconds between a user's tasks")
     parser.add_argument("--think-max", type=float, default=1.0)
-    parser.add_argument("--drain-timeout", type=float, default=120.0, help="wait for the last jobs")
+    parser.add_argument(
+        "--drain-timeout", type=float, default=120.0,
+        help="seconds to wait, after Locust, for every job to rest and every delivery to end",
+    )  # fmt: skip
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("loadtest-results"))
     return parser.parse_args(argv)
@@ -67,16 +76,80 @@ async def wait_swarm(status_path: Path, connectors: int, swarm: Service, within:
             await trio.sleep(0.1)
 
 
-async def wait_drained(record: Path, arrivals: Path, within: float) -> float:
-    """Wait until every expected job has arrived intact (or ``within`` seconds); seconds waited.
-    The files are written by other processes: polling them is all there is."""
+LIST_PAGE = 500  # the relay's largest page of GET /v1/jobs
+REQUEST_TIMEOUT = 30.0
+
+
+async def list_jobs(client: httpx.AsyncClient) -> list[RelayJob]:
+    """Every job of the tenant, page by page."""
+    jobs: list[RelayJob] = []
+    params: dict[str, str | int] = {"limit": LIST_PAGE}
+    while True:
+        with trio.fail_after(REQUEST_TIMEOUT):
+            response = await client.get("/v1/jobs", params=params)
+        response.raise_for_status()
+        page = response.json()
+        jobs += [RelayJob.from_api(job) for job in page["jobs"]]
+        if not page["next"]:
+            return jobs
+        params["after"] = page["next"]
+
+
+async def swarm_status_after(status_path: Path, at: float, swarm: Service) -> dict[str, Any]:
+    """The swarm's first status written after ``at`` (time.time()); it rewrites it every 0.5 s."""
+    while True:
+        if not swarm.running():
+            raise RuntimeError(f"swarm exited:\n{swarm.tail()}")
+        try:
+            status: dict[str, Any] = json.loads(await trio.Path(status_path).read_text())
+            if status["at"] > at:
+                return status
+        except (OSError, ValueError):
+            pass  # being replaced
+        await trio.sleep(0.1)
+
+
+@dataclass
+class Settled:
+    jobs: list[RelayJob]  # the relay's list at the last look
+    settled: bool
+    seconds: float
+    note: str  # what was still moving, when not settled
+
+
+async def settle(client: httpx.AsyncClient, status_path: Path, swarm: Service, within: float) -> Settled:
+    """Wait, at most ``within`` seconds, until every job rests at the relay and, in a swarm status written
+    after that was seen, no delivery runs and no sink connection is open; then look once more and require
+    the same job states and arrival count (a request still in flight when Locust stopped, say a release,
+    would show up as a change). The relay and the swarm are other processes: polling is all there is."""
     started = time.monotonic()
+    jobs: list[RelayJob] = []
+    note = "nothing looked at yet"
+    previous: tuple[dict[str, str], int] | None = None
     with trio.move_on_after(within):
         while True:
-            if not Matching.of(read_ndjson(record), read_ndjson(arrivals)).missing():
-                break
+            jobs = await list_jobs(client)
+            looked = time.time()
+            moving = [j for j in jobs if j.state not in RESTING_STATES]
+            if moving:
+                note = f"{len(moving)} jobs not final, e.g. {moving[0].id} {moving[0].state}"
+                previous = None
+            else:
+                status = await swarm_status_after(status_path, looked, swarm)
+                current = ({j.id: j.state for j in jobs}, int(status["arrivals"]))
+                if status["deliveries_in_progress"] or status["sink_connections"]:
+                    note = (
+                        f"{status['deliveries_in_progress']} deliveries running, "
+                        f"{status['sink_connections']} sink connections open"
+                    )
+                    previous = None
+                elif current == previous:
+                    return Settled(jobs, True, time.monotonic() - started, "")
+                else:
+                    note = "changed between two quiet looks"
+                    previous = current
             await trio.sleep(0.25)
-    return time.monotonic() - started
+    return Settled(jobs, False, time.monotonic() - started, f"after {within:g} s: {note}")
 
 
 def locust_totals(csv_prefix: Path) -> dict[str, Any]:
@@ -150,7 +223,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         break
                     await trio.sleep(0.2)
             load_end = time.time()
-            drained = await wait_drained(record, arrivals, args.drain_timeout)
+            async with httpx.AsyncClient(
+                base_url=relay.api_url, headers={"authorization": f"Bearer {tokens.api}"}, timeout=30
+            ) as client:
+                settled = await settle(client, status, swarm, args.drain_timeout)
             drain_end = time.time()
             monitor.take()
             nursery.cancel_scope.cancel()
@@ -159,15 +235,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         swarm.stop()
         relay.stop()
 
-    matching = Matching.of(read_ndjson(record), read_ndjson(arrivals))
-    summary = summarize(matching)
+    subs = Submission.from_record(read_ndjson(record))
+    verdict = judge(
+        subs, settled.jobs, [Received.from_row(row) for row in read_ndjson(arrivals)],
+        settled=settled.settled, settle_note=settled.note,
+    )  # fmt: skip
+    summary = summarize(verdict, subs)
     totals = locust_totals(csv_prefix)
     report: dict[str, Any] = {
         "command": shlex.join(["python", "loadtest/run.py", *sys.argv[1:]]),
         "machine": machine(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "load_seconds": round(load_end - load_start, 1),
-        "drain_seconds": round(drained, 1),
+        "drain_seconds": round(settled.seconds, 1),
         "locust": totals,
         "locust_exit_code": locust.process.returncode if locust.process else None,
         **summary,
@@ -183,8 +263,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             ]
             for name, samples in monitor.samples.items()
         }
-        report["plots"] = [p.name for p in plot(timeline(matching, load_start), resources, out)]
+        report["plots"] = [p.name for p in plot(timeline(verdict, subs, load_start), resources, out)]
+    report["verdict_line"] = verdict.line()
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "verdict.json").write_text(json.dumps(report["verdict"], indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
     return report
 
@@ -217,37 +299,27 @@ def markdown(report: dict[str, Any]) -> str:
         f"| latency accepted → printed | p50 {lat['p50']} ms, p95 {lat['p95']} ms, p99 {lat['p99']} ms, "
         f"max {lat['max']} ms |",
         f"| lost / duplicates / corrupt | {report['lost']} / {report['duplicates']} / {report['corrupt']} |",
-        f"| canceled (held / queued) | {report['canceled_held']} / {report['canceled_queued']}; printed "
-        f"after cancel: {report['canceled_printed']} (raced: {report['canceled_raced_printed']}) |",
+        f"| canceled (held / queued) | {report['canceled_held']} / {report['canceled_queued']}; held jobs "
+        f"printed: {report['canceled_printed']}; canceled during delivery: partial "
+        f"{report['canceled_partial']}, whole (cancel too late) {report['canceled_raced_printed']} |",
+        f"| failed / unsettled / still held | {report['failed']} / {report['unsettled']} / "
+        f"{report['still_held']} |",
         f"| HTTP requests / failures | {report['locust'].get('requests')} / "
         f"{report['locust'].get('failures')} ({report['locust'].get('requests_per_s')} req/s) |",
         f"| relay CPU / peak RSS | {relay['cpu_percent']} % of one core / {relay['peak_rss_mib']} MiB |",
         "",
     ]
+    lines += [f"`{report['verdict_line']}`", ""]
     lines += [f"![{name}]({name})" for name in report.get("plots", [])]
     return "\n".join(lines) + "\n"
-
-
-def failed(report: dict[str, Any]) -> list[str]:
-    problems = [
-        f"{report[k]} {k.replace('_', ' ')}"
-        for k in ("lost", "duplicates", "corrupt", "canceled_printed", "unknown_arrivals")
-        if report[k]
-    ]
-    if not report["delivered"]:
-        problems.append("no job was delivered")
-    return problems
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     report = trio.run(run, args)
     print((args.out / "report.md").read_text())
-    problems = failed(report)
-    if problems:
-        print("FAILED: " + ", ".join(problems), file=sys.stderr)
-        return 1
-    return 0
+    print(report["verdict_line"])
+    return 0 if report["verdict"]["passed"] else 1
 
 
 if __name__ == "__main__":

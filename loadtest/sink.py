@@ -3,7 +3,9 @@
 A sink reads each connection to its end, optionally no faster than ``rate`` bytes/s (a real printer
 takes data at its own pace, and HTTP/2 flow control must carry that back to the relay), and records the
 job's tag, size, SHA-256 and arrival times as one NDJSON line. Load-test documents start with a tag line
-(``PRLOAD <tag>\\n``), so arrivals can be matched to submissions without trusting the relay's word.
+(``PRLOAD <tag>\\n``, see ``documents.py``), so arrivals can be matched to submissions without trusting the
+relay's word. A connection the sender broke mid-job is recorded too (``broken``): a real printer would have
+printed what it got.
 """
 
 from __future__ import annotations
@@ -21,17 +23,14 @@ from typing import IO, Any
 
 import trio
 
-TAG_PREFIX = b"PRLOAD "
+from loadtest.documents import TAG_PREFIX
+from loadtest.documents import tagged as tagged  # where the benchmarks import it from
+
 MAX_TAG_LINE = 128
 READ_SIZE = 1024 * 1024
 CONSUME_QUEUE = 4  # received pieces waiting to be hashed or spooled (<= 4 x READ_SIZE bytes)
 CONSUME_IN_THREAD = 64 * 1024  # below this a worker-thread hop costs more than hashing inline
 HASH_BLOCK = 4 * 1024 * 1024
-
-
-def tagged(tag: str, payload: bytes | memoryview) -> bytes:
-    """A load-test document: the tag line, then ``payload``."""
-    return TAG_PREFIX + tag.encode() + b"\n" + bytes(payload)
 
 
 @dataclass(frozen=True)
@@ -42,6 +41,8 @@ class Arrival:
     sha256: str  # "" when the sink was told not to hash
     first_at: float  # time.time() of the first byte
     done_at: float  # time.time() of the last byte
+    broken: bool = False  # the sender reset the connection instead of ending it: what came is what printed
+    head: str = ""  # hex of the first bytes when they hold no whole tag line (a delivery cut that early)
 
 
 class RawSink:
@@ -68,6 +69,9 @@ class RawSink:
         self.jobs = 0
         self.bytes = 0
         self.received = 0  # bytes received so far, jobs not yet finished included
+        # Connections being read or not yet recorded: 0 (with no delivery running) means every job that
+        # reached this printer is in the record. A load test waits for that before it judges.
+        self.open = 0
         self._awaited: tuple[int, trio.Event] | None = None
 
     async def wait_received(self, total: int) -> None:
@@ -83,9 +87,19 @@ class RawSink:
         await trio.serve_listeners(self._handle, listeners)
 
     async def _handle(self, stream: trio.SocketStream) -> None:
+        self.open += 1
+        try:
+            arrival = await self._receive(stream)
+            if arrival is not None:  # None: a reachability probe, not a job
+                self.record(arrival)
+        finally:
+            self.open -= 1
+
+    async def _receive(self, stream: trio.SocketStream) -> Arrival | None:
         digest = hashlib.sha256() if self.digest else None
         head = b""
         size = 0
+        broken = False
         first_at = first_wall = last_wall = 0.0
         clock_start = trio.current_time()
         # SHA-256 runs at ~250 MB/s per core here: hashing in the receive loop would make the sink the
@@ -111,7 +125,8 @@ class RawSink:
                         try:
                             data = await stream.receive_some(READ_SIZE)
                         except trio.BrokenResourceError:
-                            return  # the sender gave up mid-job: nothing was printed
+                            broken = True  # a reset mid-job: a printer prints what it got
+                            break
                         if not data:
                             break
                         last_wall = time.time()
@@ -136,15 +151,17 @@ class RawSink:
             if spool is not None:
                 spool.close()
         if not size:
-            return  # a reachability probe, not a job
-        self.jobs += 1
-        self.bytes += size
+            return None
+        if not broken:
+            self.jobs += 1
+            self.bytes += size
         tag = ""
         if head.startswith(TAG_PREFIX) and b"\n" in head:
             tag = head[len(TAG_PREFIX) : head.index(b"\n")].decode(errors="replace")
-        self.record(
-            Arrival(self.printer, tag, size, digest.hexdigest() if digest else "", first_wall, last_wall)
-        )
+        return Arrival(
+            self.printer, tag, size, digest.hexdigest() if digest else "", first_wall, last_wall,
+            broken=broken, head="" if tag else head.hex(),
+        )  # fmt: skip
 
 
 async def _consume(

@@ -4,7 +4,8 @@ Each simulated connector is the real :class:`connector.app.Connector` (tunnel cl
 ledger, decryption, RAW delivery) with its own state directory, serving M printers that are
 :class:`~loadtest.sink.RawSink` servers. Only the printers are simulated. Every job a sink receives is
 appended to ``--arrivals`` (NDJSON); ``--status`` is rewritten twice a second with how many connectors
-are connected, so a driver in another process can wait for the swarm without polling the relay.
+are connected, deliveries still running and sink connections still open, so a driver in another process
+can wait for the swarm (to be up, or to have settled) without polling the relay.
 
     python loadtest/swarm.py --relay ws://127.0.0.1:8081/v1/tunnel --connectors tokens.json \\
         --printers-per-connector 4 --state-dir swarm-state --arrivals arrivals.ndjson
@@ -103,6 +104,9 @@ class Swarm:
             "sessions_opened": sum(c.tunnel.sessions_opened for c in self.connectors),
             "exited": self.exited,
             "deliveries": sum(c.deliveries for c in self.connectors),
+            # Both 0: nothing is on its way to a printer, and whatever reached one is in --arrivals.
+            "deliveries_in_progress": sum(c.deliveries_in_progress for c in self.connectors),
+            "sink_connections": sum(s.open for s in self.sinks),
             "arrivals": self.arrivals.count,
             "sink_bytes": sum(s.bytes for s in self.sinks),
         }

@@ -1,7 +1,8 @@
 """A few seconds of the load test (loadtest/run.py): relay, connector swarm and Locust as real processes.
 
 The full runs are benchmarks (``make loadtest``); this one proves the harness works and that no job is
-lost, printed twice or corrupted under a small mixed load with holds, releases and cancels.
+lost, printed twice or corrupted under a small mixed load with holds, releases and cancels. The verdict's
+rules are tested with bytes in test_loadtest_verdict.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # loadtest/ is tooling next to the packages, not an installed package
 
 from loadtest.bench_idle import reached  # noqa: E402
-from loadtest.report import Matching, percentile, summarize  # noqa: E402
+from loadtest.report import percentile  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -35,6 +36,11 @@ def test_smoke_load_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     assert report["delivered"] > 10, report
     assert (report["lost"], report["duplicates"], report["corrupt"]) == (0, 0, 0), report
     assert report["canceled_printed"] == 0, report
+    verdict = json.loads((out / "verdict.json").read_text())
+    assert verdict["passed"] and verdict["settled"], verdict
+    assert verdict["outcomes"]["printed"] == report["delivered"]
+    assert verdict["outcomes"]["unsettled"] == 0
+    assert "verdict: PASSED | jobs " in result.stdout
     assert report["locust"]["failures"] == 0, (out / "locust_failures.csv").read_text()
     assert report["relay"]["peak_rss_mib"] > 0
     assert {"throughput.png", "latency.png"} <= {p.name for p in out.iterdir()}
@@ -48,45 +54,6 @@ def _logs(out: Path) -> str:
         if path.exists():
             parts.append(f"\n--- {name} ---\n{path.read_text(errors='replace')[-3000:]}")
     return "".join(parts)
-
-
-def _record(event: str, tag: str, at: float, **extra: object) -> dict[str, object]:
-    return {"event": event, "tag": tag, "job": f"job-{tag}", "at": at, "size": 3, "sha256": "s", **extra}
-
-
-def _arrival(tag: str, done_at: float, sha256: str = "s") -> dict[str, object]:
-    return {"tag": tag, "size": 3, "sha256": sha256, "first_at": done_at, "done_at": done_at}
-
-
-def test_matching_counts_lost_duplicate_corrupt_and_canceled() -> None:
-    records = [
-        _record("accepted", "a", 1.0),
-        _record("accepted", "b", 1.0),  # never arrives: lost
-        _record("accepted", "c", 1.0),  # arrives twice: duplicate
-        _record("held", "d", 1.0),
-        _record("released", "d", 2.0),  # latency counts from the release
-        _record("held", "e", 1.0),
-        _record("canceled", "e", 1.5, held=True),  # canceled while held, printed anyway
-        _record("accepted", "f", 1.0),
-        _record("canceled", "f", 1.1, held=False),  # raced the printer: counted, not a failure
-    ]
-    arrivals = [
-        _arrival("a", 1.5),
-        _arrival("c", 1.2),
-        _arrival("c", 1.3),
-        _arrival("d", 2.25),
-        _arrival("d", 2.5, sha256="other"),  # a corrupt copy next to an intact one
-        _arrival("e", 3.0),
-        _arrival("f", 1.2),
-    ]
-    summary = summarize(Matching.of(records, arrivals))
-    assert summary["expected"] == 4 and summary["delivered"] == 3
-    assert summary["lost_jobs"] == ["job-b"]
-    assert summary["duplicate_jobs"] == ["job-c"]
-    assert summary["corrupt"] == 1
-    assert summary["canceled_printed"] == 1 and summary["canceled_raced_printed"] == 1
-    assert summary["latency_ms"]["max"] == 500.0
-    assert summary["latency_ms"]["p50"] == 250.0
 
 
 def test_percentile_nearest_rank() -> None:
