@@ -21,23 +21,24 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import trio
 
 from connector.config import ConnectorConfig, PrinterSpec, uncertain_delivery_for
-from connector.delivery import Backend, DeliveryError, JobTicket, backend_for_uri
+from connector.delivery import Backend, DeliveryError, JobTicket, LpdBackend, RawBackend, backend_for_uri
+from connector.delivery.document import VerifiedDocument, remove_leftovers, unnamed_file, write_all
 from connector.discovery import DiscoverySettings, discover
 from connector.keys import KeyRing
 from connector.ledger import Ledger, LedgerEntry
 from connector.metrics import ConnectorMetrics
 from connector.ops import ops_listener
+from connector.printer_mib import pages_between
 from connector.printerbook import MAX_REQUEST_BYTES, PrinterBook, parse_printer_request
 from connector.status import PrinterStatus, poll
 from connector.tunnel import TunnelGroup
 from service.listen import start_listener
-from service.private_files import create_private, private_dir
+from service.private_files import private_dir
 from tunnel.messages import (
     MAX_REPLICAS_BYTES,
     NDJSON,
@@ -73,6 +74,7 @@ class PrinterEntry:
     state: str = "unknown"
     reasons: list[str] = field(default_factory=list)
     capabilities: dict[str, Any] = field(default_factory=dict)
+    message: str = ""
     busy: trio.Lock = field(default_factory=trio.Lock)
 
     def info(self) -> PrinterInfo:
@@ -83,55 +85,25 @@ class PrinterEntry:
             state=self.state,
             reasons=tuple(self.reasons),
             capabilities=self.capabilities,
+            message=self.message,
         )
 
 
-# A RAW/LPD job's sealed payload is received whole before the printer gets a byte (see _deliver): up to
-# IN_MEMORY_MAX bytes in memory, beyond that in incoming/. Files are written, read and checked in batches of
-# FILE_BATCH bytes in a worker thread (AES-GCM releases the GIL), so the event loop keeps serving the
-# tunnel meanwhile and pays one thread hop per batch instead of one per HTTP/2 DATA frame. A delivery
-# holds about two batches at a time, and --max-jobs deliveries run at once: with 32 jobs of 64 MiB, 1 MiB
-# batches cost the connector ~20 MiB more RSS than 512 KiB ones, for no measurable gain on one job.
+# A RAW/LPD job's sealed payload is received whole and authenticated before the printer gets a byte (see
+# _deliver); what is kept is the plaintext the check produced (connector/delivery/document.py): up to
+# IN_MEMORY_MAX bytes in memory, beyond that in an unnamed file in incoming/, sent with sendfile(2). The file
+# is checked and written in batches of FILE_BATCH bytes in a worker thread (AES-GCM releases the GIL), so the
+# event loop keeps serving the tunnel meanwhile and pays one thread hop per batch instead of one per HTTP/2
+# DATA frame. A delivery holds about two batches at a time, and --max-jobs deliveries run at once: with 32
+# jobs of 64 MiB, 1 MiB batches cost the connector ~20 MiB more RSS than 512 KiB ones, for no measurable
+# gain on one job.
 IN_MEMORY_MAX = 1024 * 1024
 FILE_BATCH = 512 * 1024
 
 
-def _check_and_write(opener: PayloadOpener, chunks: list[bytes], file: BinaryIO) -> None:
-    for chunk in chunks:
-        opener.feed(chunk)  # the plaintext is dropped: this pass only authenticates
-    file.writelines(chunks)
-
-
-def _open_sealed(path: Path) -> BinaryIO:
-    return path.open("rb", buffering=0)
-
-
-def _read_and_open(file: BinaryIO, opener: PayloadOpener, size: int) -> list[bytes] | None:
-    data = file.read(size)
-    return opener.feed(data) if data else None
-
-
-async def _read_file(
-    source: Path | bytes, opener: PayloadOpener, size: int = FILE_BATCH
-) -> AsyncIterator[bytes]:
-    """The plaintext of a payload that ``_receive_verified`` kept: in memory, or a sealed file read and
-    opened ``size`` bytes at a time in a worker thread. ``opener.finish()`` is the caller's."""
-    if isinstance(source, bytes):
-        for plain in opener.feed(source):
-            yield plain
-        return
-    file = await trio.to_thread.run_sync(_open_sealed, source)
-    try:
-        while (opened := await trio.to_thread.run_sync(_read_and_open, file, opener, size)) is not None:
-            for piece in opened:
-                yield piece
-    finally:
-        file.close()
-
-
-def _create_incoming(path: Path) -> BinaryIO:
-    private_dir(path.parent)
-    return os.fdopen(create_private(path, os.O_WRONLY | os.O_TRUNC), "wb")
+def _open_and_write(opener: PayloadOpener, chunks: list[bytes], fd: int) -> int:
+    """Authenticate ``chunks`` and append their plaintext to ``fd``; the plaintext bytes."""
+    return write_all(fd, [plain for chunk in chunks for plain in opener.feed(chunk)])
 
 
 async def _open_stream(stream: H2Stream, opener: PayloadOpener) -> AsyncIterator[bytes]:
@@ -188,6 +160,7 @@ class Connector:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await self.ledger.open()
+        await trio.to_thread.run_sync(remove_leftovers, self.config.state_dir / "incoming")
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -367,8 +340,7 @@ class Connector:
             watch.cancel_scope.cancel()
         assert delivery.status is not None
         try:
-            await self._status(stream, delivery.status)
-            await stream.end()
+            await stream.send_data(delivery.status.encode(), end_stream=True)
         finally:
             # The final status is on its way to the relay (or the stream is gone): a drain may close now.
             self._reporting.discard(job_id)
@@ -440,36 +412,57 @@ class Connector:
             return JobStatus("failed", f"cannot open the job's data key: {exc}")
         handed_on_accept = printer.spec.kind in ("ipp", "ipps", "cups")  # IPP underneath
         # RAW and LPD printers print whatever bytes reach them, so a tunnel that drops mid-job would print
-        # a fragment. For them the sealed payload is first received whole and verified into a local file
-        # (still encrypted), then replayed. IPP printers discard an unfinished request by themselves.
-        buffered: Path | bytes | None = None
+        # a fragment. For them the sealed payload is first received whole and authenticated, and the
+        # plaintext kept (in memory, or an unnamed 0600 file: connector/delivery/document.py) is what the
+        # printer gets. IPP printers discard an unfinished request by themselves.
+        verified: VerifiedDocument | None = None
         if not handed_on_accept:
             try:
-                buffered = await self._receive_verified(stream, dek, job_id)
+                verified = await self._receive_verified(stream, dek, job_id)
             except IntegrityError as exc:
                 return await self._integrity_failure(job_id, printer, exc)
+        try:
+            return await self._feed(stream, ticket, printer, earlier, dek, verified)
+        finally:
+            if verified is not None:
+                verified.close()
 
-        feeding = False  # RAW/LPD: the printer may have some of the job
+    async def _feed(
+        self,
+        stream: H2Stream,
+        ticket: JobTicketMessage,
+        printer: PrinterEntry,
+        earlier: LedgerEntry | None,
+        dek: bytes,
+        verified: VerifiedDocument | None,
+    ) -> JobStatus:
+        """Hand the job to the printer: ``verified``, or for IPP printers the payload as it arrives."""
+        job_id = ticket.job_id
+        handed_on_accept = verified is None
+        printed = self.metrics.printer_bytes.labels(printer.spec.kind)
+        if verified is not None:
 
-        async def document() -> AsyncIterator[bytes]:
-            nonlocal feeding
+            async def feeding() -> None:
+                # On disk before the printer gets a byte: a connector that dies from here until `handed`
+                # cannot know what printed, and must not print it again blindly.
+                await self.ledger.record(
+                    job_id, printer.spec.id, "feeding", f"attempt {ticket.attempt}: printer taking it",
+                    unknown_outcomes=ticket.unknown_outcomes,
+                )  # fmt: skip
+
+            async def handed() -> None:
+                await self.ledger.record(job_id, printer.spec.id, "handed", "printer took every byte")
+
+            verified.watch(feeding, handed, printed.inc)
+
+        async def streamed() -> AsyncIterator[bytes]:
             opener = PayloadOpener(dek, job_id)
-            printed = self.metrics.printer_bytes.labels(printer.spec.kind)
-            async for plain in _read_file(buffered, opener) if buffered else _open_stream(stream, opener):
-                if not handed_on_accept and not feeding:
-                    # On disk before the printer gets a byte: a connector that dies from here until
-                    # `handed` cannot know what printed, and must not print it again blindly.
-                    await self.ledger.record(
-                        job_id, printer.spec.id, "feeding", f"attempt {ticket.attempt}: printer taking it",
-                        unknown_outcomes=ticket.unknown_outcomes,
-                    )  # fmt: skip
-                    feeding = True
+            async for plain in _open_stream(stream, opener):
                 printed.inc(len(plain))
                 yield plain
             opener.finish()
-            if not handed_on_accept:
-                # RAW/LPD: pulling past the last chunk means the printer took every byte.
-                await self.ledger.record(job_id, printer.spec.id, "handed", "printer took every byte")
+
+        document: AsyncIterator[bytes] = verified if verified is not None else streamed()
 
         async def progress(state: str, message: str) -> None:
             if state == "printing":
@@ -498,14 +491,22 @@ class Connector:
             )
 
         started = time.monotonic()
+        pages: int | None = None
+        # RAW and LPD printers with SNMP: the page counter before the job and once the printer settles
+        # after it (connector/printer_mib.py), under the printer's lock so that our next job does not
+        # count in this one. Best effort, and bounded: an agent that does not answer costs one timeout.
+        mib = printer.backend.snmp if isinstance(printer.backend, RawBackend | LpdBackend) else None
         try:
             async with printer.busy:
-                result = await printer.backend.deliver(job, document(), progress, journal)
+                before = await mib.life_count() if mib is not None else None
+                result = await printer.backend.deliver(job, document, progress, journal)
+                if mib is not None and before is not None and result.state == "completed":
+                    pages = pages_between(before, await mib.settled_count(before))
         except IntegrityError as exc:
             return await self._integrity_failure(job_id, printer, exc)
         except DeliveryError as exc:
             if exc.retryable:
-                if feeding:  # we saw it fail: a resend is a retry, not an unknown outcome
+                if verified is not None and verified.begun:  # we saw it fail: a retry, not an unknown outcome
                     await self.ledger.record(
                         job_id, printer.spec.id, "started", f"attempt failed: {exc.message}"
                     )
@@ -514,17 +515,22 @@ class Connector:
             return JobStatus("failed", exc.message)
         except StreamClosed:
             raise  # the relay went away; it will resend, the ledger says how far we got
-        finally:
-            if isinstance(buffered, Path):
-                await trio.Path(buffered).unlink(missing_ok=True)
         self.deliveries += 1
-        await self.ledger.record(job_id, printer.spec.id, result.state, result.message, result.printer_job_id)
+        message = result.message
+        if pages is not None:
+            message += (
+                f"; {pages} page{'s' if pages != 1 else ''} by the printer's page counter (best effort)"
+            )
+        if verified is not None and verified.ended and result.state == "completed":
+            self.ledger.note_completed(job_id, printer.spec.id, message)  # `handed` is on disk already
+        else:
+            await self.ledger.record(job_id, printer.spec.id, result.state, message, result.printer_job_id)
         log.info(
             "job %s %s on %s in %.2f s: %s", job_id, result.state, printer.spec.id,
-            time.monotonic() - started, result.message,
+            time.monotonic() - started, message,
             extra={"job_id": job_id, "printer_id": printer.spec.id},
         )  # fmt: skip
-        return JobStatus(result.state, result.message, result.printer_job_id)
+        return JobStatus(result.state, message, result.printer_job_id, pages=pages)
 
     async def _integrity_failure(self, job_id: str, printer: PrinterEntry, exc: IntegrityError) -> JobStatus:
         log.error(
@@ -534,39 +540,36 @@ class Connector:
         await self.ledger.record(job_id, printer.spec.id, "failed", f"integrity error: {exc}")
         return JobStatus("failed", f"payload integrity check failed: {exc}")
 
-    async def _receive_verified(self, stream: H2Stream, dek: bytes, job_id: str) -> Path | bytes:
-        """Receive the whole sealed payload, authenticating every record: the bytes themselves when they
-        fit in IN_MEMORY_MAX, else a file in ``incoming/`` (written and checked FILE_BATCH bytes at a time in
-        a worker thread; the HTTP/2 window keeps the tunnel busy meanwhile)."""
+    async def _receive_verified(self, stream: H2Stream, dek: bytes, job_id: str) -> VerifiedDocument:
+        """Receive the whole sealed payload, authenticating every record, and keep its plaintext: in memory
+        when the payload fits in IN_MEMORY_MAX, else in an unnamed file in ``incoming/`` (checked and
+        written FILE_BATCH bytes at a time in a worker thread; the HTTP/2 window keeps the tunnel busy
+        meanwhile). IntegrityError, and nothing kept, if any record fails or the payload is cut short."""
         opener = PayloadOpener(dek, job_id)
         batch: list[bytes] = []
         held = 0
-        path = self.config.state_dir / "incoming" / f"{job_id}.sealed"
-        file: BinaryIO | None = None
+        size = 0
+        fd: int | None = None
         try:
             async for chunk in stream.iter_data():
                 batch.append(chunk)
                 held += len(chunk)
-                if held >= FILE_BATCH and (file is not None or held > IN_MEMORY_MAX):
-                    if file is None:
-                        file = await trio.to_thread.run_sync(_create_incoming, path)
-                    await trio.to_thread.run_sync(_check_and_write, opener, batch, file)
+                if held >= FILE_BATCH and (fd is not None or held > IN_MEMORY_MAX):
+                    if fd is None:
+                        fd = await trio.to_thread.run_sync(unnamed_file, self.config.state_dir / "incoming")
+                    size += await trio.to_thread.run_sync(_open_and_write, opener, batch, fd)
                     batch, held = [], 0
-            if file is None:
-                payload = b"".join(batch)
-                opener.feed(payload)
+            if fd is None:
+                parts = opener.feed(b"".join(batch) if len(batch) > 1 else batch[0]) if batch else []
                 opener.finish()
-                return payload
-            await trio.to_thread.run_sync(_check_and_write, opener, batch, file)
+                return VerifiedDocument(size=sum(len(part) for part in parts), parts=parts)
+            size += await trio.to_thread.run_sync(_open_and_write, opener, batch, fd)
             opener.finish()
-            await trio.to_thread.run_sync(file.close)
         except BaseException:
-            if file is not None:
-                file.close()
-                with trio.CancelScope(shield=True):
-                    await trio.Path(path).unlink(missing_ok=True)
+            if fd is not None:
+                os.close(fd)  # the file has no name: closing it frees it
             raise
-        return path
+        return VerifiedDocument(size=size, fd=fd)
 
     async def _status(self, stream: H2Stream, status: JobStatus, *, start: bool = False) -> None:
         if start:
@@ -591,10 +594,11 @@ class Connector:
         if self.printers.get(printer.spec.id) is not printer:
             return  # removed or replaced while we asked
         reasons = list(status.reasons)
-        if (status.state, reasons, status.capabilities) == (
+        if (status.state, reasons, status.capabilities, status.message) == (
             printer.state,
             printer.reasons,
             printer.capabilities,
+            printer.message,
         ):
             return
         if status.state != printer.state:
@@ -603,12 +607,18 @@ class Connector:
                 extra={"printer_id": printer.spec.id},
             )  # fmt: skip
         printer.state, printer.reasons, printer.capabilities = status.state, reasons, status.capabilities
+        printer.message = status.message
         self._publish(printer_event(printer.info()))
 
     # --- printers added, changed and removed at run time --------------------------------------------
 
     def _entry(self, spec: PrinterSpec) -> PrinterEntry:
-        return PrinterEntry(spec, backend_for_uri(spec.uri, spool_dir=self.config.state_dir / "spool"))
+        config = self.config
+        backend = backend_for_uri(
+            spec.uri, spool_dir=config.state_dir / "spool", snmp_port=config.snmp_port,
+            snmp_community=config.snmp_community,
+        )  # fmt: skip
+        return PrinterEntry(spec, backend)
 
     async def _put_printer(self, stream: H2Stream) -> None:
         """``POST /v1/printers`` ``{"id", "uri"}``: serve this printer from now on (201 new, 200 changed)."""

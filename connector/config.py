@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from connector.delivery.cups import parse_cups_uri
 from connector.delivery.lpd import parse_lpd_uri
 from connector.proxy import parse_proxy
+from connector.snmp import snmp_enabled
 from service.settings import option, parse_duration, parse_hostport
 
 PRINTER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -68,6 +69,8 @@ def check_printer_uri(printer_id: str, uri: str) -> None:
             parse_lpd_uri(uri)
         elif parts.scheme == "cups":
             parse_cups_uri(uri)
+        if parts.scheme in ("socket", "lpd"):
+            snmp_enabled(uri)  # ?snmp=false, or a value that is neither
     except ValueError as exc:
         raise ValueError(f"printer {printer_id}: {exc}") from None
 
@@ -129,9 +132,16 @@ class ConnectorConfig:
         60.0, "on SIGTERM, how long in-flight jobs may take to finish", parse=parse_duration
     )
     status_interval: float = option(
-        30.0, "seconds between polls of each printer's status (IPP Get-Printer-Attributes, TCP connect)",
-        parse=parse_duration,
+        30.0, "seconds between polls of each printer's status (IPP Get-Printer-Attributes; RAW and LPD: "
+        "SNMP, else a TCP connect)", parse=parse_duration,
     )  # fmt: skip
+    snmp_port: int = option(
+        161, "UDP port of the SNMP agents of RAW and LPD printers, asked for their state and page counter "
+        "(Printer MIB, SNMPv2c); ?snmp=false on a printer's URI turns it off for that printer",
+    )  # fmt: skip
+    snmp_community: str = option(
+        "public", "SNMP community (read-only) of the RAW and LPD printers' agents", secret=True
+    )
     discover: bool = option(
         False, "look for printers (CUPS queues, DNS-SD, --discover-cidr ranges) every --discover-interval "
         "and report them to the relay as candidates to adopt",
@@ -190,6 +200,8 @@ class ConnectorConfig:
             raise ValueError("uncertain delivery given twice for the same printer")
         if self.max_jobs < 1:
             raise ValueError("max_jobs must be at least 1")
+        if not 1 <= self.snmp_port <= 65535:
+            raise ValueError(f"snmp_port must be a UDP port (1 to 65535), not {self.snmp_port}")
 
 
 MAX_TOKEN_FILE_BYTES = 4096

@@ -20,7 +20,9 @@ deliveries share one transaction and one fsync, group commit; each caller still 
 For IPP printers that take Create-Job + Send-Document (IPP Everywhere printers do) no window is left:
 the printer job id is on disk before the first document byte leaves. For RAW and LPD, ``feeding`` is on
 disk before the first byte leaves and ``handed`` the moment the last one has, so a connector that dies
-in between never prints the job again blindly. The window left is for IPP printers without Create-Job:
+in between never prints the job again blindly (their ``completed`` that follows ``handed`` goes with the
+next batch without being waited for: see :meth:`Ledger.note_completed`). The window left is for IPP
+printers without Create-Job:
 the printer has answered Print-Job and the connector dies before ``handed`` is on disk; the resend then
 prints a second copy. That window is one round trip.
 """
@@ -149,11 +151,24 @@ class Ledger:
     def note_started(self, job_id: str, printer_id: str, message: str) -> None:
         """Record ``started`` with the next batch, without waiting for it (no fsync on the job's path).
 
-        Only ``started`` may skip the wait: the ledger treats it like no entry at all (deliver again),
-        so a crash that loses it changes nothing. The next call (this delivery's ``handed``, or any
-        other) commits it first: batches run their writes in order.
+        ``started`` may skip the wait: the ledger treats it like no entry at all (deliver again), so a
+        crash that loses it changes nothing. The next write (this delivery's ``feeding`` or ``handed``, or
+        another delivery's) commits it first, batches run their writes in order; a lookup does not.
         """
         args = _record_args(job_id, printer_id, "started", message, None, 0)
+        if self._commits is None:
+            raise RuntimeError("ledger is not open")
+        self._commits.enqueue(lambda c: c.execute(RECORD, args))
+
+    def note_completed(self, job_id: str, printer_id: str, message: str) -> None:
+        """Record ``completed`` with the next batch, without waiting for it; only once ``handed`` is on disk.
+
+        A resend already finds ``handed`` and is answered "completed" without printing, so a crash that
+        loses this write loses only the printer's last words (the message); the next write, or
+        :meth:`close`, commits it (a lookup does not: it would make the next job's lookup wait on an
+        fsync).
+        """
+        args = _record_args(job_id, printer_id, "completed", message, None, 0)
         if self._commits is None:
             raise RuntimeError("ledger is not open")
         self._commits.enqueue(lambda c: c.execute(RECORD, args))
@@ -163,10 +178,12 @@ class Ledger:
         return int(rows[0][0])
 
     async def prune(self) -> int:
-        """Forget final entries older than ``keep_days``: the relay stops resending long before."""
+        """Forget final entries older than ``keep_days``: the relay stops resending long before. ``handed``
+        is as final (what follows it may not have reached the disk)."""
         cutoff = time.time() - self.keep_seconds
         rows = await self._run(
-            "DELETE FROM deliveries WHERE updated_at < ? AND state IN ('completed', 'failed') RETURNING 1",
+            "DELETE FROM deliveries WHERE updated_at < ? AND state IN ('handed', 'completed', 'failed') "
+            "RETURNING 1",
             (cutoff,),
             write=True,
         )

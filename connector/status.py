@@ -2,8 +2,10 @@
 
 IPP printers (and CUPS queues, which are IPP) answer Get-Printer-Attributes with their state
 (``idle`` / ``processing`` / ``stopped``), the reasons (``media-empty-error``, ``paused``, ...), their
-supplies and every ``*-supported`` value. RAW and LPD have no way to ask: a TCP connect tells whether
-the printer is there, and their capabilities are what the protocol can carry (copies, nothing else).
+supplies and every ``*-supported`` value. RAW and LPD have no way to ask on their own port: their
+printer's SNMP agent is asked instead (the Printer MIB, :mod:`connector.printer_mib`), in the same words;
+without an answer from it (or with ``?snmp=false`` on the URI) a TCP connect tells whether the printer is
+there. Their capabilities are what the protocol can carry (copies, nothing else).
 A printer that does not answer is ``offline`` with the reason ``offline-report``; the relay holds the
 jobs of ``offline`` and ``stopped`` printers instead of spending their attempts.
 
@@ -196,8 +198,14 @@ async def poll(backend: Backend, *, within: float = 15.0) -> PrinterStatus:
                 )
             return summarize(group)
         if isinstance(backend, RawBackend | LpdBackend):
-            if await backend.probe():
-                return PrinterStatus("idle", (), dict(STREAM_CAPABILITIES))
-            return offline("does not accept connections")
+            # The port decides whether jobs can go there at all (an agent answers while the print
+            # service is down); the agent, when it answers, says how the printer is.
+            if not await backend.probe():
+                return offline("does not accept connections")
+            if backend.snmp is not None:
+                mib = await backend.snmp.status()
+                if mib is not None:
+                    return PrinterStatus(mib.state, mib.reasons, dict(STREAM_CAPABILITIES), mib.message)
+            return PrinterStatus("idle", (), dict(STREAM_CAPABILITIES))
         return PrinterStatus("idle" if await backend.probe() else OFFLINE, (), {})
     return offline(f"no answer within {within:g} s")

@@ -158,6 +158,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 rest_start = time.time()
                 await trio.sleep(args.rest_seconds)
                 results["rest"] = monitor.summary("relay", rest_start)
+                base_rss = results["baseline_no_connectors"]["end_rss_mib"]
+                results["rss_per_connector_kib"] = round(
+                    (results["rest"]["end_rss_mib"] - base_rss) * 1024 / args.connectors, 1
+                )
                 results["rest_swarms_cpu_percent"] = swarms_cpu(monitor, len(swarms), rest_start)
                 print(f"at rest: {results['rest']}", flush=True)
 
@@ -250,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     rest, base = results["rest"], results["baseline_no_connectors"]
     print(
         f"{args.connectors} idle connectors: connected in {results['connect_seconds']} s; relay at rest "
-        f"{rest['end_rss_mib']} MiB RSS (baseline {base['end_rss_mib']} MiB), {rest['cpu_percent']} % CPU "
+        f"{rest['end_rss_mib']} MiB RSS (baseline {base['end_rss_mib']} MiB; "
+        f"{results['rss_per_connector_kib']} KiB per connector), {rest['cpu_percent']} % CPU "
         f"(baseline {base['cpu_percent']} %)"
     )
     print(

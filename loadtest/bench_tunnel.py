@@ -329,9 +329,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         Case(f"1 x {_size(args.big_mib)}", 1, args.big_mib * MiB),
         Case(f"32 x {_size(args.many_mib)}", 32, args.many_mib * MiB),
     ]
+    cases = [case for case in cases if ("single" if case.jobs == 1 else "many") in args.cases]
     try:
-        big = make_payload(work / "big.bin", cases[0].size)
-        medium = make_payload(work / "medium.bin", cases[1].size)
+        big = make_payload(work / "big.bin", args.big_mib * MiB) if "single" in args.cases else None
+        medium = make_payload(work / "medium.bin", args.many_mib * MiB) if "many" in args.cases else None
         async with trio.open_nursery() as nursery:
             await nursery.start(sink.server.serve)
             sink_uri = f"socket://127.0.0.1:{sink.server.port}"
@@ -361,6 +362,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     nursery.start_soon(monitor.run)
                     for case in cases:
                         payload = big if case.jobs == 1 else medium
+                        assert payload is not None
                         files = [payload.path] * case.jobs
                         total = case.size * case.jobs
                         sink.server.digest = False
@@ -378,6 +380,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                             "printrelay_tunnel_mb_s": rate(total, p["tunnel_seconds"]),
                             "printrelay_job_mb_s": rate(total, p["seconds"]),
                         }
+                        # after the tunnel phase: the connector sending its verified copy to the printer
+                        entry["printrelay_replay_mb_s"] = rate(total, p["seconds"] - p["tunnel_seconds"])
                         entry["tunnel_vs_websockify"] = round(
                             entry["printrelay_tunnel_mb_s"] / entry["websockify_mb_s"], 2
                         )
@@ -390,6 +394,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                         window = (p["released_at"], p["done_at"])
                         entry["relay_streaming"] = monitor.summary("relay", *window)
                         entry["connector_streaming"] = monitor.summary("connector", *window)
+                        # CPU per GiB moved: steadier than the rates on a shared machine
+                        for side in ("relay", "connector"):
+                            entry[f"{side}_cpu_seconds_per_gib"] = round(
+                                entry[f"{side}_streaming"]["cpu_seconds"] * GiB / total, 2
+                            )
                         results["cases"][case.name] = entry
                         print(f"{case.name}: {json.dumps(entry)}", flush=True)
                     results["relay_overall"] = monitor.summary("relay")
@@ -406,6 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--big-mib", type=int, default=1024, help="size of the single job")
     parser.add_argument("--many-mib", type=int, default=64, help="size of each of the 32 jobs")
+    parser.add_argument(
+        "--cases",
+        type=lambda text: set(text.split(",")),
+        default={"single", "many"},
+        help="which cases to run: single (the one big job), many (32 jobs at once), or single,many (default)",
+    )
     parser.add_argument(
         "--ws-message-kib", type=int, default=64, help="message size of the websockify baseline's sender"
     )
@@ -430,13 +445,16 @@ def main(argv: list[str] | None = None) -> int:
             f"websockify {entry['websockify_mb_s']} MB/s, "
             f"printrelay tunnel {entry['printrelay_tunnel_mb_s']} MB/s "
             f"({entry['tunnel_vs_websockify']}x websockify, {entry['tunnel_vs_direct']}x direct), "
-            f"whole RAW job {entry['printrelay_job_mb_s']} MB/s"
+            f"whole RAW job {entry['printrelay_job_mb_s']} MB/s ({entry['job_vs_websockify']}x websockify; "
+            f"the replay after the tunnel phase {entry['printrelay_replay_mb_s']} MB/s)"
         )
         relay, connector = entry["relay_streaming"], entry["connector_streaming"]
         print(
             f"  while streaming: relay {relay['cpu_percent']} % CPU, "
             f"peak RSS {relay['max_sampled_rss_mib']} MiB; "
-            f"connector {connector['cpu_percent']} % CPU, peak RSS {connector['max_sampled_rss_mib']} MiB"
+            f"connector {connector['cpu_percent']} % CPU, peak RSS {connector['max_sampled_rss_mib']} MiB; "
+            f"CPU per GiB: relay {entry['relay_cpu_seconds_per_gib']} s, "
+            f"connector {entry['connector_cpu_seconds_per_gib']} s"
         )
     return 0
 

@@ -7,6 +7,7 @@ import mimetypes
 import os
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -42,7 +43,14 @@ def add_submit_parser(commands: Any) -> None:
     submit.add_argument(
         "--timeout", type=float, default=3600.0, help="with --wait: give up after this many seconds"
     )
-    submit.add_argument("file", type=Path, help="the document ('-' for standard input)")
+    submit.add_argument(
+        "--url", help="print the document at this http(s) or ftp URL: the relay fetches it (instead of FILE)"
+    )
+    submit.add_argument(
+        "--header", action="append", default=[], metavar="'NAME: VALUE'",
+        help="with --url: a header the relay sends to the URL's origin (repeatable), e.g. an Authorization",
+    )  # fmt: skip
+    submit.add_argument("file", type=Path, nargs="?", help="the document ('-' for standard input)")
     submit.set_defaults(run=run_submit)
 
 
@@ -85,8 +93,29 @@ def run_submit(args: argparse.Namespace) -> int:
         raise SubmitFailed(f"cannot read {args.file}: {exc.strerror or exc}") from None
 
 
+def _source_body(args: argparse.Namespace) -> dict[str, Any]:
+    """The JSON body of a print from a URL (the relay fetches; see docs/api.md)."""
+    headers: dict[str, str] = {}
+    for header in args.header:
+        name, colon, value = header.partition(":")
+        if not colon or not name.strip():
+            raise SubmitFailed(f"--header {header!r} must read 'Name: value'")
+        headers[name.strip()] = value.strip()
+    body: dict[str, Any] = {"source_url": args.url}
+    if headers:
+        body["source_headers"] = headers
+    if args.document_format:
+        body["document_format"] = args.document_format
+    return body
+
+
 def _submit(args: argparse.Namespace) -> int:
-    path: Path = args.file
+    if (args.url is None) == (args.file is None):
+        raise SubmitFailed("give a FILE to upload or --url for the relay to fetch (one of them)")
+    if args.header and args.url is None:
+        raise SubmitFailed("--header goes with --url")
+    path: Path = args.file or Path(Path(urllib.parse.urlsplit(args.url).path).name or "document")
+    stdin = str(path) == "-"
     stdin = str(path) == "-"
     document_format = args.document_format or (
         "application/octet-stream"
@@ -108,6 +137,14 @@ def _submit(args: argparse.Namespace) -> int:
         headers["idempotency-key"] = args.idempotency_key
     show = sys.stderr.isatty()
     with httpx.Client(base_url=args.relay, timeout=httpx.Timeout(60, connect=10)) as client:
+        if args.url is not None:
+            # the relay answers once it has fetched the document: as long as its fetch_timeout
+            response = client.post(
+                f"/v1/printers/{args.printer}/jobs", params=params, json=_source_body(args),
+                headers={k: v for k, v in headers.items() if k != "content-type"},
+                timeout=httpx.Timeout(None),
+            )  # fmt: skip
+            return _answered(client, args, response, show)
         source: BinaryIO = sys.stdin.buffer if stdin else path.open("rb")
         with source:
             total = None if stdin else os.fstat(source.fileno()).st_size
@@ -119,13 +156,17 @@ def _submit(args: argparse.Namespace) -> int:
                 headers=headers,
                 content=_chunks(source, total, show),
             )
-        if response.status_code not in (200, 201):
-            raise SubmitFailed(error_text(response))
-        job = response.json()
-        print(job["id"])
-        if not args.wait:
-            return 0
-        return _follow(client, args.token, job, args.timeout, show)
+        return _answered(client, args, response, show)
+
+
+def _answered(client: httpx.Client, args: argparse.Namespace, response: httpx.Response, show: bool) -> int:
+    if response.status_code not in (200, 201):
+        raise SubmitFailed(error_text(response))
+    job = response.json()
+    print(job["id"])
+    if not args.wait:
+        return 0
+    return _follow(client, args.token, job, args.timeout, show)
 
 
 def _follow(client: httpx.Client, token: str, job: dict[str, Any], timeout: float, show: bool) -> int:

@@ -257,6 +257,7 @@ def printer_record(tenant: str, connector_id: str, info: PrinterInfo) -> Printer
     return Printer(
         tenant=tenant, id=info.id, connector_id=connector_id, uri=info.uri, kind=info.kind, state=info.state,
         reasons=list(info.reasons), capabilities=info.capabilities, online=True, updated_at=time.time(),
+        message=info.message,
     )  # fmt: skip
 
 

@@ -19,6 +19,7 @@ from relay.auth import Principal, TokenCache, TokenLookup
 from relay.config import RelayConfig
 from relay.credentials import Credentials
 from relay.dispatch import Dispatcher, DispatchSettings, Drain
+from relay.fetch import Fetcher, FetchLimits
 from relay.jobs import Job, JobState
 from relay.leases import LeaseKeeper
 from relay.lifecycle import JobLifecycle
@@ -43,6 +44,9 @@ from tunnel.session import H2Session
 log = logging.getLogger("printrelay.relay")
 
 EXPIRY_INTERVAL = 60.0
+# Connectors past connector_offline_grace are looked for every quarter of it, within these bounds (s):
+# announced offline at most grace + 5 s after their session ended (30 s + 5 s by default).
+OFFLINE_SWEEP = (0.1, 5.0)
 HEARTBEAT_INTERVAL = 5.0  # a replica says it is alive this often
 SILENT_REPLICA = 30.0  # a replica silent this long is gone: its sessions are forgotten
 
@@ -91,7 +95,7 @@ class Relay:
             allow_private=config.webhook_allow_private,
         )
         # Every change, here or on another replica, reaches watchers, webhooks, dispatchers, token checks.
-        self.jobs.listeners.append(self.webhooks.notify)
+        self.store.on_notice(self.webhooks.notify)  # job changes and device events
         self.store.observe(self.metrics)
         self.store.on_notice(self.jobs.heard)
         self.store.on_notice(self.registry.heard)
@@ -129,6 +133,13 @@ class Relay:
             self.store.on_notice(cache.heard)
             self.tokens = cache
         credentials = Credentials(self.tokens, self.people)
+        fetcher = Fetcher(
+            FetchLimits(
+                max_bytes=config.max_job_bytes,
+                timeout=config.fetch_timeout,
+                allow_private=config.fetch_allow_private,
+            )
+        )
         ipp = IppEndpoint(
             self.store,
             self.jobs,
@@ -137,6 +148,7 @@ class Relay:
             credentials=credentials,
             public_url=config.public_url,
             tls=self.tls is not None,
+            fetcher=fetcher,
         )
         self.adoption = Adoption(self.store, self.registry, self.replica_id)
         self.store.on_notice(self.adoption.heard)
@@ -165,7 +177,10 @@ class Relay:
             portal=self.portal.handle,
             public_url=config.public_url,
             tls=self.tls is not None,
+            max_child_tenants=config.max_child_tenants,
+            fetcher=fetcher,
         )
+        self.store.on_notice(self.api.events.heard)  # GET /v1/events: job changes and device events
         self.http = HttpServer(
             self.metrics.instrument_http(self.api.handle, self.api.routes),
             ssl_context=self.tls.context if self.tls else None,
@@ -213,6 +228,7 @@ class Relay:
                 )  # fmt: skip
                 tunnel_port = await start_listener(nursery, listener.serve, thost, tport, "--tunnel-listen")
                 nursery.start_soon(self._expire_jobs)
+                nursery.start_soon(self._announce_offline)
                 nursery.start_soon(self.leases.run)
                 nursery.start_soon(self._heartbeat)
                 nursery.start_soon(self.store.follow_other_processes)
@@ -332,6 +348,24 @@ class Relay:
             self._next_sweep_at = time.time() + max(0.05, delay)
             with trio.move_on_after(max(0.05, delay)):
                 await woken.wait()
+
+    async def _announce_offline(self) -> None:
+        """Connectors without a session on any replica for ``connector_offline_grace`` are announced
+        offline (connector.offline), by one replica at a time, each once (the store's compare-and-set)."""
+        grace = self.config.connector_offline_grace
+        # A relay that just started gives the connectors of the sessions it lost the grace to come back:
+        # after a crash, their last_seen is when their sessions opened, not when they ended.
+        await trio.sleep(grace)
+        interval = min(max(grace / 4, OFFLINE_SWEEP[0]), OFFLINE_SWEEP[1])
+        while True:
+            try:
+                if await self.store.take_duty("connector-offline", self.replica_id, 3 * interval):
+                    for tenant, connector_id in await self.store.announce_offline(time.time() - grace):
+                        log.info("connector %s/%s announced offline", tenant, connector_id,
+                                 extra={"tenant": tenant, "connector_id": connector_id})  # fmt: skip
+            except StoreUnavailable as exc:
+                log.warning("offline sweep skipped: %s", exc)
+            await trio.sleep(interval)  # a timer: the next round
 
 
 __all__ = ["JobState", "Relay", "RelayAddresses"]

@@ -5,7 +5,8 @@ format), so operators can route them to their own sink with a logging filter on 
 entry never carries a secret: tokens appear by their public id only.
 
 Actions: ``token.created``, ``token.revoked``, ``user.created``, ``user.changed`` (role, state,
-password), ``connector.session_closed`` (after a revocation),
+password), ``tenant.created`` (a child tenant, over the integrator API), ``connector.session_closed`` (after
+a revocation),
 ``printer.adopted``, ``printer.changed``, ``printer.removed``, ``job.released``, ``job.canceled``.
 """
 
@@ -26,6 +27,7 @@ ACTIONS = frozenset(
         "token.revoked",
         "user.created",
         "user.changed",
+        "tenant.created",
         "connector.session_closed",
         "printer.adopted",
         "printer.changed",

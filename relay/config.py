@@ -48,6 +48,10 @@ class RelayConfig:
         parse=parse_size,
     )
     tenant_max_jobs: int = option(100_000, "quota: a tenant's undelivered jobs (429 above)")
+    max_child_tenants: int = option(
+        1000, "child tenants one tenant may create over the integrator API (POST /v1/tenants; 409 above): a "
+        "runaway script of an integrator stops there, not at the database's size",
+    )  # fmt: skip
     max_streams_per_connector: int = option(32, "jobs streamed to one connector session at once")
     job_lease: float = option(
         15.0, "a claim on a job in flight lasts this long unless renewed (every third of it while the job "
@@ -64,6 +68,15 @@ class RelayConfig:
         False,
         "let webhooks reach loopback, private and link-local addresses (off: no probing the relay's network)",
     )
+    fetch_allow_private: bool = option(
+        False,
+        "let print-from-URL (source_url, IPP Print-URI/Send-URI) fetch from loopback, private and link-local "
+        "addresses (off: no probing the relay's network; on for a relay inside the network it fetches from)",
+    )
+    fetch_timeout: float = option(
+        300.0, "a print-from-URL fetch, first connection to last byte, may take this long (504 above)",
+        parse=parse_duration,
+    )  # fmt: skip
     secret_key_file: Path | None = option(
         None, "key that seals webhook signing secrets in the database, so a copy of the database alone "
         "reveals none (default DATA_DIR/secret.key, created at first start; relays sharing a database "
@@ -73,6 +86,10 @@ class RelayConfig:
     webhook_retry_base: float = option(
         300.0, "first webhook retry delay; doubles per attempt up to 6 h, with jitter (10 attempts: ~1 day)",
         parse=parse_duration,
+    )  # fmt: skip
+    connector_offline_grace: float = option(
+        30.0, "a connector without a session this long is announced offline (connector.offline); one that "
+        "comes back sooner announces nothing", parse=parse_duration,
     )  # fmt: skip
     metrics_listen: tuple[str, int] | None = option(
         None, "serve /metrics, /healthz and /readyz on this HOST:PORT (off when unset)", parse=parse_hostport,
@@ -100,6 +117,8 @@ class RelayConfig:
             raise ValueError("max_job_bytes must be positive")
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be at least 1")
+        if self.max_child_tenants < 0:
+            raise ValueError("max_child_tenants must be 0 (no child tenants) or more")
         if self.max_streams_per_connector < 1:
             raise ValueError("max_streams_per_connector must be at least 1")
         if not 1.0 <= self.held_job_ttl <= MAX_HELD_JOB_TTL:
@@ -115,6 +134,9 @@ class RelayConfig:
             raise ValueError("rate_limit must be >= 0 and rate_burst at least 1")
         if self.webhook_max_attempts < 1 or self.webhook_retry_base <= 0:
             raise ValueError("webhook_max_attempts must be at least 1 and webhook_retry_base positive")
+        if not 0.1 <= self.connector_offline_grace <= 3600.0:
+            grace = self.connector_offline_grace
+            raise ValueError(f"connector_offline_grace must be between 0.1 s and 1 h, not {grace:g} s")
         if not 60.0 <= self.portal_session_ttl <= 30 * 86400.0:
             raise ValueError(
                 f"portal_session_ttl must be between 1 min and 30 days, not {self.portal_session_ttl:g} s"

@@ -282,15 +282,18 @@ class Dispatcher:
         if NDJSON not in (stream.header("content-type", stream.response_headers) or ""):
             raise MessageError("job stream answered without NDJSON")
         splitter = LineSplitter()
-        async for chunk in stream.iter_data():
-            for line in splitter.feed(chunk):
-                status = JobStatus.decode(line)
-                if status.final:
-                    return status
-                if status.state == "printing":
-                    await self._transition(
-                        job, JobEvent.ACCEPTED, status.message or "printer accepted the job"
-                    )
+        # Closed here when the final status returns: an abandoned generator is finalized later by trio
+        # (a wake-up and a task per job).
+        async with aclosing(stream.iter_data(open_window=False)) as chunks:
+            async for chunk in chunks:
+                for line in splitter.feed(chunk):
+                    status = JobStatus.decode(line)
+                    if status.final:
+                        return status
+                    if status.state == "printing":
+                        await self._transition(
+                            job, JobEvent.ACCEPTED, status.message or "printer accepted the job"
+                        )
         return None
 
     async def _transition(self, job: Job, event: JobEvent, message: str, **fields: Any) -> Job | None:
@@ -312,7 +315,9 @@ class Dispatcher:
                 message = status.message or "printed"
                 if status.duplicate:
                     message += " (already delivered earlier; not printed again)"
-                await self._transition(job, JobEvent.COMPLETE, message)
+                # pages: the printer's page counter, when the connector could read it (RAW/LPD over SNMP)
+                counted = {"pages": status.pages} if status.pages is not None else {}
+                await self._transition(job, JobEvent.COMPLETE, message, **counted)
             elif status.state == "retry" and job.attempts < job.max_attempts:
                 delay = status.retry_after or retry_delay(
                     job.attempts, settings.retry_base, settings.retry_cap

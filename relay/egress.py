@@ -12,8 +12,11 @@ HTTP client hands the name, not the address, to the handshake.
 from __future__ import annotations
 
 import ipaddress
+import logging
+import socket
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import httpcore
 import trio
@@ -21,10 +24,24 @@ import trio
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[Sequence[Address]]]
 
-# NAT64's well-known prefix (RFC 6052) carries an IPv4 address in its last 32 bits; a gateway would
-# connect to that one.
-NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+log = logging.getLogger("printrelay.relay.egress")
+
+# IPv6 prefixes that carry an IPv4 address in their last 32 bits, which a gateway or the host itself
+# would connect to: NAT64's well-known prefix (RFC 6052), IPv4-translated (RFC 2765) and the deprecated
+# IPv4-compatible addresses.
+EMBEDDING = (
+    ipaddress.IPv6Network("64:ff9b::/96"),
+    ipaddress.IPv6Network("::ffff:0:0:0/96"),
+    ipaddress.IPv6Network("::/96"),
+)
+# Refused whatever they carry: NAT64 prefixes for local use (RFC 8215; an IPv6-only cluster's way to its
+# own IPv4 networks) and the deprecated site-local range.
+NOT_PUBLIC = (ipaddress.IPv6Network("64:ff9b:1::/48"), ipaddress.IPv6Network("fec0::/10"))
 MAX_ADDRESSES = 16  # of one name tried in turn; a longer DNS answer is cut (each try has its timeout)
+# Name lookups run in worker threads (getaddrinfo blocks). Their own pool, so that a resolver that never
+# answers holds these threads and not the ones the spool and the store need.
+RESOLVER_THREADS = 16
+_resolver_threads: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("egress_resolver")
 
 
 class EgressRefused(Exception):
@@ -37,7 +54,7 @@ def embedded_ipv4(address: Address) -> ipaddress.IPv4Address | None:
         return None
     if address.ipv4_mapped is not None:
         return address.ipv4_mapped
-    if address in NAT64:
+    if any(address in prefix for prefix in EMBEDDING) and int(address) > 1:  # not :: or ::1 themselves
         return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     if address.sixtofour is not None:
         return address.sixtofour
@@ -48,18 +65,39 @@ def embedded_ipv4(address: Address) -> ipaddress.IPv4Address | None:
 
 def refusal(address: Address) -> str | None:
     """Why ``address`` is not a public destination, or None when it is."""
+    if isinstance(address, ipaddress.IPv6Address) and any(address in prefix for prefix in NOT_PUBLIC):
+        return "a non-public address"
     for candidate in (address, embedded_ipv4(address)):
         if candidate is None:
             continue
         if not candidate.is_global or candidate.is_multicast:
-            return f"the non-public address {address}"
+            return "a non-public address"
     return None
 
 
-async def resolve(host: str, port: int) -> list[Address]:
+def _threads() -> trio.CapacityLimiter:
     try:
-        infos = await trio.socket.getaddrinfo(host, port, type=trio.socket.SOCK_STREAM)
-    except (OSError, ValueError) as exc:  # ValueError: a host name IDNA cannot encode
+        return _resolver_threads.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(RESOLVER_THREADS)
+        _resolver_threads.set(limiter)
+        return limiter
+
+
+async def resolve(host: str, port: int) -> list[Address]:
+    name = host.strip("[]")
+    try:
+        ipaddress.ip_address(name.split("%")[0])
+        infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+    except ValueError:  # a name: ask the resolver, in a thread of the resolver's own
+        try:
+            infos = await trio.to_thread.run_sync(
+                lambda: socket.getaddrinfo(name, port, type=socket.SOCK_STREAM), limiter=_threads(),
+                abandon_on_cancel=True,
+            )  # fmt: skip
+        except (OSError, UnicodeError) as exc:  # UnicodeError: a host name IDNA cannot encode
+            raise OSError(f"cannot resolve {host}: {exc}") from None
+    except OSError as exc:
         raise OSError(f"cannot resolve {host}: {exc}") from None
     seen: list[Address] = []
     for info in infos:
@@ -75,8 +113,50 @@ def check(host: str, addresses: Iterable[Address]) -> None:
     for address in addresses:
         why = refusal(address)
         if why is not None:
-            shown = "" if str(address) == host.strip("[]") else f"{host} resolves to "
-            raise EgressRefused(f"{shown}{why}")
+            if str(address) == host.strip("[]"):
+                raise EgressRefused(f"{address} is {why}")
+            # which address, the caller is not told: names of the relay's own network stay its own
+            log.info("refused %s: it resolves to the non-public address %s", host, address)
+            raise EgressRefused(f"{host} resolves to {why}")
+
+
+async def destination_refusal(url: str) -> str | None:
+    """Why ``url``'s host is not a public destination (resolved now), or None: for a check ahead of time,
+    such as a webhook's registration. The connection itself is checked again by :class:`GuardedBackend`."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    try:
+        check(host, await resolve(host, parts.port or 0))
+    except (EgressRefused, OSError) as exc:
+        return str(exc)
+    return None
+
+
+# what a path and a query may hold as they are (RFC 3986 §3.3, §3.4); anything else is percent-encoded
+_PATH_SAFE = "/%:@!$&'()*+,;=-._~"
+_QUERY_SAFE = _PATH_SAFE + "?"
+
+
+def http_target(url: str) -> tuple[str, str]:
+    """(the URL without user info, its Host header) of an http(s) URL, for httpcore, which sends what it is
+    given: the user info must not go out as part of the URL, a Host header is the caller's to write, and
+    only ASCII goes on the wire (a host in IDNA, the rest percent-encoded as UTF-8, as browsers do).
+    ValueError: a host name IDNA cannot encode."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if not host.isascii():
+        try:
+            host = host.encode("idna").decode("ascii")
+        except UnicodeError as exc:
+            raise ValueError(f"host {host!r} is not a valid name: {exc}") from None
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.port:
+        host += f":{parts.port}"
+    target = quote(parts.path or "/", safe=_PATH_SAFE)
+    if parts.query:
+        target += "?" + quote(parts.query, safe=_QUERY_SAFE)
+    return f"{parts.scheme}://{host}{target}", host
 
 
 class GuardedBackend(httpcore.AsyncNetworkBackend):
@@ -102,8 +182,11 @@ class GuardedBackend(httpcore.AsyncNetworkBackend):
         local_address: str | None = None,
         socket_options: Iterable[Any] | None = None,
     ) -> httpcore.AsyncNetworkStream:
-        with trio.fail_after(timeout if timeout is not None else float("inf")):
-            addresses = list(await self._resolve(host, port))[:MAX_ADDRESSES]
+        try:
+            with trio.fail_after(timeout if timeout is not None else float("inf")):
+                addresses = list(await self._resolve(host, port))[:MAX_ADDRESSES]
+        except trio.TooSlowError:
+            raise httpcore.ConnectTimeout(f"no DNS answer for {host} within {timeout:g} s") from None
         if not addresses:
             raise OSError(f"{host} has no address")
         if not self.allow_private:

@@ -11,6 +11,7 @@ the origin (scheme, host, port) alone, since a query string often carries a sign
 from __future__ import annotations
 
 import base64
+import contextlib
 import enum
 import ftplib
 import re
@@ -51,6 +52,7 @@ class Failure(enum.Enum):
     BAD_SOURCE = 400  # the request's own mistake: a bad URL, a refused address
     TOO_LARGE = 413
     UNREACHABLE = 502  # the source did not give the document
+    BUSY = 503  # too many fetches at once: the client tries again later
     TIMEOUT = 504
 
 
@@ -80,6 +82,8 @@ class FetchLimits:
     read_timeout: float = 30.0  # silence between two reads
     max_redirects: int = 5
     allow_private: bool = False
+    max_fetches: int = 32  # at once in this relay process (each holds a connection, FTP a thread)
+    max_fetches_per_owner: int = 8  # at once for one tenant
 
 
 @dataclass
@@ -118,6 +122,10 @@ def _check_url(url: object, *, what: str = "source_url") -> str:
         raise SchemeRefused(f"{what} scheme must be one of {', '.join(SCHEMES)}, not {parts.scheme!r}")
     if not parts.hostname:
         raise FetchError(Failure.BAD_SOURCE, f"{what} has no host")
+    try:
+        egress.http_target(url)  # a host name IDNA can encode
+    except ValueError as exc:
+        raise FetchError(Failure.BAD_SOURCE, f"{what}: {exc}") from None
     return url
 
 
@@ -158,8 +166,10 @@ def parse_source(obj: object) -> Source:
             raise FetchError(
                 Failure.BAD_SOURCE, f"source_headers: {name} must be a string of at most {MAX_HEADER_VALUE}"
             )
-        if any((ord(ch) < 0x20 and ch != "\t") or ord(ch) == 0x7F for ch in value):
-            raise FetchError(Failure.BAD_SOURCE, f"source_headers: {name} has a control character")
+        if any((ord(ch) < 0x20 and ch != "\t") or ord(ch) >= 0x7F for ch in value):
+            raise FetchError(
+                Failure.BAD_SOURCE, f"source_headers: {name} must be printable ASCII (encode anything else)"
+            )
         headers[name] = value
     document_format = obj.get("document_format")
     if document_format is not None:
@@ -208,33 +218,47 @@ class Fetcher:
         self._ssl_context = ssl_context or ssl.create_default_context()
         self._resolve = resolver
         self._network = network
+        self._running: dict[str, int] = {}  # fetches in progress, by tenant
+        self._ftp_threads: trio.CapacityLimiter | None = None
 
     @asynccontextmanager
-    async def open(self, source: Source) -> AsyncIterator[Download]:
-        """The document, to read inside the ``async with``; a FetchError says what failed."""
-        with trio.move_on_after(self.limits.timeout) as deadline:
+    async def open(self, source: Source, *, owner: str = "") -> AsyncIterator[Download]:
+        """The document, to read inside the ``async with``; a FetchError says what failed. ``owner`` (the
+        tenant) has at most ``max_fetches_per_owner`` fetches running, the relay ``max_fetches``."""
+        limits = self.limits
+        if sum(self._running.values()) >= limits.max_fetches:
+            raise FetchError(Failure.BUSY, f"{limits.max_fetches} fetches are running (max_fetches); retry")
+        if self._running.get(owner, 0) >= limits.max_fetches_per_owner:
+            raise FetchError(
+                Failure.BUSY,
+                f"{limits.max_fetches_per_owner} fetches of this tenant are running (the most); retry",
+            )
+        self._running[owner] = self._running.get(owner, 0) + 1
+        # The deadline bounds the network (connections, each read), not what the reader does with the
+        # document: a job stored just after the deadline must not be answered as a failed fetch.
+        deadline = trio.current_time() + limits.timeout
+        try:
+            scheme = urlsplit(source.url).scheme.lower()
+            opener = self._ftp if scheme == "ftp" else self._http
             try:
-                scheme = urlsplit(source.url).scheme.lower()
-                opener = self._ftp if scheme == "ftp" else self._http
-                async with opener(source) as download:
+                async with opener(source, deadline) as download:
                     yield download
             except EgressRefused as exc:
                 allow = "set fetch_allow_private to fetch from there"
                 raise FetchError(Failure.BAD_SOURCE, f"{source.origin}: {exc}; {allow}") from None
-        if deadline.cancelled_caught:
-            raise FetchError(
-                Failure.TIMEOUT, f"{source.origin}: the fetch took more than {self.limits.timeout:g} s"
-            )
+        finally:
+            self._running[owner] -= 1
+            if not self._running[owner]:
+                del self._running[owner]
+
+    def _late(self, where: str) -> FetchError:
+        return FetchError(Failure.TIMEOUT, f"{where}: the fetch took more than {self.limits.timeout:g} s")
 
     # --- http and https ---------------------------------------------------------------------
 
     @asynccontextmanager
-    async def _http(self, source: Source) -> AsyncIterator[Download]:
+    async def _http(self, source: Source, deadline: float) -> AsyncIterator[Download]:
         limits = self.limits
-        timeouts = {
-            "connect": limits.connect_timeout, "read": limits.read_timeout,
-            "write": limits.read_timeout, "pool": limits.connect_timeout,
-        }  # fmt: skip
         backend = GuardedBackend(
             allow_private=limits.allow_private, resolver=self._resolve, inner=self._network
         )
@@ -243,62 +267,67 @@ class Fetcher:
             ssl_context=self._ssl_context, network_backend=backend, max_connections=1
         ) as pool:
             for _ in range(limits.max_redirects + 1):
-                parts = urlsplit(url)
-                target = parts.path or "/"
-                if parts.query:
-                    target += "?" + parts.query
-                hostport = parts.hostname or ""
-                if ":" in hostport:
-                    hostport = f"[{hostport}]"
-                if parts.port:
-                    hostport += f":{parts.port}"
-                headers = [("Host", hostport), ("Accept-Encoding", "identity"), ("User-Agent", "printrelay")]
-                if origin(url) == first:  # the caller's credentials go to its own origin only
-                    headers += list(source.headers.items())
-                    if parts.username is not None:
-                        pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-                        headers.append(("Authorization", "Basic " + base64.b64encode(pair.encode()).decode()))
-                plain = f"{parts.scheme}://{hostport}{target}"
-                yielded = False  # past the yield, an exception is the reader's: not the source's failure
-                try:
-                    async with pool.stream(
-                        "GET", plain, headers=headers, extensions={"timeout": timeouts}
-                    ) as r:
-                        location = _header(r.headers, b"location")
-                        if r.status in REDIRECTS and location:
-                            url = _check_url(urljoin(url, location), what="a redirect's Location")
-                            if urlsplit(url).scheme.lower() == "ftp":
-                                raise FetchError(
-                                    Failure.UNREACHABLE, f"{origin(url)}: a redirect to ftp is not followed"
-                                )
-                            continue
-                        download = self._http_download(source, r)
-                        yielded = True
-                        yield download
-                        return
-                except httpcore.TimeoutException:
-                    if yielded:
-                        raise
-                    raise FetchError(Failure.TIMEOUT, f"{origin(url)}: no answer in time") from None
-                except httpcore.UnsupportedProtocol as exc:
-                    if yielded:
-                        raise
-                    raise FetchError(Failure.BAD_SOURCE, f"{origin(url)}: {exc}") from None
-                except (httpcore.NetworkError, httpcore.ProtocolError, OSError) as exc:
-                    if yielded:
-                        raise
-                    raise FetchError(
-                        Failure.UNREACHABLE, f"{origin(url)}: {exc or type(exc).__name__}"
-                    ) from None
+                async with contextlib.AsyncExitStack() as stack:
+                    response = await self._get(stack, pool, source, url, first, deadline)
+                    location = _header(response.headers, b"location")
+                    if response.status in REDIRECTS and location:
+                        url = _check_url(urljoin(url, location), what="a redirect's Location")
+                        if urlsplit(url).scheme.lower() == "ftp":
+                            raise FetchError(
+                                Failure.UNREACHABLE, f"{origin(url)}: a redirect to ftp is not followed"
+                            )
+                        continue
+                    yield self._http_download(source, response, deadline)
+                    return
         raise FetchError(Failure.UNREACHABLE, f"{first}: more than {limits.max_redirects} redirects")
 
-    def _http_download(self, source: Source, response: httpcore.Response) -> Download:
+    async def _get(
+        self,
+        stack: contextlib.AsyncExitStack,
+        pool: httpcore.AsyncConnectionPool,
+        source: Source,
+        url: str,
+        first: str,
+        deadline: float,
+    ) -> httpcore.Response:
+        """One GET, up to its response's head; the network's failures as FetchErrors."""
+        limits, where = self.limits, origin(url)
+        parts = urlsplit(url)
+        try:
+            plain, hostport = egress.http_target(url)
+        except ValueError as exc:
+            raise FetchError(Failure.BAD_SOURCE, f"{where}: {exc}") from None
+        headers = [("Host", hostport), ("Accept-Encoding", "identity"), ("User-Agent", "printrelay")]
+        if where == first:  # the caller's credentials go to its own origin only
+            headers += list(source.headers.items())
+            if parts.username is not None:
+                pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+                headers.append(("Authorization", "Basic " + base64.b64encode(pair.encode()).decode()))
+        timeouts = {
+            "connect": limits.connect_timeout, "read": limits.read_timeout,
+            "write": limits.read_timeout, "pool": limits.connect_timeout,
+        }  # fmt: skip
+        try:
+            with trio.fail_at(deadline):
+                return await stack.enter_async_context(
+                    pool.stream("GET", plain, headers=headers, extensions={"timeout": timeouts})
+                )
+        except trio.TooSlowError:
+            raise self._late(where) from None
+        except httpcore.TimeoutException:
+            raise FetchError(Failure.TIMEOUT, f"{where}: no answer in time") from None
+        except httpcore.UnsupportedProtocol as exc:
+            raise FetchError(Failure.BAD_SOURCE, f"{where}: {exc}") from None
+        except (httpcore.NetworkError, httpcore.ProtocolError, OSError) as exc:
+            raise FetchError(Failure.UNREACHABLE, f"{where}: {exc or type(exc).__name__}") from None
+
+    def _http_download(self, source: Source, response: httpcore.Response, deadline: float) -> Download:
         where = origin(source.url)
         if response.status != 200:
             raise FetchError(Failure.UNREACHABLE, f"{where} answered HTTP {response.status}, not 200")
         encoding = (_header(response.headers, b"content-encoding") or "identity").strip().lower()
         if encoding != "identity":
-            raise FetchError(Failure.UNREACHABLE, f"{where} sent a {encoding}-encoded document")
+            raise FetchError(Failure.UNREACHABLE, f"{where} sent a {encoding[:40]!r}-encoded document")
         length = None
         announced = _header(response.headers, b"content-length")
         if announced is not None:
@@ -310,47 +339,69 @@ class Fetcher:
         return Download(
             length=length,
             document_format=_media_type(_header(response.headers, b"content-type")),
-            body=self._bounded(where, response.aiter_stream()),
+            body=self._bounded(where, response.aiter_stream(), deadline),
         )
 
-    async def _bounded(self, where: str, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        """The document's bytes, at most max_bytes of them, with the source's failures as FetchErrors."""
+    async def _bounded(
+        self, where: str, chunks: AsyncIterator[bytes], deadline: float
+    ) -> AsyncIterator[bytes]:
+        """The document's bytes, at most max_bytes of them by the deadline, with the source's failures as
+        FetchErrors. Only the reads are under the deadline: the reader's own work between them is not."""
         seen = 0
-        try:
-            async for chunk in chunks:
-                seen += len(chunk)
-                if seen > self.limits.max_bytes:
-                    raise _too_large(seen, self.limits.max_bytes)
-                yield chunk
-        except httpcore.TimeoutException:
-            raise FetchError(
-                Failure.TIMEOUT, f"{where}: nothing for {self.limits.read_timeout:g} s after {seen} bytes"
-            ) from None
-        except (httpcore.NetworkError, httpcore.ProtocolError) as exc:
-            raise FetchError(Failure.UNREACHABLE, f"{where} broke off after {seen} bytes: {exc}") from None
+        while True:
+            try:
+                with trio.fail_at(deadline):
+                    chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                return
+            except trio.TooSlowError:
+                raise self._late(where) from None
+            except (httpcore.TimeoutException, TimeoutError):
+                why = f"{where}: nothing for {self.limits.read_timeout:g} s after {seen} bytes"
+                raise FetchError(Failure.TIMEOUT, why) from None
+            except (httpcore.NetworkError, httpcore.ProtocolError, ftplib.Error, EOFError, OSError) as exc:
+                why = f"{where} broke off after {seen} bytes: {str(exc)[:200] or type(exc).__name__}"
+                raise FetchError(Failure.UNREACHABLE, why) from None
+            seen += len(chunk)
+            if seen > self.limits.max_bytes:
+                raise _too_large(seen, self.limits.max_bytes)
+            yield chunk
 
     # --- ftp --------------------------------------------------------------------------------
 
+    def _threads(self) -> trio.CapacityLimiter:
+        """FTP's blocking calls run in threads of their own pool: a server that answers a byte a minute
+        holds these, never the threads the spool and the store need."""
+        if self._ftp_threads is None:
+            self._ftp_threads = trio.CapacityLimiter(self.limits.max_fetches)
+        return self._ftp_threads
+
     @asynccontextmanager
-    async def _ftp(self, source: Source) -> AsyncIterator[Download]:
+    async def _ftp(self, source: Source, deadline: float) -> AsyncIterator[Download]:
         """Passive-mode RETR through the standard library, its blocking calls in a thread. The data
         connection goes to the control connection's checked address: ftplib ignores the address in a
         PASV answer (``trust_server_pasv_ipv4_address`` is false), which would otherwise be a way round."""
         limits, where = self.limits, source.origin
         parts = urlsplit(source.url)
         path = unquote(parts.path).lstrip("/")
-        if not path or "\r" in path or "\n" in path:
-            raise FetchError(Failure.BAD_SOURCE, f"{where}: an ftp source_url needs a file path")
+        user, password = unquote(parts.username or "anonymous"), unquote(parts.password or "anonymous@")
+        if not path or any(ch in text for text in (path, user, password) for ch in "\r\n\0"):
+            raise FetchError(
+                Failure.BAD_SOURCE, f"{where}: an ftp source_url needs a file path, no line breaks"
+            )
         host, port = parts.hostname or "", parts.port or 21
-        with trio.fail_after(limits.connect_timeout):
-            try:
-                addresses = await self._resolve(host, port)
-            except OSError as exc:
-                raise FetchError(Failure.UNREACHABLE, f"{where}: {exc}") from None
+        try:
+            with trio.fail_at(min(deadline, trio.current_time() + limits.connect_timeout)):
+                addresses = list(await self._resolve(host, port))
+        except trio.TooSlowError:
+            raise FetchError(Failure.TIMEOUT, f"{where}: no DNS answer in time") from None
+        except OSError as exc:
+            raise FetchError(Failure.UNREACHABLE, f"{where}: {exc}") from None
+        if not addresses:
+            raise FetchError(Failure.UNREACHABLE, f"{where}: {host} has no address")
         if not limits.allow_private:
             egress.check(host, addresses)
         ftp = ftplib.FTP(timeout=limits.read_timeout)  # trust_server_pasv_ipv4_address stays False
-        user, password = unquote(parts.username or "anonymous"), unquote(parts.password or "anonymous@")
 
         def start() -> tuple[socket.socket, int | None]:
             ftp.connect(str(addresses[0]), port, timeout=limits.connect_timeout)
@@ -358,8 +409,8 @@ class Fetcher:
             ftp.voidcmd("TYPE I")
             try:
                 size = ftp.size(path)
-            except ftplib.error_perm:
-                size = None  # SIZE is an extension (RFC 3659)
+            except (ftplib.error_perm, ValueError):
+                size = None  # SIZE is an extension (RFC 3659), and some answer it oddly
             data, _ = ftp.ntransfercmd(f"RETR {path}")
             data.settimeout(limits.read_timeout)
             return data, size
@@ -367,9 +418,14 @@ class Fetcher:
         opened: list[socket.socket] = []
         try:
             try:
-                data, size = await trio.to_thread.run_sync(start, abandon_on_cancel=True)
+                with trio.fail_at(deadline):
+                    data, size = await trio.to_thread.run_sync(
+                        start, limiter=self._threads(), abandon_on_cancel=True
+                    )
                 opened.append(data)
-            except (ftplib.Error, EOFError) as exc:
+            except trio.TooSlowError:
+                raise self._late(where) from None
+            except (ftplib.Error, EOFError, ValueError) as exc:
                 raise FetchError(Failure.UNREACHABLE, f"{where} answered {str(exc)[:200]}") from None
             except TimeoutError:
                 raise FetchError(Failure.TIMEOUT, f"{where}: no answer in time") from None
@@ -377,25 +433,24 @@ class Fetcher:
                 raise FetchError(Failure.UNREACHABLE, f"{where}: {exc}") from None
             if size is not None and size > limits.max_bytes:
                 raise _too_large(size, limits.max_bytes)
-            yield Download(length=size, document_format=None, body=self._ftp_body(where, ftp, data))
+            yield Download(length=size, document_format=None, body=self._ftp_body(where, ftp, data, deadline))
         finally:
             for data in opened:
                 data.close()
             ftp.close()
 
-    async def _ftp_body(self, where: str, ftp: ftplib.FTP, data: socket.socket) -> AsyncIterator[bytes]:
-        async def read() -> AsyncIterator[bytes]:
-            while chunk := await trio.to_thread.run_sync(data.recv, CHUNK, abandon_on_cancel=True):
-                yield chunk
+    async def _ftp_body(
+        self, where: str, ftp: ftplib.FTP, data: socket.socket, deadline: float
+    ) -> AsyncIterator[bytes]:
+        threads = self._threads()
 
-        try:
-            async for chunk in self._bounded(where, read()):
+        async def read() -> AsyncIterator[bytes]:
+            while chunk := await trio.to_thread.run_sync(
+                data.recv, CHUNK, limiter=threads, abandon_on_cancel=True
+            ):
                 yield chunk
             data.close()
-            await trio.to_thread.run_sync(ftp.voidresp, abandon_on_cancel=True)  # 226: the whole file
-        except TimeoutError:
-            raise FetchError(
-                Failure.TIMEOUT, f"{where}: nothing for {self.limits.read_timeout:g} s"
-            ) from None
-        except (ftplib.Error, EOFError, OSError) as exc:
-            raise FetchError(Failure.UNREACHABLE, f"{where} broke off: {str(exc)[:200]}") from None
+            await trio.to_thread.run_sync(ftp.voidresp, limiter=threads, abandon_on_cancel=True)  # 226
+
+        async for chunk in self._bounded(where, read(), deadline):
+            yield chunk

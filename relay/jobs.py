@@ -161,6 +161,9 @@ class Job:
     updated_at: float = 0.0
     completed_at: float | None = None
     expires_at: float | None = None
+    # A completed job's pages, by its printer's page counter before and after it (RAW and LPD printers
+    # whose SNMP agent answers): best effort; None when unknown.
+    pages: int | None = None
 
     @property
     def awaits_release_at_printer(self) -> bool:
@@ -191,6 +194,7 @@ class Job:
             if self.awaits_release_at_printer or (self.state is JobState.HELD and self.unknown_outcomes)
             else None,
             "options": self.options,
+            "pages": self.pages,
             "created_at": _iso(self.created_at),
             "updated_at": _iso(self.updated_at),
             "completed_at": _iso(self.completed_at),
@@ -202,7 +206,7 @@ class Job:
 SNAPSHOT_FIELDS = (
     "id", "tenant", "printer_id", "state", "title", "document_format", "copies", "user", "owner", "size",
     "attempts", "max_attempts", "last_error", "unknown_outcomes", "options", "created_at", "updated_at",
-    "completed_at", "expires_at",
+    "completed_at", "expires_at", "pages",
 )  # fmt: skip
 
 

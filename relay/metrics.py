@@ -16,6 +16,7 @@ Three ways values get here:
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
@@ -120,6 +121,7 @@ def registration_failure_label(message: str) -> str:
 _GROUP = re.compile(r"\(\?P<(\w+)>[^)]*\)")
 
 
+@functools.cache  # the API's few dozen routes; asked for every request
 def route_template(pattern: re.Pattern[str]) -> str:
     """``^/v1/printers/(?P<printer>[^/]+)/jobs$`` -> ``/v1/printers/{printer}/jobs``."""
     return _GROUP.sub(r"{\1}", pattern.pattern).strip("^$")
@@ -336,6 +338,11 @@ class RelayMetrics:
             buckets=STORE_BUCKETS,
             registry=r,
         )
+        # Labelled series as hot paths ask for them (each .labels() takes a lock and builds a key); the
+        # label values are bounded: route templates, status codes, store call kinds.
+        self._http_series = functools.cache(lambda route, code: self.http_requests.labels(route, str(code)))
+        self._http_latency_series = functools.cache(self.http_latency.labels)
+        self._store_latency_series = functools.cache(self.store_latency.labels)
         self.notice_lag = Histogram(
             "printrelay_store_notice_lag_seconds",
             "Time from another replica committing a change to this one hearing it (PostgreSQL NOTIFY; "
@@ -404,15 +411,15 @@ class RelayMetrics:
                 code = exc.status
                 raise
             finally:
-                self.http_requests.labels(route, str(code)).inc()
-                self.http_latency.labels(route).observe(time.perf_counter() - started)
+                self._http_series(route, code).inc()
+                self._http_latency_series(route).observe(time.perf_counter() - started)
 
         return instrumented
 
     # --- sampled before a scrape ---------------------------------------------------------------------
 
     def store_call(self, kind: str, seconds: float) -> None:
-        self.store_latency.labels(kind).observe(seconds)
+        self._store_latency_series(kind).observe(seconds)
 
     def notice_heard(self, lag: float) -> None:
         self.notice_lag.observe(lag)

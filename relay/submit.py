@@ -99,7 +99,9 @@ class Intake:
         """Spool and commit a job. Returns the job and whether it is new (False: an Idempotency-Key
         replay)."""
         limits, store, spool = self.limits, self._store, self._spool
-        printer, connector = await store.printer_and_connector(submission.tenant, submission.printer_id)
+        printer, connector, (used_bytes, used_jobs) = await store.submit_lookups(
+            submission.tenant, submission.printer_id
+        )
         if printer is None:
             raise SubmitError(Refusal.NOT_FOUND, f"printer {submission.printer_id} not found")
         limit = limits.max_job_bytes
@@ -127,7 +129,6 @@ class Intake:
 
         # A first look at the quota, so a document that cannot be kept is not spooled at all; the insert
         # checks it again atomically (other replicas submit meanwhile).
-        used_bytes, used_jobs = await store.tenant_usage(submission.tenant)
         if used_jobs >= limits.tenant_max_jobs:
             raise SubmitError(
                 Refusal.QUOTA,

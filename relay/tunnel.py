@@ -10,6 +10,7 @@ again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import secrets
@@ -101,6 +102,9 @@ class Admission:
         self._clock = clock
         self._next_appointment = 0.0
         self._seconds_per_registration = ASSUMED_REGISTRATION_SECONDS  # moving average
+
+    def full(self) -> bool:
+        return self.registering >= self.limit
 
     def enter(self) -> AdmissionTicket | None:
         """A ticket to register now, or None when the relay is busy."""
@@ -307,7 +311,7 @@ class ConnectorSession:
             id=f"ses_{secrets.token_hex(8)}", tenant=self.tenant, connector_id=self.connector_id,
             replica_id=replica_id, opened_at=self.opened_at,
         )  # fmt: skip
-        self.inventory: Inventory | None = None
+        self.printer_count = 0  # in its inventory (the inventory itself is not kept: memory)
         self.registered = trio.Event()
         self.dispatcher: Dispatcher | None = None
         self.candidates: dict[str, PrinterCandidate] = {}  # by URI: printers it found, not serving yet
@@ -367,16 +371,18 @@ class ConnectorSession:
             self._registry.add(self)
             log.info(
                 "connector %s/%s registered from %s with %d printers", self.tenant, self.connector_id,
-                self.remote, len(self.inventory.printers) if self.inventory else 0,
+                self.remote, self.printer_count,
                 extra={"tenant": self.tenant, "connector_id": self.connector_id},
             )  # fmt: skip
             self.registered.set()
             if self._on_registered is not None:
                 self._on_registered()
             try:
-                nursery.start_soon(self._follow_events)
                 self.dispatcher = self._new_dispatcher(self)
                 nursery.start_soon(self.dispatcher.run)
+                # In this task rather than one of its own: a relay holds thousands of idle sessions, and
+                # each task costs memory. It returns when its stream ends (with the session, as a rule).
+                await self._follow_events()
                 await self.h2.finished.wait()
                 # Final statuses that arrived with the connector's goodbye (a draining connector sends its
                 # last ones just before it closes) are still read: job streams settle before the rest ends.
@@ -404,7 +410,7 @@ class ConnectorSession:
         if stream.status != 200:
             raise MessageError(f"inventory answered {stream.status}")
         inventory = Inventory.decode(await stream.read_body(4 * 1024 * 1024))
-        self.inventory = inventory
+        self.printer_count = len(inventory.printers)
         store = self._store
         await store.upsert_connector(
             ConnectorRecord(
@@ -465,6 +471,7 @@ class ConnectorSession:
             )  # fmt: skip
 
 
+Refusal = tuple[int, list[tuple[bytes, bytes]], bytes]  # status, headers, body
 SessionFactory = Callable[[Principal, H2Session, str, Callable[[], None]], ConnectorSession]
 
 
@@ -510,6 +517,9 @@ class TunnelListener:
         """One connection, from its first byte to its close. Whatever it raises ends it alone."""
         remote = _peer(stream)
         try:
+            if self._draining() or self._registry.admission.full():
+                await self._refuse_early(stream)
+                return
             async with trio.open_nursery() as nursery:
                 reader = ReaderTasks(nursery, f"tunnel from {remote}")
                 request: WebSocketRequest | None = None
@@ -531,29 +541,56 @@ class TunnelListener:
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _serve_request(self, request: WebSocketRequest, remote: str) -> None:
-        if request.path.split("?")[0] != TUNNEL_PATH:
-            await request.reject(404, body=b"not found: the tunnel is at /v1/tunnel\n")
-            return
+    def _refusal(self, path: str, *, busy: bool = False) -> Refusal | None:
+        """The answer to a connection that will not register now (wrong path, draining, busy), or None."""
+        if path.split("?")[0] != TUNNEL_PATH:
+            return 404, [], b"not found: the tunnel is at /v1/tunnel\n"
         if self._draining():
             # Going away: a connector registering now would only have to move again in a moment.
-            await request.reject(
-                503, extra_headers=[(b"retry-after", str(DRAINING_RETRY_AFTER).encode())],
-                body=f"relay replica is draining; retry in {DRAINING_RETRY_AFTER} s (another replica, if "
-                     "any)\n".encode(),
+            return (
+                503, [(b"retry-after", str(DRAINING_RETRY_AFTER).encode())],
+                f"relay replica is draining; retry in {DRAINING_RETRY_AFTER} s (another replica, if "
+                "any)\n".encode(),
             )  # fmt: skip
+        admission = self._registry.admission
+        if not (busy or admission.full()):
+            return None
+        retry_after = admission.retry_after()
+        self._metrics.registration_failures.labels("busy").inc()
+        return (
+            503, [(b"retry-after", str(retry_after).encode())],
+            f"relay busy: {admission.registering} connectors are registering "
+            f"(at most {admission.limit} at once); retry in {retry_after} s\n".encode(),
+        )  # fmt: skip
+
+    async def _refuse_early(self, stream: trio.abc.Stream) -> None:
+        """Refuse a connection that arrived while the relay is busy or draining, before any WebSocket
+        machinery: after a restart most connections are refused (thousands dial within seconds, and 128
+        register at once), and trio-websocket's handshake, reader task and channels for each took much of
+        the CPU the registrations needed. Only the request head is read (the upgrade has no body, so the
+        close sends no reset before the answer); a request that is not HTTP is dropped."""
+        with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            head = await read_request_head(stream)
+            if head is None:
+                return
+            # Busy as it was found, even if a slot freed meanwhile: the head is read, trio-websocket
+            # cannot take the connection over now.
+            refusal = self._refusal(request_path(head), busy=True)
+            assert refusal is not None
+            status, headers, body = refusal
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await stream.send_all(plain_response(status, headers, body))  # unless the peer left
+
+    async def _serve_request(self, request: WebSocketRequest, remote: str) -> None:
+        refusal = self._refusal(request.path)
+        if refusal is not None:
+            status, headers, body = refusal
+            await request.reject(status, extra_headers=headers, body=body)
             return
         admission = self._registry.admission
         ticket = admission.enter()
-        if ticket is None:
-            retry_after = admission.retry_after()
-            self._metrics.registration_failures.labels("busy").inc()
-            await request.reject(
-                503,
-                extra_headers=[(b"retry-after", str(retry_after).encode())],
-                body=f"relay busy: {admission.registering} connectors are registering "
-                f"(at most {admission.limit} at once); retry in {retry_after} s\n".encode(),
-            )
+        if ticket is None:  # cannot happen: nothing awaited since _refusal looked
+            await request.reject(503, extra_headers=[(b"retry-after", b"2")], body=b"relay busy\n")
             return
         try:
             await self._admitted(request, remote, ticket.release)
@@ -604,6 +641,40 @@ class TunnelListener:
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(DISCONNECT_TIMEOUT):
                 await ws.aclose()  # the closing handshake; the connection is closed after it regardless
+
+
+MAX_REQUEST_HEAD = 16 * 1024  # as h11 allows (trio-websocket's parser)
+REASONS = {404: "Not Found", 503: "Service Unavailable"}
+
+
+async def read_request_head(stream: trio.abc.Stream, limit: int = MAX_REQUEST_HEAD) -> bytes | None:
+    """An HTTP request's head, through its blank line; None if the peer left or sent more than ``limit``
+    bytes without one."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        if len(head) > limit:
+            return None
+        try:
+            data = await stream.receive_some(limit + 4 - len(head))
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return None
+        if not data:
+            return None
+        head += data
+    return head
+
+
+def request_path(head: bytes) -> str:
+    """The target of a request head's first line ("" when it has none)."""
+    parts = head.split(b"\r\n", 1)[0].split(b" ")
+    return parts[1].decode("latin-1") if len(parts) == 3 else ""
+
+
+def plain_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+    lines = [f"HTTP/1.1 {status} {REASONS.get(status, '')}".encode()]
+    lines += [name + b": " + value for name, value in headers]
+    lines += [b"content-length: " + str(len(body)).encode(), b"connection: close", b"", b""]
+    return b"\r\n".join(lines) + body
 
 
 def _peer(stream: trio.abc.Stream) -> str:

@@ -1,4 +1,4 @@
-"""Webhooks: a tenant's job state changes, POSTed as signed JSON to the URLs it registered.
+"""Webhooks: a tenant's job state changes and device events, POSTed as signed JSON to the URLs it registered.
 
 Durability comes from the store, not from this process: every job change the store records adds, in the
 same transaction, one row per matching webhook of the job's tenant to the ``webhook_deliveries`` outbox,
@@ -6,9 +6,15 @@ with a snapshot of the job as it was then. So a change that is committed has its
 however the relay dies afterwards; :class:`WebhookSender` claims rows of the outbox (one sender at a time
 per row, whichever replica it runs on), sends, and deletes what was delivered or given up.
 
+Device events (``connector.online``, ``connector.offline``, ``printer.added``, ``printer.removed``,
+``printer.state_changed``) go through the same outbox, written in the transaction of the store change that
+causes them (relay/store/sql.py); a webhook gets them only when it subscribed to them by name or by family
+(``printer.*``, ``connector.*``), so receivers written for job changes see no new kind of body.
+
 Guarantees: at least once (a relay that dies mid-request sends again after its restart; receivers dedupe
-by ``delivery_id``), and in order per webhook and job (a job's next change waits until the previous one
-was delivered or dropped). Changes of different jobs may arrive in any order.
+by ``delivery_id``), and in order per webhook and job, or per webhook and device (a job's next change waits
+until the previous one was delivered or dropped). Changes of different jobs or devices may arrive in any
+order.
 
 Signature (as Stripe does it): header ``Printrelay-Signature: t=<unix seconds>,v1=<hex>`` where ``<hex>``
 is HMAC-SHA256 keyed with the webhook's secret (its UTF-8 bytes, ``whsec_`` prefix included) over
@@ -21,29 +27,34 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
-import ipaddress
 import json
 import logging
 import secrets
+import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-import httpx
+import httpcore
 import trio
 
+from relay import egress
 from relay.dispatch import retry_delay
-from relay.jobs import SNAPSHOT_FIELDS, Job, JobHistoryEntry, JobState
+from relay.jobs import SNAPSHOT_FIELDS, Job, JobHistoryEntry, JobState, _iso
 from relay.secretbox import SecretBox
-from relay.store.base import Notice, Store, StoreUnavailable, Webhook, WebhookDelivery
+from relay.store.base import DEVICE_EVENTS, Notice, Store, StoreUnavailable, Webhook, WebhookDelivery
 from service import bounded_json
 
 log = logging.getLogger("printrelay.relay.webhooks")
 
 EVENT_TYPE = "job.state_changed"
-# A webhook subscribes to every change, or to changes into some states ("job.completed", ...).
-EVENT_TYPES = frozenset({EVENT_TYPE, *(f"job.{state}" for state in JobState)})
+# A webhook subscribes to every change, or to changes into some states ("job.completed", ...); and to
+# device events by name, or by family ("printer.*": every printer event, those added later too).
+DEVICE_FAMILIES = ("connector.*", "printer.*")
+EVENT_TYPES = frozenset(
+    {EVENT_TYPE, *(f"job.{state}" for state in JobState), *DEVICE_EVENTS, *DEVICE_FAMILIES}
+)
 SIGNATURE_HEADER = "Printrelay-Signature"
 SIGNATURE_TOLERANCE = 300.0  # seconds a receiver should accept a timestamp off by (replay window)
 
@@ -134,29 +145,23 @@ def validate_url(url: object) -> str:
         raise WebhookError(400, "url must not carry credentials; verify the signature instead")
     if parts.fragment:
         raise WebhookError(400, "url must not have a #fragment")
+    try:
+        egress.http_target(url)  # a host name IDNA can encode
+    except ValueError as exc:
+        raise WebhookError(400, f"url: {exc}") from None
     return url
 
 
 async def private_destination(url: str) -> str | None:
-    """Why ``url`` must not be sent to from a hosted relay, or None.
-
-    A tenant's webhook must not become a probe of the relay's own network (cloud metadata at
-    169.254.169.254, services on loopback, the cluster's private ranges). Every address the host name
-    resolves to is checked just before sending.
+    """Why ``url`` must not be sent to from a hosted relay, or None: checked at registration, so a
+    webhook that could never be delivered is refused at once (relay.egress has the rule, and checks it
+    again on every connection the sender opens).
     """
-    host = urlsplit(url).hostname or ""
-    try:
-        infos = await trio.socket.getaddrinfo(host, None, type=trio.socket.SOCK_STREAM)
-    except (OSError, ValueError) as exc:  # ValueError: a host name IDNA cannot encode
-        return f"cannot resolve {host}: {exc}"
-    for info in infos:
-        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
-        if not address.is_global or address.is_multicast:
-            return f"{host} resolves to the non-public address {address}"
-    return None
+    return await egress.destination_refusal(url)
 
 
 def validate_events(events: object) -> tuple[str, ...]:
+    """What a registration subscribes to; without ``events``, job changes only (as before device events)."""
     if events is None:
         return (EVENT_TYPE,)
     known = ", ".join(sorted(EVENT_TYPES))
@@ -235,12 +240,19 @@ def snapshot_job(snapshot: dict[str, Any]) -> Job:
 
 def payload(delivery: WebhookDelivery) -> bytes:
     """The JSON body of one delivery; raises ValueError past MAX_PAYLOAD_BYTES."""
-    job = snapshot_job(delivery.job)
-    entry = JobHistoryEntry(delivery.job_id, delivery.at, JobState(delivery.state), _cut(delivery.message))
-    body = json.dumps(
-        {"type": EVENT_TYPE, "job": job.public(), "event": entry.public(), "delivery_id": delivery.id},
-        separators=(",", ":"),
-    ).encode()
+    if delivery.event:
+        # A device event: {"type", "delivery_id", "created_at", "data"} (job changes keep their own shape).
+        device = {"type": delivery.event, "delivery_id": delivery.id, "created_at": _iso(delivery.at)}
+        body = json.dumps({**device, "data": delivery.job}, separators=(",", ":")).encode()
+    else:
+        job = snapshot_job(delivery.job)
+        entry = JobHistoryEntry(
+            delivery.job_id, delivery.at, JobState(delivery.state), _cut(delivery.message)
+        )
+        body = json.dumps(
+            {"type": EVENT_TYPE, "job": job.public(), "event": entry.public(), "delivery_id": delivery.id},
+            separators=(",", ":"),
+        ).encode()
     if len(body) > MAX_PAYLOAD_BYTES:
         raise ValueError(f"payload of {len(body)} bytes exceeds max_payload_bytes={MAX_PAYLOAD_BYTES}")
     return body
@@ -268,7 +280,7 @@ class WebhookSender:
         timeout: float = REQUEST_TIMEOUT,
         concurrency: int = MAX_CONCURRENCY,
         per_webhook: int = MAX_PER_WEBHOOK,
-        transport: httpx.AsyncBaseTransport | None = None,
+        network: httpcore.AsyncNetworkBackend | None = None,  # tests: where connections go
         allow_private: bool = False,
         secrets_at_rest: SecretBox | None = None,  # None: secrets are stored in clear (tests)
         owner: str = "relay",  # this replica: whose claims on outbox rows these are
@@ -285,13 +297,13 @@ class WebhookSender:
         self.timeout = timeout
         self.concurrency = concurrency
         self.per_webhook = per_webhook
-        self._transport = transport
+        self._network = network
         self._wake = trio.Event()
         self._in_flight: dict[int, str] = {}  # outbox seq -> webhook id
 
     def notify(self, notice: Notice) -> None:
-        """A job changed (here or on another replica): its outbox rows may be waiting."""
-        if notice.kind == "job":
+        """A job or a device changed (here or on another replica): its outbox rows may be waiting."""
+        if notice.kind in ("job", "device"):
             self._wake.set()
 
     def _secret(self, delivery: WebhookDelivery) -> str:
@@ -309,12 +321,13 @@ class WebhookSender:
         )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        client = httpx.AsyncClient(
-            timeout=httpx.Timeout(self.timeout),
-            follow_redirects=False,  # a redirect could lead the signed payload anywhere
-            transport=self._transport,
-            headers={"user-agent": "printrelay-webhooks/1"},
-        )
+        # Redirects are not followed (a redirect could lead the signed payload anywhere); every connection
+        # goes through the address rule, on the address it is opened to (relay.egress).
+        backend = egress.GuardedBackend(allow_private=self.allow_private, inner=self._network)
+        client = httpcore.AsyncConnectionPool(
+            ssl_context=ssl.create_default_context(), network_backend=backend,
+            max_connections=self.concurrency, keepalive_expiry=30.0,
+        )  # fmt: skip
         async with client, trio.open_nursery() as nursery:
             task_status.started()
             while True:
@@ -329,7 +342,7 @@ class WebhookSender:
                     with trio.move_on_after(delay):
                         await self._wake.wait()
 
-    async def _start_due(self, client: httpx.AsyncClient, nursery: trio.Nursery) -> float:
+    async def _start_due(self, client: httpcore.AsyncConnectionPool, nursery: trio.Nursery) -> float:
         """Claim and start what is due; returns how long to wait before looking again."""
         free = self.concurrency - len(self._in_flight)
         if free <= 0:
@@ -347,7 +360,7 @@ class WebhookSender:
             return IDLE_POLL
         return min(IDLE_POLL, max(0.0, soonest - time.time()))
 
-    async def _deliver(self, client: httpx.AsyncClient, delivery: WebhookDelivery) -> None:
+    async def _deliver(self, client: httpcore.AsyncConnectionPool, delivery: WebhookDelivery) -> None:
         try:
             try:
                 body = payload(delivery)
@@ -385,31 +398,52 @@ class WebhookSender:
             self._in_flight.pop(delivery.seq, None)
             self._wake.set()
 
-    async def send(self, client: httpx.AsyncClient, delivery: WebhookDelivery, body: bytes) -> Outcome:
+    async def send(
+        self, client: httpcore.AsyncConnectionPool, delivery: WebhookDelivery, body: bytes
+    ) -> Outcome:
         """One attempt: 2xx delivers; anything else (a redirect too) is an error worth a retry."""
-        headers = {
-            "content-type": "application/json",
-            SIGNATURE_HEADER: signature_header(self._secret(delivery), int(time.time()), body),
-            "Printrelay-Delivery": delivery.id,
-            "Printrelay-Event": EVENT_TYPE,
+        try:
+            url, host = egress.http_target(delivery.url)
+        except ValueError as exc:  # registered by an older version, which did not check the name
+            return Outcome(False, str(exc)[:MAX_ERROR_SNIPPET])
+        headers = [
+            ("Host", host),
+            ("User-Agent", "printrelay-webhooks/1"),
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(body))),
+            (SIGNATURE_HEADER, signature_header(self._secret(delivery), int(time.time()), body)),
+            ("Printrelay-Delivery", delivery.id),
+            ("Printrelay-Event", delivery.event or EVENT_TYPE),
+        ]
+        timeouts = {
+            "connect": self.timeout,
+            "read": self.timeout,
+            "write": self.timeout,
+            "pool": self.timeout,
         }
-        if not self.allow_private:
-            refusal = await private_destination(delivery.url)
-            if refusal:
-                return Outcome(False, f"{refusal}; set webhook_allow_private to send there")
         try:
             with trio.fail_after(self.timeout):
-                async with client.stream("POST", delivery.url, content=body, headers=headers) as response:
-                    if 200 <= response.status_code < 300:
+                async with client.stream(
+                    "POST", url, headers=headers, content=body, extensions={"timeout": timeouts}
+                ) as response:
+                    if 200 <= response.status < 300:
                         return Outcome(True)
                     snippet = b""
-                    async for chunk in response.aiter_raw():
+                    async for chunk in response.aiter_stream():
                         snippet += chunk
                         if len(snippet) >= MAX_ERROR_SNIPPET:
                             break
             text = snippet[:MAX_ERROR_SNIPPET].decode("utf-8", "replace").strip()
-            return Outcome(False, f"HTTP {response.status_code}" + (f": {text}" if text else ""))
+            return Outcome(False, f"HTTP {response.status}" + (f": {text}" if text else ""))
         except trio.TooSlowError:
             return Outcome(False, f"no answer within webhook timeout of {self.timeout:g} s")
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        except egress.EgressRefused as exc:
+            return Outcome(False, f"{exc}; set webhook_allow_private to send there")
+        except (
+            httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError,
+            httpcore.UnsupportedProtocol, OSError,
+        ) as exc:  # fmt: skip
+            return Outcome(False, f"{type(exc).__name__}: {exc}"[:MAX_ERROR_SNIPPET])
+        except Exception as exc:  # a receiver nobody foresaw: a failed attempt, never the sender's end
+            log.exception("webhook %s: delivery %s failed unexpectedly", delivery.webhook_id, delivery.id)
             return Outcome(False, f"{type(exc).__name__}: {exc}"[:MAX_ERROR_SNIPPET])

@@ -5,10 +5,11 @@
 # (the image test builds a base image from the Debian archive and the Containerfile on it, and runs both
 # programs from it), and for the portal's tests headless Chromium with its WebDriver and Node.js with npm
 # (they install and run a real OpenID Connect provider, npm oidc-provider), and systemd's own verifier for the
-# connector's unit (systemd-analyze).
+# connector's unit (systemd-analyze), and net-snmp's agent (snmpd), which answers as a printer's Printer MIB
+# in the tests of RAW and LPD printers' state.
 set -euo pipefail
 PACKAGES=(cups-ipp-utils cups cups-client avahi-daemon dbus prometheus websockify iproute2 postgresql
-          podman buildah runc mmdebstrap chromium chromium-driver nodejs npm systemd)
+          podman buildah runc mmdebstrap chromium chromium-driver nodejs npm systemd snmpd)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
@@ -24,7 +25,7 @@ if [ "$(id -u)" -ne 0 ]; then
   echo "  run as root: apt-get update && apt-get install -y ${missing[*]}" >&2
   exit 1
 fi
-# Installing cups or prometheus would start their system services; tests run private instances instead.
+# Installing cups, prometheus or snmpd would start their system services; tests run private instances instead.
 if [ ! -e /usr/sbin/policy-rc.d ]; then
   printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
   chmod 755 /usr/sbin/policy-rc.d

@@ -33,6 +33,7 @@ class Call(Generic[C, T]):
     fn: Callable[[C], T]
     write: bool
     result: outcome.Outcome[T] | None = None
+    waited: bool = True  # False: queued by enqueue(), nobody waits for it
 
 
 class Batcher(Protocol[C]):
@@ -65,9 +66,10 @@ class GroupCommit(Generic[C]):
         return await self.call(Call(fn, write=True))
 
     def enqueue(self, fn: Callable[[C], object]) -> None:
-        """A write that goes with the next batch, without waiting for it (see the connector's ledger:
-        only a write whose loss changes nothing may be queued this way)."""
-        self._pending.append(Call(fn, write=True))
+        """A write that goes with the next batch that has writes of its own, without waiting for it (see
+        the connector's ledger: only a write whose loss changes nothing may be queued this way). A batch
+        of reads leaves it queued, so that a read does not wait for a commit nobody asked it for."""
+        self._pending.append(Call(fn, write=True, waited=False))
 
     @property
     def has_pending(self) -> bool:
@@ -76,7 +78,7 @@ class GroupCommit(Generic[C]):
     async def flush(self) -> None:
         """Commit what :meth:`enqueue` left waiting (before closing)."""
         if self._pending and not self._running:
-            await self._run_batch()
+            await self._run_batch(queued=True)
 
     async def call(self, call: Call[C, T]) -> T:
         self._pending.append(call)
@@ -99,8 +101,12 @@ class GroupCommit(Generic[C]):
                         await self._batch_done.wait()
         return call.result.unwrap()
 
-    async def _run_batch(self) -> None:
+    async def _run_batch(self, *, queued: bool = False) -> None:
         batch, self._pending = self._pending, []
+        if not queued and not any(c.write and c.waited for c in batch):
+            # Reads only: queued writes wait for the next batch that commits anyway.
+            self._pending = [c for c in batch if c.write]
+            batch = [c for c in batch if not c.write]
         reads = [c for c in batch if not c.write]
         writes = [c for c in batch if c.write]
         if writes:

@@ -1,9 +1,10 @@
 """Files only the service's own user may read: directories 0700, files 0600, whatever the umask.
 
 The relay's database holds token hashes, job titles and users, and the webhook secrets' sealed form; its
-spool and the connector's incoming folder hold sealed payloads; the connector's keys open them. Under the
-common umask 022 everything would be readable by every local user, so both sides create their state
-through these, and tighten what an older version left behind when they open it.
+spool holds sealed payloads, the connector's keys open them, and the connector's incoming folder holds the
+documents being delivered (unnamed files: connector/delivery/document.py). Under the common umask 022
+everything would be readable by every local user, so both sides create their state through these, and
+tighten what an older version left behind when they open it.
 """
 
 from __future__ import annotations

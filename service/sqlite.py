@@ -3,6 +3,7 @@ files private, and batches of calls group-committed (:mod:`service.groupcommit`)
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,10 +39,19 @@ class SqliteBatcher(Generic[C]):
     Calls get the connection itself, or what ``wrap`` makes of it (the relay store's ``Tx``)."""
 
     def __init__(
-        self, conn: sqlite3.Connection, wrap: Callable[[sqlite3.Connection], C] | None = None
+        self,
+        conn: sqlite3.Connection,
+        wrap: Callable[[sqlite3.Connection], C] | None = None,
+        *,
+        on_begin: Callable[[C], object] | None = None,
+        optimistic: bool = False,
     ) -> None:
         self.conn = conn
         self._view: Any = wrap(conn) if wrap is not None else conn
+        self._on_begin = on_begin  # told each time a write transaction begins
+        # First without a savepoint per write (two statements each), again with them only if a write
+        # failed: for writes that are safe to run twice (service/groupcommit.py).
+        self._optimistic = optimistic
 
     def run_batch(self, reads: Sequence[Call[C, Any]], writes: Sequence[Call[C, Any]]) -> None:
         conn, view = self.conn, self._view
@@ -54,9 +64,15 @@ class SqliteBatcher(Generic[C]):
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
 
+        def begin() -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            if self._on_begin is not None:
+                self._on_begin(view)
+
         run_writes_in_transaction(
             writes, view,
-            begin=lambda: conn.execute("BEGIN IMMEDIATE"),
+            begin=begin,
+            optimistic=contextlib.nullcontext if self._optimistic else None,
             commit=lambda: conn.execute("COMMIT"),
             rollback=rollback,
             savepoint=lambda: conn.execute("SAVEPOINT call"),

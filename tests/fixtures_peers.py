@@ -5,6 +5,8 @@ Fixtures:
 * ``lpd_receiver`` -> :class:`LpdReceiver`, an LPD server in the test's nursery that stores each job's
   control and data file. It can refuse a queue, and be stopped and started again on the same port
   (a printer that goes offline and comes back).
+* ``documents`` -> :class:`DocumentServer`, an HTTP server of a document to print from a URL, with
+  redirects and misbehaviours; ``ftp_server`` -> (port, directory), pyftpdlib serving a directory.
 * ``cupsd`` -> :class:`Cupsd`, a private ``cupsd`` (Debian ``cups``) on a free port, everything under a
   temporary directory; ``cupsd.add_queue(name, device_uri)`` makes a queue with ``lpadmin``.
 
@@ -16,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import itertools
+import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -29,7 +33,13 @@ import pytest
 import trio
 from fixtures_printers import free_port
 
-__all__ = ["Cupsd", "LpdJob", "LpdReceiver", "cupsd", "lpd_receiver"]
+from service.http.message import Request, Response
+from service.http.server import HttpServer
+
+__all__ = [
+    "DOCUMENT", "Cupsd", "DocumentServer", "LpdJob", "LpdReceiver", "cupsd", "documents", "ftp_server",
+    "lpd_receiver",
+]  # fmt: skip
 
 #: a command or subcommand line longer than this is a broken client, not a long queue name
 MAX_LINE = 1024
@@ -306,3 +316,72 @@ def cupsd() -> Iterator[Cupsd]:
             server.stop()
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# sources of documents printed from a URL
+
+DOCUMENT = b"%!PS-Adobe-3.0\n" + os.urandom(48 * 1024) + b"\nshowpage\n"
+
+
+@dataclass
+class DocumentServer:
+    """An HTTP server on loopback: /doc (the document), /redirect?to=URL, /stall, /big, /missing."""
+
+    port: int = 0
+    seen: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+
+    async def handle(self, request: Request) -> Response:
+        self.seen.append(
+            (request.target, {k.decode(): v.decode("latin-1") for k, v in request.headers.raw()})
+        )
+        if request.path == "/doc":
+            return Response(200, [("content-type", "application/postscript")], DOCUMENT)
+        if request.path == "/redirect":
+            return Response(302, [("location", request.query["to"][0])])
+        if request.path == "/big":
+            return Response(200, [("content-type", "application/octet-stream")], b"x" * (256 * 1024))
+        if request.path == "/stall":
+
+            async def stall() -> AsyncIterator[bytes]:
+                yield b"a beginning"
+                await trio.sleep_forever()
+
+            return Response(200, [], stall())
+        return Response(404, [], b"no such document")
+
+    def paths(self) -> list[str]:
+        return [target for target, _ in self.seen]
+
+
+@pytest.fixture
+async def documents(nursery: trio.Nursery) -> DocumentServer:
+    server = DocumentServer()
+    server.port = await nursery.start(HttpServer(server.handle).serve, "127.0.0.1", 0)
+    return server
+
+
+@pytest.fixture
+def ftp_server(tmp_path: Path) -> Iterator[tuple[int, Path]]:
+    """pyftpdlib, anonymous and read-only, serving a directory on loopback."""
+    root = tmp_path / "ftp"
+    root.mkdir()
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pyftpdlib", "-i", "127.0.0.1", "-p", str(port), "-d", str(root)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        # another process: polled until it listens, bounded
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if process.poll() is not None:
+                    pytest.fail("pyftpdlib did not start")
+                subprocess.run(["sleep", "0.1"], check=True)
+        yield port, root
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

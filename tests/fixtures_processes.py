@@ -106,7 +106,10 @@ class ProcessStack:
         result = printrelay("token", "create", *self.store_args(), "--tenant", tenant, "--kind", kind, *extra)
         return result.stdout.strip()
 
-    def start_connector(self, printers: dict[str, str], *, connector_id: str = "site-1") -> Service:
+    def start_connector(
+        self, printers: dict[str, str], *, connector_id: str = "site-1", extra: tuple[str, ...] = ()
+    ) -> Service:
+        """A connector process serving ``printers``; ``extra``: more of its flags."""
         token_file = self.tmp_path / f"connector-{connector_id}.token"  # as a unit or a Secret gives it
         token_file.write_text(self.token("connector", "acme", "--connector", connector_id) + "\n")
         token_file.chmod(0o600)
@@ -115,6 +118,7 @@ class ProcessStack:
                 "--token-file", str(token_file)]  # fmt: skip
         for printer_id, uri in printers.items():
             args += ["--printer", f"{printer_id}={uri}"]
+        args += extra
         log_path = self.tmp_path / f"connector-{connector_id}.log"
         connector = Service(f"connector {connector_id}", args, log_path)
         connector.start()

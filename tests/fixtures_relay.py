@@ -47,9 +47,14 @@ class RelayStack:
         tenant: str = "acme",
         connector_id: str = "site-1",
         token_expires_in: float | None = None,
+        token: str | None = None,
         **kw: Any,
     ) -> Connector:
-        token = await self.token("connector", tenant, connector_id=connector_id, expires_in=token_expires_in)
+        """A connector serving ``printers``, with ``token`` (made over the API, say) or a new token."""
+        if token is None:
+            token = await self.token(
+                "connector", tenant, connector_id=connector_id, expires_in=token_expires_in
+            )
         config = ConnectorConfig(
             relay=self.tunnel_url,
             token=token,

@@ -13,6 +13,7 @@ from fixtures_peers import LpdReceiver
 from fixtures_printers import free_port
 
 from connector.delivery import DeliveryError, JobTicket, LpdBackend, backend_for_uri
+from connector.delivery.document import VerifiedDocument, unnamed_file, write_all
 from connector.delivery.lpd import (
     control_file,
     file_names,
@@ -166,3 +167,19 @@ async def test_stalled_server_times_out(nursery: trio.Nursery) -> None:
     with pytest.raises(DeliveryError, match=r"io_timeout=0\.3 s") as info:
         await backend.deliver(JobTicket("j", "t", "text/plain", size=1), chunks(b"x"), Progress())
     assert info.value.retryable
+
+
+async def test_a_verified_document_announces_its_own_size(lpd_receiver: LpdReceiver, tmp_path: Path) -> None:
+    """The connector's authenticated copy knows its size: no spool copy, and sendfile(2) for the data."""
+    data = os.urandom(300_000)
+    fd = unnamed_file(tmp_path / "incoming")
+    write_all(fd, [data])
+    document = VerifiedDocument(size=len(data), fd=fd)
+    backend = backend_for_uri(lpd_receiver.uri(), spool_dir=tmp_path / "spool")
+    ticket = JobTicket("job-4", "t", "application/octet-stream", size=None)
+    result = await backend.deliver(ticket, document, Progress())
+    document.close()
+    assert result.state == "completed"
+    (job,) = await lpd_receiver.wait_for(1)
+    assert job.size == len(data) and job.sha256 == hashlib.sha256(data).hexdigest()
+    assert not (tmp_path / "spool").exists()

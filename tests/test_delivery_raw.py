@@ -6,12 +6,14 @@ import hashlib
 import os
 from collections.abc import AsyncIterator
 from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
 from fixtures_printers import RawSink, free_port
 
 from connector.delivery import DeliveryError, IppBackend, JobTicket, RawBackend, backend_for_uri
+from connector.delivery.document import VerifiedDocument, unnamed_file, write_all
 
 TICKET = JobTicket("job-1", "raw", "application/octet-stream")
 
@@ -111,3 +113,50 @@ def test_backend_for_uri() -> None:
         backend_for_uri("ftp://printer.example/queue")
     with pytest.raises(ValueError, match="no host"):
         backend_for_uri("socket:///")
+
+
+def file_document(data: bytes, directory: Path) -> VerifiedDocument:
+    """``data`` as the connector keeps an authenticated job: an unnamed file, sent with sendfile(2)."""
+    fd = unnamed_file(directory)
+    write_all(fd, [data])
+    return VerifiedDocument(size=len(data), fd=fd)
+
+
+async def test_a_verified_file_goes_by_sendfile_once_per_copy(raw_sink: RawSink, tmp_path: Path) -> None:
+    data = os.urandom(3 * 1024 * 1024 + 7)
+    document = file_document(data, tmp_path)
+    hooks: list[str] = []
+
+    async def first() -> None:
+        hooks.append("first")
+
+    async def last() -> None:
+        hooks.append("last")
+
+    document.watch(first, last, lambda n: None)
+    ticket = JobTicket("job-1", "raw", "application/octet-stream", copies=2)
+    result = await RawBackend("127.0.0.1", raw_sink.port, spool_dir=tmp_path / "spool").deliver(
+        ticket, document, Progress()
+    )
+    document.close()
+    assert result.state == "completed"
+    assert result.message == f"sent 2 copies of {len(data)} bytes to 127.0.0.1:{raw_sink.port}"
+    assert hooks == ["first", "last"]  # `feeding` and `handed` once, around the first copy
+    copies = await raw_sink.wait_for(2)
+    assert [(c.size, c.sha256) for c in copies] == [(len(data), hashlib.sha256(data).hexdigest())] * 2
+    assert not (tmp_path / "spool").exists()  # the file itself is sent again: no spool copy
+
+
+async def test_sendfile_to_a_stalled_printer_times_out(nursery: trio.Nursery, tmp_path: Path) -> None:
+    async def hold(stream: trio.SocketStream) -> None:
+        await trio.sleep_forever()
+
+    listeners = await nursery.start(partial(trio.serve_tcp, hold, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    document = file_document(b"\0" * (64 * 1024 * 1024), tmp_path)
+    with pytest.raises(DeliveryError) as info:
+        await RawBackend("127.0.0.1", port, io_timeout=0.5).deliver(TICKET, document, Progress())
+    document.close()
+    assert info.value.retryable
+    assert "took no data for io_timeout=0.5 s after" in info.value.message
+    assert 0 < document.sent < 16 * 1024 * 1024  # as far as the socket buffers took it

@@ -80,12 +80,15 @@ def network_for(server: DocumentServer) -> MadeUpNetwork:
             "both.example": [[PUBLIC, ipaddress.ip_address("10.0.0.7")]],
             # a rebinding name: public when first asked, loopback ever after
             "rebind.example": [[PUBLIC], loopback],
+            "xn--bcher-kva.example": [[PUBLIC]],  # bücher.example
         },
     )
 
 
-async def fetch_all(fetcher: fetch.Fetcher, source: fetch.Source) -> tuple[bytes, fetch.Download]:
-    async with fetcher.open(source) as download:
+async def fetch_all(
+    fetcher: fetch.Fetcher, source: fetch.Source, owner: str = ""
+) -> tuple[bytes, fetch.Download]:
+    async with fetcher.open(source, owner=owner) as download:
         data = b"".join([chunk async for chunk in download.body])
     return data, download
 
@@ -98,7 +101,8 @@ async def fetch_all(fetcher: fetch.Fetcher, source: fetch.Source) -> tuple[bytes
     [
         "127.0.0.1", "127.8.9.10", "::1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254",
         "fd00:ec2::254", "fe80::1", "100.64.0.1", "0.0.0.0", "::", "224.0.0.1", "::ffff:127.0.0.1",
-        "64:ff9b::7f00:1", "2002:7f00:1::1", "2001:0:4136:e378:8000:63bf:f5ff:fffe",
+        "64:ff9b::7f00:1", "2002:7f00:1::1", "2001:0:4136:e378:8000:63bf:f5ff:fffe", "64:ff9b:1::a00:1",
+        "::ffff:0:127.0.0.1", "::127.0.0.1", "::10.0.0.1", "fec0::1",
     ],
 )  # fmt: skip
 def test_non_public_addresses_are_refused(address: str) -> None:
@@ -121,7 +125,9 @@ def test_public_addresses_are_allowed(address: str) -> None:
         ({"source_url": "http://example.com/" + "a" * 3000}, "exceeds 2048"),
         ({"source_url": "http://example.com/", "url": "x"}, "unknown field 'url'"),
         ({"source_url": "http://example.com/", "source_headers": {"Host": "x"}}, "set by the relay"),
-        ({"source_url": "http://example.com/", "source_headers": {"X-A": "a\r\nB: c"}}, "control character"),
+        ({"source_url": "http://example.com/", "source_headers": {"X-A": "a\r\nB: c"}}, "printable ASCII"),
+        ({"source_url": "http://example.com/", "source_headers": {"X-A": "caf\u00e9"}}, "printable ASCII"),
+        ({"source_url": "http://" + "ü" * 64 + ".example/"}, "not a valid name"),
         ({"source_url": "http://example.com/", "source_headers": {"bad name": "v"}}, "not a header name"),
         ({"source_url": "ftp://example.com/f", "source_headers": {"X-A": "v"}}, "not ftp"),
         ({"source_url": "http://example.com/", "document_format": "pdf"}, "must be a MIME type"),
@@ -178,7 +184,9 @@ async def test_dns_rebinding_cannot_reach_loopback(documents: DocumentServer) ->
     source = fetch.Source("http://rebind.example/redirect?to=http://rebind.example:81/doc")
     with pytest.raises(fetch.FetchError) as refused:
         await fetch_all(fetcher_for(network), source)
-    assert "rebind.example resolves to the non-public address 127.0.0.1" in refused.value.message
+    # which address it resolved to, the client is not told (the relay's network stays its own)
+    assert "rebind.example resolves to a non-public address" in refused.value.message
+    assert "127.0.0.1" not in refused.value.message
     assert network.connected == [str(PUBLIC)]
 
 
@@ -354,3 +362,60 @@ async def test_submit_url_from_the_command_line(
     assert missing.returncode != 0 and "answered HTTP 404, not 200" in missing.stderr, missing
     both = await trio.to_thread.run_sync(lambda: printrelay("submit", *where, check=False))
     assert both.returncode != 0 and "give a FILE to upload or --url" in both.stderr, both
+
+
+async def test_names_and_paths_beyond_ascii_are_encoded(documents: DocumentServer) -> None:
+    network = network_for(documents)
+    data, _ = await fetch_all(fetcher_for(network), fetch.Source("http://bücher.example/doc"))
+    assert data == DOCUMENT
+    with pytest.raises(fetch.FetchError) as missing:
+        await fetch_all(fetcher_for(network), fetch.Source("http://docs.example/Rechnung_März.pdf?q=ü"))
+    assert missing.value.failure is fetch.Failure.UNREACHABLE  # the server's 404, not a crash
+    assert documents.paths()[-1] == "/Rechnung_M%C3%A4rz.pdf?q=%C3%BC"
+
+
+async def test_the_deadline_bounds_the_network_not_the_reader(documents: DocumentServer) -> None:
+    """A reader that takes its time after the last byte (a job being stored) is not a late fetch."""
+    fetcher = fetcher_for(network_for(documents), timeout=0.5)
+    async with fetcher.open(fetch.Source("http://docs.example/doc")) as download:
+        data = b"".join([chunk async for chunk in download.body])
+        await trio.sleep(0.7)  # the reader's own work, past the fetch's deadline
+    assert data == DOCUMENT
+
+
+async def test_fetches_at_once_are_bounded_per_tenant(documents: DocumentServer) -> None:
+    fetcher = fetcher_for(network_for(documents), max_fetches_per_owner=1, max_fetches=2)
+    async with fetcher.open(fetch.Source("http://docs.example/stall"), owner="acme"):
+        with pytest.raises(fetch.FetchError) as busy:
+            await fetch_all(fetcher, fetch.Source("http://docs.example/doc"), owner="acme")
+        assert busy.value.failure is fetch.Failure.BUSY and "retry" in busy.value.message
+        data, _ = await fetch_all(fetcher, fetch.Source("http://docs.example/doc"), owner="globex")
+        assert data == DOCUMENT
+    data, _ = await fetch_all(fetcher, fetch.Source("http://docs.example/doc"), owner="acme")
+    assert data == DOCUMENT
+
+
+async def test_a_resolver_that_never_answers_is_a_timeout(documents: DocumentServer) -> None:
+    async def silent(host: str, port: int) -> list[Address]:
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    fetcher = fetch.Fetcher(fetch.FetchLimits(max_bytes=1024, connect_timeout=0.2), resolver=silent)
+    for url in ("http://docs.example/doc", "ftp://docs.example/doc"):
+        with pytest.raises(fetch.FetchError) as late:
+            await fetch_all(fetcher, fetch.Source(url))
+        assert late.value.failure is fetch.Failure.TIMEOUT, late.value.message
+
+
+@pytest.mark.parametrize("relay_overrides", [{"fetch_allow_private": True}])
+async def test_a_retried_submit_with_its_idempotency_key_does_not_fetch_again(
+    relay_stack: RelayStack, raw_sink: RawSink, documents: DocumentServer
+) -> None:
+    await relay_stack.start_connector({"raw": raw_sink.uri})
+    body = {"source_url": f"http://127.0.0.1:{documents.port}/doc"}
+    async with relay_stack.client() as api:
+        first = await api.post("/v1/printers/raw/jobs", json=body, headers={"idempotency-key": "k1"})
+        again = await api.post("/v1/printers/raw/jobs", json=body, headers={"idempotency-key": "k1"})
+    assert (first.status_code, again.status_code) == (201, 200), again.text
+    assert again.json()["id"] == first.json()["id"]
+    assert documents.paths().count("/doc") == 1

@@ -370,7 +370,8 @@ async def test_printer_attributes_of_a_printer_that_reported_none(
     assert isinstance(value("printer-up-time"), int) and value("printer-up-time") > 0
     operations = response.attribute(PRINTER, "operations-supported")
     assert operations is not None
-    assert Operation.PRINT_URI not in operations.values and Operation.SEND_URI not in operations.values
+    assert Operation.PRINT_URI in operations.values and Operation.SEND_URI in operations.values
+    assert response.attribute(PRINTER, "reference-uri-schemes-supported").values == ("http", "https", "ftp")
     assert {Operation.PRINT_JOB, Operation.CREATE_JOB, Operation.GET_JOBS} <= set(operations.values)
     formats = response.attribute(PRINTER, "document-format-supported")
     assert formats is not None and "application/octet-stream" in formats.values
@@ -489,14 +490,24 @@ BAD_REQUESTS: dict[str, tuple[Any, Status]] = {
         lambda uri: header(op=0x7777) + ops(uri) + END,
         Status.SERVER_ERROR_OPERATION_NOT_SUPPORTED,
     ),
-    "Print-URI": (
-        lambda uri: header(op=Operation.PRINT_URI) + ops(uri) + END,
-        Status.SERVER_ERROR_OPERATION_NOT_SUPPORTED,
+    "Print-URI without document-uri": (lambda uri: header(op=Operation.PRINT_URI) + ops(uri) + END, BAD),
+    "Print-URI of a file: URI": (
+        lambda uri: (
+            header(op=Operation.PRINT_URI)
+            + ops(uri, attr(ValueTag.URI, "document-uri", b"file:///etc/passwd"))
+            + END
+        ),
+        Status.CLIENT_ERROR_URI_SCHEME_NOT_SUPPORTED,
     ),
-    "Send-URI": (
-        lambda uri: header(op=Operation.SEND_URI) + ops(uri) + END,
-        Status.SERVER_ERROR_OPERATION_NOT_SUPPORTED,
+    "Print-URI of loopback": (
+        lambda uri: (
+            header(op=Operation.PRINT_URI)
+            + ops(uri, attr(ValueTag.URI, "document-uri", b"http://127.0.0.1:1/doc"))
+            + END
+        ),
+        Status.CLIENT_ERROR_DOCUMENT_ACCESS_ERROR,
     ),
+    "Send-URI without job-id": (lambda uri: header(op=Operation.SEND_URI) + ops(uri) + END, BAD),
     "no charset": (
         lambda uri: header() + b"\x01" + attr(ValueTag.URI, "printer-uri", uri.encode()) + END,
         BAD,

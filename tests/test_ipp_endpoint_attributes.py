@@ -88,7 +88,8 @@ def test_relay_owned_attributes_replace_the_devices() -> None:
     assert "printer-icons" not in attrs and "printer-supply-info-uri" not in attrs
     assert attrs["printer-make-and-model"].value == "Example Printer"
     assert attrs["ipp-features-supported"].values == ("ipp-everywhere",)
-    assert Operation.PRINT_URI not in attrs["operations-supported"].values
+    assert {Operation.PRINT_URI, Operation.SEND_URI} <= set(attrs["operations-supported"].values)
+    assert attrs["reference-uri-schemes-supported"].values == ("http", "https", "ftp")
     tls = printer_attributes(None, view(printer_uri="ipps://relay.example/ipp/print/hall"))
     assert tls["uri-security-supported"].values == ("tls",)
 

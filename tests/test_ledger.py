@@ -64,3 +64,33 @@ async def test_started_is_noted_without_a_wait_and_committed_before_the_next_rec
     entry = await reopened.get("b")
     assert entry is not None and entry.state == "started" and entry.message == "attempt 1"
     await reopened.close()
+
+
+async def test_completed_after_handed_goes_with_the_next_batch(tmp_path: Path) -> None:
+    """RAW/LPD: ``handed`` is waited for; the ``completed`` after it is not (a resend finding ``handed`` is
+    already answered "completed"), and goes with the next batch or at close."""
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    await ledger.open()
+    await ledger.record("a", "p1", "handed", "printer took every byte")
+    batches = ledger.batches
+    ledger.note_completed("a", "p1", "sent 4096 bytes")
+    assert ledger.batches == batches  # nothing waited for
+    entry = await ledger.get("a")  # a lookup does not commit it (no fsync on the next job's lookup)
+    assert entry is not None and entry.state == "handed" and ledger.batches == batches
+    await ledger.record("b", "p1", "feeding", "attempt 1")
+    assert ledger.batches == batches + 1  # one commit for both
+    entry = await ledger.get("a")
+    assert entry is not None and (entry.state, entry.message) == ("completed", "sent 4096 bytes")
+    await ledger.record("c", "p1", "handed", "printer took every byte")
+    ledger.note_completed("c", "p1", "sent 1 bytes")
+    await ledger.close()
+    reopened = Ledger(tmp_path / "ledger.sqlite3", keep_days=0)
+    await reopened.open()
+    entry = await reopened.get("c")
+    assert entry is not None and entry.state == "completed"
+    # `handed` is as final as `completed` for pruning: a lost `completed` leaves nothing forever
+    await reopened.record("d", "p1", "handed", "printer took every byte")
+    await reopened.record("e", "p1", "feeding", "attempt 1")
+    assert await reopened.prune() == 3  # a, c, d
+    assert (await reopened.get("e")) is not None
+    await reopened.close()

@@ -20,6 +20,7 @@ from test_ipp_endpoint import offline_printer
 from relay.api.openapi import OPENAPI, PATHS, PUBLIC_PATHS
 from relay.api.people import PEOPLE_ROUTES
 from relay.api.rest import ROUTES
+from relay.api.tenants import TENANT_ROUTES
 from relay.ratelimit import TokenRateLimiter
 from service.http.message import Headers, HTTPError, Request, RequestBody, Response
 
@@ -45,7 +46,10 @@ async def test_document_is_served_without_a_token(relay_stack: RelayStack) -> No
 
 
 def test_every_route_is_described_and_every_description_routed() -> None:
-    served = {(method, pattern.pattern): scope for method, pattern, scope, _ in ROUTES + PEOPLE_ROUTES}
+    served = {
+        (method, pattern.pattern): scope
+        for method, pattern, scope, _ in ROUTES + PEOPLE_ROUTES + TENANT_ROUTES
+    }
     described: dict[tuple[str, str], str] = {}
     for method, path, op in _operations():
         sample = _sample_path(path)

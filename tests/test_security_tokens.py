@@ -250,6 +250,46 @@ async def test_a_relay_busy_registering_answers_503_with_retry_after_and_the_con
     connector.tunnel.stopping = True
 
 
+async def test_a_busy_relay_refuses_before_the_websocket_handshake_and_keeps_404_and_draining(
+    relay_stack: RelayStack,
+) -> None:
+    # Busy or draining, the relay answers from the request head alone (no WebSocket machinery): the
+    # same statuses, headers and texts as after a full handshake, whatever pieces the head comes in.
+    admission = relay_stack.relay.registry.admission
+    admission.limit = 0
+    port = int(relay_stack.tunnel_url.rsplit(":", 1)[1].split("/")[0])
+    head = (
+        "GET {path} HTTP/1.1\r\nhost: relay\r\nupgrade: websocket\r\nconnection: upgrade\r\n"
+        "sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+
+    async def ask(path: str) -> bytes:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            data = head.format(path=path).encode()
+            for start in range(0, len(data), 7):
+                await stream.send_all(data[start : start + 7])
+            answer = b""
+            with trio.fail_after(10):
+                while chunk := await stream.receive_some():
+                    answer += chunk
+        return answer
+
+    busy = await ask("/v1/tunnel")
+    assert busy.startswith(b"HTTP/1.1 503 ") and b"\r\nconnection: close\r\n" in busy
+    retry_after = busy.split(b"\r\nretry-after: ")[1].split(b"\r\n")[0]
+    assert 2 <= int(retry_after) <= 60
+    assert busy.endswith(b"(at most 0 at once); retry in " + retry_after + b" s\n")
+    assert (await ask("/elsewhere")).startswith(b"HTTP/1.1 404 ")
+    relay_stack.relay.drain_state.draining = True
+    try:
+        draining = await ask("/v1/tunnel")
+    finally:
+        relay_stack.relay.drain_state.draining = False
+    assert draining.startswith(b"HTTP/1.1 503 ") and b"relay replica is draining" in draining
+    assert admission.registering == 0
+
+
 async def test_a_connector_that_gives_up_on_the_upgrade_hangs_up(
     nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -30,6 +31,7 @@ from relay.store.base import (
     Quota,
     QuotaExceeded,
     SessionRecord,
+    TenantRecord,
     Webhook,
     WebSession,
 )
@@ -227,6 +229,16 @@ async def test_quotas_hold_when_replicas_submit_at_once(store: SqlStore, open_st
         await store.insert_job(new_job("big", sealed_size=20_000), "accepted", quota=quota)
     assert refused.value.what == "bytes"
     assert await store.tenant_usage("big") == (0, 0)
+
+
+async def test_a_submit_looks_up_printer_connector_and_usage_at_once(store: SqlStore) -> None:
+    await store.insert_job(new_job(sealed_size=700), "accepted")
+    printer, connector, usage = await store.submit_lookups("acme", "p1")
+    assert printer is not None and printer.id == "p1"
+    assert connector is not None and connector.id == "c1" and connector.public_key == b"k" * 32
+    assert usage == (700, 1) == await store.tenant_usage("acme")
+    assert await store.submit_lookups("acme", "nope") == (None, None, (700, 1))
+    assert await store.submit_lookups("other", "p1") == (None, None, (0, 0))
 
 
 async def test_a_small_payload_lives_with_its_job_until_the_final_state(store: SqlStore) -> None:
@@ -430,6 +442,29 @@ async def test_job_changes_fill_the_outbox_of_the_webhooks_that_want_them(store:
     assert snapshot["state"] == "completed" and snapshot["options"] == {"sides": "one-sided"}
     assert await store.delete_webhook("acme", "wh_all") is not None
     assert {h.id: h.pending for h in await store.list_webhooks("acme")} == {"wh_done": 1}
+
+
+async def test_a_webhook_added_in_a_batch_gets_the_job_changes_after_it(store: SqlStore) -> None:
+    """SQLite looks once per transaction whether a tenant has webhooks: a webhook added in the same
+    transaction must not miss the changes written after it."""
+    before, after = new_job(), new_job()
+    gate = threading.Event()
+    hook = Webhook("wh_1", "acme", "http://h/", ("job.state_changed",), "s")
+    batches = store.batches
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store._write, lambda tx: gate.wait(10))
+        await trio.testing.wait_all_tasks_blocked()  # that batch is in the worker thread
+        for call in (
+            lambda: store.insert_job(before, "accepted"),
+            lambda: store.add_webhook(hook, limit=5),
+            lambda: store.insert_job(after, "accepted"),
+        ):
+            nursery.start_soon(call)
+            await trio.testing.wait_all_tasks_blocked()  # queued, in this order, for the next batch
+        gate.set()
+    assert store.batches == batches + 2  # the three ran in one transaction
+    got = await store.claim_webhook_deliveries("relay-a", time.time(), 10, per_webhook=10, lease_seconds=60)
+    assert [d.job_id for d in got] == [after.id]
 
 
 async def test_outbox_rows_are_claimed_by_one_sender_at_a_time(store: SqlStore, open_store: Opener) -> None:
@@ -643,3 +678,138 @@ async def test_web_sessions_and_oidc_providers(store: SqlStore) -> None:
     await store.set_oidc_provider(dataclasses.replace(provider, create_users=True))
     assert await store.get_oidc_provider("acme") == dataclasses.replace(provider, create_users=True)
     assert await store.delete_oidc_provider("acme") and await store.get_oidc_provider("acme") is None
+
+
+async def test_child_tenants_list_by_parent_in_pages_up_to_a_limit(store: SqlStore) -> None:
+    kids = [TenantRecord(f"t_{n}", "acme", f"customer {n}", created_at=float(n // 2)) for n in range(4)]
+    for kid in kids[:3]:
+        assert await store.add_tenant(kid, limit=3)
+    assert not await store.add_tenant(kids[3], limit=3)  # the parent has its three
+    assert await store.get_tenant("t_3") is None
+    assert await store.add_tenant(TenantRecord("t_9", "globex", "theirs", created_at=0.0), limit=3)
+    with pytest.raises(Conflict):
+        await store.add_tenant(TenantRecord("t_9", "globex", "again"), limit=3)
+    assert await store.get_tenant("t_1") == kids[1]
+    assert await store.list_tenants("acme") == kids[:3]  # oldest first; the same time by id
+    first = await store.list_tenants("acme", limit=2)
+    assert first == kids[:2]
+    assert await store.list_tenants("acme", after=first[-1].id, limit=2) == kids[2:3]
+    assert await store.list_tenants("acme", after="t_9") == []  # a cursor of another parent's child
+    assert await store.list_tenants("t_0") == []
+
+
+async def test_tenant_job_totals_count_jobs_and_bytes_by_state_in_a_period(store: SqlStore) -> None:
+    for at, size, state, tenant in (
+        (100.0, 10, JobState.QUEUED, "acme"),
+        (200.0, 20, JobState.QUEUED, "acme"),
+        (200.0, 5, JobState.HELD, "acme"),
+        (300.0, 40, JobState.QUEUED, "acme"),
+        (200.0, 1000, JobState.QUEUED, "globex"),
+    ):
+        job = dataclasses.replace(new_job(tenant, state=state), size=size, created_at=at, updated_at=at)
+        await store.insert_job(job, "accepted")
+    assert await store.tenant_job_totals("acme") == {"queued": (3, 70), "held": (1, 5)}
+    period = await store.tenant_job_totals("acme", since=200.0, until=300.0)
+    assert period == {"queued": (1, 20), "held": (1, 5)}  # since is in the period, until is not
+    assert await store.tenant_job_totals("acme", since=301.0) == {}
+    assert await store.tenant_job_totals("nobody") == {}
+
+
+# --- device events ------------------------------------------------------------------------------------------
+
+
+async def _drain_outbox(store: SqlStore) -> dict[str, list[tuple[str, str, dict[str, Any]]]]:
+    """Every delivery in the outbox, sent and removed: by webhook, (event, line, data) in send order."""
+    sent: dict[str, list[tuple[str, str, dict[str, Any]]]] = {}
+    while got := await store.claim_webhook_deliveries(
+        "relay-a", time.time(), 100, per_webhook=100, lease_seconds=60
+    ):
+        for delivery in got:
+            sent.setdefault(delivery.webhook_id, []).append((delivery.event, delivery.job_id, delivery.job))
+            await store.remove_webhook_delivery(delivery.seq, delivered_at=time.time())
+    return sent
+
+
+async def test_printer_changes_are_announced_to_the_webhooks_that_subscribed(store: SqlStore) -> None:
+    for hook in (
+        Webhook("wh_jobs", "acme", "http://h/jobs", ("job.state_changed",), "s1", 1.0),
+        Webhook("wh_printers", "acme", "http://h/p", ("printer.*",), "s2", 2.0),
+        Webhook("wh_removed", "acme", "http://h/r", ("printer.removed",), "s3", 3.0),
+        Webhook("wh_globex", "globex", "http://h/g", ("printer.*",), "s4", 4.0),
+    ):
+        assert await store.add_webhook(hook, limit=5)
+    heard: list[Notice] = []
+    store.on_notice(heard.append)
+    printer = Printer("acme", "p1", "c1", state="idle", online=True)
+    await store.replace_printers("acme", "c1", [printer, Printer("acme", "p2", "c1", state="unknown")])
+    # p1 was there (the fixture): nothing; p2 is new
+    for state in ("unknown", "idle", "stopped", "stopped", "unknown", "idle"):
+        # a connector's unknown (before its first poll) is stored, not announced: going unknown and back
+        # to the state last announced says nothing
+        await store.update_printer(dataclasses.replace(printer, state=state, reasons=[f"{state}-r"] * 40))
+    assert (p1 := await store.get_printer("acme", "p1")) is not None and p1.state == "idle"
+    await store.update_printer(Printer("acme", "p2", "c1", state="removed"))
+    await store.update_printer(Printer("acme", "p2", "c1", state="removed"))
+    await store.update_printer(Printer("acme", "p2", "c1", state="idle"))  # served again
+    sent = await _drain_outbox(store)
+    assert "wh_jobs" not in sent and "wh_globex" not in sent
+    events = [
+        (event, line, data["previous_state"], data["printer"]["state"])
+        for event, line, data in sent["wh_printers"]
+    ]
+    assert [e for e in events if e[1] == "printer:p1"] == [
+        ("printer.state_changed", "printer:p1", "idle", "stopped"),
+        ("printer.state_changed", "printer:p1", "stopped", "idle"),
+    ]
+    assert [e for e in events if e[1] == "printer:p2"] == [
+        ("printer.added", "printer:p2", None, "offline"),  # no session: the public state says so
+        ("printer.removed", "printer:p2", None, "offline"),
+        ("printer.added", "printer:p2", None, "offline"),
+    ]
+    stopped = next(data["printer"] for event, line, data in sent["wh_printers"] if line == "printer:p1")
+    assert stopped["printer_state"] == "stopped" and stopped["online"] and "capabilities" not in stopped
+    assert len(stopped["reasons"]) == 16  # bounded: a notice carries it to the other replicas
+    assert [event for event, _, _ in sent["wh_removed"]] == ["printer.removed"]
+    device = [(n.key, n.data["type"]) for n in heard if n.kind == "device"]
+    assert device.count(("printer:p1", "printer.state_changed")) == 2 and len(device) == 5
+    assert all(n.data["tenant"] == "acme" for n in heard if n.kind == "device")
+
+
+async def test_a_connector_is_announced_online_once_and_offline_once_after_the_grace(
+    store: SqlStore, open_store: Opener
+) -> None:
+    assert await store.add_webhook(
+        Webhook("wh_c", "acme", "http://h/c", ("connector.online", "connector.offline"), "s"), limit=5
+    )
+    other = await open_store()  # another replica
+    for replica in ("relay-a", "relay-b"):
+        await store.register_replica(replica, replica)
+    await store.session_opened(SessionRecord("s1", "acme", "c1", "relay-a", time.time()))  # first seen
+    await other.session_opened(SessionRecord("s2", "acme", "c1", "relay-b", time.time()))  # a second one
+    await store.session_closed("s1", time.time())
+    assert await store.announce_offline(time.time() + 1) == []  # s2 is still open
+    await other.session_closed("s2", time.time())
+    assert await store.announce_offline(time.time() - 3600) == []  # within the grace
+    await store.session_opened(SessionRecord("s3", "acme", "c1", "relay-b", time.time()))  # back in time
+    await store.session_closed("s3", time.time())
+    # Both replicas sweep at once: one of them announces it.
+    found: list[list[tuple[str, str]]] = []
+
+    async def sweep(replica: SqlStore) -> None:
+        found.append(await replica.announce_offline(time.time() + 1))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sweep, store)
+        nursery.start_soon(sweep, other)
+    assert sorted(found) == [[], [("acme", "c1")]]
+    assert await other.announce_offline(time.time() + 1) == []
+    await other.session_opened(SessionRecord("s4", "acme", "c1", "relay-b", time.time()))  # back
+    sent = await _drain_outbox(store)
+    assert [(event, line) for event, line, _ in sent["wh_c"]] == [
+        ("connector.online", "connector:c1"),
+        ("connector.offline", "connector:c1"),
+        ("connector.online", "connector:c1"),
+    ]
+    online = sent["wh_c"][0][2]
+    assert online["connector_id"] == "c1" and online["online"] and online["last_seen"].endswith("Z")
+    assert not sent["wh_c"][1][2]["online"]

@@ -19,6 +19,7 @@ import pytest
 import trio
 from fixtures_printers import RawSink
 from fixtures_relay import RelayStack, no_streams
+from test_device_events import open_stream
 from test_ipp_endpoint import Ipp
 from trio_websocket import ConnectionRejected
 
@@ -82,6 +83,9 @@ async def test_rest_matrix_other_tenants_ids_look_like_missing_ones(
     await tenants.stack.relay.store.add_user(gus)
     gus_token, gus_record = new_token("globex", "user", user_id=gus.id)
     await tenants.stack.relay.store.add_token(gus_record)
+    # A child tenant of acme's (the integrator API), with a token.
+    child = (await acme.post("/v1/tenants", json={"name": "acme's customer"})).json()["id"]
+    child_token = (await acme.post(f"/v1/tenants/{child}/tokens", json={})).json()["id"]
 
     # (method, path with {id}, the id of acme's, body)
     cases: list[tuple[str, str, str, Any]] = [
@@ -99,6 +103,12 @@ async def test_rest_matrix_other_tenants_ids_look_like_missing_ones(
         ("DELETE", "/v1/webhooks/{id}", hook.json()["id"], None),
         ("GET", "/v1/users/{id}", ann.json()["id"], None),
         ("POST", "/v1/users/{id}", ann.json()["id"], {"state": "disabled"}),
+        ("GET", "/v1/tenants/{id}", child, None),
+        ("GET", "/v1/tenants/{id}/tokens", child, None),
+        ("POST", "/v1/tenants/{id}/tokens", child, {"label": "stolen"}),
+        ("DELETE", "/v1/tenants/{id}/tokens/" + child_token, child, None),
+        ("GET", "/v1/tenants/{id}/usage", child, None),
+        ("GET", "/v1/tenants/{id}", "acme", None),  # another top-level tenant: not globex's child
     ]
     routes = {(m, p.pattern) for m, p, _, _ in tenants.stack.relay.api.routes}
     covered: set[tuple[str, str]] = set()
@@ -131,6 +141,16 @@ async def test_rest_matrix_other_tenants_ids_look_like_missing_ones(
     assert [u["email"] for u in (await globex.get("/v1/users")).json()["users"]] == ["gus@globex.example"]
     made = await globex.post("/v1/users", json={"email": "gail@globex.example"})
     assert made.status_code == 201
+    assert (await globex.get("/v1/tenants")).json()["tenants"] == []
+    own_child = await globex.post("/v1/tenants", json={"name": "globex's customer"})
+    assert own_child.status_code == 201
+    # Its own child, and acme's child's token: unknown there, like a token that does not exist.
+    answers = [
+        (r.status_code, r.json()["error"].replace(some_id, "ID"))
+        for some_id in (child_token, MISSING)
+        for r in [await globex.delete(f"/v1/tenants/{own_child.json()['id']}/tokens/{some_id}")]
+    ]
+    assert answers[0] == answers[1] and answers[0][0] == 404, answers
     # /v1/me and a person's own tokens act on the caller alone: gus cannot reach ann's token.
     async with tenants.stack.client(gus_token) as gus_client:
         assert (await gus_client.get("/v1/me")).json()["tenant"] == "globex"
@@ -146,9 +166,12 @@ async def test_rest_matrix_other_tenants_ids_look_like_missing_ones(
         assert (await ann_client.get("/v1/me")).json()["user"]["email"] == "ann@acme.example"
     assert [h["id"] for h in (await acme.get("/v1/webhooks")).json()["webhooks"]] == [hook.json()["id"]]
     lists = (r"^/v1/printers$", r"^/v1/jobs$", r"^/v1/candidates$", r"^/v1/webhooks$", r"^/v1/users$")
+    lists += (r"^/v1/tenants$",)
     covered |= {(m, p) for m, p in routes if m == "GET" and p in lists}
-    covered |= {("POST", r"^/v1/webhooks$"), ("POST", r"^/v1/users$")}
+    covered |= {("POST", r"^/v1/webhooks$"), ("POST", r"^/v1/users$"), ("POST", r"^/v1/tenants$")}
     covered |= {(m, p) for m, p in routes if p.startswith("^/v1/me")}
+    # a tenant's stream shows its own events only: test_event_streams_show_only_their_tenant
+    covered |= {("GET", r"^/v1/events$")}
     assert covered == routes, f"routes without an isolation case: {routes - covered}"
 
     # Nothing of acme's changed.
@@ -156,6 +179,29 @@ async def test_rest_matrix_other_tenants_ids_look_like_missing_ones(
     assert (await acme.get("/v1/printers/a-only")).json()["state"] != "removed"
     assert (await acme.get("/v1/printers/stolen")).status_code == 404
     assert (await acme.get(f"/v1/users/{ann.json()['id']}")).json()["state"] == "active"
+    child_tokens = (await acme.get(f"/v1/tenants/{child}/tokens")).json()["tokens"]
+    assert [t["revoked_at"] for t in child_tokens] == [None]
+    assert [t["id"] for t in (await acme.get("/v1/tenants")).json()["tenants"]] == [child]
+
+
+async def test_event_streams_show_only_their_tenant(tenants: Tenants) -> None:
+    """GET /v1/events of globex sees nothing of acme's job changes and device events, and the reverse."""
+    stack = tenants.stack
+    acme_events = await open_stream(stack)
+    globex_events = await open_stream(stack, tenants.globex_token)
+    acme_job = (await tenants.acme.post("/v1/printers/office/jobs", content=b"acme's\n")).json()["id"]
+    assert (await tenants.acme.delete("/v1/printers/a-only")).status_code == 200  # printer.removed
+    await acme_events.wait_until(
+        lambda: "completed" in acme_events.jobs(acme_job) and "printer.removed" in acme_events.names()
+    )
+    # globex's own events, made after acme's: once its stream shows them, acme's would have come before.
+    globex_job = (await tenants.globex.post("/v1/printers/office/jobs", content=b"globex's\n")).json()["id"]
+    await globex_events.wait_until(lambda: "completed" in globex_events.jobs(globex_job))
+    assert globex_events.jobs(acme_job) == [] and "printer.removed" not in globex_events.names()
+    assert {d["data"].get("job_id") for _, d in globex_events.events} == {globex_job}
+    later = (await tenants.acme.post("/v1/printers/office/jobs", content=b"acme's again\n")).json()["id"]
+    await acme_events.wait_until(lambda: "completed" in acme_events.jobs(later))
+    assert acme_events.jobs(globex_job) == []
 
 
 async def test_same_printer_id_two_tenants_jobs_never_cross(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import deque
+
 import h2.config
 import h2.connection
 import h2.errors
@@ -152,6 +154,36 @@ def test_headers_are_sent_without_huffman_coding_and_still_decode() -> None:
     assert ticket.encode() in wire  # a literal string, not Huffman-coded (RFC 7541 §5.2, H bit clear)
     [request] = [e for e in connector.receive_data(wire, now=0.0) if isinstance(e, h2.events.RequestReceived)]
     assert ("x-job-ticket", ticket) in request.headers
+
+
+def test_settings_and_header_tables_hold_no_deques_and_still_work() -> None:
+    # A relay holds thousands of idle tunnels: h2's deques (760 bytes each) were a seventh of each one.
+    relay = TunnelProtocol(TunnelSettings(max_concurrent_streams=7), client_side=True)
+    connector = TunnelProtocol(TunnelSettings(max_concurrent_streams=90), client_side=False)
+    relay.initiate()
+    connector.initiate()
+    connector.receive_data(relay.data_to_send(), now=0.0)
+    relay.receive_data(connector.data_to_send(), now=0.0)
+    connector.receive_data(relay.data_to_send(), now=0.0)  # the ACK of the connector's settings
+    for side in (relay, connector):
+        tables = [side.conn.encoder.header_table, side.conn.decoder.header_table]
+        assert not any(isinstance(v, deque) for s in (side.conn.local_settings, side.conn.remote_settings)
+                       for v in s._settings.values())  # fmt: skip
+        assert not any(isinstance(t.dynamic_entries, deque) for t in tables)
+    assert relay.conn.remote_settings.max_concurrent_streams == 90
+    assert connector.conn.remote_settings.max_concurrent_streams == 7
+    assert connector.conn.local_settings.max_concurrent_streams == 90  # acknowledged: no pending value
+    assert relay.conn.remote_settings.initial_window_size == 256 * 1024
+    # Indexed headers go through the dynamic tables: the same name and value twice, then evictions.
+    for n in range(60):
+        stream_id = relay.conn.get_next_available_stream_id()
+        headers = [(":method", "GET"), (":scheme", "https"), (":authority", "c"), (":path", f"/p/{n % 3}"),
+                   ("x-filler", "f" * 200 + str(n))]  # fmt: skip
+        relay.conn.send_headers(stream_id, headers, end_stream=True)
+        events = connector.receive_data(relay.data_to_send(), now=0.0)
+        [request] = [e for e in events if isinstance(e, h2.events.RequestReceived)]
+        assert list(request.headers) == headers
+    assert 0 < len(relay.conn.encoder.header_table.dynamic_entries) < 30
 
 
 def test_the_replicas_message_is_bounded_and_validated() -> None:

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpcore
 import httpx
 import pytest
 import trio
 from fixtures_printers import RawSink
 from fixtures_relay import RelayStack
 
-from relay import webhooks
+from relay import egress, webhooks
 from relay.app import Relay
 from relay.auth import new_token
 from relay.config import RelayConfig
@@ -350,13 +351,33 @@ async def test_a_receiver_that_hangs_or_redirects_is_an_error(nursery: trio.Nurs
     sender = webhooks.WebhookSender(
         SqliteStore(Path("unused")), max_attempts=3, retry_base=1, timeout=0.3, allow_private=True
     )
-    async with httpx.AsyncClient() as http:
+    async with httpcore.AsyncConnectionPool() as http:
         hung = await sender.send(http, delivery(f"http://127.0.0.1:{port}/hang"), b"{}")
         moved = await sender.send(http, delivery(f"http://127.0.0.1:{port}/moved"), b"{}")
         closed = await sender.send(http, delivery("http://127.0.0.1:1/"), b"{}")
     assert not hung.delivered and "webhook timeout of 0.3 s" in hung.error
     assert not moved.delivered and moved.error.startswith("HTTP 302")
     assert not closed.delivered and "ConnectError" in closed.error
+
+
+async def test_the_sender_checks_the_address_it_connects_to(nursery: trio.Nursery) -> None:
+    """A webhook registered while its name was public, and resolving to loopback by the time it is sent
+    (DNS rebinding), is refused on the connection itself: the receiver hears nothing."""
+    heard: list[str] = []
+
+    async def handler(request: Request) -> Response:
+        heard.append(request.path)
+        return Response(204)
+
+    port = await nursery.start(HttpServer(handler).serve, "127.0.0.1", 0)
+    sender = webhooks.WebhookSender(SqliteStore(Path("unused")), max_attempts=3, retry_base=1, timeout=5)
+    backend = egress.GuardedBackend(allow_private=False)
+    async with httpcore.AsyncConnectionPool(network_backend=backend) as http:
+        for url in (f"http://127.0.0.1:{port}/hook", f"http://localhost:{port}/hook"):
+            refused = await sender.send(http, delivery(url), b"{}")
+            assert not refused.delivered and "non-public address" in refused.error, refused
+            assert "webhook_allow_private" in refused.error
+    assert heard == []
 
 
 # --- pure parts -----------------------------------------------------------------------------------
@@ -424,3 +445,23 @@ async def test_registration_refuses_an_address_the_relay_will_never_deliver_to(
             assert response.status_code == 400, response.text
             assert "webhook_allow_private is off" in response.json()["error"], response.text
         assert (await api.get("/v1/webhooks")).json()["webhooks"] == []
+
+
+async def test_a_url_beyond_ascii_is_sent_encoded(nursery: trio.Nursery) -> None:
+    """httpcore takes ASCII only: the path goes percent-encoded (a crash here stopped the sender)."""
+    heard: list[str] = []
+
+    async def handler(request: Request) -> Response:
+        heard.append(request.target)
+        return Response(204)
+
+    port = await nursery.start(HttpServer(handler).serve, "127.0.0.1", 0)
+    sender = webhooks.WebhookSender(
+        SqliteStore(Path("unused")), max_attempts=3, retry_base=1, timeout=5, allow_private=True
+    )
+    async with httpcore.AsyncConnectionPool() as http:
+        sent = await sender.send(http, delivery(f"http://127.0.0.1:{port}/hook/é?x=ü"), b"{}")
+    assert sent.delivered, sent
+    assert heard == ["/hook/%C3%A9?x=%C3%BC"]
+    with pytest.raises(webhooks.WebhookError, match="not a valid name"):
+        webhooks.validate_url("https://" + "ü" * 64 + ".example/hook")

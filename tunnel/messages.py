@@ -31,6 +31,12 @@ MAX_TICKET_BYTES = 16 * 1024
 MAX_STATUS_LINE_BYTES = 16 * 1024
 MAX_INVENTORY_BYTES = 4 * 1024 * 1024
 TICKET_HEADER = "x-job-ticket"
+#: a printer's state message: refused above MAX, kept to KEPT characters (255 characters stay within the 1023
+#: octets of IPP's printer-state-message, which the relay's IPP printer passes it on as)
+MAX_PRINTER_MESSAGE = 1024
+KEPT_PRINTER_MESSAGE = 255
+#: a job's page count above this is not a page count
+MAX_PAGES = 10**9
 NDJSON = "application/x-ndjson"
 
 # "held": the connector cannot know whether the printer took the job (it stopped while a RAW or LPD
@@ -67,6 +73,10 @@ def _int(
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise MessageError(f"{key} must be an integer from {low} to {high}")
     return value
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_PAGES
 
 
 @dataclass(frozen=True)
@@ -135,13 +145,16 @@ class JobStatus:
     printer_job_id: int | None = None
     retry_after: float | None = None
     duplicate: bool = False  # answered from the ledger: the job had been delivered before
+    # A completed job's pages, by the printer's page counter before and after it (RAW and LPD printers
+    # with SNMP): best effort. Absent when unknown; relays that predate it ignore it.
+    pages: int | None = None
 
     @property
     def final(self) -> bool:
         return self.state in FINAL_STATUSES
 
     def encode(self) -> bytes:
-        obj = {k: v for k, v in asdict(self).items() if v not in (None, False)}
+        obj = {k: v for k, v in asdict(self).items() if v is not None and v is not False}
         return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
     @classmethod
@@ -159,12 +172,15 @@ class JobStatus:
             raise MessageError(f"unknown job state {state!r}")
         printer_job_id = obj.get("printer_job_id")
         retry_after = obj.get("retry_after")
+        pages = obj.get("pages")
         return cls(
             state=state,
             message=_str(obj, "message", ""),
             printer_job_id=printer_job_id if isinstance(printer_job_id, int) else None,
             retry_after=float(retry_after) if isinstance(retry_after, int | float) else None,
             duplicate=obj.get("duplicate") is True,
+            # best effort by nature: a count that is not one is dropped, never the job's outcome with it
+            pages=pages if _is_count(pages) else None,
         )
 
 
@@ -176,6 +192,9 @@ class PrinterInfo:
     state: str = "unknown"
     reasons: tuple[str, ...] = ()
     capabilities: dict[str, Any] = field(default_factory=dict)
+    # What the printer says about its state for people (IPP printer-state-message, the Printer MIB's
+    # alerts); connectors that predate it send none, relays that predate it ignore it.
+    message: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "reasons": list(self.reasons)}
@@ -197,6 +216,7 @@ class PrinterInfo:
             state=_str(obj, "state", "unknown", limit=32),
             reasons=tuple(reasons[:64]),
             capabilities=capabilities,
+            message=_str(obj, "message", "", limit=MAX_PRINTER_MESSAGE)[:KEPT_PRINTER_MESSAGE],
         )
 
 

@@ -149,6 +149,40 @@ class PlainEncoder(hpack.Encoder):
         return super().encode(headers, huffman=False)
 
 
+class _Pending(list[Any]):
+    """A setting's values as h2 keeps them (the current one first, then those awaiting an ACK), in a list:
+    h2 uses a deque, 760 bytes for one or two ints, and a connection has about fourteen (10 KiB, a seventh
+    of what an idle tunnel held in the relay). h2 calls only popleft, append, [0] and len on it."""
+
+    __slots__ = ()
+
+    def popleft(self) -> Any:
+        return self.pop(0)
+
+
+class CompactSettings(h2.settings.Settings):
+    """h2's Settings with :class:`_Pending` lists instead of deques."""
+
+    def __init__(self, client: bool = True, initial_values: dict[int, int] | None = None) -> None:
+        super().__init__(client=client, initial_values=initial_values)  # type: ignore[arg-type]
+        self._settings = {key: _Pending(values) for key, values in self._settings.items()}  # type: ignore[misc]
+
+    def __setitem__(self, key: h2.settings.SettingCodes | int, value: int) -> None:
+        if key not in self._settings:  # h2 would add a deque([None]) for a setting it has not seen
+            self._settings[key] = _Pending([None])  # type: ignore[assignment]
+        super().__setitem__(key, value)
+
+
+class _DynamicEntries(list[Any]):
+    """An HPACK dynamic table in a list (a few entries here; hpack's deque costs 760 bytes empty). hpack
+    calls appendleft, pop, clear, len, indexing and iteration on it."""
+
+    __slots__ = ()
+
+    def appendleft(self, entry: Any) -> None:
+        self.insert(0, entry)
+
+
 class TunnelProtocol:
     """One HTTP/2 connection of the tunnel: the relay is the client, the connector the server."""
 
@@ -157,8 +191,12 @@ class TunnelProtocol:
         config = h2.config.H2Configuration(client_side=client_side, header_encoding="utf-8")
         self.conn = h2.connection.H2Connection(config=config)
         self.conn.encoder = PlainEncoder()
+        # Memory: a relay holds thousands of idle tunnels. Both replaced before anything was sent.
+        self.conn.encoder.header_table.dynamic_entries = _DynamicEntries()  # type: ignore[assignment]
+        self.conn.decoder.header_table.dynamic_entries = _DynamicEntries()  # type: ignore[assignment]
+        self.conn.remote_settings = CompactSettings(client=not client_side)
         codes = h2.settings.SettingCodes
-        self.conn.local_settings = h2.settings.Settings(
+        self.conn.local_settings = CompactSettings(
             client=client_side,
             initial_values={
                 codes.INITIAL_WINDOW_SIZE: min(settings.unread_stream_window, settings.stream_window),

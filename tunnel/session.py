@@ -1,9 +1,9 @@
 """One HTTP/2 session over a byte stream: the thin trio layer around :class:`TunnelProtocol`.
 
-An :class:`H2Session` owns everything that runs for it — its reader, its writer, its PING timer and the
-handlers of the streams the peer opens — in one nursery. Closing the session (or losing the transport)
-cancels them all; every stream still open then fails with :class:`StreamClosed`, so callers can put a job
-back in the queue.
+An :class:`H2Session` owns everything that runs for it — its reader, its writer (which also sends the
+PINGs) and the handlers of the streams the peer opens — in one nursery. Closing the session (or losing the
+transport) cancels them all; every stream still open then fails with :class:`StreamClosed`, so callers can
+put a job back in the queue.
 
 Flow control is end to end: a DATA frame is acknowledged (WINDOW_UPDATE) only when the consumer of the
 stream asks for the next chunk, i.e. after it has handed the previous one on — to a printer, on the
@@ -16,9 +16,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import struct
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import h2.errors
@@ -118,12 +119,15 @@ class H2Stream:
             await self._changed.wait()
         return self.response_headers
 
-    async def iter_data(self) -> AsyncIterator[bytes]:
+    async def iter_data(self, *, open_window: bool = True) -> AsyncGenerator[bytes, None]:
         """Yield the body as it arrives; each chunk is acknowledged when the next one is asked for.
 
-        The stream starts with the small unread_stream_window; reading it opens the full stream_window.
+        The stream starts with the small unread_stream_window; reading it opens the full stream_window,
+        unless ``open_window`` is False: a body of small messages (a job's status lines) needs no more, and
+        each stream is then one WINDOW_UPDATE lighter on both sides.
         """
-        self._session._open_window(self)
+        if open_window:
+            self._session._open_window(self)
         while True:
             self._acknowledge()
             while not self._chunks:
@@ -274,8 +278,7 @@ class H2Session:
                 self._nursery = nursery
                 self._proto.initiate()
                 self._flush()
-                nursery.start_soon(self._writer)
-                nursery.start_soon(self._pinger)
+                nursery.start_soon(self._writer)  # which also pings (see _keepalive)
                 self.started.set()
                 task_status.started()
                 await self._reader()
@@ -367,10 +370,14 @@ class H2Session:
             self._flush()
 
     async def _writer(self) -> None:
+        last_ping = trio.current_time()
         while True:
             while not self._out:
                 self._out_drained.fire()
-                await self._out_wanted.wait()
+                # No PINGs once closing: then it only sends what is queued.
+                with trio.move_on_at(self._next_ping(last_ping) if self._closed is None else math.inf):
+                    await self._out_wanted.wait()
+                last_ping = self._keepalive(last_ping)
             size = min(len(self._out), MAX_BATCH_BYTES)
             chunk = bytes(self._out[:size])
             del self._out[:size]
@@ -392,6 +399,7 @@ class H2Session:
             self.stats.bytes_out += size
             if len(self._out) < self.settings.output_high_water:
                 self._out_drained.fire()
+            last_ping = self._keepalive(last_ping)
 
     def _next_ping(self, last_ping: float) -> float:
         interval = self.settings.ping_interval
@@ -404,28 +412,29 @@ class H2Session:
         quiet_ping = max(self._last_received, last_ping) + 1.5 * interval
         return min(quiet_ping, last_ping + self.settings.rtt_interval)
 
-    async def _pinger(self) -> None:
-        last_ping = trio.current_time()
-        while True:
-            await trio.sleep_until(self._next_ping(last_ping))
-            now = trio.current_time()
-            if now < self._next_ping(last_ping):
-                continue  # the peer spoke while we slept
-            silent = now - self._last_received
-            if silent >= self.settings.dead_after:
-                log.warning("%s: peer silent for %.0f s, session is dead", self.name, silent)
-                self._closed = f"peer silent for {silent:.0f} s (dead_after={self.settings.dead_after:g})"
-                assert self._nursery is not None
-                self._nursery.cancel_scope.cancel()
-                return
-            payload = struct.pack(">d", trio.current_time())
-            self._pings_sent[payload] = trio.current_time()
-            if len(self._pings_sent) > 8:  # unanswered pings: keep only the newest few
-                self._pings_sent.pop(next(iter(self._pings_sent)))
-            self._conn.ping(payload)
-            self._flush()
-            self.stats.pings_sent += 1
-            last_ping = now
+    def _keepalive(self, last_ping: float) -> float:
+        """PING the peer when due, or end a session whose peer stayed silent for dead_after; returns when
+        the last PING went. The writer calls it whenever it wakes (and at the next PING's time at the
+        latest): one task less per session than a pinger of its own, and a relay holds thousands."""
+        now = trio.current_time()
+        if self._closed is not None or now < self._next_ping(last_ping):
+            # Closing (GOAWAY queued, the last bytes leaving): h2 refuses a PING now. Or the peer spoke.
+            return last_ping
+        silent = now - self._last_received
+        if silent >= self.settings.dead_after:
+            log.warning("%s: peer silent for %.0f s, session is dead", self.name, silent)
+            self._closed = f"peer silent for {silent:.0f} s (dead_after={self.settings.dead_after:g})"
+            assert self._nursery is not None
+            self._nursery.cancel_scope.cancel()
+            return now
+        payload = struct.pack(">d", now)
+        self._pings_sent[payload] = now
+        if len(self._pings_sent) > 8:  # unanswered pings: keep only the newest few
+            self._pings_sent.pop(next(iter(self._pings_sent)))
+        self._conn.ping(payload)
+        self._flush()
+        self.stats.pings_sent += 1
+        return now
 
     # --- events ---------------------------------------------------------------------------------
 

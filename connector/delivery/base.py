@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import ipaddress
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -77,7 +80,18 @@ async def connect_printer(host: str, port: int, connect_timeout: float, where: s
     """A TCP connection to a printer (RAW, LPD); failures are retryable DeliveryErrors naming ``where``."""
     try:
         with trio.fail_after(connect_timeout):
-            return await trio.open_tcp_stream(host, port)
+            family = _literal_family(host)
+            if family is None:
+                return await trio.open_tcp_stream(host, port)
+            # An address: one socket and one connect. open_tcp_stream's resolver and happy-eyeballs
+            # nursery cost more CPU than the connect itself (a RAW printer takes one connection per job).
+            sock = trio.socket.socket(family, socket.SOCK_STREAM)
+            try:
+                await sock.connect((host, port))
+            except BaseException:
+                sock.close()
+                raise
+            return trio.SocketStream(sock)
     except trio.TooSlowError:
         raise DeliveryError(
             f"cannot connect to {where}: no answer within connect_timeout={connect_timeout:g} s",
@@ -85,3 +99,15 @@ async def connect_printer(host: str, port: int, connect_timeout: float, where: s
         ) from None
     except OSError as exc:
         raise DeliveryError(f"cannot connect to {where}: {exc}", retryable=True) from exc
+
+
+@functools.lru_cache(maxsize=1024)
+def _literal_family(host: str) -> int | None:
+    """AF_INET or AF_INET6 for an IP address without a zone; None for a name (or a scoped address)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
+        return None
+    return socket.AF_INET if address.version == 4 else socket.AF_INET6

@@ -36,8 +36,10 @@ from connector.delivery.base import (
     Progress,
     connect_printer,
 )
+from connector.delivery.document import VerifiedDocument
 from connector.delivery.options import OptionError, refuse_for_stream
 from connector.delivery.spoolfile import SpoolFile
+from connector.printer_mib import PrinterMib
 
 DEFAULT_PORT = 515
 ACK = b"\x00"
@@ -121,6 +123,7 @@ class LpdBackend:
         io_timeout: float = 60.0,
         spool_dir: Path | None = None,
         local_host: str | None = None,
+        snmp: PrinterMib | None = None,
     ) -> None:
         self.uri = uri
         self.host, self.port, self.queue = parse_lpd_uri(uri)
@@ -128,6 +131,7 @@ class LpdBackend:
         self.io_timeout = io_timeout
         self.spool_dir = spool_dir  # for documents whose size is not known up front
         self.local_host = local_host or socket.gethostname().split(".")[0] or "printrelay"
+        self.snmp = snmp  # the printer's state and page counter (connector/printer_mib.py); None: off
 
     def __repr__(self) -> str:
         return f"LpdBackend({self.uri!r})"
@@ -157,6 +161,8 @@ class LpdBackend:
             refuse_for_stream("LPD", ticket.options)
         except OptionError as exc:
             raise DeliveryError(exc.message, retryable=False) from None
+        if isinstance(document, VerifiedDocument):  # authenticated whole: its size is known exactly
+            return await self._send(ticket, document.size, document, progress)
         if ticket.size is not None:
             return await self._send(ticket, ticket.size, document, progress)
         async with SpoolFile(self.spool_dir) as spool:
@@ -185,16 +191,22 @@ class LpdBackend:
                     await stream.send_all(subcommand(3, size, data_name))
                 await self._ack(stream, "the data file header")
                 await progress("printing", f"{self._where} accepted job {control_name[3:6]}")
-                async for chunk in document:
-                    if sent + len(chunk) > size:
-                        # closing without the final octet makes the server drop the job (RFC 1179 §6.2)
-                        raise DeliveryError(
-                            f"document longer than its announced size {size}: job dropped",
-                            retryable=False,
-                        )
-                    with trio.fail_after(self.io_timeout):
-                        await stream.send_all(chunk)
-                    sent += len(chunk)
+                if isinstance(document, VerifiedDocument):
+                    try:
+                        await document.send_to(stream, self.io_timeout)  # sendfile(2)
+                    finally:
+                        sent = document.sent  # how far it got, for the errors below too
+                else:
+                    async for chunk in document:
+                        if sent + len(chunk) > size:
+                            # closing without the final octet makes the server drop the job (RFC 1179 §6.2)
+                            raise DeliveryError(
+                                f"document longer than its announced size {size}: job dropped",
+                                retryable=False,
+                            )
+                        with trio.fail_after(self.io_timeout):
+                            await stream.send_all(chunk)
+                        sent += len(chunk)
                 if sent != size:
                     raise DeliveryError(
                         f"document ended after {sent} of its announced {size} bytes: job dropped",

@@ -20,8 +20,10 @@ from connector.delivery.base import (
     Progress,
     connect_printer,
 )
+from connector.delivery.document import VerifiedDocument
 from connector.delivery.options import OptionError, refuse_for_stream
 from connector.delivery.spoolfile import SpoolFile
+from connector.printer_mib import PrinterMib
 
 DEFAULT_PORT = 9100
 #: what a printer may send back (PJL status) before we stop listening
@@ -38,6 +40,7 @@ class RawBackend:
         io_timeout: float = 60.0,
         idle_timeout: float = 30.0,
         spool_dir: Path | None = None,
+        snmp: PrinterMib | None = None,
     ) -> None:
         self.host = host
         self.port = port
@@ -45,6 +48,7 @@ class RawBackend:
         self.io_timeout = io_timeout
         self.idle_timeout = idle_timeout
         self.spool_dir = spool_dir  # for the copy kept when copies > 1
+        self.snmp = snmp  # the printer's state and page counter (connector/printer_mib.py); None: off
 
     def __repr__(self) -> str:
         return f"RawBackend({self.host!r}, {self.port})"
@@ -70,6 +74,18 @@ class RawBackend:
         if ticket.copies <= 1:
             sent, note = await self._send_once(document, progress)
             return DeliveryResult("completed", f"sent {sent} bytes to {self._where}{note}")
+        if isinstance(document, VerifiedDocument):  # already whole on our side: send it again per copy
+            sent, note = await self._send_once(document, progress)
+            for copy in range(2, ticket.copies + 1):
+                try:
+                    _, note = await self._send_once(document, None)
+                except DeliveryError as exc:
+                    return DeliveryResult(
+                        "failed", f"copy {copy} of {ticket.copies} not delivered: {exc.message}"
+                    )
+            return DeliveryResult(
+                "completed", f"sent {ticket.copies} copies of {sent} bytes to {self._where}{note}"
+            )
         # Copies by repetition, one connection each (a RAW printer takes one job per connection).
         # The first copy streams from the tunnel and is kept in a spool file for the others.
         async with SpoolFile(self.spool_dir) as spool:
@@ -94,10 +110,16 @@ class RawBackend:
                 await progress("printing", f"connected to {self._where}")
             sent = 0
             try:
-                async for chunk in document:
-                    with trio.fail_after(self.io_timeout):
-                        await stream.send_all(chunk)
-                    sent += len(chunk)
+                if isinstance(document, VerifiedDocument):
+                    try:
+                        await document.send_to(stream, self.io_timeout)  # sendfile(2)
+                    finally:
+                        sent = document.sent  # how far it got, for the errors below too
+                else:
+                    async for chunk in document:
+                        with trio.fail_after(self.io_timeout):
+                            await stream.send_all(chunk)
+                        sent += len(chunk)
                 with trio.fail_after(self.io_timeout):
                     await stream.send_eof()
             except trio.TooSlowError:

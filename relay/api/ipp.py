@@ -35,7 +35,8 @@ import re
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -57,7 +58,7 @@ from ipp import (
     keyword,
     new_response,
 )
-from relay import audit
+from relay import audit, fetch
 from relay.api.ipp_attributes import (
     MULTIPLE_OPERATION_TIMEOUT,
     RELAY_OPERATIONS,
@@ -119,12 +120,16 @@ OPERATION_SYNTAX: dict[str, tuple[int, ...]] = {
     "limit": (ValueTag.INTEGER,),
     "requested-attributes": (ValueTag.KEYWORD,),
     "job-hold-until": (ValueTag.KEYWORD, *_NAME),
+    "document-uri": (ValueTag.URI,),
 }
 MULTI_VALUED = frozenset({"requested-attributes"})
-JOB_CREATION = frozenset({Operation.PRINT_JOB, Operation.VALIDATE_JOB, Operation.CREATE_JOB})
+JOB_CREATION = frozenset(
+    {Operation.PRINT_JOB, Operation.PRINT_URI, Operation.VALIDATE_JOB, Operation.CREATE_JOB}
+)
 JOB_TARGETED = frozenset(
     {
         Operation.SEND_DOCUMENT,
+        Operation.SEND_URI,
         Operation.CANCEL_JOB,
         Operation.GET_JOB_ATTRIBUTES,
         Operation.HOLD_JOB,
@@ -136,9 +141,11 @@ READ_ONLY = frozenset({Operation.GET_JOB_ATTRIBUTES, Operation.GET_JOBS, Operati
 # Groups a request may carry besides its operation attributes (RFC 8011 §4.2, §4.3.1).
 EXTRA_GROUPS: dict[int, frozenset[int]] = {
     Operation.PRINT_JOB: frozenset({DelimiterTag.JOB_ATTRIBUTES}),
+    Operation.PRINT_URI: frozenset({DelimiterTag.JOB_ATTRIBUTES}),
     Operation.VALIDATE_JOB: frozenset({DelimiterTag.JOB_ATTRIBUTES}),
     Operation.CREATE_JOB: frozenset({DelimiterTag.JOB_ATTRIBUTES}),
     Operation.SEND_DOCUMENT: frozenset({DelimiterTag.DOCUMENT_ATTRIBUTES}),
+    Operation.SEND_URI: frozenset({DelimiterTag.DOCUMENT_ATTRIBUTES}),
 }
 DEFAULT_JOB_LISTING = ("job-id", "job-uri")
 _TIMES = frozenset({"all", "job-description", "time-at-processing", "date-time-at-processing"})
@@ -151,6 +158,10 @@ _RELAY_REASONS = {
     RelayState.FAILED: ("aborted-by-system", "job-completed-with-errors"),
     RelayState.CANCELED: ("job-canceled-by-user",),
     RelayState.EXPIRED: ("aborted-by-system",),
+}
+_FETCH_STATUS = {
+    fetch.Failure.TOO_LARGE: Status.CLIENT_ERROR_REQUEST_ENTITY_TOO_LARGE,
+    fetch.Failure.BUSY: Status.SERVER_ERROR_BUSY,
 }
 _REFUSAL_STATUS = {
     Refusal.NOT_FOUND: Status.CLIENT_ERROR_NOT_FOUND,
@@ -389,6 +400,7 @@ class IppEndpoint:
         public_url: str = "",
         tls: bool = False,
         limits: IppLimits | None = None,
+        fetcher: fetch.Fetcher | None = None,
     ) -> None:
         self._store = store
         self._credentials = credentials or Credentials(store, People(store))
@@ -398,6 +410,8 @@ class IppEndpoint:
         self._public_url = public_url
         self._tls = tls
         self.limits = limits or IppLimits()
+        # Print-URI and Send-URI (relay.fetch): the relay's own limits when the caller has none to give
+        self._fetcher = fetcher or fetch.Fetcher(fetch.FetchLimits(max_bytes=intake.limits.max_job_bytes))
 
     async def handle(self, request: Request) -> Response:
         match = PATH_RE.match(request.path)
@@ -492,9 +506,11 @@ class IppEndpoint:
     async def _operation(self, call: _Call) -> Message:
         handlers = {
             Operation.PRINT_JOB: self.print_job,
+            Operation.PRINT_URI: self.print_uri,
             Operation.VALIDATE_JOB: self.validate_job,
             Operation.CREATE_JOB: self.create_job,
             Operation.SEND_DOCUMENT: self.send_document,
+            Operation.SEND_URI: self.send_uri,
             Operation.CLOSE_JOB: self.close_job,
             Operation.CANCEL_JOB: self.cancel_job,
             Operation.GET_JOB_ATTRIBUTES: self.get_job_attributes,
@@ -525,6 +541,7 @@ class IppEndpoint:
             queued_jobs=queued,
             connector_id=printer.connector_id,
             pull=printer.pull,
+            message=printer.message,
         )
 
     async def _printer_attributes(
@@ -618,7 +635,10 @@ class IppEndpoint:
         ticket: dict[str, Any],
         *,
         hold: bool = False,
+        document: AsyncIterable[bytes] | None = None,
+        length: int | None = None,
     ) -> Job:
+        """A relay job of ``document`` (default: the request's own, Print-Job and Send-Document)."""
         submission = Submission(
             tenant=call.tenant,
             printer_id=printer.id,
@@ -627,12 +647,12 @@ class IppEndpoint:
             copies=int(ticket["copies"]),
             user=str(ticket["user"]),
             owner=str(ticket.get("owner", "")),
-            content_length=call.document_length,
+            content_length=call.document_length if document is None else length,
             options=dict(ticket["options"]),
             hold=hold,
         )
         try:
-            job, _ = await self._intake.accept(submission, call.document)
+            job, _ = await self._intake.accept(submission, call.document if document is None else document)
         except SubmitError as exc:
             raise _ipp_error(_REFUSAL_STATUS[exc.refusal], exc.message) from None
         return job
@@ -649,14 +669,33 @@ class IppEndpoint:
         document_format = self._document_format(call, attrs, None)
         if not await call.document.has_data():
             raise _bad("Print-Job without document data")
-        record = {
+        job = await self._accept(
+            call, printer, document_format, self._job_record(call, ticket), hold=ticket.hold
+        )
+        return await self._printed(call, printer, ticket, job)
+
+    async def print_uri(self, call: _Call) -> Message:
+        source = self._document_uri(call)
+        printer = await self._printer(call)
+        ticket, attrs = await self._ticket(call, printer)
+        async with self._fetched(call, source) as download:
+            document_format = self._document_format(call, attrs, self._sent_format(download, attrs))
+            job = await self._accept(
+                call, printer, document_format, self._job_record(call, ticket), hold=ticket.hold,
+                document=download.body, length=download.length,
+            )  # fmt: skip
+        return await self._printed(call, printer, ticket, job)
+
+    def _job_record(self, call: _Call, ticket: Ticket) -> dict[str, Any]:
+        return {
             "title": self._title(call),
             "user": call.user,
             "owner": call.principal.user_id or "",
             "copies": ticket.copies,
             "options": ticket.options,
         }
-        job = await self._accept(call, printer, document_format, record, hold=ticket.hold)
+
+    async def _printed(self, call: _Call, printer: Printer, ticket: Ticket, job: Job) -> Message:
         numbers = await self._store.ipp_job_numbers(call.tenant, printer.id, [job.id], time.time())
         response = self._creation_response(call, ticket)
         self._add_job(response, self._relay_job_view(call, numbers[job.id], job), _CREATED)
@@ -692,7 +731,8 @@ class IppEndpoint:
         self._add_job(response, self._pending_view(call, record), _CREATED)
         return response
 
-    async def send_document(self, call: _Call) -> Message:
+    async def _document_target(self, call: _Call) -> tuple[bool, Printer, IppJob, dict[str, Attribute]]:
+        """What Send-Document and Send-URI check first: last-document, and a job waiting for its document."""
         last = _bool(call.request, "last-document")
         if last is None:
             raise _bad("missing last-document operation attribute (RFC 8011 §4.3.1)")
@@ -702,12 +742,69 @@ class IppEndpoint:
             raise self._not_open(record)
         attrs = await self._printer_attributes(call, printer)
         self._check_compression(call)
-        ticket = record.ticket
-        document_format = self._document_format(call, attrs, ticket.get("document_format"))
+        return last, printer, record, attrs
+
+    async def send_document(self, call: _Call) -> Message:
+        last, printer, record, attrs = await self._document_target(call)
+        document_format = self._document_format(call, attrs, record.ticket.get("document_format"))
         if not await call.document.has_data():
             if not last:
                 raise _bad("Send-Document without document data and with last-document=false")
             return await self.close_job(call)
+        return await self._attach(call, printer, record, document_format, last)
+
+    async def send_uri(self, call: _Call) -> Message:
+        source = self._document_uri(call)
+        last, printer, record, attrs = await self._document_target(call)
+        async with self._fetched(call, source) as download:
+            default = record.ticket.get("document_format") or self._sent_format(download, attrs)
+            document_format = self._document_format(call, attrs, default)
+            return await self._attach(
+                call, printer, record, document_format, last, document=download.body, length=download.length
+            )
+
+    def _document_uri(self, call: _Call) -> fetch.Source:
+        """The document-uri of Print-URI or Send-URI, checked before anything else is (RFC 8011 §4.2.2)."""
+        uri = _text(call.request, "document-uri")
+        if uri is None:
+            raise _bad("missing document-uri operation attribute (RFC 8011 §4.2.2)")
+        try:
+            return fetch.Source(url=fetch.check_uri(uri))
+        except fetch.SchemeRefused as exc:
+            raise _ipp_error(Status.CLIENT_ERROR_URI_SCHEME_NOT_SUPPORTED, exc.message) from None
+        except fetch.FetchError as exc:
+            raise _ipp_error(Status.CLIENT_ERROR_DOCUMENT_ACCESS_ERROR, exc.message) from None
+
+    @asynccontextmanager
+    async def _fetched(self, call: _Call, source: fetch.Source) -> AsyncIterator[fetch.Download]:
+        try:
+            async with self._fetcher.open(source, owner=call.tenant) as download:
+                yield download
+        except fetch.FetchError as exc:
+            status = _FETCH_STATUS.get(exc.failure, Status.CLIENT_ERROR_DOCUMENT_ACCESS_ERROR)
+            raise _ipp_error(status, exc.message) from None
+
+    @staticmethod
+    def _sent_format(download: fetch.Download, attrs: dict[str, Attribute]) -> str | None:
+        """The source's Content-Type when the printer takes it (S3 and others send binary/octet-stream
+        for anything): otherwise the printer's default decides."""
+        supported = attrs.get("document-format-supported")
+        sent = download.document_format
+        return sent if sent is not None and supported is not None and sent in supported.values else None
+
+    async def _attach(
+        self,
+        call: _Call,
+        printer: Printer,
+        record: IppJob,
+        document_format: str,
+        last: bool,
+        *,
+        document: AsyncIterable[bytes] | None = None,
+        length: int | None = None,
+    ) -> Message:
+        """The document of a Create-Job job arrives (Send-Document, Send-URI): its relay job is made."""
+        ticket = record.ticket
         # One upload at a time: a compare-and-set, so two replicas cannot both make the relay job.
         if not await self._jobs.advance_ipp_job(record, IppJobEvent.UPLOAD):
             raise self._not_open(await self._ipp_job(call))
@@ -715,8 +812,9 @@ class IppEndpoint:
             # A job whose last document has not come yet is held (the relay has no "incoming"
             # state): the dispatcher leaves it alone until Close-Job releases it.
             job = await self._accept(
-                call, printer, document_format, ticket, hold=not last or bool(ticket.get("hold"))
-            )
+                call, printer, document_format, ticket, hold=not last or bool(ticket.get("hold")),
+                document=document, length=length,
+            )  # fmt: skip
         except BaseException:
             # Also when the client left (cancelled): the job must take a document again.
             with trio.CancelScope(shield=True), trio.move_on_after(STORE_CLEANUP_TIMEOUT):

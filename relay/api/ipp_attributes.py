@@ -21,16 +21,19 @@ from typing import Any
 
 from ipp import Attribute, JobState, Operation, PrinterState, Range, Resolution, ValueTag, collection
 from ipp.jsonattrs import attributes_from_json
+from relay.fetch import SCHEMES as URI_SCHEMES
 
 log = logging.getLogger("printrelay.relay.ipp")
 
-#: operations the relay carries out itself, in operations-supported (Print-URI and Send-URI are not:
-#: the relay would have to fetch arbitrary URLs from the cloud on a client's behalf)
+#: operations the relay carries out itself, in operations-supported (Print-URI and Send-URI fetch with
+#: the rules of relay.fetch: public addresses only, unless fetch_allow_private)
 RELAY_OPERATIONS = (
     Operation.PRINT_JOB,
+    Operation.PRINT_URI,
     Operation.VALIDATE_JOB,
     Operation.CREATE_JOB,
     Operation.SEND_DOCUMENT,
+    Operation.SEND_URI,
     Operation.CANCEL_JOB,
     Operation.GET_JOB_ATTRIBUTES,
     Operation.GET_JOBS,
@@ -213,6 +216,7 @@ class PrinterView:
     queued_jobs: int = 0
     connector_id: str = ""
     pull: bool = False  # every job is held until its owner releases it
+    message: str = ""  # what the printer says of its state (its printer-state-message, its SNMP alerts)
     now: float = field(default_factory=time.time)
 
     @property
@@ -243,7 +247,7 @@ def _printer_state(view: PrinterView) -> tuple[int, list[str], str]:
         view.state, PrinterState.IDLE
     )
     reasons = [r for r in view.reasons if KEYWORD_RE.match(r) and r != "none"][:32] or ["none"]
-    return state, reasons, {3: "Idle.", 4: "Printing.", 5: "Stopped."}[state]
+    return state, reasons, view.message[:255] or {3: "Idle.", 4: "Printing.", 5: "Stopped."}[state]
 
 
 def printer_attributes(reported: Iterable[Attribute] | None, view: PrinterView) -> dict[str, Attribute]:
@@ -276,6 +280,7 @@ def printer_attributes(reported: Iterable[Attribute] | None, view: PrinterView) 
         _a("printer-current-time", ValueTag.DATE_TIME, _date(view.now)),
         _a("queued-job-count", ValueTag.INTEGER, view.queued_jobs),
         _a("operations-supported", ValueTag.ENUM, *(int(op) for op in RELAY_OPERATIONS)),
+        _a("reference-uri-schemes-supported", ValueTag.URI_SCHEME, *URI_SCHEMES),
         _a("charset-configured", ValueTag.CHARSET, "utf-8"),
         _a("charset-supported", ValueTag.CHARSET, "us-ascii", "utf-8"),
         _a("natural-language-configured", ValueTag.NATURAL_LANGUAGE, "en"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ipp.options import OPTION_NAMES
+from relay.auth import API_SCOPES
 from relay.jobs import JobState
 
 VERSION = "0.1.0"
@@ -121,23 +122,44 @@ PRINTER_CHANGE = {
     "anyOf": [{"required": ["uri"]}, {"required": ["id", "pull"]}],
 }
 
+# Print from a URL (relay.fetch): the relay fetches the document; nothing of the URL is kept.
+SOURCE: dict[str, Any] = {
+    "type": "object",
+    "required": ["source_url"],
+    "additionalProperties": False,
+    "properties": {
+        "source_url": {"type": "string", "maxLength": 2048, "description": "http, https or ftp URL"},
+        "source_headers": {
+            "type": "object", "maxProperties": 32,
+            "additionalProperties": {"type": "string", "maxLength": 4096},
+            "description": "headers sent to the source_url's own origin only (not after a redirect away)",
+        },
+        "document_format": {"type": "string", "description": "MIME type; default: the source's Content-Type"},
+    },
+}  # fmt: skip
+
 PATHS: dict[str, dict[str, Any]] = {
     "/v1/printers/{printer}/jobs": {
         "post": _op(
-            "Submit a document (the raw body) to a printer",
+            "Submit a document to a printer: the raw body, or a JSON body naming a URL the relay fetches",
             "jobs:submit",
             {
                 "201": _json(_ref("Job"), "accepted: spooled and queued (or held)"),
                 "200": _json(_ref("Job"), "an earlier submission with this Idempotency-Key"),
-                "400": _error("a bad parameter"),
+                "400": _error("a bad parameter, or a source_url the relay does not fetch (private address)"),
                 "413": _error("document exceeds max_job_bytes"),
+                "502": _error("the source_url did not give the document"),
+                "504": _error("the source_url's fetch took longer than fetch_timeout"),
                 "507": _error("spool full"),
                 **NOT_FOUND,
             },
             parameters=SUBMIT_PARAMETERS,
             body={
                 "required": True,
-                "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+                "content": {
+                    "application/json": {"schema": SOURCE},
+                    "*/*": {"schema": {"type": "string", "format": "binary"}},
+                },
             },
         )
     },
@@ -210,7 +232,13 @@ PATHS: dict[str, dict[str, Any]] = {
                             "required": ["url"],
                             "properties": {
                                 "url": {"type": "string"},
-                                "events": {"type": "array", "items": {"type": "string"}},
+                                "events": {
+                                    "type": "array",
+                                    "items": {"type": "string"},
+                                    "description": "job.state_changed (the default), job.<state>, "
+                                    "connector.online, connector.offline, printer.added, printer.removed, "
+                                    "printer.state_changed, connector.*, printer.*",
+                                },
                             },
                         }
                     }
@@ -298,6 +326,15 @@ PATHS: dict[str, dict[str, Any]] = {
             "jobs:read",
             {"200": {"description": "event stream", "content": {"text/event-stream": {}}}, **NOT_FOUND},
             parameters=[JOB],
+        )
+    },
+    "/v1/events": {
+        "get": _op(
+            "Server-Sent Events: the tenant's job changes (a user: their own jobs') and device events "
+            "(connector.online, connector.offline, printer.added, printer.removed, printer.state_changed), "
+            "live from now on; no replay (429: also too many streams of the tenant open on this relay)",
+            "jobs:read",
+            {"200": {"description": "event stream", "content": {"text/event-stream": {}}}},
         )
     },
     "/v1/jobs/{job}/cancel": {
@@ -410,6 +447,90 @@ PATHS.update(
 )  # fmt: skip
 
 
+TENANT = _path_param("tenant", "child tenant id (t_...)")
+CHILD_TOKEN_FIELDS = {
+    "kind": {"type": "string", "enum": ["api", "connector"], "description": "default api"},
+    "scopes": {
+        "type": "array",
+        "items": {"type": "string", "enum": list(API_SCOPES)},
+        "description": "an API token's scopes (default jobs:submit, jobs:read)",
+    },
+    "connector_id": {
+        "type": "string",
+        "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+        "description": "a connector token's connector (default connector-<random>)",
+    },
+    "label": {"type": "string", "maxLength": 200},
+    "expires_in": {"type": "string", "description": "e.g. 90d (at most 365 days; default: no expiry)"},
+}
+
+# The integrator API: a tenant's admin and its child tenants (relay/api/tenants.py). Ids of tenants that
+# are not the caller's children (itself, its parent, a sibling) answer 404 like ids that do not exist.
+PATHS.update(
+    {
+        "/v1/tenants": {
+            "get": _op(
+                "The caller's child tenants, oldest first, a page at a time", "admin",
+                {"200": _json({"type": "object", "properties": {
+                    "tenants": {"type": "array", "items": _ref("Tenant")},
+                    "next": {"type": ["string", "null"], "description": "after= for the next page"},
+                }}, "listed")},
+                parameters=[
+                    _query("after", {"type": "string"}, "the next cursor of the previous page"),
+                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 500}, "per page (100)"),
+                ],
+            ),
+            "post": _op(
+                "Create a child tenant (its id is generated); a child tenant cannot create children", "admin",
+                {"201": _json(_ref("Tenant"), "created"),
+                 "409": _error("the caller has max_child_tenants children already")},
+                body=_object({"name": {"type": "string", "minLength": 1, "maxLength": 200}}, ("name",)),
+            ),
+        },
+        "/v1/tenants/{tenant}": {
+            "get": _op("A child tenant", "admin", {"200": _json(_ref("Tenant"), "the tenant"), **NOT_FOUND},
+                       parameters=[TENANT]),
+        },
+        "/v1/tenants/{tenant}/tokens": {
+            "get": _op(
+                "A child tenant's tokens (never their secrets)", "admin",
+                {"200": _json({"type": "object", "properties": {"tokens": {"type": "array"}}}, "listed"),
+                 **NOT_FOUND},
+                parameters=[TENANT],
+            ),
+            "post": _op(
+                "Make an API or connector token of a child tenant (the secret is shown once)", "admin",
+                {"201": _json({"type": "object"}, "made; token holds the secret"), **NOT_FOUND},
+                parameters=[TENANT], body=_object(CHILD_TOKEN_FIELDS),
+            ),
+        },
+        "/v1/tenants/{tenant}/tokens/{token}": {
+            "delete": _op(
+                "Revoke a child tenant's token (at once, on every replica; a connector's session closes)",
+                "admin", {"204": {"description": "revoked"}, **NOT_FOUND},
+                parameters=[TENANT, _path_param("token", "token id")],
+            ),
+        },
+        "/v1/tenants/{tenant}/usage": {
+            "get": _op(
+                "Jobs a child tenant submitted in a period and their documents' bytes, in all and by state",
+                "admin",
+                {"200": _json({"type": "object", "properties": {
+                    "tenant": {"type": "string"}, "since": {"type": ["string", "null"]},
+                    "until": {"type": ["string", "null"]}, "jobs": {"type": "integer"},
+                    "bytes": {"type": "integer"}, "by_state": {"type": "object"},
+                }}, "usage"), **NOT_FOUND},
+                parameters=[
+                    TENANT,
+                    _query("since", {"type": "string"}, "jobs created at or after (ISO 8601 or epoch s)"),
+                    _query("until", {"type": "string"}, "jobs created before (ISO 8601 or epoch s)"),
+                ],
+            ),
+        },
+    }
+)  # fmt: skip
+
+
 def _qr(kind: str, media: str) -> dict[str, Any]:
     return {
         "get": _op(
@@ -495,6 +616,12 @@ SCHEMAS: dict[str, Any] = {
                 "waiting for release at a pull printer; null for a job held with hold=true",
             },
             "options": {"type": "object"},
+            "pages": {
+                "type": ["integer", "null"],
+                "description": "a completed job's pages by its printer's page counter, read before and "
+                "after the job (RAW and LPD printers whose SNMP agent answers): best effort; null when "
+                "unknown",
+            },
             "created_at": {"type": "string"},
             "updated_at": {"type": "string"},
             "completed_at": {"type": ["string", "null"]},
@@ -513,6 +640,16 @@ SCHEMAS: dict[str, Any] = {
             "last_error": {"type": ["string", "null"], "description": "the last failed attempt's error"},
             "last_error_at": {"type": ["string", "null"]},
             "last_delivered_at": {"type": ["string", "null"]},
+        },
+    },
+    "Tenant": {
+        "type": "object",
+        "required": ["id", "parent", "name"],
+        "properties": {
+            "id": {"type": "string"},
+            "parent": {"type": "string"},
+            "name": {"type": "string"},
+            "created_at": {"type": ["string", "null"]},
         },
     },
     "User": {
@@ -538,7 +675,17 @@ SCHEMAS: dict[str, Any] = {
             "online": {"type": "boolean"},
             "state": {"type": "string"},
             "printer_state": {"type": "string"},
-            "reasons": {"type": "array", "items": {"type": "string"}},
+            "reasons": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "IPP printer-state-reasons keywords (media-empty-error, media-jam-error, "
+                "...), from the printer itself: IPP, or a RAW or LPD printer's Printer MIB over SNMP",
+            },
+            "message": {
+                "type": "string",
+                "description": "what the printer says of its state for people (IPP printer-state-message, "
+                "the Printer MIB's alert descriptions); empty when it says nothing",
+            },
             "kind": {"type": "string"},
             "capabilities": {"type": "object"},
             "pull": {

@@ -48,8 +48,8 @@ def token_view(record: TokenRecord) -> dict[str, Any]:
     }
 
 
-async def _json_body(request: Request) -> Mapping[str, Any]:
-    body = await request.body.read(MAX_BODY, limit_name="max_user_body")
+async def _json_body(request: Request, limit_name: str = "max_user_body") -> Mapping[str, Any]:
+    body = await request.body.read(MAX_BODY, limit_name=limit_name)
     if not body.strip():
         return {}
     try:
@@ -72,6 +72,22 @@ def _only(data: Mapping[str, Any], known: tuple[str, ...]) -> None:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise HTTPError(400, f"unknown field {unknown[0]!r}; the fields are {', '.join(known)}")
+
+
+def token_terms(data: Mapping[str, Any]) -> tuple[str, float | None]:
+    """A new token's ``label`` and lifetime (``expires_in``, e.g. ``90d``; None: no expiry) from a body."""
+    label = _text(data, "label")
+    if len(label) > MAX_LABEL:
+        raise HTTPError(400, f"label is longer than {MAX_LABEL} characters")
+    expires_in = None
+    if "expires_in" in data:
+        try:
+            expires_in = parse_duration(_text(data, "expires_in"))
+        except ValueError as exc:
+            raise HTTPError(400, f"expires_in: {exc}") from None
+        if not 0 < expires_in <= MAX_TOKEN_LIFETIME:
+            raise HTTPError(400, "expires_in must be between 1 s and 365 days")
+    return label, expires_in
 
 
 class PeopleApi:
@@ -108,17 +124,7 @@ class PeopleApi:
         user_id = self._person(principal)
         data = await _json_body(request)
         _only(data, ("label", "expires_in"))
-        label = _text(data, "label")
-        if len(label) > MAX_LABEL:
-            raise HTTPError(400, f"label is longer than {MAX_LABEL} characters")
-        expires_in = None
-        if "expires_in" in data:
-            try:
-                expires_in = parse_duration(_text(data, "expires_in"))
-            except ValueError as exc:
-                raise HTTPError(400, f"expires_in: {exc}") from None
-            if not 0 < expires_in <= MAX_TOKEN_LIFETIME:
-                raise HTTPError(400, "expires_in must be between 1 s and 365 days")
+        label, expires_in = token_terms(data)
         secret, record = new_token(
             principal.tenant, "user", user_id=user_id, label=label, expires_in=expires_in
         )

@@ -8,22 +8,28 @@ from __future__ import annotations
 
 import base64
 import binascii
-import datetime
+import dataclasses
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 
 from ipp.options import OPTION_NAMES
-from relay import adoption, audit, qr, webhooks
+from relay import adoption, audit, fetch, qr, webhooks
 from relay.adoption import Adoption
 from relay.api.ipp import IppEndpoint
 from relay.api.openapi import OPENAPI
 from relay.api.people import PEOPLE_ROUTES, PeopleApi
+from relay.api.query import int_param as _int_param
+from relay.api.query import one as _one
+from relay.api.query import time_param as _time_param
+from relay.api.tenants import TENANT_ROUTES, TenantsApi
 from relay.auth import Principal
 from relay.capabilities import OptionRefused, validate_option
 from relay.credentials import Credentials
+from relay.eventstream import EventStreams, TooManyStreams
 from relay.jobs import Job, JobState
 from relay.lifecycle import JobLifecycle
 from relay.ratelimit import TokenRateLimiter, spend_request
@@ -35,6 +41,8 @@ from service import bounded_json
 from service.http.message import Handler, HTTPError, Request, Response
 from service.settings import parse_duration
 
+log = logging.getLogger("printrelay.relay.api")
+
 Route = Callable[[Request, Principal, re.Match[str]], Awaitable[Response]]
 
 MAX_EXPIRES_IN = 365 * 86400.0
@@ -43,6 +51,10 @@ SSE_KEEPALIVE = 15.0  # seconds between comments that keep proxies from closing 
 MAX_LIST = 500
 MAX_IDEMPOTENCY_KEY = 255
 MAX_ADMIN_BODY = 16 * 1024
+MAX_SOURCE_BODY = 64 * 1024  # a print-from-URL body: the URL and its headers (relay.fetch bounds each)
+# A JSON body is not a document: it names one to fetch (printing JSON itself: send it as text/plain).
+SOURCE_FORMAT = "application/json"
+DEFAULT_FORMAT = "application/octet-stream"
 
 
 def _store_outage(exc: BaseException) -> StoreUnavailable | None:
@@ -54,11 +66,6 @@ def _store_outage(exc: BaseException) -> StoreUnavailable | None:
 
 def _sse(data: dict[str, object], event: str = "state") -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
-
-
-def _one(request: Request, name: str, default: str | None = None) -> str | None:
-    values = request.query.get(name)
-    return values[-1] if values else default
 
 
 def _duration_param(request: Request, name: str) -> float | None:
@@ -89,39 +96,6 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         return float(created_at), job_id
     except (ValueError, TypeError, binascii.Error):
         raise HTTPError(400, "after must be the next cursor of a previous page") from None
-
-
-def _time_param(request: Request, name: str) -> float | None:
-    """An ISO 8601 time (``2026-12-06T10:00:00Z``) or seconds since the epoch."""
-    text = _one(request, name)
-    if not text:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        pass
-    try:
-        moment = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise HTTPError(
-            400, f"{name} must be an ISO 8601 time (2026-12-06T10:00:00Z) or epoch seconds"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=datetime.UTC)
-    return moment.timestamp()
-
-
-def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
-    raw = _one(request, name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise HTTPError(400, f"{name} must be an integer, not {raw!r}") from None
-    if not low <= value <= high:
-        raise HTTPError(400, f"{name} must be between {low} and {high}")
-    return value
 
 
 def _options(request: Request) -> dict[str, str]:
@@ -166,6 +140,8 @@ ROUTES: tuple[tuple[str, re.Pattern[str], str, str], ...] = (
     ("GET", re.compile(r"^/v1/jobs/(?P<job>[^/]+)/watch$"), "jobs:read", "watch_job"),
     ("POST", re.compile(r"^/v1/jobs/(?P<job>[^/]+)/cancel$"), "jobs:submit", "cancel_job"),
     ("POST", re.compile(r"^/v1/jobs/(?P<job>[^/]+)/release$"), "jobs:submit", "release_job"),
+    # the tenant's job changes and device events (not the connector's /v1/events, which is inside the tunnel)
+    ("GET", re.compile(r"^/v1/events$"), "jobs:read", "event_stream"),
 )
 
 
@@ -186,8 +162,15 @@ class RestApi:
         portal: Handler | None = None,
         public_url: str = "",
         tls: bool = False,
+        max_child_tenants: int,
+        fetcher: fetch.Fetcher | None = None,
+        events: EventStreams | None = None,
     ) -> None:
         self._store = store
+        # GET /v1/events; its owner hands it the store's notices (relay/app.py)
+        self.events = events or EventStreams(store)
+        # print from a URL (relay.fetch): the relay's own limits when the caller has none to give
+        self._fetcher = fetcher or fetch.Fetcher(fetch.FetchLimits(max_bytes=intake.limits.max_job_bytes))
         self._credentials = credentials or Credentials(store, People(store))
         self._webhook_allow_private = webhook_allow_private
         self.portal = portal  # people's pages (/portal, /release/...)
@@ -207,6 +190,8 @@ class RestApi:
         self.routes += [
             (method, pattern, scope, getattr(people, name)) for method, pattern, scope, name in PEOPLE_ROUTES
         ]
+        tenants = TenantsApi(store, max_children=max_child_tenants)
+        self.routes += [(m, p, scope, getattr(tenants, name)) for m, p, scope, name in TENANT_ROUTES]
 
     async def handle(self, request: Request) -> Response:
         try:
@@ -299,11 +284,45 @@ class RestApi:
             options=_options(request),
         )
         try:
-            job, created = await self._intake.accept(submission, request.body)
+            if document_format == SOURCE_FORMAT:
+                job, created = await self._submit_from_url(request, submission)
+            else:
+                job, created = await self._intake.accept(submission, request.body)
         except SubmitError as exc:
             retry = [("retry-after", "60")] if exc.refusal is Refusal.QUOTA else []
             raise HTTPError(exc.refusal.value, exc.message, retry) from None
         return Response.json(job.public(), 201 if created else 200, [("location", f"/v1/jobs/{job.id}")])
+
+    async def _submit_from_url(self, request: Request, submission: Submission) -> tuple[Job, bool]:
+        """A JSON body names the document's URL: the relay fetches it into the spool (relay.fetch)."""
+        body = await request.body.read(MAX_SOURCE_BODY, limit_name="max_source_body")
+        try:
+            source = fetch.parse_source(bounded_json.loads(body))
+        except ValueError as exc:
+            example = '{"source_url": "https://..."}'
+            raise HTTPError(400, f"the body must be JSON, e.g. {example}: {exc}") from None
+        except fetch.FetchError as exc:
+            raise HTTPError(exc.failure.value, exc.message) from None
+        key = submission.idempotency_key
+        earlier = await self._store.find_job_by_idempotency_key(submission.tenant, key) if key else None
+        if earlier is not None:
+            # a retry: the same job, without fetching again (its signed URL may have expired meanwhile)
+            if earlier.printer_id != submission.printer_id:
+                raise HTTPError(409, "Idempotency-Key was already used for a different document or printer")
+            return earlier, False
+        try:
+            async with self._fetcher.open(source, owner=submission.tenant) as download:
+                submission = dataclasses.replace(
+                    submission,
+                    document_format=source.document_format or download.document_format or DEFAULT_FORMAT,
+                    content_length=download.length,
+                )
+                accepted = await self._intake.accept(submission, download.body)
+        except fetch.FetchError as exc:
+            retry = [("retry-after", "5")] if exc.failure is fetch.Failure.BUSY else []
+            raise HTTPError(exc.failure.value, exc.message, retry) from None
+        log.info("job %s fetched from %s", accepted[0].id, source.origin)
+        return accepted
 
     async def get_job(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
         job = await self._job(principal, match["job"])
@@ -397,6 +416,23 @@ class RestApi:
                 ("x-accel-buffering", "no"),
             ],
             events(),
+        )
+
+    async def event_stream(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:
+        """Server-Sent Events: the tenant's job changes (a person: their own jobs') and device events, live
+        from now on (relay/eventstream.py)."""
+        try:
+            subscriber = self.events.subscribe(principal)
+        except TooManyStreams as exc:
+            raise HTTPError(429, str(exc), [("retry-after", "60")]) from None
+        return Response(
+            200,
+            [
+                ("content-type", "text/event-stream"),
+                ("cache-control", "no-store"),
+                ("x-accel-buffering", "no"),
+            ],
+            self.events.stream(subscriber, keepalive=SSE_KEEPALIVE),
         )
 
     async def list_jobs(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:

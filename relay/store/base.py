@@ -55,6 +55,21 @@ class UserRecord:
 
 
 @dataclass
+class TenantRecord:
+    """A child tenant, made by its parent over the integrator API (relay/api/tenants.py). A tenant with no
+    record (named on tokens by ``printrelay token create``) is a top-level tenant: only those have
+    children."""
+
+    id: str  # "t_" + random: generated, never chosen, so no child can take an existing tenant's name
+    parent: str
+    name: str = ""
+    created_at: float = 0.0
+
+    def public(self) -> dict[str, Any]:
+        return {"id": self.id, "parent": self.parent, "name": self.name, "created_at": _iso(self.created_at)}
+
+
+@dataclass
 class WebSession:
     """A person signed in to the portal. The cookie holds a random secret; the store keeps its SHA-256."""
 
@@ -112,6 +127,9 @@ class Printer:
     # A pull printer holds every job until its owner releases it at the printer. Set by a tenant admin
     # (ConnectorStore.set_printer_pull), never by the connector's reports.
     pull: bool = False
+    # What the printer says of its state for people: IPP printer-state-message, a RAW or LPD printer's
+    # Printer MIB alerts ("Tray 1 empty")
+    message: str = ""
 
     def public(self) -> dict[str, Any]:
         return {
@@ -122,6 +140,7 @@ class Printer:
             "state": self.state if self.online else "offline",
             "printer_state": self.state,
             "reasons": self.reasons,
+            "message": self.message,
             "kind": self.kind,
             "capabilities": self.capabilities,
         }
@@ -149,7 +168,8 @@ class IppJob:
 
 @dataclass
 class Webhook:
-    """A URL that receives its tenant's job state changes (relay/webhooks.py)."""
+    """A URL that receives its tenant's job state changes, and the device events it subscribed to
+    (relay/webhooks.py)."""
 
     id: str
     tenant: str
@@ -178,7 +198,8 @@ class Webhook:
 
 @dataclass
 class WebhookDelivery:
-    """One outbox row: a job change (with the job as it was then) on its way to one webhook."""
+    """One outbox row: a job change (with the job as it was then), or a device event, on its way to one
+    webhook."""
 
     seq: int  # outbox order
     id: str  # delivery_id: the same on every attempt, for receivers to dedupe
@@ -194,6 +215,24 @@ class WebhookDelivery:
     attempts: int = 0
     next_attempt_at: float = 0.0
     last_error: str = ""
+    # "" for a job change; else a device event (DEVICE_EVENTS), whose ``job_id`` is its line
+    # ("connector:ID" or "printer:ID", see device_line) and ``job`` its data
+    event: str = ""
+
+
+# Changes of a tenant's connectors and printers, announced to webhooks and event streams like job changes.
+CONNECTOR_ONLINE = "connector.online"
+CONNECTOR_OFFLINE = "connector.offline"
+PRINTER_ADDED = "printer.added"
+PRINTER_REMOVED = "printer.removed"
+PRINTER_STATE_CHANGED = "printer.state_changed"
+DEVICE_EVENTS = (CONNECTOR_ONLINE, CONNECTOR_OFFLINE, PRINTER_ADDED, PRINTER_REMOVED, PRINTER_STATE_CHANGED)
+
+
+def device_line(event: str, device_id: str) -> str:
+    """A device's events are delivered in order, as a job's are: ``connector:ID`` or ``printer:ID`` (never
+    a job id, which has no colon)."""
+    return f"{event.split('.')[0]}:{device_id}"
 
 
 @dataclass(frozen=True)
@@ -252,7 +291,9 @@ class ConnectorRequest:
 class Notice:
     """A change another part of the relay (maybe on another replica) must hear about.
 
-    ``kind``: ``job`` (a job changed state; ``data`` has tenant, connector_id, state, at, message),
+    ``kind``: ``job`` (a job changed state; ``data`` has tenant, connector_id, printer_id, owner, state,
+    at, message), ``device`` (a connector or printer event; ``key`` is its line, ``data`` has tenant,
+    type, at and the event's data),
     ``tokens`` (tokens were revoked or deleted; ``key`` is a token id, or empty for "any"), ``users`` (a
     user was disabled, enabled or changed; ``key`` is the user id),
     ``request`` / ``answer`` (a change of printers asked of the replica holding a connector's session;
@@ -334,6 +375,29 @@ class UserStore(Protocol):
         ...
 
 
+class TenantStore(Protocol):
+    """Child tenants (the integrator API) and what each submitted."""
+
+    async def add_tenant(self, tenant: TenantRecord, limit: int) -> bool:
+        """False (and nothing stored) if the parent already has ``limit`` children; :class:`Conflict` when
+        the id is taken."""
+        ...
+
+    async def get_tenant(self, tenant_id: str) -> TenantRecord | None: ...
+    async def list_tenants(
+        self, parent: str, *, after: str | None = None, limit: int = 100
+    ) -> list[TenantRecord]:
+        """The parent's children, oldest first; ``after``: those after that child (the next page)."""
+        ...
+
+    async def tenant_job_totals(
+        self, tenant: str, *, since: float | None = None, until: float | None = None
+    ) -> dict[str, tuple[int, int]]:
+        """The tenant's jobs created in [since, until), by state: (jobs, document bytes). States with no
+        job are absent."""
+        ...
+
+
 class WebStore(Protocol):
     """The portal's sessions and the tenants' OpenID Connect providers."""
 
@@ -356,10 +420,11 @@ class ConnectorStore(Protocol):
 
     async def upsert_connector(self, connector: ConnectorRecord) -> None: ...
     async def get_connector(self, tenant: str, connector_id: str) -> ConnectorRecord | None: ...
-    async def printer_and_connector(
+    async def submit_lookups(
         self, tenant: str, printer_id: str
-    ) -> tuple[Printer | None, ConnectorRecord | None]:
-        """A printer and the connector that serves it, in one call (every submit asks)."""
+    ) -> tuple[Printer | None, ConnectorRecord | None, tuple[int, int]]:
+        """What every submit looks up first, in one call: a printer, the connector that serves it, and the
+        tenant's usage (as ``tenant_usage``)."""
         ...
 
     async def session_opened(self, session: SessionRecord) -> None: ...
@@ -374,6 +439,13 @@ class ConnectorStore(Protocol):
 
     async def connectors_online(self, tenant: str) -> list[str]:
         """Ids of the tenant's connectors that hold a session to some replica now."""
+        ...
+
+    async def announce_offline(self, before: float) -> list[tuple[str, str]]:
+        """Connectors announced online that hold no session and were last seen before ``before``: each is
+        announced offline (``connector.offline``), once; (tenant, connector id) of those announced.
+        (``connector.online`` is announced by :meth:`session_opened` when the last announcement was not
+        online; printer events by :meth:`replace_printers` and :meth:`update_printer`.)"""
         ...
 
     # Printers a connector discovered and does not serve yet (read on every replica).
@@ -502,7 +574,8 @@ class IppJobStore(Protocol):
 
 
 class WebhookStore(Protocol):
-    """Webhooks, and their outbox: job changes fill it in the transaction that records them."""
+    """Webhooks, and their outbox: job changes and device events fill it in the transaction that records
+    them."""
 
     async def add_webhook(self, hook: Webhook, limit: int) -> bool:
         """False (and nothing stored) if the tenant already has ``limit`` webhooks."""
@@ -588,6 +661,7 @@ class ReplicaStore(Protocol):
 class Store(
     TokenStore,
     UserStore,
+    TenantStore,
     WebStore,
     ConnectorStore,
     JobStore,

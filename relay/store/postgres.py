@@ -184,6 +184,30 @@ SCHEMA = [
     ALTER TABLE webhooks ADD COLUMN last_error_at DOUBLE PRECISION;
     ALTER TABLE webhooks ADD COLUMN last_delivered_at DOUBLE PRECISION;
     """,
+    # version 5: child tenants (the integrator API); usage over a period reads a tenant's jobs by time
+    """
+    CREATE TABLE tenants (
+        id TEXT PRIMARY KEY, parent TEXT NOT NULL, name TEXT NOT NULL DEFAULT '',
+        created_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX tenants_parent ON tenants (parent, created_at, id);
+    CREATE INDEX jobs_tenant_created ON jobs (tenant, created_at);
+    """,
+    # version 6: device events: the outbox carries connector and printer events too (``event``; their
+    # line, "connector:ID" or "printer:ID", in job_id and their data in job), and what was last announced
+    # of each connector and printer, so that restarts and replicas neither repeat nor lose one
+    """
+    ALTER TABLE webhook_deliveries ADD COLUMN event TEXT NOT NULL DEFAULT '';
+    ALTER TABLE connectors ADD COLUMN announced TEXT NOT NULL DEFAULT '';
+    ALTER TABLE printers ADD COLUMN announced TEXT NOT NULL DEFAULT '';
+    UPDATE printers SET announced = state WHERE state <> 'unknown';
+    """,
+    # version 7: what a printer says of its state for people (IPP printer-state-message, the Printer MIB's
+    # alerts), and a completed job's pages by the printer's page counter (RAW and LPD printers with SNMP)
+    """
+    ALTER TABLE printers ADD COLUMN message TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN pages INTEGER;
+    """,
 ]
 SCHEMA_VERSION = len(SCHEMA)
 

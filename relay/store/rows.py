@@ -19,6 +19,7 @@ from relay.store.base import (
     IppJob,
     OidcProvider,
     Printer,
+    TenantRecord,
     TokenRecord,
     UserRecord,
     Webhook,
@@ -27,6 +28,8 @@ from relay.store.base import (
 )
 
 R = TypeVar("R")
+
+MAX_ROW_SHAPES = 64  # row shapes a RowMap remembers (a statement's columns; see RowMap.load)
 
 
 class Row(Protocol):
@@ -66,17 +69,25 @@ class RowMap(Generic[R]):
         self.fields = tuple(f.name for f in dataclasses.fields(record))  # type: ignore[arg-type]
         # Columns of the record's table (computed fields such as Printer.online are read, not written).
         self.columns = tuple(name for name in self.fields if name not in read_only)
+        self._column_list = ", ".join(f'"{name}"' for name in self.columns)
+        # Per shape of row read (its column names): the fields it holds and their codecs. Rows are read
+        # by the thousand a second, and a store has a few dozen statements.
+        self._plans: dict[tuple[str, ...], tuple[tuple[str, Codec | None], ...]] = {}
 
     def load(self, row: Row, **overrides: Any) -> R:
-        present = set(row.keys())
+        shape = tuple(row.keys())
+        plan = self._plans.get(shape)
+        if plan is None:
+            if len(self._plans) >= MAX_ROW_SHAPES:
+                self._plans.clear()
+            plan = self._plans[shape] = tuple((f, self.codecs.get(f)) for f in self.fields if f in shape)
         values: dict[str, Any] = {}
-        for name in self.fields:
-            if name in overrides:
-                values[name] = overrides[name]
-            elif name in present:
-                codec = self.codecs.get(name)
-                value = row[name]
-                values[name] = codec.load(value) if codec is not None else value
+        for name, codec in plan:
+            value = row[name]
+            values[name] = codec.load(value) if codec is not None else value
+        for name, value in overrides.items():
+            if name in self.fields:
+                values[name] = value
         return self.record(**values)
 
     def dump(self, record: R) -> list[Any]:
@@ -90,7 +101,7 @@ class RowMap(Generic[R]):
 
     def column_list(self) -> str:
         """The columns, quoted (``user`` is a reserved word in PostgreSQL)."""
-        return ", ".join(f'"{name}"' for name in self.columns)
+        return self._column_list
 
 
 JOBS = RowMap(Job, {"state": enum_codec(JobState), "wrapped_key": BYTES, "options": JSON})
@@ -99,6 +110,7 @@ PRINTERS = RowMap(Printer, {"reasons": JSON, "capabilities": JSON, "pull": BOOL}
 CONNECTORS = RowMap(ConnectorRecord, {"public_key": BYTES}, read_only=("sessions",))
 TOKENS = RowMap(TokenRecord, {"scopes": COMMA_LIST})
 USERS = RowMap(UserRecord)
+TENANTS = RowMap(TenantRecord)
 WEB_SESSIONS = RowMap(WebSession)
 OIDC_PROVIDERS = RowMap(OidcProvider, {"client_secret_sealed": BYTES, "create_users": BOOL})
 IPP_JOBS = RowMap(IppJob, {"state": enum_codec(IppJobState), "ticket": JSON})

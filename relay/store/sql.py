@@ -29,9 +29,15 @@ from relay.jobs import (
     JobEvent,
     JobHistoryEntry,
     JobState,
+    _iso,
 )
 from relay.store import rows
 from relay.store.base import (
+    CONNECTOR_OFFLINE,
+    CONNECTOR_ONLINE,
+    PRINTER_ADDED,
+    PRINTER_REMOVED,
+    PRINTER_STATE_CHANGED,
     Conflict,
     ConnectorRecord,
     ConnectorRequest,
@@ -47,11 +53,13 @@ from relay.store.base import (
     StoreError,
     StoreObserver,
     StoreSample,
+    TenantRecord,
     TokenRecord,
     UserRecord,
     Webhook,
     WebhookDelivery,
     WebSession,
+    device_line,
 )
 from service.groupcommit import GroupCommit
 
@@ -65,7 +73,7 @@ IN_FLIGHT = ("sending", "printing")
 # Fields a transition may change besides the state.
 MUTABLE_JOB_FIELDS = {
     "attempts", "next_attempt_at", "last_error", "completed_at", "wrapped_key", "printer_id",
-    "connector_id", "key_id", "expires_at", "unknown_outcomes",
+    "connector_id", "key_id", "expires_at", "unknown_outcomes", "pages",
 }  # fmt: skip
 
 
@@ -79,6 +87,9 @@ class Dialect:
     # Statements sent without reading their outcome (Tx.send) are combined into one, as data-modifying
     # WITH clauses (PostgreSQL): one round of parsing, planning and protocol instead of one each.
     combines_sends: bool = False
+    # Look whether a tenant has webhooks (once per transaction) before filling their outbox: on SQLite an
+    # INSERT ... SELECT that finds none still costs ~40 µs, four times per job (Tx.wants_webhooks).
+    probes_webhooks: bool = False
     translate: Callable[[str], str] = lambda sql: sql
     # sends a committing batch's notices to the other processes (PostgreSQL NOTIFY), in its transaction
     notify: Callable[[Any, Sequence[Notice], str], None] | None = None
@@ -104,6 +115,26 @@ class Tx:
         self.pipeline: Any = None  # a psycopg pipeline while the batch's first pass runs in one
         self._sends: list[tuple[str, Sequence[Any]]] = []  # sent statements not yet executed
         self._expected: list[Any] = []  # cursors of expect()ed statements, checked before commit
+        self._webhooks: dict[str, bool] = {}  # whether a tenant has webhooks, in this transaction
+
+    def new_transaction(self) -> None:
+        """A transaction begins: forget what the last one saw."""
+        self._webhooks.clear()
+
+    def wants_webhooks(self, tenant: str) -> bool:
+        """Whether the tenant's events may fill a webhook outbox. Asked once per tenant and transaction
+        where the dialect probes (nobody else writes meanwhile: SQLite's one writer); a webhook added in
+        the transaction makes it ask again (:meth:`webhooks_changed`)."""
+        if not self.dialect.probes_webhooks:
+            return True
+        found = self._webhooks.get(tenant)
+        if found is None:
+            row = self.one("SELECT EXISTS (SELECT 1 FROM webhooks WHERE tenant = ?) AS found", (tenant,))
+            found = self._webhooks[tenant] = bool(row["found"])
+        return found
+
+    def webhooks_changed(self) -> None:
+        self._webhooks.clear()
 
     def _sql(self, sql: str) -> str:
         return self.dialect.prepare(sql)
@@ -166,6 +197,7 @@ class Tx:
     def begin(self) -> None:
         self.outgoing.clear()
         self._expected.clear()
+        self.new_transaction()
         self.conn.execute("BEGIN")
 
     @contextlib.contextmanager
@@ -379,6 +411,54 @@ class SqlStore:
 
         return await self._write(update)
 
+    # --- child tenants (the integrator API) -----------------------------------------------------
+
+    async def add_tenant(self, tenant: TenantRecord, limit: int) -> bool:
+        integrity = self.dialect.integrity_errors
+
+        def add(tx: Tx) -> bool:
+            count = tx.one("SELECT COUNT(*) AS n FROM tenants WHERE parent = ?", (tenant.parent,))["n"]
+            if count >= limit:
+                return False
+            try:
+                tx.run(
+                    f"INSERT INTO tenants ({rows.TENANTS.column_list()}) VALUES "
+                    f"({marks(len(rows.TENANTS.columns))})",
+                    rows.TENANTS.dump(tenant),
+                )
+            except integrity:
+                raise Conflict(f"a tenant {tenant.id} exists") from None
+            return True
+
+        return await self._write(add)
+
+    async def get_tenant(self, tenant_id: str) -> TenantRecord | None:
+        row = await self._read(lambda tx: tx.one("SELECT * FROM tenants WHERE id = ?", (tenant_id,)))
+        return rows.TENANTS.load(row) if row else None
+
+    async def list_tenants(
+        self, parent: str, *, after: str | None = None, limit: int = 100
+    ) -> list[TenantRecord]:
+        sql, args = "SELECT t.* FROM tenants t WHERE t.parent = ?", [parent]
+        if after is not None:  # the page after this child: oldest first, by (created_at, id)
+            sql += (
+                " AND EXISTS (SELECT 1 FROM tenants a WHERE a.id = ? AND a.parent = t.parent"
+                " AND (t.created_at > a.created_at OR (t.created_at = a.created_at AND t.id > a.id)))"
+            )
+            args.append(after)
+        sql += " ORDER BY t.created_at, t.id LIMIT ?"
+        found = await self._read(lambda tx: tx.all(sql, [*args, limit]))
+        return [rows.TENANTS.load(r) for r in found]
+
+    async def tenant_job_totals(
+        self, tenant: str, *, since: float | None = None, until: float | None = None
+    ) -> dict[str, tuple[int, int]]:
+        sql = "SELECT state, COUNT(*) AS n, COALESCE(SUM(size), 0) AS bytes FROM jobs WHERE tenant = ?"
+        args: list[Any] = [tenant]
+        sql += _created_in(since, until, args) + " GROUP BY state"
+        found = await self._read(lambda tx: tx.all(sql, args))
+        return {r["state"]: (int(r["n"]), int(r["bytes"])) for r in found}
+
     # --- connectors, sessions and printers ------------------------------------------------------
 
     async def upsert_connector(self, connector: ConnectorRecord) -> None:
@@ -393,15 +473,16 @@ class SqlStore:
     async def get_connector(self, tenant: str, connector_id: str) -> ConnectorRecord | None:
         return await self._read(lambda tx: _get_connector(tx, tenant, connector_id))
 
-    async def printer_and_connector(
+    async def submit_lookups(
         self, tenant: str, printer_id: str
-    ) -> tuple[Printer | None, ConnectorRecord | None]:
-        def get(tx: Tx) -> tuple[Printer | None, ConnectorRecord | None]:
+    ) -> tuple[Printer | None, ConnectorRecord | None, tuple[int, int]]:
+        def get(tx: Tx) -> tuple[Printer | None, ConnectorRecord | None, tuple[int, int]]:
+            usage = _tenant_usage(tx, tenant)
             row = tx.one(f"{PRINTER_SELECT} WHERE p.tenant = ? AND p.id = ?", (tenant, printer_id))
             if row is None:
-                return None, None
+                return None, None, usage
             printer = _printer(row)
-            return printer, _get_connector(tx, tenant, printer.connector_id)
+            return printer, _get_connector(tx, tenant, printer.connector_id), usage
 
         return await self._read(get)
 
@@ -416,6 +497,15 @@ class SqlStore:
                 "UPDATE connectors SET last_seen = ? WHERE tenant = ? AND id = ?",
                 (session.opened_at, session.tenant, session.connector_id),
             )
+            # Back after an announced offline, or seen for the first time: announced once, whichever
+            # replica the session is on (a reconnect within the grace finds "online" and says nothing).
+            back = tx.one(
+                "UPDATE connectors SET announced = 'online' WHERE tenant = ? AND id = ? "
+                "AND announced <> 'online' RETURNING *",
+                (session.tenant, session.connector_id),
+            )
+            if back is not None:
+                _connector_event(tx, CONNECTOR_ONLINE, back, session.opened_at)
 
         await self._write(opened)
 
@@ -435,14 +525,10 @@ class SqlStore:
     async def replace_printers(self, tenant: str, connector_id: str, printers: Sequence[Printer]) -> None:
         # Printer ids are per tenant. When another connector of the tenant reported the same id before,
         # the newest report wins; jobs queued for it stay sealed to the old connector (DESIGN §5).
-        def replace(tx: Tx) -> None:
-            for printer in printers:
-                _upsert_printer(tx, printer)
-
-        await self._write(replace)
+        await self._write(lambda tx: _put_printers(tx, tenant, printers))
 
     async def update_printer(self, printer: Printer) -> None:
-        await self._write(lambda tx: _upsert_printer(tx, printer))
+        await self._write(lambda tx: _put_printers(tx, printer.tenant, [printer]))
 
     async def get_printer(self, tenant: str, printer_id: str) -> Printer | None:
         row = await self._read(
@@ -521,6 +607,26 @@ class SqlStore:
         )
 
     # --- candidates and requests to connectors ---------------------------------------------------
+
+    async def announce_offline(self, before: float) -> list[tuple[str, str]]:
+        # No session on any replica, and none since ``before``: a compare-and-set on ``announced``, so
+        # replicas sweeping at once, or a session opening meanwhile, never make it twice or wrongly.
+        due = (
+            "announced = 'online' AND last_seen < ? AND NOT EXISTS (SELECT 1 FROM connector_sessions s "
+            "WHERE s.tenant = connectors.tenant AND s.connector_id = connectors.id)"
+        )
+
+        def announce(tx: Tx) -> list[tuple[str, str]]:
+            gone = tx.all(f"UPDATE connectors SET announced = 'offline' WHERE {due} RETURNING *", (before,))
+            at = time.time()
+            for row in gone:
+                _connector_event(tx, CONNECTOR_OFFLINE, row, at)
+            return [(r["tenant"], r["id"]) for r in gone]
+
+        # Every sweep reads; only one that finds a connector to announce writes.
+        if not await self._read(lambda tx: tx.one(f"SELECT 1 AS due FROM connectors WHERE {due}", (before,))):
+            return []
+        return await self._write(announce)
 
     async def connectors_online(self, tenant: str) -> list[str]:
         found = await self._read(
@@ -688,12 +794,7 @@ class SqlStore:
             if value is not None:
                 sql += f" AND {column} = ?"
                 args.append(value)
-        if since is not None:
-            sql += " AND created_at >= ?"
-            args.append(since)
-        if until is not None:
-            sql += " AND created_at < ?"
-            args.append(until)
+        sql += _created_in(since, until, args)
         if before is not None:  # the page after one that ended at this job: newest first, by (created_at, id)
             sql += " AND (created_at < ? OR (created_at = ? AND id < ?))"
             args += [before[0], before[0], before[1]]
@@ -841,10 +942,7 @@ class SqlStore:
         return _due(row)
 
     async def tenant_usage(self, tenant: str) -> tuple[int, int]:
-        row = await self._read(
-            lambda tx: tx.one("SELECT bytes, jobs FROM tenant_usage WHERE tenant = ?", (tenant,))
-        )
-        return (0, 0) if row is None else (int(row["bytes"]), int(row["jobs"]))
+        return await self._read(lambda tx: _tenant_usage(tx, tenant))
 
     async def all_job_ids_with_payload(self) -> set[str]:
         found = await self._read(
@@ -993,6 +1091,7 @@ class SqlStore:
             count = tx.one("SELECT COUNT(*) AS n FROM webhooks WHERE tenant = ?", (hook.tenant,))["n"]
             if count >= limit:
                 return False
+            tx.webhooks_changed()
             tx.run(
                 f"INSERT INTO webhooks ({rows.WEBHOOKS.column_list()}) VALUES "
                 f"({marks(len(rows.WEBHOOKS.columns))})",
@@ -1245,6 +1344,17 @@ class SqlStore:
 # --- statements shared by several calls ---------------------------------------------------------------
 
 
+def _created_in(since: float | None, until: float | None, args: list[Any]) -> str:
+    """The conditions of jobs created in [since, until) (either may be open), their values added to
+    ``args``."""
+    sql = ""
+    for bound, condition in ((since, " AND created_at >= ?"), (until, " AND created_at < ?")):
+        if bound is not None:
+            sql += condition
+            args.append(bound)
+    return sql
+
+
 def _printer(row: Any) -> Printer:
     return rows.PRINTERS.load(row, online=bool(row["online"]))
 
@@ -1254,17 +1364,83 @@ def _get_connector(tx: Tx, tenant: str, connector_id: str) -> ConnectorRecord | 
     return rows.CONNECTORS.load(row, sessions=int(row["sessions"])) if row else None
 
 
-def _upsert_printer(tx: Tx, printer: Printer) -> None:
+def _upsert_printer(tx: Tx, printer: Printer, announced: str) -> None:
     if not printer.updated_at:
         printer.updated_at = time.time()
-    cols = rows.PRINTERS.columns
+    cols = (*rows.PRINTERS.columns, "announced")  # announced: the state its events last told (_put_printers)
     # pull is the tenant admin's to set (set_printer_pull), never a connector's report
     updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c not in ("tenant", "id", "pull"))
     tx.send(
-        f"INSERT INTO printers ({rows.PRINTERS.column_list()}) VALUES ({marks(len(cols))}) "
+        f"INSERT INTO printers ({rows.PRINTERS.column_list()}, announced) VALUES ({marks(len(cols))}) "
         f"ON CONFLICT (tenant, id) DO UPDATE SET {updates}",
-        rows.PRINTERS.dump(printer),
+        [*rows.PRINTERS.dump(printer), announced],
     )
+
+
+# A reported state that says nothing yet (a connector's inventory before its first poll): stored, but not
+# announced, so a connector that reconnects does not announce its printers going unknown and back.
+UNANNOUNCED_STATE = "unknown"
+MAX_EVENT_REASONS = 16  # state reasons carried by a printer event (a NOTIFY payload must stay small)
+MAX_EVENT_TEXT = 128
+
+
+def _put_printers(tx: Tx, tenant: str, printers: Sequence[Printer]) -> None:
+    """Store printers as their connector reports them, announcing what changed since the last
+    announcement: ``printer.added`` (new, or back after being removed), ``printer.removed``,
+    ``printer.state_changed`` (a known state other than the last announced one)."""
+    before: dict[str, Any] = {}
+    for batch in chunks([p.id for p in printers]):
+        for row in tx.all(
+            "SELECT id, state, announced, pull FROM printers WHERE tenant = ? "
+            f"AND id IN ({marks(len(batch))})",
+            [tenant, *batch],
+        ):
+            before[row["id"]] = row
+    for printer in printers:
+        old = before.get(printer.id)
+        known = printer.state != UNANNOUNCED_STATE
+        event, previous, announced = None, None, old["announced"] if old is not None else ""
+        if old is None or old["state"] == "removed":
+            if printer.state != "removed":
+                event, announced = PRINTER_ADDED, printer.state if known else ""
+        elif printer.state == "removed":
+            event, previous, announced = PRINTER_REMOVED, old["announced"] or None, "removed"
+        elif known and printer.state != old["announced"]:
+            event, previous, announced = PRINTER_STATE_CHANGED, old["announced"] or None, printer.state
+        _upsert_printer(tx, printer, announced)
+        if event is not None:
+            pull = bool(old["pull"]) if old is not None else printer.pull
+            snapshot = {**printer.public(), "pull": pull}
+            snapshot.pop("capabilities", None)
+            snapshot["reasons"] = [r[:MAX_EVENT_TEXT] for r in printer.reasons[:MAX_EVENT_REASONS]]
+            data = {"printer": snapshot, "previous_state": previous}
+            line = device_line(event, printer.id)
+            _device_event(tx, tenant, event, line, printer.state, data, printer.updated_at)
+
+
+def _connector_event(tx: Tx, event: str, row: Any, at: float) -> None:
+    data = {
+        "connector_id": row["id"], "name": row["name"], "version": row["version"],
+        "online": event == CONNECTOR_ONLINE, "last_seen": _iso(float(row["last_seen"])),
+    }  # fmt: skip
+    _device_event(tx, row["tenant"], event, device_line(event, row["id"]), event.split(".")[1], data, at)
+
+
+def _device_event(
+    tx: Tx, tenant: str, event: str, line: str, state: str, data: dict[str, Any], at: float
+) -> None:
+    """A connector's or printer's change: one outbox row per webhook of its tenant that asked for its type
+    (or its family, ``printer.*``), in the device's line, and the notice event streams hear."""
+    tx.send(
+        "INSERT INTO webhook_deliveries (id, webhook_id, tenant, job_id, event, at, state, message, job, "
+        "next_attempt_at) SELECT ? || substr(w.id, 4), w.id, w.tenant, ?, ?, ?, ?, '', ?, ? FROM webhooks w "
+        "WHERE w.tenant = ? AND (w.events LIKE ? OR w.events LIKE ?)",
+        (
+            f"whd_{secrets.token_hex(8)}", line, event, at, state, json.dumps(data, separators=(",", ":")),
+            at, tenant, f"% {event} %", f"% {event.split('.')[0]}.* %",
+        ),
+    )  # fmt: skip
+    tx.notify(Notice("device", line, {"tenant": tenant, "type": event, "at": at, "data": data}))
 
 
 def _record_event(tx: Tx, job: Job, at: float, message: str) -> None:
@@ -1275,16 +1451,17 @@ def _record_event(tx: Tx, job: Job, at: float, message: str) -> None:
         "INSERT INTO job_events (job_id, at, state, message) VALUES (?, ?, ?, ?)",
         (job.id, at, state, message),
     )
-    tx.send(
-        "INSERT INTO webhook_deliveries (id, webhook_id, tenant, job_id, at, state, message, job, "
-        "next_attempt_at) SELECT ? || substr(w.id, 4), w.id, w.tenant, ?, ?, ?, ?, ?, ? FROM webhooks w "
-        "WHERE w.tenant = ? AND (w.events LIKE ? OR w.events LIKE ?)",
-        (
-            f"whd_{secrets.token_hex(8)}", job.id, at, state, message,
-            json.dumps(job.snapshot(), separators=(",", ":")), at, job.tenant,
-            "% job.state_changed %", f"% job.{state} %",
-        ),
-    )  # fmt: skip
+    if tx.wants_webhooks(job.tenant):
+        tx.send(
+            "INSERT INTO webhook_deliveries (id, webhook_id, tenant, job_id, at, state, message, job, "
+            "next_attempt_at) SELECT ? || substr(w.id, 4), w.id, w.tenant, ?, ?, ?, ?, ?, ? FROM webhooks w "
+            "WHERE w.tenant = ? AND (w.events LIKE ? OR w.events LIKE ?)",
+            (
+                f"whd_{secrets.token_hex(8)}", job.id, at, state, message,
+                json.dumps(job.snapshot(), separators=(",", ":")), at, job.tenant,
+                "% job.state_changed %", f"% job.{state} %",
+            ),
+        )  # fmt: skip
     tx.notify(
         Notice(
             "job",
@@ -1292,12 +1469,19 @@ def _record_event(tx: Tx, job: Job, at: float, message: str) -> None:
             {
                 "tenant": job.tenant,
                 "connector_id": job.connector_id,
+                "printer_id": job.printer_id,
+                "owner": job.owner,  # event streams of a person show only their own jobs
                 "state": state,
                 "at": at,
                 "message": message,
             },
         )
     )
+
+
+def _tenant_usage(tx: Tx, tenant: str) -> tuple[int, int]:
+    row = tx.one("SELECT bytes, jobs FROM tenant_usage WHERE tenant = ?", (tenant,))
+    return (0, 0) if row is None else (int(row["bytes"]), int(row["jobs"]))
 
 
 def _use_quota(tx: Tx, tenant: str, sealed_bytes: int, jobs: int, quota: Quota | None) -> None:

@@ -203,6 +203,29 @@ SCHEMA = [
     ALTER TABLE webhooks ADD COLUMN last_error_at REAL;
     ALTER TABLE webhooks ADD COLUMN last_delivered_at REAL;
     """,
+    # version 10: child tenants (the integrator API); usage over a period reads a tenant's jobs by time
+    """
+    CREATE TABLE tenants (
+        id TEXT PRIMARY KEY, parent TEXT NOT NULL, name TEXT NOT NULL DEFAULT '', created_at REAL NOT NULL
+    );
+    CREATE INDEX tenants_parent ON tenants (parent, created_at, id);
+    CREATE INDEX jobs_tenant_created ON jobs (tenant, created_at);
+    """,
+    # version 11: device events: the outbox carries connector and printer events too (``event``; their
+    # line, "connector:ID" or "printer:ID", in job_id and their data in job), and what was last announced
+    # of each connector and printer, so that restarts and replicas neither repeat nor lose one
+    """
+    ALTER TABLE webhook_deliveries ADD COLUMN event TEXT NOT NULL DEFAULT '';
+    ALTER TABLE connectors ADD COLUMN announced TEXT NOT NULL DEFAULT '';
+    ALTER TABLE printers ADD COLUMN announced TEXT NOT NULL DEFAULT '';
+    UPDATE printers SET announced = state WHERE state <> 'unknown';
+    """,
+    # version 12: what a printer says of its state for people (IPP printer-state-message, the Printer MIB's
+    # alerts), and a completed job's pages by the printer's page counter (RAW and LPD printers with SNMP)
+    """
+    ALTER TABLE printers ADD COLUMN message TEXT NOT NULL DEFAULT '';
+    ALTER TABLE jobs ADD COLUMN pages INTEGER;
+    """,
 ]
 
 # The current version: what `printrelay db status` reports and what newer code refuses to run under.
@@ -214,6 +237,7 @@ DIALECT = Dialect(
     skip_locked="",  # one connection, one writer: nothing to skip
     event_order="rowid",
     integrity_errors=(sqlite3.IntegrityError,),
+    probes_webhooks=True,
 )
 
 
@@ -263,7 +287,14 @@ class SqliteStore(SqlStore):
     async def open(self) -> None:
         self._conn = await trio.to_thread.run_sync(open_connection, self.path)
         conn = self._conn
-        self._commits = GroupCommit(SqliteBatcher(conn, wrap=lambda c: Tx(c, DIALECT, self.replica_id)))
+        self._commits = GroupCommit(
+            SqliteBatcher(
+                conn,
+                wrap=lambda c: Tx(c, DIALECT, self.replica_id),
+                on_begin=Tx.new_transaction,
+                optimistic=True,  # the store's writes are safe to run twice (PostgreSQL does too)
+            )
+        )
 
     async def close(self) -> None:
         if self._conn is not None and self._commits is not None:

@@ -20,6 +20,7 @@ import errno
 import json
 import logging
 import ssl
+import time
 import urllib.parse
 from collections.abc import AsyncIterable, Sequence
 from dataclasses import dataclass
@@ -565,7 +566,7 @@ class _Connection:
         if self._close_after_response:
             headers.append(("connection", "close"))
         headers.append(("server", self._server.server_header))
-        headers.append(("date", formatdate(usegmt=True)))
+        headers.append(("date", _http_date()))
         try:
             # Validates names and values before h11's state changes, so a bad header is a 500.
             head = h11.Response(status_code=response.status, headers=headers, reason=_reason(response.status))
@@ -650,6 +651,18 @@ class _Connection:
         with trio.move_on_after(LINGER_TIMEOUT):
             while not self._eof:
                 await self._data_arrived.wait()
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _http_date() -> str:
+    """The Date header's value, formatted once a second (it has a resolution of one)."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True))
+    return _date_cache[1]
 
 
 def _sole_exception(exc: Exception) -> Exception:
