@@ -39,6 +39,7 @@ from connector.status import PrinterStatus, poll
 from connector.tunnel import TunnelGroup
 from service.listen import start_listener
 from service.private_files import private_dir
+from service.signal import Signal
 from tunnel.messages import (
     MAX_REPLICAS_BYTES,
     NDJSON,
@@ -132,7 +133,8 @@ class Connector:
         self.printers: dict[str, PrinterEntry] = {spec.id: self._entry(spec) for spec in self.book.specs()}
         self.candidates: dict[str, PrinterCandidate] = {}
         self._status_wakeup = trio.Event()
-        self.status_rounds = 0  # completed polls of every printer (tests wait on it)
+        self.status_rounds = 0  # completed polls of every printer
+        self.status_polled = Signal()  # fires after each of them
         self.name = config.name or platform.node() or "connector"
         self.tunnel = TunnelGroup(
             config.relay, config.token, self.handle_stream, sessions=config.sessions, ca_file=config.ca_file,
@@ -585,6 +587,7 @@ class Connector:
                 for printer in list(self.printers.values()):
                     nursery.start_soon(self._poll_printer, printer)
             self.status_rounds += 1
+            self.status_polled.fire()
             with trio.move_on_after(self.config.status_interval):
                 await self._status_wakeup.wait()
             self._status_wakeup = trio.Event()

@@ -106,7 +106,8 @@ def origin(url: str) -> str:
     return f"{parts.scheme.lower()}://{host}{port}"
 
 
-def _check_url(url: object, *, what: str = "source_url") -> str:
+def check_uri(url: object, *, what: str = "source_url") -> str:
+    """A URL the relay can fetch, checked without any network (IPP: before a job is touched)."""
     if not isinstance(url, str) or not url:
         raise FetchError(Failure.BAD_SOURCE, f"{what} must be a non-empty string")
     if len(url) > MAX_URL_CHARS:
@@ -136,11 +137,6 @@ class SchemeRefused(FetchError):
         super().__init__(Failure.BAD_SOURCE, message)
 
 
-def check_uri(url: object) -> str:
-    """A URL the relay can fetch, checked without any network (IPP: before a job is touched)."""
-    return _check_url(url)
-
-
 def parse_source(obj: object) -> Source:
     """The JSON body of a print-from-URL request."""
     if not isinstance(obj, dict):
@@ -150,7 +146,7 @@ def parse_source(obj: object) -> Source:
         raise FetchError(
             Failure.BAD_SOURCE, f"unknown field {unknown[0][:40]!r}; the body takes {', '.join(SOURCE_KEYS)}"
         )
-    url = _check_url(obj.get("source_url"))
+    url = check_uri(obj.get("source_url"))
     raw_headers = obj.get("source_headers") or {}
     if not isinstance(raw_headers, dict):
         raise FetchError(Failure.BAD_SOURCE, "source_headers must be an object of header names to values")
@@ -271,7 +267,7 @@ class Fetcher:
                     response = await self._get(stack, pool, source, url, first, deadline)
                     location = _header(response.headers, b"location")
                     if response.status in REDIRECTS and location:
-                        url = _check_url(urljoin(url, location), what="a redirect's Location")
+                        url = check_uri(urljoin(url, location), what="a redirect's Location")
                         if urlsplit(url).scheme.lower() == "ftp":
                             raise FetchError(
                                 Failure.UNREACHABLE, f"{origin(url)}: a redirect to ftp is not followed"

@@ -152,14 +152,6 @@ def validate_url(url: object) -> str:
     return url
 
 
-async def private_destination(url: str) -> str | None:
-    """Why ``url`` must not be sent to from a hosted relay, or None: checked at registration, so a
-    webhook that could never be delivered is refused at once (relay.egress has the rule, and checks it
-    again on every connection the sender opens).
-    """
-    return await egress.destination_refusal(url)
-
-
 def validate_events(events: object) -> tuple[str, ...]:
     """What a registration subscribes to; without ``events``, job changes only (as before device events)."""
     if events is None:
@@ -204,7 +196,7 @@ async def register(
         created_at=time.time() if now is None else now,
     )
     if not allow_private:
-        refusal = await private_destination(hook.url)
+        refusal = await egress.destination_refusal(hook.url)
         if refusal:
             raise WebhookError(
                 400, f"{refusal}: the relay does not deliver webhooks there (webhook_allow_private is off)"

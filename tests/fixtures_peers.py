@@ -380,7 +380,7 @@ def ftp_server(tmp_path: Path) -> Iterator[tuple[int, Path]]:
             except OSError:
                 if process.poll() is not None:
                     pytest.fail("pyftpdlib did not start")
-                subprocess.run(["sleep", "0.1"], check=True)
+                time.sleep(0.1)
         yield port, root
     finally:
         process.terminate()

@@ -70,6 +70,29 @@ class RelayStack:
                 await self.relay.registry.changed.wait()
         return connector
 
+    async def stoppable_connector(self, printers: dict[str, str], **kw: Any) -> trio.CancelScope:
+        """A connector in a cancel scope of its own: cancelling it stops the connector the way a crash
+        does, mid-delivery; its state directory survives, as a disk does, for the next one."""
+        token = await self.token("connector", "acme", connector_id="site-1")
+        config = ConnectorConfig(
+            relay=self.tunnel_url,
+            token=token,
+            printer=[parse_printer(f"{k}={v}") for k, v in printers.items()],
+            state_dir=self.tmp_path / "connector",
+            **kw,
+        )
+        scope = trio.CancelScope()
+
+        async def run(task_status: trio.TaskStatus[None]) -> None:
+            with scope:
+                await Connector(config).run(task_status=task_status)
+
+        await self.nursery.start(run)
+        with trio.fail_after(10):
+            while not self.relay.registry.sessions():
+                await self.relay.registry.changed.wait()
+        return scope
+
     def client(self, token: str | None = None) -> httpx.AsyncClient:
         return httpx.AsyncClient(
             base_url=self.api_url,
@@ -98,6 +121,14 @@ class RelayStack:
                     event = json.loads(line[6:])
                     if "state" in event:
                         yield event["state"]
+
+
+async def status_rounds_pass(connector: Connector, rounds: int, within: float = 10.0) -> None:
+    """Wait until the connector has polled all its printers ``rounds`` more times."""
+    target = connector.status_rounds + rounds
+    with trio.fail_after(within):
+        while connector.status_rounds < target:
+            await connector.status_polled.wait()
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 import trio
 from fixtures_peers import LpdReceiver
 from fixtures_printers import RawSink
-from fixtures_relay import RelayStack
+from fixtures_relay import RelayStack, status_rounds_pass
 
 from connector.config import PrinterSpec
 from connector.printerbook import PrinterBook, parse_printer_request
@@ -45,12 +45,7 @@ async def test_offline_printer_holds_jobs_then_prints(
         assert reply.status_code == 201, reply.text
         job_id = reply.json()["id"]
         # several rounds of status polls pass while it is offline; the job is not attempted
-        rounds = connector.status_rounds
-        with trio.fail_after(10):
-            while True:  # an in-process counter: polled, as the connector has no event for it
-                if connector.status_rounds >= rounds + 3:
-                    break
-                await trio.sleep(0.05)
+        await status_rounds_pass(connector, 3)
         job = (await client.get(f"/v1/jobs/{job_id}")).json()
         assert job["state"] == "queued" and job["attempts"] == 0, job
         assert connector.deliveries == 0

@@ -21,8 +21,6 @@ from fixtures_relay import RelayStack
 from test_ipp_endpoint import JOB, Ipp, offline_printer
 from test_users import ADA, ANN, BOB, as_user, make_users
 
-from connector.app import Connector
-from connector.config import ConnectorConfig, parse_printer
 from ipp import JobState as IppJobState
 from ipp import Operation, Status, ValueTag
 from printrelay.api_client import SubmitFailed
@@ -236,32 +234,10 @@ async def test_held_jobs_nobody_releases_expire_and_are_erased(
     assert document.path.read_bytes() == b"released in time"
 
 
-async def connector_in_scope(stack: RelayStack, printers: dict[str, str]) -> trio.CancelScope:
-    """A connector in a cancel scope of its own (cancel it to stop the connector; its state dir stays)."""
-    token = await stack.token("connector", "acme", connector_id="site-1")
-    config = ConnectorConfig(
-        relay=[stack.tunnel_url],
-        token=token,
-        printer=[parse_printer(f"{k}={v}") for k, v in printers.items()],
-        state_dir=stack.tmp_path / "connector",
-    )
-    scope = trio.CancelScope()
-
-    async def run(task_status: trio.TaskStatus[None]) -> None:
-        with scope:
-            await Connector(config).run(task_status=task_status)
-
-    await stack.nursery.start(run)
-    with trio.fail_after(10):
-        while not stack.relay.registry.sessions():
-            await stack.relay.registry.changed.wait()
-    return scope
-
-
 @BACKENDS
 async def test_a_connectors_reports_never_reset_pull(relay_stack: RelayStack, raw_sink: RawSink) -> None:
     stack = relay_stack
-    connector = await connector_in_scope(stack, {"label": raw_sink.uri})
+    connector = await stack.stoppable_connector({"label": raw_sink.uri})
     async with stack.client() as app:
         await make_pull(app, "label")
         connector.cancel()
@@ -273,7 +249,7 @@ async def test_a_connectors_reports_never_reset_pull(relay_stack: RelayStack, ra
         await make_pull(app, "label", False)
         await make_pull(app, "label", True)
 
-        await connector_in_scope(stack, {"label": raw_sink.uri})  # registers: its inventory is stored
+        await stack.stoppable_connector({"label": raw_sink.uri})  # registers: its inventory is stored
         back = (await app.get("/v1/printers/label")).json()
         assert back["online"] is True and back["pull"] is True
         job = await submit(app, "label", b"still a pull printer")

@@ -10,7 +10,7 @@ import httpx
 import trio
 from fixtures_peers import LpdReceiver
 from fixtures_printers import RawSink
-from fixtures_relay import RelayStack
+from fixtures_relay import RelayStack, status_rounds_pass
 from fixtures_snmp import SnmpAgent, free_udp_port
 
 from connector.delivery import RawBackend, backend_for_uri
@@ -179,7 +179,7 @@ async def printer_until(client: httpx.AsyncClient, printer_id: str, **wanted: An
 async def test_api_shows_paper_out_holds_jobs_and_counts_pages(
     relay_stack: RelayStack, raw_sink: RawSink, snmp_agent: SnmpAgent
 ) -> None:
-    await relay_stack.start_connector(
+    connector = await relay_stack.start_connector(
         {"labels": raw_sink.uri}, snmp_port=snmp_agent.port, status_interval=0.2
     )
     async with relay_stack.client() as api:
@@ -198,7 +198,7 @@ async def test_api_shows_paper_out_holds_jobs_and_counts_pages(
                                headers={"content-type": "application/octet-stream"})  # fmt: skip
         assert reply.status_code == 201, reply.text
         job_id = reply.json()["id"]
-        await trio.sleep(1.0)  # five status polls
+        await status_rounds_pass(connector, 3)  # the printer was asked, and the job not sent
         job = (await api.get(f"/v1/jobs/{job_id}")).json()
         assert job["state"] == "queued" and job["attempts"] == 0 and job["pages"] is None
         assert raw_sink.documents == []

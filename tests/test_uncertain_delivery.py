@@ -67,24 +67,8 @@ async def printer(nursery: trio.Nursery) -> AsyncIterator[StallingPrinter]:
 
 
 async def start_connector(stack: RelayStack, printer: StallingPrinter, **kw: Any) -> trio.CancelScope:
-    """A connector for printer ``raw`` in a cancel scope of its own: cancelling it stops the connector
-    the way a crash does, mid-delivery (its state dir survives, as a disk does)."""
-    token = await stack.token("connector", "acme", connector_id="site-1")
-    config = ConnectorConfig(
-        relay=stack.tunnel_url, token=token, printer=[parse_printer(f"raw={printer.uri}")],
-        state_dir=stack.tmp_path / "connector", **kw,
-    )  # fmt: skip
-    scope = trio.CancelScope()
-
-    async def run(task_status: trio.TaskStatus[None]) -> None:
-        with scope:
-            await Connector(config).run(task_status=task_status)
-
-    await stack.nursery.start(run)
-    with trio.fail_after(10):
-        while not stack.relay.registry.sessions():
-            await stack.relay.registry.changed.wait()
-    return scope
+    """A connector for printer ``raw``, stopped by cancelling the scope (a crash, mid-delivery)."""
+    return await stack.stoppable_connector({"raw": printer.uri}, **kw)
 
 
 async def stop_during_feed(stack: RelayStack, printer: StallingPrinter, **kw: Any) -> str:

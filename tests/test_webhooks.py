@@ -426,13 +426,11 @@ def test_urls() -> None:
 
 
 async def test_webhooks_to_private_addresses_are_refused_unless_allowed() -> None:
-    from relay.webhooks import private_destination
-
     for url in ("http://127.0.0.1:8080/hook", "http://169.254.169.254/latest/meta-data",
                 "http://10.1.2.3/x", "http://[::1]/x", "http://localhost/x"):  # fmt: skip
-        reason = await private_destination(url)
+        reason = await egress.destination_refusal(url)
         assert reason is not None and "non-public" in reason, url
-    assert await private_destination("http://93.184.216.34/hook") is None
+    assert await egress.destination_refusal("http://93.184.216.34/hook") is None
 
 
 async def test_registration_refuses_an_address_the_relay_will_never_deliver_to(
