@@ -40,6 +40,7 @@ loadtest: setup
 BENCH_IDLE_CONNECTORS ?= 10000
 bench: setup system-deps
 	$(BIN)/python loadtest/bench_tunnel.py --out bench-results
+	$(BIN)/python loadtest/bench_websocket.py --out bench-results
 	$(BIN)/python loadtest/bench_small_jobs.py --out bench-results
 	$(BIN)/python loadtest/bench_idle.py --connectors $(BENCH_IDLE_CONNECTORS) --out bench-results
 	$(BIN)/python loadtest/bench_replicas.py --out bench-results

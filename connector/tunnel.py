@@ -26,7 +26,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import trio
-from trio_websocket import ConnectionRejected, HandshakeError, WebSocketConnection, wrap_client_stream
 
 from connector.proxy import Proxy, ProxyError, open_connect_tunnel, proxy_for
 from service.signal import Signal
@@ -34,12 +33,13 @@ from tunnel.backoff import Backoff
 from tunnel.protocol import TunnelSettings
 from tunnel.session import H2Session, H2Stream
 from tunnel.wsstream import (
-    MAX_MESSAGE_BYTES,
     REPLICA_HEADER,
     REPLICAS_HEADER,
     SUBPROTOCOL,
-    ReaderTasks,
+    HandshakeFailed,
+    WebSocketRejected,
     WebSocketStream,
+    connect,
 )
 
 log = logging.getLogger("printrelay.connector.tunnel")
@@ -65,19 +65,7 @@ def _reason(exc: BaseException) -> str:
     return ": ".join(parts)
 
 
-def _sole(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The one real exception in a nursery's group (others are the Cancelled it caused)."""
-    leaves = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
-    return leaves[0] if len(leaves) == 1 else group
-
-
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
-    return [exc]
-
-
-def _retry_after(rejection: ConnectionRejected) -> float | None:
+def _retry_after(rejection: WebSocketRejected) -> float | None:
     for name, value in rejection.headers or ():
         if name.lower() == b"retry-after":
             try:
@@ -226,7 +214,7 @@ class TunnelClient:
             except SameReplica as exc:
                 reason = "duplicate"
                 log.log(logging.WARNING if exc.first else logging.DEBUG, "%s", exc)
-            except ConnectionRejected as exc:
+            except WebSocketRejected as exc:
                 retry_after = _retry_after(exc)
                 body = (exc.body or b"").decode(errors="replace").strip()
                 if exc.status_code == 503:  # overloaded or draining: normal after a relay restart
@@ -235,7 +223,7 @@ class TunnelClient:
                 else:
                     reason = "refused"
                     log.error("relay refused the tunnel: HTTP %s %s", exc.status_code, body)
-            except (HandshakeError, OSError, trio.TooSlowError, trio.BrokenResourceError, ProxyError) as exc:
+            except (HandshakeFailed, OSError, trio.TooSlowError, trio.BrokenResourceError, ProxyError) as exc:
                 reason = "unreachable"
                 via = f" through proxy {self.proxy.address}" if self.proxy else ""
                 log.warning("cannot reach the relay at %s%s: %s", self.url, via, _reason(exc))
@@ -249,7 +237,7 @@ class TunnelClient:
 
     async def _one_session(self) -> None:
         async with self._open_websocket() as ws:
-            headers = {k.lower(): v for k, v in ws.handshake_headers}
+            headers = dict(ws.headers)
             replica = headers.get(REPLICA_HEADER.encode(), b"").decode(errors="replace")[:128]
             try:
                 advertised = int(headers.get(REPLICAS_HEADER.encode(), b"1"))
@@ -259,7 +247,7 @@ class TunnelClient:
                 self._admit(self, replica, advertised)  # SameReplica: another session holds that replica
             self.replica = replica or None
             session = H2Session(
-                WebSocketStream(ws), client_side=False, settings=self.settings, handler=self.handler,
+                ws, client_side=False, settings=self.settings, handler=self.handler,
                 name="tunnel to relay",
             )  # fmt: skip
             self.session = session
@@ -279,7 +267,7 @@ class TunnelClient:
                     self.on_session(None)
 
     @contextlib.asynccontextmanager
-    async def _open_websocket(self) -> AsyncIterator[WebSocketConnection]:
+    async def _open_websocket(self) -> AsyncIterator[WebSocketStream]:
         """Dial (directly or through the proxy), verify TLS, upgrade; all within CONNECT_TIMEOUT."""
         parts = urlsplit(self.url)
         secure = parts.scheme == "wss"
@@ -289,36 +277,23 @@ class TunnelClient:
         named = f"[{host}]" if ":" in host else host
         host_header = named if port == default_port else f"{named}:{port}"
         resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        try:
-            async with trio.open_nursery() as nursery:
-                with trio.fail_after(CONNECT_TIMEOUT):
-                    stream = await self._dial(host, port, secure, self.target.address)
-                    try:
-                        ws = await wrap_client_stream(
-                            # Its reader's errors end this connection only (see ReaderTasks).
-                            ReaderTasks(nursery, f"tunnel to {self.url}").nursery(),
-                            stream, host_header, resource, subprotocols=[SUBPROTOCOL],
-                            extra_headers=[(b"authorization", f"Bearer {self.token}".encode())],
-                            max_message_size=MAX_MESSAGE_BYTES,
-                            receive_buffer_size=None,  # its 4 KiB default halves throughput (DESIGN §8)
-                        )  # fmt: skip
-                    except BaseException:
-                        # trio-websocket leaves the connection open when the upgrade fails or times
-                        # out. Left to the garbage collector, it held a relay registration slot until
-                        # the relay's own timeout: after a restart all 128 slots stalled for 30 s.
-                        await trio.aclose_forcefully(stream)
-                        raise
-                try:
-                    yield ws
-                finally:
-                    with trio.CancelScope(shield=True), trio.move_on_after(DISCONNECT_TIMEOUT):
-                        await ws.aclose()
-                    nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            sole = _sole(group)
-            if sole is group:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            stream = await self._dial(host, port, secure, self.target.address)
+            try:
+                ws = await connect(
+                    stream, host_header, resource, subprotocols=[SUBPROTOCOL],
+                    headers=[(b"authorization", f"Bearer {self.token}".encode())],
+                )  # fmt: skip
+            except BaseException:
+                # Closed now, not by the garbage collector: a half-open upgrade holds one of the relay's
+                # registration slots until its own timeout (after a restart, all 128 stalled for 30 s).
+                await trio.aclose_forcefully(stream)
                 raise
-            raise sole from sole.__cause__  # keeps the cause (the certificate error, say)
+        try:
+            yield ws
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(DISCONNECT_TIMEOUT):
+                await ws.aclose()
 
     async def _dial(
         self, host: str, port: int, secure: bool, address: str | None = None

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketRequest, wrap_server_stream
 
 from relay import audit
 from relay.adoption import printer_record
@@ -50,13 +49,13 @@ from tunnel.messages import (
 from tunnel.protocol import TunnelSettings
 from tunnel.session import H2Session, SessionClosed, StreamClosed
 from tunnel.wsstream import (
-    MAX_MESSAGE_BYTES,
+    MAX_HEAD_BYTES,
     REPLICA_HEADER,
     REPLICAS_HEADER,
     SUBPROTOCOL,
     TUNNEL_PATH,
-    ReaderTasks,
-    WebSocketStream,
+    NotAnUpgrade,
+    UpgradeRequest,
 )
 
 log = logging.getLogger("printrelay.relay.tunnel")
@@ -508,8 +507,8 @@ class TunnelListener:
         if self.ssl_context is not None:
             listeners = [trio.SSLListener(t, self.ssl_context, https_compatible=True) for t in tcp]
         async with trio.open_nursery() as nursery:
-            # trio.serve_listeners, not trio-websocket's serve_websocket: each connection gets a nursery
-            # of its own (see _connection), so nothing a peer does ends the listener.
+            # Each connection's handler catches whatever it raises (see _connection), so nothing a peer
+            # does ends the listener.
             await nursery.start(trio.serve_listeners, self._connection, listeners)
             task_status.started(bound_port)
 
@@ -517,31 +516,29 @@ class TunnelListener:
         """One connection, from its first byte to its close. Whatever it raises ends it alone."""
         remote = _peer(stream)
         try:
-            if self._draining() or self._registry.admission.full():
-                await self._refuse_early(stream)
+            with trio.move_on_after(HANDSHAKE_TIMEOUT):
+                received = await read_request_head(stream)
+            if received is None:  # the peer left, stalled, or sent no HTTP request head
                 return
-            async with trio.open_nursery() as nursery:
-                reader = ReaderTasks(nursery, f"tunnel from {remote}")
-                request: WebSocketRequest | None = None
-                with trio.move_on_after(HANDSHAKE_TIMEOUT) as waiting:
-                    reader.on_finished(waiting.cancel)  # the peer left or sent no WebSocket request
-                    request = await wrap_server_stream(
-                        reader.nursery(), stream, max_message_size=MAX_MESSAGE_BYTES,
-                        # trio-websocket's 4 KiB default read size halves throughput (DESIGN §8).
-                        receive_buffer_size=None,
-                    )  # fmt: skip
-                if request is not None:
-                    await self._serve_request(request, remote)
-                nursery.cancel_scope.cancel()
-        except Exception as exc:
-            if _only(exc, ConnectionClosed):  # the peer left while we answered it: its business
-                log.debug("tunnel from %s closed during the handshake or session: %r", remote, exc)
-            else:
-                log.exception("tunnel connection from %s failed", remote)
+            head, rest = received
+            # Refused from the head alone: after a restart most connections are (thousands dial within
+            # seconds, and 128 register at once), and each refusal should cost as little as it can.
+            refusal = self._refusal(request_path(head))
+            if refusal is None:
+                try:
+                    request = UpgradeRequest.parse(head, rest)
+                except NotAnUpgrade as exc:
+                    refusal = exc.status, exc.headers, f"{exc}\n".encode()
+                else:
+                    await self._serve_request(request, stream, remote)
+                    return
+            await _answer(stream, refusal)
+        except Exception:
+            log.exception("tunnel connection from %s failed", remote)
         finally:
             await trio.aclose_forcefully(stream)
 
-    def _refusal(self, path: str, *, busy: bool = False) -> Refusal | None:
+    def _refusal(self, path: str) -> Refusal | None:
         """The answer to a connection that will not register now (wrong path, draining, busy), or None."""
         if path.split("?")[0] != TUNNEL_PATH:
             return 404, [], b"not found: the tunnel is at /v1/tunnel\n"
@@ -553,7 +550,7 @@ class TunnelListener:
                 "any)\n".encode(),
             )  # fmt: skip
         admission = self._registry.admission
-        if not (busy or admission.full()):
+        if not admission.full():
             return None
         retry_after = admission.retry_after()
         self._metrics.registration_failures.labels("busy").inc()
@@ -563,43 +560,20 @@ class TunnelListener:
             f"(at most {admission.limit} at once); retry in {retry_after} s\n".encode(),
         )  # fmt: skip
 
-    async def _refuse_early(self, stream: trio.abc.Stream) -> None:
-        """Refuse a connection that arrived while the relay is busy or draining, before any WebSocket
-        machinery: after a restart most connections are refused (thousands dial within seconds, and 128
-        register at once), and trio-websocket's handshake, reader task and channels for each took much of
-        the CPU the registrations needed. Only the request head is read (the upgrade has no body, so the
-        close sends no reset before the answer); a request that is not HTTP is dropped."""
-        with trio.move_on_after(HANDSHAKE_TIMEOUT):
-            head = await read_request_head(stream)
-            if head is None:
-                return
-            # Busy as it was found, even if a slot freed meanwhile: the head is read, trio-websocket
-            # cannot take the connection over now.
-            refusal = self._refusal(request_path(head), busy=True)
-            assert refusal is not None
-            status, headers, body = refusal
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                await stream.send_all(plain_response(status, headers, body))  # unless the peer left
-
-    async def _serve_request(self, request: WebSocketRequest, remote: str) -> None:
-        refusal = self._refusal(request.path)
-        if refusal is not None:
-            status, headers, body = refusal
-            await request.reject(status, extra_headers=headers, body=body)
-            return
-        admission = self._registry.admission
-        ticket = admission.enter()
-        if ticket is None:  # cannot happen: nothing awaited since _refusal looked
-            await request.reject(503, extra_headers=[(b"retry-after", b"2")], body=b"relay busy\n")
+    async def _serve_request(self, request: UpgradeRequest, stream: trio.abc.Stream, remote: str) -> None:
+        ticket = self._registry.admission.enter()
+        if ticket is None:  # cannot happen: nothing was awaited since _refusal found a slot
+            await _answer(stream, (503, [(b"retry-after", b"2")], b"relay busy\n"))
             return
         try:
-            await self._admitted(request, remote, ticket.release)
+            await self._admitted(request, stream, remote, ticket.release)
         finally:
             ticket.release()
 
-    async def _admitted(self, request: WebSocketRequest, remote: str, registered: Callable[[], None]) -> None:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers}
-        token = bearer(headers.get("authorization"))
+    async def _admitted(
+        self, request: UpgradeRequest, stream: trio.abc.Stream, remote: str, registered: Callable[[], None]
+    ) -> None:
+        token = bearer(request.headers.get("authorization"))
         try:
             if token is None:
                 raise AuthError("missing bearer token")
@@ -607,30 +581,29 @@ class TunnelListener:
         except AuthError as exc:
             log.warning("tunnel from %s refused: %s", remote, exc, extra={"remote": remote})
             self._metrics.registration_failed(str(exc))
-            await request.reject(
+            await _answer(stream, (
                 401,
-                extra_headers=[
-                    (b"www-authenticate", b'Bearer realm="printrelay"'),
-                    (b"retry-after", str(RETRY_AFTER_AUTH).encode()),
-                ],
-                body=f"{exc}\n".encode(),
-            )
+                [(b"www-authenticate", b'Bearer realm="printrelay"'),
+                 (b"retry-after", str(RETRY_AFTER_AUTH).encode())],
+                f"{exc}\n".encode(),
+            ))  # fmt: skip
             return
-        if SUBPROTOCOL not in request.proposed_subprotocols:
-            await request.reject(400, body=f"subprotocol {SUBPROTOCOL} required\n".encode())
+        if SUBPROTOCOL not in request.subprotocols:
+            await _answer(stream, (400, [], f"subprotocol {SUBPROTOCOL} required\n".encode()))
             return
         replica_id, alive = self._replica()
-        ws = await request.accept(
-            subprotocol=SUBPROTOCOL,
-            # A connector keeps sessions to distinct replicas: it must know which one answered, and how
-            # many there are (connector/tunnel.py TunnelGroup).
-            extra_headers=[
-                (REPLICA_HEADER.encode(), replica_id.encode()),
-                (REPLICAS_HEADER.encode(), str(alive).encode()),
-            ],
-        )
+        # A connector keeps sessions to distinct replicas: it must know which one answered, and how many
+        # there are (connector/tunnel.py TunnelGroup).
+        named = [
+            (REPLICA_HEADER.encode(), replica_id.encode()),
+            (REPLICAS_HEADER.encode(), str(alive).encode()),
+        ]
+        with trio.move_on_after(HANDSHAKE_TIMEOUT) as sending:
+            ws = await request.upgrade(stream, SUBPROTOCOL, named)
+        if sending.cancelled_caught:
+            return
         h2 = H2Session(
-            WebSocketStream(ws),
+            ws,
             client_side=True,
             settings=self.settings,
             name=f"tunnel {principal.tenant}/{principal.connector_id}",
@@ -643,25 +616,27 @@ class TunnelListener:
                 await ws.aclose()  # the closing handshake; the connection is closed after it regardless
 
 
-MAX_REQUEST_HEAD = 16 * 1024  # as h11 allows (trio-websocket's parser)
-REASONS = {404: "Not Found", 503: "Service Unavailable"}
+REASONS = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 426: "Upgrade Required",
+           503: "Service Unavailable"}  # fmt: skip
 
 
-async def read_request_head(stream: trio.abc.Stream, limit: int = MAX_REQUEST_HEAD) -> bytes | None:
-    """An HTTP request's head, through its blank line; None if the peer left or sent more than ``limit``
-    bytes without one."""
-    head = b""
-    while b"\r\n\r\n" not in head:
-        if len(head) > limit:
+async def read_request_head(
+    stream: trio.abc.Stream, limit: int = MAX_HEAD_BYTES
+) -> tuple[bytes, bytes] | None:
+    """An HTTP request's head through its blank line, and what came after it; None if the peer left or
+    sent more than ``limit`` bytes without one."""
+    received = b""
+    while (end := received.find(b"\r\n\r\n")) < 0:
+        if len(received) > limit:
             return None
         try:
-            data = await stream.receive_some(limit + 4 - len(head))
+            data = await stream.receive_some(limit + 4 - len(received))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             return None
         if not data:
             return None
-        head += data
-    return head
+        received += data
+    return received[: end + 4], received[end + 4 :]
 
 
 def request_path(head: bytes) -> str:
@@ -677,6 +652,16 @@ def plain_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes)
     return b"\r\n".join(lines) + body
 
 
+async def _answer(stream: trio.abc.Stream, refusal: Refusal) -> None:
+    """Send a refusal, unless the peer left or stopped reading (bounded: it is a courtesy)."""
+    status, headers, body = refusal
+    with (
+        trio.move_on_after(HANDSHAKE_TIMEOUT),
+        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+    ):
+        await stream.send_all(plain_response(status, headers, body))
+
+
 def _peer(stream: trio.abc.Stream) -> str:
     """The peer's address for logs ("a departed peer" when it left before we asked)."""
     inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
@@ -687,10 +672,3 @@ def _peer(stream: trio.abc.Stream) -> str:
     if isinstance(peer, tuple):
         return f"{peer[0]}:{peer[1]}"
     return str(peer or "a peer")
-
-
-def _only(exc: Exception, kind: type[Exception]) -> bool:
-    """Whether ``exc`` is ``kind``, or a (nested) group of nothing else (as nurseries raise it)."""
-    if isinstance(exc, ExceptionGroup):
-        return exc.split(kind)[1] is None
-    return isinstance(exc, kind)

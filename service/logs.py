@@ -64,5 +64,5 @@ def setup_logging(level: str = "info", fmt: str = "auto") -> None:
     root.handlers[:] = [handler]
     root.setLevel(numeric)
     # Library chatter below warning is noise for operators.
-    for noisy in ("trio-websocket", "httpx", "httpcore", "hpack", "h2"):
+    for noisy in ("httpx", "httpcore", "hpack", "h2"):
         logging.getLogger(noisy).setLevel(max(numeric, logging.WARNING))

@@ -262,7 +262,7 @@ async def test_thousand_abrupt_disconnects_on_both_listeners(
 @pytest.mark.parametrize(
     ("opening", "close"),
     [
-        # A plain request, no Upgrade: trio-websocket answers 400 itself, and that write met the reset.
+        # A plain request, no Upgrade: the relay answers 400, and that write meets the reset.
         # Unguarded, 50-75 of these stopped the relay (its reader task raised into the listener).
         (b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", "reset"),
         (b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", "fin"),

@@ -21,12 +21,12 @@ from fixtures_printers import RawSink
 from fixtures_relay import RelayStack, no_streams
 from test_device_events import open_stream
 from test_ipp_endpoint import Ipp
-from trio_websocket import ConnectionRejected
 
 from connector.tunnel import TunnelClient
 from ipp import DelimiterTag, Operation, Status, ValueTag
 from relay.auth import new_token
 from relay.users import new_user
+from tunnel.wsstream import WebSocketRejected
 
 MISSING = "zz-no-such-id"
 
@@ -224,7 +224,7 @@ async def test_tokens_of_one_kind_do_not_open_the_other_door(tenants: Tenants) -
         assert (await client.get("/v1/printers")).status_code == 401
 
     tunnel = TunnelClient(stack.tunnel_url, stack.api_token, no_streams)
-    with pytest.raises(ConnectionRejected) as info:
+    with pytest.raises(WebSocketRejected) as info:
         await tunnel._one_session()
     assert info.value.status_code == 401
 
