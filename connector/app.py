@@ -179,6 +179,8 @@ class Connector:
         finally:
             with trio.CancelScope(shield=True):
                 await self.ledger.close()
+            if self.draining:
+                log.info("connector stopped")
 
     async def drain(self, grace: float) -> None:
         """Stop taking new jobs, let in-flight ones finish within ``grace`` seconds and report their final
@@ -186,9 +188,18 @@ class Connector:
         tunnel lost" at the relay until the connector came back.)"""
         self.draining = True
         self.tunnel.stopping = True
+        log.info(
+            "stopping: taking no new jobs; %d in flight, %d final statuses to report (waiting up to %g s)",
+            len(self._deliveries), len(self._reporting), grace,
+        )  # fmt: skip
         with trio.move_on_after(grace):
             while self._deliveries or self._reporting:
                 await self._jobs_changed.wait()
+        if self._deliveries or self._reporting:
+            log.warning(
+                "drain grace of %g s over: stopping with jobs %s in flight and %s unreported",
+                grace, sorted(self._deliveries) or "none", sorted(self._reporting) or "none",
+            )  # fmt: skip
         sessions = self.tunnel.sessions
         for session in sessions:
             session.close("connector shutting down")
@@ -300,11 +311,15 @@ class Connector:
             )
             return
 
-        running = self._deliveries.get(job_id)
-        if running is not None:
-            # A resend while the first delivery still runs (its tunnel dropped): wait for its outcome.
-            await running.done.wait()
-        entry = await self.ledger.get(job_id)
+        while True:
+            running = self._deliveries.get(job_id)
+            if running is not None:
+                # A resend while an earlier delivery still runs (its tunnel dropped): wait for its outcome.
+                await running.done.wait()
+                continue
+            entry = await self.ledger.get(job_id)
+            if job_id not in self._deliveries:  # and none started while the ledger answered
+                break
         if (
             entry is not None
             and entry.state == "feeding"
@@ -328,23 +343,32 @@ class Connector:
             await self._answer_early(stream, JobStatus(state, message, entry.printer_job_id, duplicate=True))
             return
 
-        await stream.send_response(200, [("content-type", NDJSON)])
+        # Registered before the next await, so that a second stream of this job (two replicas after a
+        # lapsed lease) waits for this delivery instead of starting one beside it.
         delivery = Delivery(job_id, session)
         self._deliveries[job_id] = delivery
-        self._reporting.add(job_id)
-        # The delivery belongs to the connector, not to the tunnel session: if the tunnel drops while a
-        # printer is being fed, the printer still gets the whole job and the ledger records it, so the
-        # relay's resend is answered from the ledger instead of printing a fragment.
-        self._nursery.start_soon(self._run_delivery, delivery, stream, ticket, printer, entry)
-        async with trio.open_nursery() as watch:
-            watch.start_soon(self._cancel_on_reset, stream, delivery)
-            await delivery.done.wait()
-            watch.cancel_scope.cancel()
-        assert delivery.status is not None
         try:
+            await stream.send_response(200, [("content-type", NDJSON)])
+        except BaseException:
+            del self._deliveries[job_id]
+            delivery.done.set()
+            raise
+        self._reporting.add(job_id)
+        try:
+            # The delivery belongs to the connector, not to the tunnel session: if the tunnel drops while a
+            # printer is being fed, the printer still gets the whole job and the ledger records it, so the
+            # relay's resend is answered from the ledger instead of printing a fragment.
+            self._nursery.start_soon(self._run_delivery, delivery, stream, ticket, printer, entry)
+            async with trio.open_nursery() as watch:
+                watch.start_soon(self._cancel_on_reset, stream, delivery)
+                await delivery.done.wait()
+                watch.cancel_scope.cancel()
+            assert delivery.status is not None
             await stream.send_data(delivery.status.encode(), end_stream=True)
         finally:
-            # The final status is on its way to the relay (or the stream is gone): a drain may close now.
+            # The final status is on its way to the relay, or the stream is gone: a session that ends
+            # cancels this handler while it waits for the delivery, and the relay then hears the outcome
+            # from the ledger when it sends the job again. Either way a drain need not wait for it.
             self._reporting.discard(job_id)
             self._jobs_changed.set()
             self._jobs_changed = trio.Event()
@@ -371,6 +395,8 @@ class Connector:
                     try:
                         delivery.status = await self._deliver(stream, ticket, printer, earlier)
                     except (StreamClosed, SessionClosed) as exc:
+                        if isinstance(exc, StreamClosed) and exc.error_code == ErrorCodes.CANCEL:
+                            delivery.canceled = True  # _cancel_on_reset may not have run yet
                         delivery.status = JobStatus("retry", f"tunnel lost during delivery: {exc}")
                     except Exception as exc:
                         # A bug, or a printer answer nobody foresaw: this job's delivery ends, not the
@@ -381,6 +407,10 @@ class Connector:
                         )  # fmt: skip
                         delivery.status = JobStatus("retry", f"connector error during delivery: {exc!r}")
             if delivery.canceled:
+                log.info(
+                    "job %s canceled by the relay while delivering to %s", delivery.job_id, printer.spec.id,
+                    extra={"job_id": delivery.job_id, "printer_id": printer.spec.id},
+                )  # fmt: skip
                 delivery.status = JobStatus("canceled", "canceled by the relay")
                 with trio.CancelScope(shield=True):
                     await self.ledger.record(
@@ -546,7 +576,8 @@ class Connector:
         """Receive the whole sealed payload, authenticating every record, and keep its plaintext: in memory
         when the payload fits in IN_MEMORY_MAX, else in an unnamed file in ``incoming/`` (checked and
         written FILE_BATCH bytes at a time in a worker thread; the HTTP/2 window keeps the tunnel busy
-        meanwhile). IntegrityError, and nothing kept, if any record fails or the payload is cut short."""
+        meanwhile). IntegrityError, and nothing kept, if any record fails or the payload is cut short;
+        StreamClosed, and nothing kept, if the stream was reset (a cancel) before all of it was read."""
         opener = PayloadOpener(dek, job_id)
         batch: list[bytes] = []
         held = 0

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
+from collections.abc import AsyncGenerator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,9 @@ from fixtures_postgres import PostgresServer
 from fixtures_printers import IppEvePrinter, RawSink, free_port
 from fixtures_relay import RelayStack
 from test_ipp_endpoint import offline_printer
+
+from connector.delivery.document import VerifiedDocument
+from tunnel.session import H2Stream
 
 
 @pytest.fixture
@@ -58,7 +63,7 @@ async def test_the_document_is_never_readable_at_the_relay_and_is_erased_after_p
 
 @pytest.mark.parametrize("tamper", ["flip", "swap", "truncate"])
 async def test_a_tampered_payload_fails_with_an_integrity_error_and_prints_nothing(
-    relay_stack: RelayStack, raw_sink: RawSink, tamper: str
+    relay_stack: RelayStack, raw_sink: RawSink, tamper: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     await relay_stack.start_connector({"label": raw_sink.uri})
     body = os.urandom(700_000)  # three 256 KiB chunks
@@ -79,6 +84,9 @@ async def test_a_tampered_payload_fails_with_an_integrity_error_and_prints_nothi
     assert done["state"] == "failed"
     assert "integrity" in done["last_error"]
     assert raw_sink.documents == []
+    assert any(
+        r.levelno == logging.ERROR and "failed its integrity check" in r.getMessage() for r in caplog.records
+    )
 
 
 async def test_a_payload_lost_from_the_spool_fails_the_job_and_is_not_taken_for_a_cancel(
@@ -141,6 +149,56 @@ async def test_cancel_before_sending_never_prints(relay_stack: RelayStack, raw_s
     assert not [p for p in files_under(relay_stack.relay.config.data_dir) if p.suffix == ".sealed"]
 
 
+async def test_a_cancel_after_the_whole_payload_was_sent_is_a_cancel_not_an_integrity_error(
+    relay_stack: RelayStack,
+    raw_sink: RawSink,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The relay sent the whole payload (END_STREAM) and the cancel's RST_STREAM(CANCEL) follows before the
+    connector read it: the reset drops the unread body, which must not pass for a truncated payload."""
+    connector = await relay_stack.start_connector({"label": raw_sink.uri})
+    spool = relay_stack.relay.spool
+    real_open, real_receive = spool.open, connector._receive_verified
+    sent_whole, reading, delivered = trio.Event(), trio.Event(), trio.Event()
+    outcomes: list[str] = []
+
+    async def spool_open(job_id: str, **kw: Any) -> AsyncGenerator[bytes, None]:
+        async for chunk in real_open(job_id, **kw):
+            yield chunk
+        sent_whole.set()  # the dispatcher ends the stream next, before it awaits anything
+
+    async def receive_once_reset(stream: H2Stream, dek: bytes, job_id: str) -> VerifiedDocument:
+        reading.set()
+        await stream.wait_closed()  # the connector gets to the body only after the reset
+        return await real_receive(stream, dek, job_id)
+
+    def delivery_done(backend: str, result: str, seconds: float) -> None:
+        outcomes.append(result)
+        delivered.set()
+
+    monkeypatch.setattr(spool, "open", spool_open)
+    monkeypatch.setattr(connector, "_receive_verified", receive_once_reset)
+    monkeypatch.setattr(connector.metrics, "delivery_done", delivery_done)
+    caplog.set_level(logging.INFO, logger="printrelay.connector")
+    async with relay_stack.client() as client:
+        # Above inline_max (streamed from the spool), below the window a stream starts with (sent unread).
+        job = await submit(client, "label", os.urandom(100_000))
+        with trio.fail_after(10):
+            await sent_whole.wait()
+            await reading.wait()
+        canceled = await client.post(f"/v1/jobs/{job['id']}/cancel")
+        assert canceled.status_code == 200 and canceled.json()["state"] == "canceled"
+    with trio.fail_after(10):
+        await delivered.wait()
+    assert outcomes == ["canceled"]
+    entry = await connector.ledger.get(job["id"])
+    assert entry is not None and (entry.state, entry.message) == ("canceled", "canceled by the relay")
+    ours = [r for r in caplog.records if r.name == "printrelay.connector" and job["id"] in r.getMessage()]
+    assert [r.levelno for r in ours] == [logging.INFO] and "canceled by the relay" in ours[0].getMessage()
+    assert raw_sink.documents == []
+
+
 async def test_cancel_a_queued_job_of_an_unreachable_printer(relay_stack: RelayStack) -> None:
     await relay_stack.start_connector({"label": f"socket://127.0.0.1:{free_port()}"}, status_interval=0.2)
     async with relay_stack.client() as client:
@@ -156,7 +214,7 @@ async def test_cancel_a_queued_job_of_an_unreachable_printer(relay_stack: RelayS
 async def test_cancel_while_printing_cancels_the_job_at_the_ipp_printer(
     relay_stack: RelayStack, ippeveprinter_factory: Any
 ) -> None:
-    printer: IppEvePrinter = ippeveprinter_factory(slow=True)  # simulates 5-15 s of printing
+    printer: IppEvePrinter = ippeveprinter_factory(held=True)  # prints until released
     await relay_stack.start_connector({"office": printer.uri})
     async with relay_stack.client() as client:
         response = await client.post(
@@ -167,11 +225,15 @@ async def test_cancel_while_printing_cancels_the_job_at_the_ipp_printer(
         await relay_stack.wait_job(job["id"], states=("printing",))
         canceled = await client.post(f"/v1/jobs/{job['id']}/cancel")
         assert canceled.status_code == 200 and canceled.json()["state"] == "canceled"
-    # The printer hears about it: its job ends canceled, not completed.
-    # Polling an external process: there is no event to wait on.
+    # The printer hears about it: its job stops printing (Cancel-Job), and once the printer is let go it
+    # ends canceled, not completed. Polling an external process: there is no event to wait on.
+    with trio.fail_after(20):
+        while "processing-to-stop-point" not in (await printer.jobs())[-1][1]:  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    printer.release()
     with trio.fail_after(20):
         while (states := await printer.job_states()) and states[-1] not in (7, 8):  # noqa: ASYNC110
-            await trio.sleep(0.2)
+            await trio.sleep(0.05)
     assert states[-1] == 7  # canceled
 
 
@@ -198,12 +260,13 @@ async def test_a_printer_that_is_down_holds_its_jobs_until_it_comes_back(
     assert sorted(d.path.read_bytes() for d in await sink.wait_for(3)) == [b"job 0", b"job 1", b"job 2"]
 
 
-@pytest.mark.parametrize("relay_overrides", [{"retry_base": 1.0, "retry_cap": 4.0, "max_attempts": 20}])
+@pytest.mark.parametrize("relay_overrides", [{"retry_base": 0.2, "retry_cap": 1.0, "max_attempts": 20}])
 async def test_a_busy_printer_is_retried_with_backoff_and_the_error_is_kept(
     relay_stack: RelayStack, ippeveprinter_factory: Any
 ) -> None:
-    # A slow ippeveprinter takes one job at a time and answers others server-error-busy.
-    printer: IppEvePrinter = ippeveprinter_factory(slow=True)
+    # ippeveprinter takes one job at a time and answers others server-error-busy; this one prints the
+    # first until the test has seen the second refused.
+    printer: IppEvePrinter = ippeveprinter_factory(held=True)
     await relay_stack.start_connector({"a": printer.uri, "b": printer.uri})
     pdf = {"content-type": "application/pdf"}
     async with relay_stack.client() as client:
@@ -214,7 +277,10 @@ async def test_a_busy_printer_is_retried_with_backoff_and_the_error_is_kept(
             while not (job := (await client.get(f"/v1/jobs/{second['id']}")).json())["last_error"]:  # noqa: ASYNC110
                 await trio.sleep(0.05)
         assert "busy" in job["last_error"]
+        assert (await client.get(f"/v1/jobs/{first['id']}")).json()["state"] == "printing"
+    printer.release()
     assert (await relay_stack.wait_job(second["id"], within=60))["state"] == "completed"
+    assert (await relay_stack.wait_job(first["id"]))["state"] == "completed"
 
 
 async def test_undelivered_jobs_expire_and_are_erased(relay_stack: RelayStack, raw_sink: RawSink) -> None:

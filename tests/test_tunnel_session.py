@@ -12,7 +12,7 @@ import trio
 import trio.testing
 
 from tunnel.protocol import TunnelSettings
-from tunnel.session import H2Session, H2Stream, SessionClosed, StreamClosed
+from tunnel.session import ErrorCodes, H2Session, H2Stream, SessionClosed, StreamClosed
 
 Handler = Callable[[H2Stream], Awaitable[None]]
 
@@ -248,6 +248,30 @@ async def test_server_reset_is_seen_by_the_client() -> None:
         with trio.fail_after(5), pytest.raises(StreamClosed) as info:
             await stream.receive_response()
         assert info.value.error_code == 8
+
+
+async def test_a_reset_after_the_whole_body_was_sent_is_a_closed_stream_not_a_short_body() -> None:
+    """The relay cancels a job whose payload already went out whole (END_STREAM) but waits unread at the
+    connector: the unread rest is dropped, so the body must not look as if it had ended normally."""
+    outcome: list[object] = []
+    done = trio.Event()
+
+    async def reads_late(stream: H2Stream) -> None:
+        outcome.append(await stream.wait_closed())  # the reset arrived; nothing was read yet
+        try:
+            async for chunk in stream.iter_data():
+                outcome.append(chunk)
+        except StreamClosed as exc:
+            outcome.append(exc.error_code)
+        done.set()
+
+    async with session_pair(reads_late) as (client, _):
+        stream = await client.open_stream("POST", "/v1/jobs/c")
+        await stream.send_data(b"sealed payload", end_stream=True)
+        stream.reset(ErrorCodes.CANCEL)
+        with trio.fail_after(5):
+            await done.wait()
+    assert outcome == [ErrorCodes.CANCEL, ErrorCodes.CANCEL]
 
 
 async def test_close_sends_goaway_and_both_sides_end() -> None:

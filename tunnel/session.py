@@ -72,6 +72,7 @@ class H2Stream:
         self._unacked = 0
         self._window_opened = False
         self._ended = False  # the peer ended its side (END_STREAM received)
+        self._cut = False  # a reset dropped body data nobody had read: the body is not whole
         self._sent_end = False  # we ended ours (END_STREAM sent)
         self._closed_reason: str | None = None
         self._reset_code: int | None = None
@@ -131,7 +132,7 @@ class H2Stream:
         while True:
             self._acknowledge()
             while not self._chunks:
-                if self._ended:
+                if self._ended and not self._cut:
                     return
                 self._raise_if_closed()
                 await self._changed.wait()
@@ -216,6 +217,9 @@ class H2Stream:
         if not keep_data:
             # Data nobody will read still occupies the connection window: give it back.
             leftover = self._unacked + sum(flow for _, flow in self._chunks)
+            # A reset after END_STREAM (a cancel while the body waited unread) must not read as a short
+            # body that ended normally: the consumer would take a cancel for a truncated payload.
+            self._cut = self._cut or bool(self._chunks)
             self._chunks.clear()
             self._unacked = 0
             if leftover:
