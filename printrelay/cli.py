@@ -15,26 +15,22 @@ printrelay demo        relay + connector + printer in one command
 
 from __future__ import annotations
 
+# Start-up is kept cheap: this module imports the standard library alone, and a command imports what it needs
+# when it runs (the relay's and the connector's code take a second to import; tests and people run many short
+# commands). tests/test_cli.py checks that `token list --help` stays clear of both.
 import argparse
+import importlib
 import os
 import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
-
-import trio
-
-from connector.config import ConnectorConfig, with_token
-from printrelay.api_client import SubmitFailed
-from relay.config import RelayConfig
-from relay.store.base import StoreError
-from service.listen import ListenError
-from service.logs import setup_logging
-from service.settings import SettingsError, add_arguments, load, parse_duration
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
+    import trio
+
     from relay.store.base import Store, TokenRecord
 
 T = TypeVar("T")
@@ -52,14 +48,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BaseException as raised:
         exc = _sole(raised)
-        if isinstance(
-            exc, CommandError | SettingsError | SubmitFailed | ValueError | StoreError | ListenError
-        ):
+        if isinstance(exc, CommandError | ValueError) or _one_line(exc):
             print(f"printrelay: {exc}", file=sys.stderr)
             return 1
         if isinstance(exc, KeyboardInterrupt):
             return 130
         raise
+
+
+# Errors that are one line for the user too, by module: only an imported module can have raised its own, so
+# one that was not imported is not imported to ask.
+_ONE_LINE_ERRORS = (
+    ("printrelay.api_client", "SubmitFailed"),
+    ("relay.store.base", "StoreError"),
+    ("service.listen", "ListenError"),
+    ("service.settings", "SettingsError"),
+)
+
+
+def _one_line(exc: BaseException) -> bool:
+    return any(
+        (module := sys.modules.get(name)) is not None and isinstance(exc, getattr(module, error))
+        for name, error in _ONE_LINE_ERRORS
+    )
 
 
 def _dispatch(argv: list[str]) -> int:
@@ -72,7 +83,7 @@ def _dispatch(argv: list[str]) -> int:
         from printrelay.systemd_unit import main_systemd_unit
 
         return main_systemd_unit(argv[2:])
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not hasattr(args, "run"):
         parser.print_help()
@@ -96,46 +107,74 @@ def _sole(exc: BaseException) -> BaseException:
     return exc
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """Every command's parser; given the ``argv`` it will parse, the options of the command it names alone:
+    the others are listed by name and help, all that ``printrelay --help`` or a mistyped command shows."""
     parser = argparse.ArgumentParser(
         prog="printrelay",
         description="Print through a cloud relay to printers on networks nobody can reach from outside.",
     )
-    parser.add_argument("--version", action="version", version=f"printrelay {_version()}")
+    parser.add_argument("--version", action=_Version)
     commands = parser.add_subparsers(metavar="COMMAND")
+    # The top level has flags without values alone, so its first other argument is the command argparse runs.
+    named = None if argv is None else next((arg for arg in argv if not arg.startswith("-")), None)
+    for name, (help_text, add) in COMMANDS.items():
+        command = commands.add_parser(name, help=help_text)
+        if argv is None or name == named:
+            if isinstance(add, str):
+                module, _, function = add.partition(":")
+                add = getattr(importlib.import_module(module), function)
+            add(command)
+    return parser
 
-    serve = commands.add_parser(
-        "serve",
-        help="run a relay",
-        description="Run a relay. Every flag can also "
-        "come from PRINTRELAY_<FLAG> or a --config TOML file; flags win.",
+
+class _Version(argparse._VersionAction):
+    """``--version``, looked up only when asked: reading the installed packages' metadata takes 0.1 s."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        self.version = f"printrelay {_version()}"
+        super().__call__(parser, *args, **kwargs)
+
+
+def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
+    from relay.config import RelayConfig
+    from service.settings import add_arguments
+
+    serve.description = (
+        "Run a relay. Every flag can also come from PRINTRELAY_<FLAG> or a --config TOML file; flags win."
     )
     add_arguments(serve, RelayConfig)
     serve.set_defaults(run=run_serve)
 
-    connector = commands.add_parser(
-        "connector",
-        help="run a connector",
-        description="Run a connector: it "
-        "dials the relay and delivers jobs to the printers given with --printer.",
+
+def add_connector_arguments(connector: argparse.ArgumentParser) -> None:
+    from connector.config import ConnectorConfig
+    from service.settings import add_arguments
+
+    connector.description = (
+        "Run a connector: it dials the relay and delivers jobs to the printers given with --printer."
     )
     add_arguments(connector, ConnectorConfig)
     connector.set_defaults(run=run_connector)
 
-    db = commands.add_parser("db", help="the relay's database: schema version, migrations").add_subparsers(
-        metavar="ACTION"
-    )
-    migrate = db.add_parser(
+
+def add_db_arguments(db: argparse.ArgumentParser) -> None:
+    actions = db.add_subparsers(metavar="ACTION")
+    migrate = actions.add_parser(
         "migrate", help="bring the database to this version's schema (serve does it too, at start)"
     )
     _store_arguments(migrate)
     migrate.set_defaults(run=run_db_migrate)
-    status = db.add_parser("status", help="the database's schema version next to this printrelay's")
+    status = actions.add_parser("status", help="the database's schema version next to this printrelay's")
     _store_arguments(status)
     status.set_defaults(run=run_db_status)
 
-    token = commands.add_parser("token", help="manage tokens").add_subparsers(metavar="ACTION")
-    create = token.add_parser("create", help="create a token and print it (shown once)")
+
+def add_token_arguments(token: argparse.ArgumentParser) -> None:
+    from service.settings import parse_duration
+
+    actions = token.add_subparsers(metavar="ACTION")
+    create = actions.add_parser("create", help="create a token and print it (shown once)")
     _store_arguments(create)
     create.add_argument("--tenant", required=True, help="the tenant the token belongs to")
     create.add_argument("--kind", choices=("api", "connector", "user"), required=True)
@@ -149,31 +188,49 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--expires-in", type=parse_duration, help="e.g. 90d; default: never")
     create.add_argument("--label", default="", help="a note shown in listings")
     create.set_defaults(run=run_token_create)
-    listing = token.add_parser("list", help="list tokens (never their secrets)")
+    listing = actions.add_parser("list", help="list tokens (never their secrets)")
     _store_arguments(listing)
     listing.add_argument("--tenant")
     listing.set_defaults(run=run_token_list)
-    revoke = token.add_parser("revoke", help="revoke a token by its id")
+    revoke = actions.add_parser("revoke", help="revoke a token by its id")
     _store_arguments(revoke)
     revoke.add_argument("token_id", help="the id shown by 'token list' (the part after pra_/prc_)")
     revoke.set_defaults(run=run_token_revoke)
 
-    from printrelay import client, client_install, demo, jobs, printers, tenants, users
 
-    client.add_submit_parser(commands)
-    jobs.add_jobs_parser(commands)
-    client_install.add_client_parser(commands)
-    printers.add_printers_parser(commands)
-    users.add_user_parser(commands)
-    tenants.add_tenant_parser(commands)
-    demo.add_demo_parser(commands)
-    return parser
+# Every command, in the order `printrelay --help` lists them: its help, and what adds its options (for the
+# commands of other modules "module:function", so that the module is imported only when its command runs).
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None] | str]] = {
+    "serve": ("run a relay", add_serve_arguments),
+    "connector": ("run a connector", add_connector_arguments),
+    "db": ("the relay's database: schema version, migrations", add_db_arguments),
+    "token": ("manage tokens", add_token_arguments),
+    "submit": ("print a file through a relay", "printrelay.client:add_submit_arguments"),
+    "jobs": ("list, show, cancel, release and watch jobs at a relay", "printrelay.jobs:add_jobs_arguments"),
+    "client": ("this computer as a relay client", "printrelay.client_install:add_client_arguments"),
+    "printers": (
+        "list, adopt, change and remove printers at a relay",
+        "printrelay.printers:add_printers_arguments",
+    ),
+    "user": ("manage the people of a tenant", "printrelay.users:add_user_arguments"),
+    "tenant": ("a tenant's settings: its OpenID Connect sign-in", "printrelay.tenants:add_tenant_arguments"),
+    "demo": (
+        "relay + connector + printer in one command, and a test print",
+        "printrelay.demo:add_demo_arguments",
+    ),
+}
 
 
 # --- serve / connector ------------------------------------------------------------------------------
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    import trio
+
+    from relay.config import RelayConfig
+    from service.logs import setup_logging
+    from service.settings import load
+
     config = load(RelayConfig, args)
     setup_logging(config.log_level, config.log_format)
     from relay.app import Relay
@@ -193,6 +250,12 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_connector(args: argparse.Namespace) -> int:
+    import trio
+
+    from connector.config import ConnectorConfig, with_token
+    from service.logs import setup_logging
+    from service.settings import load
+
     config = with_token(load(ConnectorConfig, args))
     if not config.token:
         raise CommandError(
@@ -216,6 +279,8 @@ async def _drain_then_stop(
     scope: trio.CancelScope, drain: Callable[[float], Awaitable[None]], grace: float
 ) -> None:
     """SIGTERM or SIGINT: drain within ``grace`` seconds, then stop; a second signal stops at once."""
+    import trio
+
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for _ in signals:
             break
@@ -251,6 +316,8 @@ def _store_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _with_store(args: argparse.Namespace, work: Callable[[Store], Awaitable[T]]) -> T:
     """Open the relay's store as the relay would (migrating it first), run ``work``, close it."""
+    import trio
+
     from relay.store import store_for
 
     if not args.database_url and not args.data_dir.exists() and not args.create:
@@ -285,6 +352,7 @@ def _schema(args: argparse.Namespace, *, migrate: bool) -> tuple[int, int, list[
         with postgres.connect(args.database_url) as pg:
             applied = postgres.migrate(pg) if migrate else []
             return postgres.schema_version(pg), postgres.SCHEMA_VERSION, applied
+    from relay.config import RelayConfig
     from relay.store import sqlite
 
     path = RelayConfig(data_dir=args.data_dir).database_path
@@ -323,6 +391,7 @@ def run_db_status(args: argparse.Namespace) -> int:
 def _audit(action: str, *, tenant: str, target: str, **details: object) -> None:
     """Token commands write the audit entry to their own stderr (the relay is another process)."""
     from relay import audit
+    from service.logs import setup_logging
 
     setup_logging("info", "auto")
     audit.record(action, tenant=tenant, actor="cli", target=target, **details)
@@ -402,4 +471,8 @@ def run_token_revoke(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as ``python -m printrelay.cli`` this module is ``__main__``, and the command modules that import
+    # ``printrelay.cli`` get a second copy with its own exception classes: run the importable copy.
+    from printrelay.cli import main as importable_main
+
+    sys.exit(importable_main())

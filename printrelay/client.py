@@ -21,8 +21,7 @@ CHUNK = 256 * 1024
 FINAL = ("completed", "failed", "canceled", "expired")
 
 
-def add_submit_parser(commands: Any) -> None:
-    submit = commands.add_parser("submit", help="print a file through a relay")
+def add_submit_arguments(submit: argparse.ArgumentParser) -> None:
     add_relay_arguments(submit)
     submit.add_argument("--printer", required=True, help="printer id")
     submit.add_argument("--title", help="job title (default: the file name)")

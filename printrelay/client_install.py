@@ -28,7 +28,6 @@ import sys
 import time
 import urllib.parse
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 
@@ -46,11 +45,8 @@ class InstallFailed(SubmitFailed):
     """A one-line reason the printer was not added (the command exits 1)."""
 
 
-def add_client_parser(commands: Any) -> None:
-    client = commands.add_parser("client", help="this computer as a relay client").add_subparsers(
-        metavar="ACTION"
-    )
-    add = client.add_parser(
+def add_client_arguments(client: argparse.ArgumentParser) -> None:
+    add = client.add_subparsers(metavar="ACTION").add_parser(
         "add-printer",
         help="add a relay printer as a print queue of this computer (CUPS: Linux, macOS)",
         description="Add a relay printer as a CUPS print queue with the printer's own options "

@@ -20,7 +20,6 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import httpx
 import trio
@@ -40,8 +39,7 @@ PRINTER_START_TIMEOUT = 20.0
 FORMATS = "application/pdf,image/jpeg,image/pwg-raster,text/plain,application/octet-stream"
 
 
-def add_demo_parser(commands: Any) -> None:
-    demo = commands.add_parser("demo", help="relay + connector + printer in one command, and a test print")
+def add_demo_arguments(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--data-dir", type=Path, default=Path("printrelay-demo"), help="default: %(default)s")
     demo.add_argument(
         "--listen",

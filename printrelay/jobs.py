@@ -17,8 +17,7 @@ from printrelay.client import FINAL
 MAX_LIST = 500  # the API's page size limit
 
 
-def add_jobs_parser(commands: Any) -> None:
-    jobs = commands.add_parser("jobs", help="list, show, cancel, release and watch jobs at a relay")
+def add_jobs_arguments(jobs: argparse.ArgumentParser) -> None:
     actions = jobs.add_subparsers(metavar="ACTION")
 
     listing = actions.add_parser("list", help="jobs, newest first (a person's token: their own)")

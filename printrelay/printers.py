@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
 from printrelay.api_client import add_relay_arguments, call
 
 
-def add_printers_parser(commands: Any) -> None:
-    printers = commands.add_parser("printers", help="list, adopt, change and remove printers at a relay")
+def add_printers_arguments(printers: argparse.ArgumentParser) -> None:
     actions = printers.add_subparsers(metavar="ACTION")
 
     def common(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from printrelay.cli import CommandError, _store_arguments, _with_store
 from relay.auth import validate_name
@@ -23,8 +22,7 @@ MAX_CLIENT_ID = 255
 MAX_SECRET = 4096
 
 
-def add_tenant_parser(commands: Any) -> None:
-    tenant = commands.add_parser("tenant", help="a tenant's settings: its OpenID Connect sign-in")
+def add_tenant_arguments(tenant: argparse.ArgumentParser) -> None:
     oidc = tenant.add_subparsers(metavar="WHAT").add_parser(
         "oidc", help="the tenant's OpenID Connect provider (portal sign-in)"
     )
@@ -144,7 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from printrelay import cli
 
     parser = argparse.ArgumentParser(prog="printrelay")
-    add_tenant_parser(parser.add_subparsers(metavar="COMMAND"))
+    add_tenant_arguments(
+        parser.add_subparsers(metavar="COMMAND").add_parser("tenant", help=cli.COMMANDS["tenant"][0])
+    )
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     if not hasattr(args, "run"):
         parser.print_help()

@@ -5,16 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
 
 from printrelay.cli import CommandError, _audit, _store_arguments, _with_store
 from relay.store.base import Conflict, Store
 from relay.users import ROLES, check_password_rules, hash_password, new_user, normal_email
 
 
-def add_user_parser(commands: Any) -> None:
-    user = commands.add_parser("user", help="manage the people of a tenant").add_subparsers(metavar="ACTION")
-    create = user.add_parser("create", help="create a user (prints its id)")
+def add_user_arguments(user: argparse.ArgumentParser) -> None:
+    actions = user.add_subparsers(metavar="ACTION")
+    create = actions.add_parser("create", help="create a user (prints its id)")
     _store_arguments(create)
     create.add_argument("--tenant", required=True, help="the tenant the user belongs to")
     create.add_argument("--email", required=True, help="the email they sign in with (unique on the relay)")
@@ -25,7 +24,7 @@ def add_user_parser(commands: Any) -> None:
         help="read their password from standard input (one line; a terminal asks twice, hidden)",
     )  # fmt: skip
     create.set_defaults(run=run_user_create)
-    listing = user.add_parser("list", help="list a tenant's users")
+    listing = actions.add_parser("list", help="list a tenant's users")
     _store_arguments(listing)
     listing.add_argument("--tenant", required=True)
     listing.set_defaults(run=run_user_list)
@@ -33,7 +32,7 @@ def add_user_parser(commands: Any) -> None:
         ("disable", "disabled", "a disabled user's passwords and tokens stop working at once"),
         ("enable", "active", "let a disabled user sign in again"),
     ):
-        command = user.add_parser(action, help=what)
+        command = actions.add_parser(action, help=what)
         _store_arguments(command)
         command.add_argument("--tenant", required=True)
         command.add_argument("--email", required=True)

@@ -11,6 +11,7 @@ can make the relay spend.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -36,9 +37,13 @@ MAX_FAILURES_PER_CLIENT = 50  # ...or this many from one address, whatever accou
 HASHING_AT_ONCE = 2  # argon2 takes 64 MiB each: bound the memory and the cores they take
 
 _hasher = argon2.PasswordHasher()
-# A hash nobody's password matches, verified when the email is unknown, so that the time taken does not
-# say which emails exist.
-_NOBODY = _hasher.hash(secrets.token_urlsafe(32))
+
+
+@functools.cache
+def _nobody() -> str:
+    """A hash nobody's password matches, verified when the email is unknown, so that the time taken does not
+    say which emails exist. Made by the first :class:`People`, not at import: the CLI imports this module."""
+    return _hasher.hash(secrets.token_urlsafe(32))
 
 
 class SignInError(Exception):
@@ -144,6 +149,8 @@ class People:
         self._per_client = FailureCounter(MAX_FAILURES_PER_CLIENT, FAILURE_WINDOW)
         self._hashing = trio.CapacityLimiter(HASHING_AT_ONCE)
         self.failures = 0  # counted for /metrics
+        # Made now, before any sign-in: one that had to make it would be slower, saying its email is unknown.
+        _nobody()
 
     async def user(self, user_id: str) -> UserRecord | None:
         now = time.monotonic()
@@ -183,7 +190,7 @@ class People:
             if user is not None and user.state == "active":
                 return user
         found = await self._store.find_user(email) if len(email) <= 254 else None
-        stored = found.password_hash if found is not None and found.password_hash else _NOBODY
+        stored = found.password_hash if found is not None and found.password_hash else _nobody()
         async with self._hashing:
             right = await trio.to_thread.run_sync(_verify, stored, password[:MAX_PASSWORD])
         if not right or found is None:

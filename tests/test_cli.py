@@ -103,6 +103,34 @@ def test_version() -> None:
     assert result.stdout.strip() == f"printrelay {importlib.metadata.version('printrelay')}"
 
 
+RELAY_AND_CONNECTOR = {"relay.app", "connector.app", "relay.users", "argon2", "printrelay.demo"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "not_imported"),
+    [
+        (["--help"], {*RELAY_AND_CONNECTOR, "trio", "httpx", "relay.config", "connector.config"}),
+        (["token", "list", "--help"], {*RELAY_AND_CONNECTOR, "trio", "httpx", "relay.store"}),
+        (["jobs", "list", "--help"], {*RELAY_AND_CONNECTOR, "trio", "relay.store"}),
+        (["serve", "--help"], {*RELAY_AND_CONNECTOR, "connector.config"}),
+        (["connector", "--help"], RELAY_AND_CONNECTOR),
+    ],
+)
+def test_a_command_imports_only_what_it_needs(argv: list[str], not_imported: set[str]) -> None:
+    """Start-up stays cheap: every command's options are known without importing the relay or the
+    connector, which take a second to import; the tests and people run many short commands."""
+    code = (
+        "import contextlib, io, sys\n"
+        "from printrelay import cli\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as shown, contextlib.suppress(SystemExit):\n"
+        "    cli.main(sys.argv[1:])\n"
+        "assert 'usage: printrelay' in shown.getvalue()\n"
+        "print(' '.join(sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True)
+    assert not_imported.isdisjoint(result.stdout.split()), not_imported & set(result.stdout.split())
+
+
 @pytest.mark.parametrize("flag", ["--listen", "--tunnel-listen", "--metrics-listen"])
 def test_a_busy_port_is_one_line_naming_the_port_and_the_flag(tmp_path: Path, flag: str) -> None:
     with socket.socket() as taken:
@@ -146,7 +174,7 @@ def test_serve_collects_garbage_less_often_than_the_default(
         seen.append(gc.get_threshold())  # what the event loop would have run with
 
     default = gc.get_threshold()
-    monkeypatch.setattr(cli.trio, "run", run_instead)
+    monkeypatch.setattr(trio, "run", run_instead)
     try:
         assert cli.main(["serve", "--data-dir", str(tmp_path / "data")]) == 0
     finally:
