@@ -4,7 +4,8 @@ Fixtures:
 
 * ``ippeveprinter`` -> :class:`IppEvePrinter`, a printer that completes jobs at once;
   ``ippeveprinter_factory(name=..., slow=True)`` for one that simulates printing (5-15 s per job,
-  one job at a time, others answered server-error-busy).
+  one job at a time, others answered server-error-busy), ``held=True`` for one that prints each job until
+  the test calls :meth:`IppEvePrinter.release`.
 * ``raw_sink`` -> :class:`RawSink`, a TCP server that stores each connection's bytes.
 * ``free_port()``.
 
@@ -94,6 +95,7 @@ class IppEvePrinter:
     process: subprocess.Popen[bytes]
     log_path: Path
     tls: bool = False
+    release_file: Path | None = None  # held=True: jobs print until it exists
     _request_ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
     @property
@@ -160,11 +162,22 @@ class IppEvePrinter:
             and group["job-state"].value in (JobState.COMPLETED, JobState.ABORTED, JobState.CANCELED)
         )
 
+    def release(self) -> None:
+        """Let a printer started with ``held=True`` finish the job it prints, and every later one at once."""
+        assert self.release_file is not None, "started without held=True"
+        self.release_file.touch()
+
     async def job_states(self) -> list[int]:
         """job-state of every job the printer knows, oldest first (Get-Jobs which-jobs=all)."""
+        return [state for state, _ in await self.jobs()]
+
+    async def jobs(self) -> list[tuple[int, set[str]]]:
+        """(job-state, job-state-reasons) of every job the printer knows, oldest first."""
         request = new_request(Operation.GET_JOBS, next(self._request_ids), printer_uri=self.plain_uri)
         request.operation.add("which-jobs", ValueTag.KEYWORD, "all")
-        request.operation.add("requested-attributes", ValueTag.KEYWORD, "job-id", "job-state")
+        request.operation.add(
+            "requested-attributes", ValueTag.KEYWORD, "job-id", "job-state", "job-state-reasons"
+        )
         async with httpx.AsyncClient(timeout=5) as client:
             reply = await client.post(
                 f"http://localhost:{self.port}/ipp/print",
@@ -173,11 +186,12 @@ class IppEvePrinter:
             )
         response, _ = decode(reply.content)
         jobs = [
-            (group["job-id"].value, group["job-state"].value)
+            (group["job-id"].value, group["job-state"].value, set(reasons.values) if reasons else set())
             for group in response.groups_of(DelimiterTag.JOB_ATTRIBUTES)
             if group.get("job-id") is not None and group.get("job-state") is not None
+            for reasons in [group.get("job-state-reasons")]
         ]
-        return [state for _, state in sorted(jobs)]
+        return [(state, reasons) for _, state, reasons in sorted(jobs)]
 
     async def wait_for_documents(self, count: int, within: float = 30.0) -> list[Path]:
         """Wait until ``count`` jobs have finished, then return their documents."""
@@ -203,12 +217,14 @@ IppEvePrinterFactory = Callable[..., IppEvePrinter]
 
 @pytest.fixture
 def ippeveprinter_factory(dns_sd: None, tmp_path: Path) -> Iterator[IppEvePrinterFactory]:
-    """``factory(name="printrelay-test", *, slow=False, command="/bin/true", formats=..., tls=False,
-    extra_args=())``.
+    """``factory(name="printrelay-test", *, slow=False, held=False, command="/bin/true", formats=...,
+    tls=False, extra_args=())``.
 
     ``command`` is run per job (``-c``); jobs complete at once with ``/bin/true`` and abort with
     ``/bin/false``. ``slow=True`` runs none: ippeveprinter then simulates printing each job for
-    5-15 s, one at a time. ``tls=True`` adds a self-signed certificate and an ``ipps://`` uri.
+    5-15 s, one at a time. ``held=True`` runs one that prints until :meth:`IppEvePrinter.release`: the
+    printer is busy (one job at a time) and a canceled job stays processing-to-stop-point until then.
+    ``tls=True`` adds a self-signed certificate and an ``ipps://`` uri.
     """
     if shutil.which("ippeveprinter") is None:
         pytest.fail("ippeveprinter is not installed (Debian package cups-ipp-utils)")
@@ -219,6 +235,7 @@ def ippeveprinter_factory(dns_sd: None, tmp_path: Path) -> Iterator[IppEvePrinte
         name: str = "printrelay-test",
         *,
         slow: bool = False,
+        held: bool = False,
         command: str | None = "/bin/true",
         formats: tuple[str, ...] = DEFAULT_FORMATS,
         tls: bool = False,
@@ -228,6 +245,12 @@ def ippeveprinter_factory(dns_sd: None, tmp_path: Path) -> Iterator[IppEvePrinte
         spool = base / "spool"
         spool.mkdir(parents=True)
         port = free_port()
+        release_file: Path | None = None
+        if held:  # polls: a file is all a shell script and the test share
+            release_file = base / "release"
+            command = str(base / "print-until-released")
+            Path(command).write_text(f"#!/bin/sh\nwhile [ ! -e '{release_file}' ]; do sleep 0.05; done\n")
+            Path(command).chmod(0o755)
         args = ["ippeveprinter", "-n", "localhost", "-p", str(port), "-r", "off"]
         args += ["-d", str(spool), "-k", "-2", "-f", ",".join(formats)]
         if command is not None and not slow:
@@ -246,13 +269,15 @@ def ippeveprinter_factory(dns_sd: None, tmp_path: Path) -> Iterator[IppEvePrinte
                 cwd=base,
                 env={**os.environ, "HOME": str(base)},
             )
-        printer = IppEvePrinter(name, port, spool, process, log_path, tls)
+        printer = IppEvePrinter(name, port, spool, process, log_path, tls, release_file)
         printers.append(printer)
         printer.wait_ready()
         return printer
 
     yield start
     for printer in printers:
+        if printer.release_file is not None:
+            printer.release()  # its print command is a process of its own: let it end too
         printer.stop()
 
 
