@@ -349,16 +349,15 @@ class Connector:
         self._deliveries[job_id] = delivery
         try:
             await stream.send_response(200, [("content-type", NDJSON)])
-        except BaseException:
-            del self._deliveries[job_id]
-            delivery.done.set()
-            raise
-        self._reporting.add(job_id)
-        try:
             # The delivery belongs to the connector, not to the tunnel session: if the tunnel drops while a
             # printer is being fed, the printer still gets the whole job and the ledger records it, so the
             # relay's resend is answered from the ledger instead of printing a fragment.
             self._nursery.start_soon(self._run_delivery, delivery, stream, ticket, printer, entry)
+        except BaseException:  # the session ended, or the connector is stopping: no delivery runs
+            self._delivery_ended(delivery)
+            raise
+        self._reporting.add(job_id)
+        try:
             async with trio.open_nursery() as watch:
                 watch.start_soon(self._cancel_on_reset, stream, delivery)
                 await delivery.done.wait()
@@ -420,10 +419,13 @@ class Connector:
             if delivery.status is None:
                 delivery.status = JobStatus("retry", "delivery interrupted")
             self.metrics.delivery_done(printer.spec.kind, delivery.status.state, time.monotonic() - started)
-            del self._deliveries[delivery.job_id]
-            delivery.done.set()
-            self._jobs_changed.set()
-            self._jobs_changed = trio.Event()
+            self._delivery_ended(delivery)
+
+    def _delivery_ended(self, delivery: Delivery) -> None:
+        del self._deliveries[delivery.job_id]
+        delivery.done.set()  # after the removal: a second stream of the job waits on it, then looks again
+        self._jobs_changed.set()
+        self._jobs_changed = trio.Event()
 
     async def _answer_early(self, stream: H2Stream, status: JobStatus) -> None:
         """Answer a job stream without reading its body: the status, then RST_STREAM(NO_ERROR) so the

@@ -227,6 +227,11 @@ class TunnelClient:
                 reason = "unreachable"
                 via = f" through proxy {self.proxy.address}" if self.proxy else ""
                 log.warning("cannot reach the relay at %s%s: %s", self.url, via, _reason(exc))
+            except Exception:
+                # Whatever a relay or a proxy on the way answers must not stop the connector (and with it
+                # the deliveries running): a bug in one attempt is that attempt's end, and it dials again.
+                reason = "unreachable"
+                log.exception("the tunnel to %s failed unexpectedly", self.url)
             self.backoff.session_ended(trio.current_time() - started)
             if self.stopping:
                 return

@@ -598,8 +598,13 @@ class TunnelListener:
             (REPLICA_HEADER.encode(), replica_id.encode()),
             (REPLICAS_HEADER.encode(), str(alive).encode()),
         ]
-        with trio.move_on_after(HANDSHAKE_TIMEOUT) as sending:
-            ws = await request.upgrade(stream, SUBPROTOCOL, named)
+        try:
+            with trio.move_on_after(HANDSHAKE_TIMEOUT) as sending:
+                ws = await request.upgrade(stream, SUBPROTOCOL, named)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            # It gave up first (its own connect timeout, in a reconnect storm): nothing to register.
+            log.debug("tunnel from %s left before the upgrade's answer: %r", remote, exc)
+            return
         if sending.cancelled_caught:
             return
         h2 = H2Session(

@@ -292,6 +292,30 @@ async def test_thousand_requests_then_disconnects_on_the_tunnel_port(
     await relay_stack.start_connector({}, tenant="acme", connector_id="after-the-storm")
 
 
+async def test_connectors_that_leave_before_the_upgrade_is_answered_cost_nothing_and_log_no_error(
+    relay_stack: RelayStack, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connector whose own connect timeout ends while the relay checks its token (a reconnect storm):
+    the 101 meets a closed connection, which is the connector's business, not an error of the relay's."""
+    token = await relay_stack.token("connector", "mallory", connector_id="quitter")
+    tunnel_port = int(relay_stack.tunnel_url.rsplit(":", 1)[1].split("/")[0])
+    request = (
+        b"GET /v1/tunnel HTTP/1.1\r\nHost: r\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Protocol: " + SUBPROTOCOL.encode() + b"\r\nAuthorization: Bearer " + token.encode()
+        + b"\r\n\r\n"
+    )  # fmt: skip
+    baseline = await _baseline(relay_stack)
+    for _ in range(20):
+        c = await RawClient.connect(tunnel_port)
+        await c.send(request)
+        await c.reset()
+    await _back_to(baseline, relay_stack)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    # The listener still registers connectors.
+    await relay_stack.start_connector({}, tenant="acme", connector_id="after-the-quitters")
+
+
 async def test_request_heads_in_pieces_reach_the_api(relay_stack: RelayStack) -> None:
     """Real networks split heads anywhere; a split once cost a 408 after header_timeout."""
     port = int(relay_stack.api_url.rsplit(":", 1)[1])

@@ -25,6 +25,7 @@ from tunnel.wsstream import (
     MAX_MESSAGE_BYTES,
     MAX_PINGS_PER_SECOND,
     MAX_REFUSAL_BYTES,
+    MAX_TINY_FRAMES,
     SUBPROTOCOL,
     HandshakeFailed,
     NotAnUpgrade,
@@ -185,8 +186,13 @@ async def test_a_ping_is_answered_and_the_data_around_it_flows_on() -> None:
             CloseReason.MESSAGE_TOO_BIG,
         ),
         ([Ping(payload=b"%d" % i) for i in range(MAX_PINGS_PER_SECOND + 1)], CloseReason.POLICY_VIOLATION),
+        # Empty frames: each costs the reader as much as a full one.
+        (
+            [BytesMessage(data=b"", message_finished=False)] * 2 * MAX_TINY_FRAMES,
+            CloseReason.POLICY_VIOLATION,
+        ),
     ],
-    ids=["text", "too-big", "ping-flood"],
+    ids=["text", "too-big", "ping-flood", "tiny-frame-flood"],
 )
 async def test_a_message_the_tunnel_does_not_carry_breaks_the_stream_and_closes_with_its_code(
     frames: list[Event], code: int
@@ -279,7 +285,15 @@ async def test_a_refusal_reaches_the_connector_with_its_status_headers_and_body(
 @pytest.mark.parametrize(
     ("answer", "says"),
     [
-        (b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % (2 * MAX_REFUSAL_BYTES), "exceeds"),
+        (
+            b"HTTP/1.1 101 Switching Protocols\r\nX: " + b"x" * MAX_REFUSAL_BYTES,
+            "not a WebSocket upgrade answer",
+        ),
+        (
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Protocol: \xe9\r\n\r\n",
+            "UnicodeDecodeError",  # a header wsproto decodes as ASCII: the attempt fails, not the connector
+        ),
         (
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Accept: wrong\r\n\r\n",
@@ -296,13 +310,40 @@ async def test_answers_that_are_not_upgrades_fail_the_handshake_clearly(answer: 
         async def answer_badly() -> None:
             await request_of(far)
             await far.send_all(answer)
-            if b"content-length" in answer:
-                await far.send_all(b"x" * (2 * MAX_REFUSAL_BYTES))
             await far.aclose()
 
         nursery.start_soon(answer_badly)
         with pytest.raises(HandshakeFailed, match=says):
             await client(near)
+
+
+async def test_a_long_refusal_keeps_its_status_and_retry_after_and_an_interim_answer_is_skipped() -> None:
+    near, far = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+
+        async def refuse_at_length() -> None:
+            await request_of(far)
+            head = b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 9\r\ncontent-length: %d\r\n\r\n"
+            await far.send_all(head % (4 * MAX_REFUSAL_BYTES) + b"<html>" * MAX_REFUSAL_BYTES)
+
+        nursery.start_soon(refuse_at_length)
+        with pytest.raises(WebSocketRejected) as refused:
+            await client(near)
+    assert refused.value.status_code == 503 and (b"retry-after", b"9") in refused.value.headers
+    assert 0 < len(refused.value.body) <= MAX_REFUSAL_BYTES
+
+    near, far = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+
+        async def continue_then_accept() -> None:
+            answer, connection = (await request_of(far)).accept(SUBPROTOCOL, [])
+            await far.send_all(
+                b"HTTP/1.1 100 Continue\r\n\r\n" + answer + connection.send(BytesMessage(data=b"hi"))
+            )
+
+        nursery.start_soon(continue_then_accept)
+        ws = await client(near)
+        assert await receive_exactly(ws, 2) == b"hi"
 
 
 async def test_an_answer_without_our_subprotocol_fails_the_handshake() -> None:

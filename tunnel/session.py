@@ -219,7 +219,7 @@ class H2Stream:
             leftover = self._unacked + sum(flow for _, flow in self._chunks)
             # A reset after END_STREAM (a cancel while the body waited unread) must not read as a short
             # body that ended normally: the consumer would take a cancel for a truncated payload.
-            self._cut = self._cut or bool(self._chunks)
+            self._cut = self._cut or any(data for data, _ in self._chunks)
             self._chunks.clear()
             self._unacked = 0
             if leftover:

@@ -45,10 +45,12 @@ REPLICAS_HEADER = "x-printrelay-replicas"
 # peer sending larger ones breaks the protocol: the WebSocket is closed with 1009 (message too big).
 MAX_BATCH_BYTES = 256 * 1024
 MAX_MESSAGE_BYTES = 2 * MAX_BATCH_BYTES
-RECEIVE_BYTES = 256 * 1024  # one socket read; the default 64 KiB costs a pass through the loop per 64 KiB
+RECEIVE_BYTES = 262144  # tmp
 MAX_HEAD_BYTES = 16 * 1024  # an upgrade request's or answer's head, as h11 allows
 MAX_REFUSAL_BYTES = 64 * 1024  # a refused upgrade's whole answer, as the connector reads it
 MAX_PINGS_PER_SECOND = 10
+MAX_TINY_FRAMES, TINY_FRAME_BYTES = 1000, 64  # a second's frames beyond this many must average this much
+FRAME_CHECK_EVERY = 256
 
 
 class WebSocketRejected(Exception):
@@ -90,7 +92,8 @@ class WebSocketStream(trio.abc.Stream):
         self._close_code: int = CloseReason.NORMAL_CLOSURE
         self._ended = False  # the peer's Close or EOF arrived (or a violation ended the stream)
         self._closed = False
-        self._ping_window, self._pings = -math.inf, 0
+        # Frames, their bytes and PINGs in the current one-second window (flood limits).
+        self._window, self._frames, self._frame_bytes, self._pings = -math.inf, 0, 0, 0
         # Bytes that came with the handshake (the peer's first frames) wait in wsproto's buffer.
         self._unread = received or b""
         self._buffered = True
@@ -135,8 +138,24 @@ class WebSocketStream(trio.abc.Stream):
 
     async def _absorb(self, data: bytes) -> None:
         self._conn.receive_data(data)
-        for event in self._conn.events():
+        now = trio.current_time()
+        if now - self._window >= 1.0:
+            self._window, self._frames, self._frame_bytes, self._pings = now, 0, 0, 0
+        for count, event in enumerate(self._conn.events(), 1):
+            # Each frame costs a few µs whatever it carries: tiny frames must neither cost the relay a core
+            # nor, a read full of them, hold its event loop. Our own writer sends one frame per batch.
+            self._frames += 1
+            tiny = self._frame_bytes < self._frames * TINY_FRAME_BYTES
+            if self._frames % FRAME_CHECK_EVERY == 0 and self._frames > MAX_TINY_FRAMES and tiny:
+                self._violation(
+                    CloseReason.POLICY_VIOLATION,
+                    f"more than {MAX_TINY_FRAMES} WebSocket frames a second averaging under "
+                    f"{TINY_FRAME_BYTES} bytes",
+                )
+            if count % FRAME_CHECK_EVERY == 0:
+                await trio.lowlevel.checkpoint()
             if isinstance(event, BytesMessage):
+                self._frame_bytes += len(event.data)
                 self._message_bytes += len(event.data)
                 if self._message_bytes > MAX_MESSAGE_BYTES:
                     self._violation(
@@ -152,9 +171,6 @@ class WebSocketStream(trio.abc.Stream):
             elif isinstance(event, Ping):
                 # Neither end sends WebSocket PINGs (liveness is HTTP/2's): a proxy's occasional one is
                 # answered, a flood ends the session like an HTTP/2 PING flood does.
-                now = trio.current_time()
-                if now - self._ping_window >= 1.0:
-                    self._ping_window, self._pings = now, 0
                 self._pings += 1
                 if self._pings > MAX_PINGS_PER_SECOND:
                     self._violation(
@@ -224,13 +240,13 @@ async def connect(
                 raise WebSocketRejected(refusal.status_code, list(refusal.headers), body)
             raise HandshakeFailed("the connection closed during the WebSocket upgrade")
         received += len(data)
-        if received > MAX_REFUSAL_BYTES:
-            raise HandshakeFailed(f"the upgrade's answer exceeds {MAX_REFUSAL_BYTES} bytes")
         try:
             handshake.receive_data(data)
             events = list(handshake.events())
         except RemoteProtocolError as exc:
             raise HandshakeFailed(f"not a WebSocket upgrade answer: {exc}") from exc
+        except Exception as exc:  # wsproto decodes what it is given (a header that is not ASCII)
+            raise HandshakeFailed(f"not a WebSocket upgrade answer: {type(exc).__name__}: {exc}") from exc
         for event in events:
             if isinstance(event, AcceptConnection):
                 assert handshake.connection is not None
@@ -238,6 +254,8 @@ async def connect(
                     raise HandshakeFailed(f"the relay accepted subprotocol {event.subprotocol!r}")
                 return WebSocketStream(transport, handshake.connection, headers=event.extra_headers)
             if isinstance(event, RejectConnection):
+                if 100 <= event.status_code < 200:
+                    continue  # 100 Continue, 103 Early Hints: the answer is still to come
                 refusal = event
                 if not event.has_body:
                     raise WebSocketRejected(event.status_code, list(event.headers), b"")
@@ -245,6 +263,10 @@ async def connect(
                 body += event.data
                 if event.body_finished:
                     raise WebSocketRejected(refusal.status_code, list(refusal.headers), body)
+        if received > MAX_REFUSAL_BYTES:  # and no 101 in it: a refusal keeps what it said so far
+            if refusal is not None:
+                raise WebSocketRejected(refusal.status_code, list(refusal.headers), body[:MAX_REFUSAL_BYTES])
+            raise HandshakeFailed(f"the upgrade's answer exceeds {MAX_REFUSAL_BYTES} bytes")
 
 
 @dataclass
