@@ -100,8 +100,7 @@ class JobTicketMessage:
     unknown_outcomes: int = 0
 
     def encode(self) -> str:
-        obj = asdict(self)
-        obj["wrapped_key"] = _b64(self.wrapped_key)
+        obj = {**vars(self), "wrapped_key": _b64(self.wrapped_key)}  # flat: no asdict's deep copy per job
         return _b64(json.dumps(obj, separators=(",", ":")).encode())
 
     @classmethod
@@ -154,7 +153,7 @@ class JobStatus:
         return self.state in FINAL_STATUSES
 
     def encode(self) -> bytes:
-        obj = {k: v for k, v in asdict(self).items() if v is not None and v is not False}
+        obj = {k: v for k, v in vars(self).items() if v is not None and v is not False}
         return json.dumps(obj, separators=(",", ":")).encode() + b"\n"
 
     @classmethod
