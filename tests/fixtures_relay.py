@@ -112,15 +112,8 @@ class RelayStack:
                 job: dict[str, Any] = (await client.get(f"/v1/jobs/{job_id}")).json()
                 return job
 
-    async def watch(self, client: httpx.AsyncClient, job_id: str) -> AsyncIterator[str]:
-        """The states of GET /v1/jobs/{id}/watch as they arrive."""
-        async with client.stream("GET", f"/v1/jobs/{job_id}/watch") as response:
-            assert response.status_code == 200, await response.aread()
-            async for line in response.aiter_lines():
-                if line.startswith("data: "):
-                    event = json.loads(line[6:])
-                    if "state" in event:
-                        yield event["state"]
+    def watch(self, client: httpx.AsyncClient, job_id: str) -> AsyncIterator[str]:
+        return job_states(client, job_id)
 
 
 async def status_rounds_pass(connector: Connector, rounds: int, within: float = 10.0) -> None:
@@ -177,3 +170,14 @@ async def relay_stack(
         nursery=nursery,
         tmp_path=tmp_path,
     )
+
+
+async def job_states(client: httpx.AsyncClient, job_id: str) -> AsyncIterator[str]:
+    """The job's states from GET /v1/jobs/{id}/watch: its history, then each change as it arrives."""
+    async with client.stream("GET", f"/v1/jobs/{job_id}/watch") as response:
+        assert response.status_code == 200, await response.aread()
+        async for line in response.aiter_lines():
+            if line.startswith("data: "):
+                event = json.loads(line[6:])
+                if "state" in event:
+                    yield event["state"]

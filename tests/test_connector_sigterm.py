@@ -7,13 +7,12 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator
 from functools import partial
 
-import httpx
 import pytest
 import trio
 from fixtures_processes import ProcessStack
+from fixtures_relay import job_states
 
 pytestmark = pytest.mark.e2e
 
@@ -33,17 +32,6 @@ class HoldingPrinter:
             if data:  # connections that send nothing are reachability probes
                 self.took_it.set()
                 await self.release.wait()
-
-
-async def job_states(client: httpx.AsyncClient, job_id: str) -> AsyncIterator[str]:
-    """The job's states from GET /v1/jobs/{id}/watch: its history, then each change."""
-    async with client.stream("GET", f"/v1/jobs/{job_id}/watch") as response:
-        assert response.status_code == 200, await response.aread()
-        async for line in response.aiter_lines():
-            if line.startswith("data: "):
-                event = json.loads(line[6:])
-                if "state" in event:
-                    yield event["state"]
 
 
 async def wait_for_state(stack: ProcessStack, job_id: str, state: str, times: int = 1) -> None:
