@@ -113,7 +113,7 @@ async def _open_stream(stream: H2Stream, opener: PayloadOpener) -> AsyncIterator
             yield plain
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: two streams of one job are two deliveries
 class Delivery:
     job_id: str
     session: H2Session | None
@@ -143,7 +143,7 @@ class Connector:
         self._job_slots = trio.Semaphore(config.max_jobs)
         self._event_watchers: set[trio.MemorySendChannel[bytes]] = set()
         self._deliveries: dict[str, Delivery] = {}
-        self._reporting: set[str] = set()  # jobs whose final status is not yet sent to the relay
+        self._reporting: set[Delivery] = set()  # deliveries whose final status is not yet sent to the relay
         self._draining_sessions: set[int] = set()
         self._jobs_changed = trio.Event()
         self.deliveries = 0
@@ -198,7 +198,8 @@ class Connector:
         if self._deliveries or self._reporting:
             log.warning(
                 "drain grace of %g s over: stopping with jobs %s in flight and %s unreported",
-                grace, sorted(self._deliveries) or "none", sorted(self._reporting) or "none",
+                grace, sorted(self._deliveries) or "none",
+                sorted(d.job_id for d in self._reporting) or "none",
             )  # fmt: skip
         sessions = self.tunnel.sessions
         for session in sessions:
@@ -285,7 +286,8 @@ class Connector:
         self._nursery.start_soon(self._close_when_idle, session)
 
     async def _close_when_idle(self, session: H2Session) -> None:
-        while any(d.session is session for d in self._deliveries.values()):
+        # Until its deliveries have ended and their final statuses have gone out on it.
+        while any(d.session is session for d in (*self._deliveries.values(), *self._reporting)):
             await self._jobs_changed.wait()
         session.close("relay asked us to drain")
         self._draining_sessions.discard(id(session))
@@ -320,6 +322,9 @@ class Connector:
             entry = await self.ledger.get(job_id)
             if job_id not in self._deliveries:  # and none started while the ledger answered
                 break
+        if self.draining or id(session) in self._draining_sessions:  # it began while we waited
+            await self._answer_early(stream, JobStatus("retry", "connector is draining", retry_after=1))
+            return
         if (
             entry is not None
             and entry.state == "feeding"
@@ -356,7 +361,7 @@ class Connector:
         except BaseException:  # the session ended, or the connector is stopping: no delivery runs
             self._delivery_ended(delivery)
             raise
-        self._reporting.add(job_id)
+        self._reporting.add(delivery)
         try:
             async with trio.open_nursery() as watch:
                 watch.start_soon(self._cancel_on_reset, stream, delivery)
@@ -368,7 +373,7 @@ class Connector:
             # The final status is on its way to the relay, or the stream is gone: a session that ends
             # cancels this handler while it waits for the delivery, and the relay then hears the outcome
             # from the ledger when it sends the job again. Either way a drain need not wait for it.
-            self._reporting.discard(job_id)
+            self._reporting.discard(delivery)
             self._jobs_changed.set()
             self._jobs_changed = trio.Event()
 

@@ -128,12 +128,21 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-class _Version(argparse._VersionAction):
+class _Version(argparse.Action):
     """``--version``, looked up only when asked: reading the installed packages' metadata takes 0.1 s."""
 
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(
+            option_strings,
+            dest,
+            nargs=0,
+            default=argparse.SUPPRESS,
+            help="show program's version number and exit",
+        )
+
     def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
-        self.version = f"printrelay {_version()}"
-        super().__call__(parser, *args, **kwargs)
+        print(f"printrelay {_version()}")
+        parser.exit()
 
 
 def add_serve_arguments(serve: argparse.ArgumentParser) -> None:

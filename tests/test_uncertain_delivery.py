@@ -174,11 +174,11 @@ async def test_an_old_ledger_gains_the_unknown_outcomes_column(tmp_path: Path) -
         await ledger.close()
 
 
-async def test_a_draining_connector_reports_the_jobs_it_finishes(
+async def _connector_printing_slowly(
     relay_stack: RelayStack, nursery: trio.Nursery
-) -> None:
-    """SIGTERM on a connector: the deliveries finish, and their final state reaches the relay before the
-    tunnel closes (it used to stay "queued: tunnel lost" until the connector came back)."""
+) -> tuple[Connector, trio.Event, str]:
+    """A connector with one RAW printer that closes a moment after each job; a job submitted to it and
+    taken by the printer. (The connector, its end, the job id.)"""
     took_it = trio.Event()
 
     async def slow_to_finish(stream: trio.SocketStream) -> None:
@@ -213,9 +213,40 @@ async def test_a_draining_connector_reports_the_jobs_it_finishes(
         job_id = (await client.post("/v1/printers/raw/jobs", content=b"one page")).json()["id"]
     with trio.fail_after(10):
         await took_it.wait()
-        await connector.drain(30)
-        await stopped.wait()
+    return connector, stopped, job_id
+
+
+async def _history(relay_stack: RelayStack, job_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     async with relay_stack.client() as client:
         job = (await client.get(f"/v1/jobs/{job_id}")).json()
-        history = (await client.get(f"/v1/jobs/{job_id}/events")).json()["events"]
+        return job, (await client.get(f"/v1/jobs/{job_id}/events")).json()["events"]
+
+
+async def test_a_draining_connector_reports_the_jobs_it_finishes(
+    relay_stack: RelayStack, nursery: trio.Nursery
+) -> None:
+    """SIGTERM on a connector: the deliveries finish, and their final state reaches the relay before the
+    tunnel closes (it used to stay "queued: tunnel lost" until the connector came back)."""
+    connector, stopped, job_id = await _connector_printing_slowly(relay_stack, nursery)
+    with trio.fail_after(10):
+        await connector.drain(30)
+        await stopped.wait()
+    job, history = await _history(relay_stack, job_id)
     assert job["state"] == "completed", history
+
+
+async def test_a_session_the_relay_drains_reports_its_jobs_before_it_closes(
+    relay_stack: RelayStack, nursery: trio.Nursery
+) -> None:
+    """The relay replica is going away (POST /v1/drain): the session's job finishes and its final state
+    goes out on that session before it closes (it used to close first: "tunnel lost", a resend, and a
+    "delivered before" from the ledger)."""
+    _, _, job_id = await _connector_printing_slowly(relay_stack, nursery)
+    [session] = relay_stack.relay.registry.sessions()
+    await session.ask_to_drain()
+    with trio.fail_after(10):
+        await session.h2.finished.wait()
+        await relay_stack.wait_job(job_id, states=("completed",))
+    job, history = await _history(relay_stack, job_id)
+    assert [e["state"] for e in history].count("sending") == 1, history
+    assert "delivered before" not in (job.get("message") or ""), history
