@@ -145,7 +145,7 @@ class Connector:
         self._deliveries: dict[str, Delivery] = {}
         self._reporting: set[Delivery] = set()  # deliveries whose final status is not yet sent to the relay
         self._draining_sessions: set[int] = set()
-        self._jobs_changed = trio.Event()
+        self._jobs_changed = Signal()
         self.deliveries = 0
         self.draining = False
         self.metrics = ConnectorMetrics(self)
@@ -374,8 +374,7 @@ class Connector:
             # cancels this handler while it waits for the delivery, and the relay then hears the outcome
             # from the ledger when it sends the job again. Either way a drain need not wait for it.
             self._reporting.discard(delivery)
-            self._jobs_changed.set()
-            self._jobs_changed = trio.Event()
+            self._jobs_changed.fire()
 
     async def _cancel_on_reset(self, stream: H2Stream, delivery: Delivery) -> None:
         """RST_STREAM(CANCEL) from the relay means the job was canceled: stop delivering it. A stream that
@@ -429,8 +428,7 @@ class Connector:
     def _delivery_ended(self, delivery: Delivery) -> None:
         del self._deliveries[delivery.job_id]
         delivery.done.set()  # after the removal: a second stream of the job waits on it, then looks again
-        self._jobs_changed.set()
-        self._jobs_changed = trio.Event()
+        self._jobs_changed.fire()
 
     async def _answer_early(self, stream: H2Stream, status: JobStatus) -> None:
         """Answer a job stream without reading its body: the status, then RST_STREAM(NO_ERROR) so the
@@ -534,13 +532,19 @@ class Connector:
         # RAW and LPD printers with SNMP: the page counter before the job and once the printer settles
         # after it (connector/printer_mib.py), under the printer's lock so that our next job does not
         # count in this one. Best effort, and bounded: an agent that does not answer costs one timeout.
+        # Not while other jobs wait for the printer: settling takes up to SETTLE_WITHIN, and a queue of
+        # jobs is better printed than counted (the count gives up when one starts waiting).
         mib = printer.backend.snmp if isinstance(printer.backend, RawBackend | LpdBackend) else None
         try:
             async with printer.busy:
                 before = await mib.life_count() if mib is not None else None
                 result = await printer.backend.deliver(job, document, progress, journal)
                 if mib is not None and before is not None and result.state == "completed":
-                    pages = pages_between(before, await mib.settled_count(before))
+                    lock = printer.busy
+                    after = await mib.settled_count(
+                        before, give_up=lambda: lock.statistics().tasks_waiting > 0
+                    )
+                    pages = pages_between(before, after)
         except IntegrityError as exc:
             return await self._integrity_failure(job_id, printer, exc)
         except DeliveryError as exc:
@@ -600,7 +604,7 @@ class Connector:
                     size += await trio.to_thread.run_sync(_open_and_write, opener, batch, fd)
                     batch, held = [], 0
             if fd is None:
-                parts = opener.feed(b"".join(batch) if len(batch) > 1 else batch[0]) if batch else []
+                parts = [part for chunk in batch for part in opener.feed(chunk)]
                 opener.finish()
                 return VerifiedDocument(size=sum(len(part) for part in parts), parts=parts)
             size += await trio.to_thread.run_sync(_open_and_write, opener, batch, fd)

@@ -155,10 +155,7 @@ class Ledger:
         crash that loses it changes nothing. The next write (this delivery's ``feeding`` or ``handed``, or
         another delivery's) commits it first, batches run their writes in order; a lookup does not.
         """
-        args = _record_args(job_id, printer_id, "started", message, None, 0)
-        if self._commits is None:
-            raise RuntimeError("ledger is not open")
-        self._commits.enqueue(lambda c: c.execute(RECORD, args))
+        self._note(job_id, printer_id, "started", message)
 
     def note_completed(self, job_id: str, printer_id: str, message: str) -> None:
         """Record ``completed`` with the next batch, without waiting for it; only once ``handed`` is on disk.
@@ -168,7 +165,10 @@ class Ledger:
         :meth:`close`, commits it (a lookup does not: it would make the next job's lookup wait on an
         fsync).
         """
-        args = _record_args(job_id, printer_id, "completed", message, None, 0)
+        self._note(job_id, printer_id, "completed", message)
+
+    def _note(self, job_id: str, printer_id: str, state: str, message: str) -> None:
+        args = _record_args(job_id, printer_id, state, message, None, 0)
         if self._commits is None:
             raise RuntimeError("ledger is not open")
         self._commits.enqueue(lambda c: c.execute(RECORD, args))

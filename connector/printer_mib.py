@@ -28,12 +28,13 @@ asks an agent through :class:`~connector.snmp.SnmpClient` and never raises for t
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import trio
 
 from connector.snmp import Oid, SnmpClient, SnmpError, Varbind, parse_oid, under
+from tunnel.messages import KEPT_PRINTER_MESSAGE
 
 HR_PRINTER_STATUS = parse_oid("1.3.6.1.2.1.25.3.5.1.1.1")
 HR_PRINTER_DETECTED_ERROR_STATE = parse_oid("1.3.6.1.2.1.25.3.5.1.2.1")
@@ -46,7 +47,6 @@ PRT_ALERT_DESCRIPTION = (*PRT_ALERT_ENTRY, 8)
 ALERT_COLUMNS = (PRT_ALERT_SEVERITY_LEVEL, PRT_ALERT_GROUP, PRT_ALERT_CODE, PRT_ALERT_DESCRIPTION)
 #: alert rows read per poll (one GETBULK); printers keep a handful
 MAX_ALERTS = 16
-MAX_MESSAGE = 255
 
 # hrPrinterStatus
 OTHER, UNKNOWN, IDLE, PRINTING, WARMUP = 1, 2, 3, 4, 5
@@ -136,7 +136,7 @@ def _text(raw: bytes) -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         text = raw.decode("latin-1")
-    return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())[:MAX_MESSAGE]
+    return " ".join("".join(ch if ch.isprintable() else " " for ch in text).split())[:KEPT_PRINTER_MESSAGE]
 
 
 def alerts_from(varbinds: Iterable[Varbind]) -> list[Alert]:
@@ -202,7 +202,7 @@ def interpret(
     said = [a.description for a in alerts if a.severity == CRITICAL and a.description]
     said += [a.description for a in alerts if a.severity == WARNING and a.description]
     words = list(dict.fromkeys(said)) or [ERROR_BITS[bit][2] for bit in sorted(bits) if bit in ERROR_BITS]
-    return MibStatus(state, reasons, "; ".join(words)[:MAX_MESSAGE])
+    return MibStatus(state, reasons, "; ".join(words)[:KEPT_PRINTER_MESSAGE])
 
 
 def counter(varbind: Varbind | None) -> int | None:
@@ -285,11 +285,16 @@ class PrinterMib:
         return counter(values.get(PRT_MARKER_LIFE_COUNT))
 
     async def settled_count(
-        self, before: int, *, within: float = SETTLE_WITHIN, interval: float = SETTLE_INTERVAL
+        self,
+        before: int,
+        *,
+        within: float = SETTLE_WITHIN,
+        interval: float = SETTLE_INTERVAL,
+        give_up: Callable[[], bool] = lambda: False,
     ) -> int | None:
         """The life counter once the printer is done with a job it was just given, within ``within``
         seconds; None when it did not settle by then (a long job, a printer slow to start): no count
-        is better than a wrong one.
+        is better than a wrong one; None too as soon as ``give_up()`` (another job waits for the printer).
 
         1. read the counter and hrPrinterStatus every ``interval`` seconds;
         2. done when the printer is not printing (nor warming up), the counter has moved past ``before``
@@ -297,7 +302,7 @@ class PrinterMib:
         """
         last: int | None = None
         with trio.move_on_after(within):
-            while True:
+            while not give_up():
                 try:
                     values = await self.client.get([PRT_MARKER_LIFE_COUNT, HR_PRINTER_STATUS])
                 except SnmpError:

@@ -37,8 +37,6 @@ Oid = tuple[int, ...]
 
 DEFAULT_PORT = 161
 DEFAULT_COMMUNITY = "public"
-#: the largest UDP payload over IPv4; an SNMP message cannot be longer, so a longer datagram is not one
-MAX_MESSAGE_BYTES = 65507
 #: one GET asks for at most this many objects (printer agents are small; some answer tooBig past ~40)
 MAX_GET_OIDS = 32
 #: GETBULK repetitions per column: printers keep a few alerts (RFC 3805 bounds the table by
@@ -243,7 +241,9 @@ class SnmpClient:
                         await sock.send(data)
                         with trio.move_on_after(self.timeout):
                             while True:
-                                packet = await sock.recv(MAX_MESSAGE_BYTES + 1)
+                                packet = await sock.recv(
+                                    MAX_ANSWER_BYTES + 1
+                                )  # larger answers are dropped unread
                                 answer = decode_response(packet, request_id, self.community, most=most)
                                 if answer is not None:
                                     return answer

@@ -29,6 +29,7 @@ from connector.delivery import Backend, CupsBackend, DeliveryError, IppBackend, 
 from ipp import Attribute, AttributeGroup, DelimiterTag, PrinterState, Range
 from ipp.jsonattrs import attributes_to_json
 from ipp.options import OPTION_NAMES, ORIENTATIONS, PRINT_QUALITIES
+from tunnel.messages import KEPT_PRINTER_MESSAGE
 
 OFFLINE = "offline"
 OFFLINE_REASON = "offline-report"  # the IPP keyword for "the printer is not reachable"
@@ -174,11 +175,11 @@ def summarize(group: AttributeGroup) -> PrinterStatus:
         capabilities["ipp_left_out"] = dropped
     message = group.get("printer-state-message")
     text = message.value if message is not None and isinstance(message.value, str) else ""
-    return PrinterStatus(state, reasons, capabilities, text[:255])
+    return PrinterStatus(state, reasons, capabilities, text[:KEPT_PRINTER_MESSAGE])
 
 
 def offline(message: str) -> PrinterStatus:
-    return PrinterStatus(OFFLINE, (OFFLINE_REASON,), {}, message[:255])
+    return PrinterStatus(OFFLINE, (OFFLINE_REASON,), {}, message[:KEPT_PRINTER_MESSAGE])
 
 
 async def poll(backend: Backend, *, within: float = 15.0) -> PrinterStatus:

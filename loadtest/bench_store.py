@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -27,16 +26,12 @@ import trio
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from loadtest.stack import own_cpu_seconds
 from relay.jobs import Job, JobEvent, JobState, new_job_id
 from relay.store import store_for
 from relay.store.base import ConnectorRecord, Lease, Printer, Quota
 
 SEALED_SIZE = 4096 + 104  # a 4 KiB document sealed: one record's header and tag
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -61,11 +56,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     connector_id="c1", max_attempts=5, options={"sides": "one-sided"}, created_at=now,
                     updated_at=now, expires_at=now + 3600,
                 )  # fmt: skip
-                if hasattr(store, "submit_lookups"):
-                    await store.submit_lookups("acme", "p1")
-                else:  # an older tree: two calls
-                    await store.printer_and_connector("acme", "p1")
-                    await store.tenant_usage("acme")
+                await store.submit_lookups("acme", "p1")
                 await store.insert_job(
                     job, "accepted 4096 bytes", payload=os.urandom(SEALED_SIZE), quota=quota
                 )
@@ -91,7 +82,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 self.event = trio.Event()
 
         wake = Wake()
-        started_cpu, started = _cpu(), time.perf_counter()
+        started_cpu, started = own_cpu_seconds(), time.perf_counter()
         with trio.fail_after(args.timeout):
             async with trio.open_nursery() as nursery:
                 for _ in range(args.concurrency):
@@ -107,7 +98,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                         nursery.start_soon(deliver, job)
                     if not jobs:
                         await wake.wait()  # a submit or a delivery ended
-        cpu, elapsed = _cpu() - started_cpu, time.perf_counter() - started
+        cpu, elapsed = own_cpu_seconds() - started_cpu, time.perf_counter() - started
         return {
             "jobs": total,
             "jobs_per_s": round(total / elapsed, 1),

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import resource
 import statistics
 import sys
 import time
@@ -38,18 +37,13 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_st
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from loadtest.stack import machine, write_json
+from loadtest.stack import machine, own_cpu_seconds, write_json
 from relay.tunnel import read_request_head
 from tunnel.session import H2Session, H2Stream
 from tunnel.wsstream import MAX_BATCH_BYTES, MAX_MESSAGE_BYTES, SUBPROTOCOL, UpgradeRequest, connect
 
 LAYERS = ("printrelay", "trio-websocket", "tcp")
 STATUS = b'{"state":"completed","message":"printed"}\n'
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 class MessageStream(trio.abc.Stream):
@@ -177,10 +171,10 @@ async def _post(relay: H2Session, body: bytes, piece: int) -> None:
 async def bulk(layer: str, mib: int) -> dict[str, float]:
     body = bytes(1024 * 1024) * mib
     async with _sessions(layer, _answer) as (relay,):
-        cpu, wall = _cpu(), time.perf_counter()
+        cpu, wall = own_cpu_seconds(), time.perf_counter()
         with trio.fail_after(600):
             await _post(relay, body, 1024 * 1024)
-        cpu, wall = _cpu() - cpu, time.perf_counter() - wall
+        cpu, wall = own_cpu_seconds() - cpu, time.perf_counter() - wall
     return {"cpu_seconds_per_gib": round(cpu * 1024 / mib, 3), "mb_s": round(len(body) / wall / 1e6, 1)}
 
 
@@ -195,12 +189,12 @@ async def small(layer: str, streams: int) -> dict[str, float]:
                 sent += 1
                 await _post(relay, body, len(body))
 
-        cpu, wall = _cpu(), time.perf_counter()
+        cpu, wall = own_cpu_seconds(), time.perf_counter()
         with trio.fail_after(600):
             async with trio.open_nursery() as nursery:
                 for _ in range(16):
                     nursery.start_soon(worker)
-        cpu, wall = _cpu() - cpu, time.perf_counter() - wall
+        cpu, wall = own_cpu_seconds() - cpu, time.perf_counter() - wall
     return {"cpu_ms_per_1000_streams": round(cpu * 1e6 / streams, 1), "streams_per_s": round(streams / wall)}
 
 

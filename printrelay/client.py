@@ -115,7 +115,6 @@ def _submit(args: argparse.Namespace) -> int:
         raise SubmitFailed("--header goes with --url")
     path: Path = args.file or Path(Path(urllib.parse.urlsplit(args.url).path).name or "document")
     stdin = str(path) == "-"
-    stdin = str(path) == "-"
     document_format = args.document_format or (
         "application/octet-stream"
         if stdin

@@ -40,6 +40,11 @@ class TooManyStreams(Exception):
     pass
 
 
+def sse(data: dict[str, object], event: str) -> bytes:
+    """One Server-Sent Event: its name and its data as one line of JSON."""
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
+
+
 @dataclass(frozen=True)
 class StreamEvent:
     type: str
@@ -47,8 +52,7 @@ class StreamEvent:
     at: float = 0.0
 
     def encode(self) -> bytes:
-        body = {"type": self.type, "created_at": _iso(self.at), "data": self.data}
-        return f"event: {self.type}\ndata: {json.dumps(body, separators=(',', ':'))}\n\n".encode()
+        return sse({"type": self.type, "created_at": _iso(self.at), "data": self.data}, self.type)
 
 
 @dataclass(eq=False)
@@ -62,9 +66,8 @@ class Subscriber:
 class EventStreams:
     """This replica's open event streams, by tenant; :meth:`heard` is a store notice handler."""
 
-    def __init__(self, store: Store, *, per_tenant: int = MAX_STREAMS_PER_TENANT) -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
-        self._per_tenant = per_tenant
         self._subscribers: dict[str, set[Subscriber]] = defaultdict(set)
 
     def streams(self, tenant: str) -> int:
@@ -92,9 +95,7 @@ class EventStreams:
                     )
                     if every or named:
                         self._offer(sub, StreamEvent(RECHECK, {}))
-            if notice.kind == "resync":  # notices of other replicas may have been missed meanwhile
-                for subs in list(self._subscribers.values()):
-                    for sub in list(subs):
+                    if notice.kind == "resync":  # notices of other replicas may have been missed meanwhile
                         self._offer(sub, StreamEvent("resync", {"reason": "events may have been missed"}))
 
     def _offer(self, sub: Subscriber, event: StreamEvent) -> None:
@@ -120,9 +121,9 @@ class EventStreams:
     def subscribe(self, principal: Principal) -> Subscriber:
         """Events from now on (call before answering, so no change falls before the stream); raises
         :class:`TooManyStreams` past the tenant's limit."""
-        if self.streams(principal.tenant) >= self._per_tenant:
+        if self.streams(principal.tenant) >= MAX_STREAMS_PER_TENANT:
             raise TooManyStreams(
-                f"tenant {principal.tenant} has {self._per_tenant} event streams open on this relay, "
+                f"tenant {principal.tenant} has {MAX_STREAMS_PER_TENANT} event streams open on this relay, "
                 "the most one tenant may; close one first"
             )
         others = self._subscribers.get(principal.tenant, ())

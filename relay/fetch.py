@@ -215,7 +215,9 @@ class Fetcher:
         self._resolve = resolver
         self._network = network
         self._running: dict[str, int] = {}  # fetches in progress, by tenant
-        self._ftp_threads: trio.CapacityLimiter | None = None
+        # FTP's blocking calls run in threads of their own pool: a server that answers a byte a minute
+        # holds these, never the threads the spool and the store need.
+        self._ftp_threads = trio.CapacityLimiter(limits.max_fetches)
 
     @asynccontextmanager
     async def open(self, source: Source, *, owner: str = "") -> AsyncIterator[Download]:
@@ -365,13 +367,6 @@ class Fetcher:
 
     # --- ftp --------------------------------------------------------------------------------
 
-    def _threads(self) -> trio.CapacityLimiter:
-        """FTP's blocking calls run in threads of their own pool: a server that answers a byte a minute
-        holds these, never the threads the spool and the store need."""
-        if self._ftp_threads is None:
-            self._ftp_threads = trio.CapacityLimiter(self.limits.max_fetches)
-        return self._ftp_threads
-
     @asynccontextmanager
     async def _ftp(self, source: Source, deadline: float) -> AsyncIterator[Download]:
         """Passive-mode RETR through the standard library, its blocking calls in a thread. The data
@@ -416,7 +411,7 @@ class Fetcher:
             try:
                 with trio.fail_at(deadline):
                     data, size = await trio.to_thread.run_sync(
-                        start, limiter=self._threads(), abandon_on_cancel=True
+                        start, limiter=self._ftp_threads, abandon_on_cancel=True
                     )
                 opened.append(data)
             except trio.TooSlowError:
@@ -438,7 +433,7 @@ class Fetcher:
     async def _ftp_body(
         self, where: str, ftp: ftplib.FTP, data: socket.socket, deadline: float
     ) -> AsyncIterator[bytes]:
-        threads = self._threads()
+        threads = self._ftp_threads
 
         async def read() -> AsyncIterator[bytes]:
             while chunk := await trio.to_thread.run_sync(

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -42,9 +41,6 @@ log = logging.getLogger("printrelay.relay.jobs")
 
 WATCH_QUEUE = 64  # events a slow watcher may lag behind before it is dropped
 
-# What the rest of the relay does with a job change heard from the store (here or another replica).
-ChangeListener = Callable[[Notice], None]
-
 
 class JobLifecycle:
     def __init__(
@@ -65,9 +61,6 @@ class JobLifecycle:
         self._spool = spool
         self._metrics = metrics
         self._watchers: dict[str, set[trio.MemorySendChannel[JobHistoryEntry]]] = defaultdict(set)
-        # Called for every job change heard (webhook senders, dispatcher wake-ups, stream cancels); each
-        # must be quick and must not block.
-        self.listeners: list[ChangeListener] = []
 
     # --- transitions ----------------------------------------------------------------------------
 
@@ -100,7 +93,7 @@ class JobLifecycle:
         )  # fmt: skip
 
     def heard(self, notice: Notice) -> None:
-        """A job change committed here or on another replica: tell its watchers and the listeners."""
+        """A job change committed here or on another replica: tell its watchers."""
         if notice.kind != "job":
             return
         entry = JobHistoryEntry(
@@ -113,8 +106,6 @@ class JobLifecycle:
                 # A watcher that cannot keep up is dropped; it can reconnect and replay the history.
                 self._forget(notice.key, channel)
                 channel.close()
-        for listener in self.listeners:
-            listener(notice)
 
     # --- watchers -------------------------------------------------------------------------------
 

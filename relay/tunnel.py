@@ -18,6 +18,7 @@ import ssl
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import Any
 
 import trio
@@ -107,7 +108,7 @@ class Admission:
 
     def enter(self) -> AdmissionTicket | None:
         """A ticket to register now, or None when the relay is busy."""
-        if self.registering >= self.limit:
+        if self.full():
             return None
         self.registering += 1
         return AdmissionTicket(self, self._clock())
@@ -562,9 +563,7 @@ class TunnelListener:
 
     async def _serve_request(self, request: UpgradeRequest, stream: trio.abc.Stream, remote: str) -> None:
         ticket = self._registry.admission.enter()
-        if ticket is None:  # cannot happen: nothing was awaited since _refusal found a slot
-            await _answer(stream, (503, [(b"retry-after", b"2")], b"relay busy\n"))
-            return
+        assert ticket is not None, "nothing was awaited since _refusal found a slot"
         try:
             await self._admitted(request, stream, remote, ticket.release)
         finally:
@@ -621,10 +620,6 @@ class TunnelListener:
                 await ws.aclose()  # the closing handshake; the connection is closed after it regardless
 
 
-REASONS = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 426: "Upgrade Required",
-           503: "Service Unavailable"}  # fmt: skip
-
-
 async def read_request_head(
     stream: trio.abc.Stream, limit: int = MAX_HEAD_BYTES
 ) -> tuple[bytes, bytes] | None:
@@ -651,7 +646,7 @@ def request_path(head: bytes) -> str:
 
 
 def plain_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
-    lines = [f"HTTP/1.1 {status} {REASONS.get(status, '')}".encode()]
+    lines = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}".encode()]
     lines += [name + b": " + value for name, value in headers]
     lines += [b"content-length: " + str(len(body)).encode(), b"connection: close", b"", b""]
     return b"\r\n".join(lines) + body

@@ -35,6 +35,10 @@ class RelayStack:
     tmp_path: Path
     connectors: list[Connector] = field(default_factory=list)
 
+    @property
+    def tunnel_port(self) -> int:
+        return int(self.tunnel_url.rsplit(":", 1)[1].split("/")[0])
+
     async def token(self, kind: str, tenant: str = "acme", **kw: Any) -> str:
         secret, record = new_token(tenant, kind, **kw)
         await self.relay.store.add_token(record)
@@ -55,14 +59,9 @@ class RelayStack:
             token = await self.token(
                 "connector", tenant, connector_id=connector_id, expires_in=token_expires_in
             )
-        config = ConnectorConfig(
-            relay=self.tunnel_url,
-            token=token,
-            printer=[parse_printer(f"{k}={v}") for k, v in printers.items()],
-            state_dir=self.tmp_path / f"connector-{connector_id}",
-            **kw,
+        connector = Connector(
+            self._config(printers, token, self.tmp_path / f"connector-{connector_id}", **kw)
         )
-        connector = Connector(config)
         await self.nursery.start(connector.run)
         self.connectors.append(connector)
         with trio.fail_after(10):
@@ -74,13 +73,7 @@ class RelayStack:
         """A connector in a cancel scope of its own: cancelling it stops the connector the way a crash
         does, mid-delivery; its state directory survives, as a disk does, for the next one."""
         token = await self.token("connector", "acme", connector_id="site-1")
-        config = ConnectorConfig(
-            relay=self.tunnel_url,
-            token=token,
-            printer=[parse_printer(f"{k}={v}") for k, v in printers.items()],
-            state_dir=self.tmp_path / "connector",
-            **kw,
-        )
+        config = self._config(printers, token, self.tmp_path / "connector", **kw)
         scope = trio.CancelScope()
 
         async def run(task_status: trio.TaskStatus[None]) -> None:
@@ -92,6 +85,15 @@ class RelayStack:
             while not self.relay.registry.sessions():
                 await self.relay.registry.changed.wait()
         return scope
+
+    def _config(self, printers: dict[str, str], token: str, state_dir: Path, **kw: Any) -> ConnectorConfig:
+        return ConnectorConfig(
+            relay=self.tunnel_url,
+            token=token,
+            printer=[parse_printer(f"{k}={v}") for k, v in printers.items()],
+            state_dir=state_dir,
+            **kw,
+        )
 
     def client(self, token: str | None = None) -> httpx.AsyncClient:
         return httpx.AsyncClient(

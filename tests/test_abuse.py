@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -24,6 +25,8 @@ from test_http_server import RawClient, open_fds, task_count, wait_until
 from test_ipp_endpoint import offline_printer
 from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket_url
 
+import relay.tunnel
+from relay.auth import Principal, authenticate
 from service.http import HttpLimits
 from tunnel.protocol import FrameScanner, ProtocolViolation, TunnelProtocol, TunnelSettings
 from tunnel.wsstream import MAX_MESSAGE_BYTES, SUBPROTOCOL
@@ -228,7 +231,7 @@ async def test_thousand_abrupt_disconnects_on_both_listeners(
     relay_stack: RelayStack, caplog: pytest.LogCaptureFixture
 ) -> None:
     port = int(relay_stack.api_url.rsplit(":", 1)[1])
-    tunnel_port = int(relay_stack.tunnel_url.rsplit(":", 1)[1].split("/")[0])
+    tunnel_port = relay_stack.tunnel_port
     baseline = await _baseline(relay_stack)
     auth = f"Authorization: Bearer {relay_stack.api_token}\r\n".encode()
     openings = [
@@ -274,7 +277,7 @@ async def test_thousand_abrupt_disconnects_on_both_listeners(
 async def test_thousand_requests_then_disconnects_on_the_tunnel_port(
     relay_stack: RelayStack, opening: bytes, close: str
 ) -> None:
-    tunnel_port = int(relay_stack.tunnel_url.rsplit(":", 1)[1].split("/")[0])
+    tunnel_port = relay_stack.tunnel_port
     baseline = await _baseline(relay_stack)
 
     async def one() -> None:
@@ -293,12 +296,21 @@ async def test_thousand_requests_then_disconnects_on_the_tunnel_port(
 
 
 async def test_connectors_that_leave_before_the_upgrade_is_answered_cost_nothing_and_log_no_error(
-    relay_stack: RelayStack, caplog: pytest.LogCaptureFixture
+    relay_stack: RelayStack, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A connector whose own connect timeout ends while the relay checks its token (a reconnect storm):
     the 101 meets a closed connection, which is the connector's business, not an error of the relay's."""
+    checking, left = trio.Event(), trio.Event()
+
+    async def slow_check(*args: Any, **kw: Any) -> Principal:
+        checking.set()
+        await left.wait()  # the connector resets meanwhile: the relay's 101 meets a closed connection
+        return await authenticate(*args, **kw)
+
+    monkeypatch.setattr(relay.tunnel, "authenticate", slow_check)
+    caplog.set_level(logging.DEBUG, logger="printrelay.relay.tunnel")
     token = await relay_stack.token("connector", "mallory", connector_id="quitter")
-    tunnel_port = int(relay_stack.tunnel_url.rsplit(":", 1)[1].split("/")[0])
+    tunnel_port = relay_stack.tunnel_port
     request = (
         b"GET /v1/tunnel HTTP/1.1\r\nHost: r\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
@@ -306,12 +318,18 @@ async def test_connectors_that_leave_before_the_upgrade_is_answered_cost_nothing
         + b"\r\n\r\n"
     )  # fmt: skip
     baseline = await _baseline(relay_stack)
-    for _ in range(20):
+    for _ in range(5):
+        checking, left = trio.Event(), trio.Event()
         c = await RawClient.connect(tunnel_port)
         await c.send(request)
+        with trio.fail_after(10):
+            await checking.wait()
         await c.reset()
+        left.set()
     await _back_to(baseline, relay_stack)
+    assert len([r for r in caplog.records if "left before the upgrade's answer" in r.getMessage()]) == 5
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    monkeypatch.undo()
     # The listener still registers connectors.
     await relay_stack.start_connector({}, tenant="acme", connector_id="after-the-quitters")
 

@@ -115,7 +115,7 @@ def ca_file(ca: trustme.CA, tmp_path: Path) -> Path:
 async def named_relay(nursery: trio.Nursery, tmp_path: Path, ca: trustme.CA) -> AsyncIterator[RelayStack]:
     """A TLS relay whose tunnel URL names it ``relay.invalid``: reachable only through the proxy."""
     stack = await start_tls_relay(nursery, tmp_path, ca.issue_cert(RELAY_NAME, "127.0.0.1"))
-    port = stack.tunnel_url.rsplit(":", 1)[1].split("/")[0]
+    port = str(stack.tunnel_port)
     yield dataclasses.replace(stack, tunnel_url=f"wss://{RELAY_NAME}:{port}/v1/tunnel")
 
 
@@ -144,7 +144,7 @@ async def test_connector_through_an_open_proxy(
         {"label": raw_sink.uri}, ca_file=ca_file, proxy=f"http://127.0.0.1:{proxy.port}"
     )
     await _print_through(named_relay, ca, raw_sink, b"through the corporate proxy\n")
-    port = named_relay.tunnel_url.rsplit(":", 1)[1].split("/")[0]
+    port = str(named_relay.tunnel_port)
     assert proxy.tunnels == [f"{RELAY_NAME}:{port}"]
 
 

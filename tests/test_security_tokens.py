@@ -257,7 +257,7 @@ async def test_a_busy_relay_refuses_before_the_websocket_handshake_and_keeps_404
     # same statuses, headers and texts as after a full handshake, whatever pieces the head comes in.
     admission = relay_stack.relay.registry.admission
     admission.limit = 0
-    port = int(relay_stack.tunnel_url.rsplit(":", 1)[1].split("/")[0])
+    port = relay_stack.tunnel_port
     head = (
         "GET {path} HTTP/1.1\r\nhost: relay\r\nupgrade: websocket\r\nconnection: upgrade\r\n"
         "sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"

@@ -21,6 +21,7 @@ from connector.printer_mib import (
     PRT_ALERT_CODE,
     PRT_ALERT_SEVERITY_LEVEL,
     PRT_MARKER_LIFE_COUNT,
+    SETTLE_WITHIN,
     MibStatus,
     PrinterMib,
 )
@@ -65,7 +66,7 @@ async def test_no_agent_or_a_wrong_community_is_an_error_within_its_bound(snmp_a
         assert "port unreachable" in str(exc)  # a connected UDP socket hears the ICMP at once
     else:
         raise AssertionError("a closed port answered")
-    assert time.monotonic() - started < 0.5
+    assert time.monotonic() - started < 1.5  # at once: waiting out the tries takes 1 s x 2
     started = time.monotonic()
     try:  # snmpd drops a request of an unknown community without a word
         await client(snmp_agent, community="private", timeout=0.3, retries=1).get([HR_PRINTER_STATUS])
@@ -79,9 +80,8 @@ async def test_no_agent_or_a_wrong_community_is_an_error_within_its_bound(snmp_a
     # a printer whose agent was silent at the last status poll: jobs do not wait for it to be silent again
     silent = PrinterMib(client(snmp_agent, community="private", timeout=0.3))
     assert await silent.status() is None and snmp_agent.requests() == 4
-    started = time.monotonic()
     assert await silent.life_count() is None
-    assert time.monotonic() - started < 0.1 and snmp_agent.requests() == 4
+    assert snmp_agent.requests() == 4  # not asked
     answering = PrinterMib(client(snmp_agent))
     answering.answering = False  # as after a silent poll: the next poll that hears it counts again
     assert await answering.status() == MibStatus("idle") and await answering.life_count() == 1200
@@ -237,3 +237,21 @@ async def test_snmp_false_sends_nothing_and_keeps_the_tcp_connect(
         job = await relay_stack.wait_job(reply.json()["id"])
         assert job["state"] == "completed" and job["pages"] is None
     assert snmp_agent.requests() == 0, snmp_agent.log()
+
+
+async def test_jobs_queued_for_a_printer_are_printed_not_held_back_for_page_counts(
+    relay_stack: RelayStack, raw_sink: RawSink, snmp_agent: SnmpAgent
+) -> None:
+    """A page count waits up to SETTLE_WITHIN (5 s) for the counter to settle; jobs waiting for the printer
+    meanwhile would each pay that. With a counter that never moves (it never settles), three jobs submitted
+    together all reach the printer well within one settle time."""
+    await relay_stack.start_connector({"labels": raw_sink.uri}, snmp_port=snmp_agent.port)
+    snmp_agent.printer(status=IDLE, life_count=500)
+    async with relay_stack.client() as api:
+        await printer_until(api, "labels", state="idle")
+        for n in range(3):
+            reply = await api.post("/v1/printers/labels/jobs", content=b"label %d" % n,
+                                   headers={"content-type": "application/octet-stream"})  # fmt: skip
+            assert reply.status_code == 201, reply.text
+        with trio.fail_after(SETTLE_WITHIN * 0.8):
+            await raw_sink.wait_for(3)

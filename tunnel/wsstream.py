@@ -45,7 +45,7 @@ REPLICAS_HEADER = "x-printrelay-replicas"
 # peer sending larger ones breaks the protocol: the WebSocket is closed with 1009 (message too big).
 MAX_BATCH_BYTES = 256 * 1024
 MAX_MESSAGE_BYTES = 2 * MAX_BATCH_BYTES
-RECEIVE_BYTES = 262144  # tmp
+RECEIVE_BYTES = 256 * 1024  # one socket read: 64 KiB reads cost twice the CPU per GiB (bench_websocket.py)
 MAX_HEAD_BYTES = 16 * 1024  # an upgrade request's or answer's head, as h11 allows
 MAX_REFUSAL_BYTES = 64 * 1024  # a refused upgrade's whole answer, as the connector reads it
 MAX_PINGS_PER_SECOND = 10
@@ -95,8 +95,7 @@ class WebSocketStream(trio.abc.Stream):
         # Frames, their bytes and PINGs in the current one-second window (flood limits).
         self._window, self._frames, self._frame_bytes, self._pings = -math.inf, 0, 0, 0
         # Bytes that came with the handshake (the peer's first frames) wait in wsproto's buffer.
-        self._unread = received or b""
-        self._buffered = True
+        self._unread: bytes | None = received
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -117,9 +116,8 @@ class WebSocketStream(trio.abc.Stream):
         while not self._pending:
             if self._ended:
                 return b""
-            if self._buffered:
-                self._buffered = False
-                data, self._unread = self._unread, b""
+            if self._unread is not None:  # the first read: what came with the handshake (maybe b"")
+                data, self._unread = self._unread, None
             else:
                 data = bytes(await self.transport.receive_some(RECEIVE_BYTES))
                 if not data:
@@ -145,8 +143,11 @@ class WebSocketStream(trio.abc.Stream):
             # Each frame costs a few µs whatever it carries: tiny frames must neither cost the relay a core
             # nor, a read full of them, hold its event loop. Our own writer sends one frame per batch.
             self._frames += 1
-            tiny = self._frame_bytes < self._frames * TINY_FRAME_BYTES
-            if self._frames % FRAME_CHECK_EVERY == 0 and self._frames > MAX_TINY_FRAMES and tiny:
+            if (
+                self._frames % FRAME_CHECK_EVERY == 0
+                and self._frames > MAX_TINY_FRAMES
+                and self._frame_bytes < self._frames * TINY_FRAME_BYTES
+            ):
                 self._violation(
                     CloseReason.POLICY_VIOLATION,
                     f"more than {MAX_TINY_FRAMES} WebSocket frames a second averaging under "

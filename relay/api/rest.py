@@ -29,7 +29,7 @@ from relay.api.tenants import TENANT_ROUTES, TenantsApi
 from relay.auth import Principal
 from relay.capabilities import OptionRefused, validate_option
 from relay.credentials import Credentials
-from relay.eventstream import EventStreams, TooManyStreams
+from relay.eventstream import KEEPALIVE, EventStreams, TooManyStreams, sse
 from relay.jobs import Job, JobState
 from relay.lifecycle import JobLifecycle
 from relay.ratelimit import TokenRateLimiter, spend_request
@@ -47,7 +47,6 @@ Route = Callable[[Request, Principal, re.Match[str]], Awaitable[Response]]
 
 MAX_EXPIRES_IN = 365 * 86400.0
 STORE_RETRY_AFTER = 5  # seconds a client is asked to wait while the database is unavailable
-SSE_KEEPALIVE = 15.0  # seconds between comments that keep proxies from closing an idle stream
 MAX_LIST = 500
 MAX_IDEMPOTENCY_KEY = 255
 MAX_ADMIN_BODY = 16 * 1024
@@ -62,10 +61,6 @@ def _store_outage(exc: BaseException) -> StoreUnavailable | None:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc if isinstance(exc, StoreUnavailable) else None
-
-
-def _sse(data: dict[str, object], event: str = "state") -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode()
 
 
 def _duration_param(request: Request, name: str) -> float | None:
@@ -163,14 +158,12 @@ class RestApi:
         public_url: str = "",
         tls: bool = False,
         max_child_tenants: int,
-        fetcher: fetch.Fetcher | None = None,
-        events: EventStreams | None = None,
+        fetcher: fetch.Fetcher,
     ) -> None:
         self._store = store
         # GET /v1/events; its owner hands it the store's notices (relay/app.py)
-        self.events = events or EventStreams(store)
-        # print from a URL (relay.fetch): the relay's own limits when the caller has none to give
-        self._fetcher = fetcher or fetch.Fetcher(fetch.FetchLimits(max_bytes=intake.limits.max_job_bytes))
+        self.events = EventStreams(store)
+        self._fetcher = fetcher  # print from a URL (relay.fetch)
         self._credentials = credentials or Credentials(store, People(store))
         self._webhook_allow_private = webhook_allow_private
         self.portal = portal  # people's pages (/portal, /release/...)
@@ -390,21 +383,21 @@ class RestApi:
             seen = len(history)
             try:
                 for entry in history:
-                    yield _sse(entry.public())
+                    yield sse(entry.public(), "state")
                 if history and history[-1].state.final:
                     return
                 while True:
-                    with trio.move_on_after(SSE_KEEPALIVE) as idle:
+                    with trio.move_on_after(KEEPALIVE) as idle:
                         entry = await live.receive()
                     if idle.cancelled_caught:
                         yield b": keep-alive\n\n"
                         continue
                     seen += 1
-                    yield _sse(entry.public())
+                    yield sse(entry.public(), "state")
                     if entry.state.final:
                         return
             except trio.EndOfChannel:
-                yield _sse({"error": "watcher fell behind; reconnect to replay", "seen": seen}, "error")
+                yield sse({"error": "watcher fell behind; reconnect to replay", "seen": seen}, "error")
             finally:
                 lifecycle.unwatch(job.id, send, live)
 
@@ -432,7 +425,7 @@ class RestApi:
                 ("cache-control", "no-store"),
                 ("x-accel-buffering", "no"),
             ],
-            self.events.stream(subscriber, keepalive=SSE_KEEPALIVE),
+            self.events.stream(subscriber),
         )
 
     async def list_jobs(self, request: Request, principal: Principal, match: re.Match[str]) -> Response:

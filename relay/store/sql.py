@@ -117,14 +117,14 @@ class Tx:
         self._expected: list[Any] = []  # cursors of expect()ed statements, checked before commit
         self._webhooks: dict[str, bool] = {}  # whether a tenant has webhooks, in this transaction
 
-    def new_transaction(self) -> None:
-        """A transaction begins: forget what the last one saw."""
+    def forget_webhooks(self) -> None:
+        """A transaction begins, or a webhook was added in this one: ask again whether tenants have any."""
         self._webhooks.clear()
 
     def wants_webhooks(self, tenant: str) -> bool:
         """Whether the tenant's events may fill a webhook outbox. Asked once per tenant and transaction
         where the dialect probes (nobody else writes meanwhile: SQLite's one writer); a webhook added in
-        the transaction makes it ask again (:meth:`webhooks_changed`)."""
+        the transaction makes it ask again (:meth:`forget_webhooks`)."""
         if not self.dialect.probes_webhooks:
             return True
         found = self._webhooks.get(tenant)
@@ -132,9 +132,6 @@ class Tx:
             row = self.one("SELECT EXISTS (SELECT 1 FROM webhooks WHERE tenant = ?) AS found", (tenant,))
             found = self._webhooks[tenant] = bool(row["found"])
         return found
-
-    def webhooks_changed(self) -> None:
-        self._webhooks.clear()
 
     def _sql(self, sql: str) -> str:
         return self.dialect.prepare(sql)
@@ -197,7 +194,7 @@ class Tx:
     def begin(self) -> None:
         self.outgoing.clear()
         self._expected.clear()
-        self.new_transaction()
+        self.forget_webhooks()
         self.conn.execute("BEGIN")
 
     @contextlib.contextmanager
@@ -1091,7 +1088,7 @@ class SqlStore:
             count = tx.one("SELECT COUNT(*) AS n FROM webhooks WHERE tenant = ?", (hook.tenant,))["n"]
             if count >= limit:
                 return False
-            tx.webhooks_changed()
+            tx.forget_webhooks()
             tx.run(
                 f"INSERT INTO webhooks ({rows.WEBHOOKS.column_list()}) VALUES "
                 f"({marks(len(rows.WEBHOOKS.columns))})",
@@ -1431,16 +1428,35 @@ def _device_event(
 ) -> None:
     """A connector's or printer's change: one outbox row per webhook of its tenant that asked for its type
     (or its family, ``printer.*``), in the device's line, and the notice event streams hear."""
+    _enqueue(tx, tenant, line, event, at, state, "", data, (event, f"{event.split('.')[0]}.*"))
+    tx.notify(Notice("device", line, {"tenant": tenant, "type": event, "at": at, "data": data}))
+
+
+def _enqueue(
+    tx: Tx,
+    tenant: str,
+    line: str,
+    event: str,
+    at: float,
+    state: str,
+    message: str,
+    data: dict[str, Any],
+    subscriptions: tuple[str, str],
+) -> None:
+    """One outbox row per webhook of ``tenant`` subscribed to either of ``subscriptions``, in ``line``
+    (a job's id, or a device's "connector:ID" / "printer:ID"); ``event`` is '' for a job's change."""
+    if not tx.wants_webhooks(tenant):
+        return
     tx.send(
         "INSERT INTO webhook_deliveries (id, webhook_id, tenant, job_id, event, at, state, message, job, "
-        "next_attempt_at) SELECT ? || substr(w.id, 4), w.id, w.tenant, ?, ?, ?, ?, '', ?, ? FROM webhooks w "
+        "next_attempt_at) SELECT ? || substr(w.id, 4), w.id, w.tenant, ?, ?, ?, ?, ?, ?, ? FROM webhooks w "
         "WHERE w.tenant = ? AND (w.events LIKE ? OR w.events LIKE ?)",
         (
-            f"whd_{secrets.token_hex(8)}", line, event, at, state, json.dumps(data, separators=(",", ":")),
-            at, tenant, f"% {event} %", f"% {event.split('.')[0]}.* %",
+            f"whd_{secrets.token_hex(8)}", line, event, at, state, message,
+            json.dumps(data, separators=(",", ":")), at, tenant,
+            f"% {subscriptions[0]} %", f"% {subscriptions[1]} %",
         ),
     )  # fmt: skip
-    tx.notify(Notice("device", line, {"tenant": tenant, "type": event, "at": at, "data": data}))
 
 
 def _record_event(tx: Tx, job: Job, at: float, message: str) -> None:
@@ -1451,17 +1467,9 @@ def _record_event(tx: Tx, job: Job, at: float, message: str) -> None:
         "INSERT INTO job_events (job_id, at, state, message) VALUES (?, ?, ?, ?)",
         (job.id, at, state, message),
     )
-    if tx.wants_webhooks(job.tenant):
-        tx.send(
-            "INSERT INTO webhook_deliveries (id, webhook_id, tenant, job_id, at, state, message, job, "
-            "next_attempt_at) SELECT ? || substr(w.id, 4), w.id, w.tenant, ?, ?, ?, ?, ?, ? FROM webhooks w "
-            "WHERE w.tenant = ? AND (w.events LIKE ? OR w.events LIKE ?)",
-            (
-                f"whd_{secrets.token_hex(8)}", job.id, at, state, message,
-                json.dumps(job.snapshot(), separators=(",", ":")), at, job.tenant,
-                "% job.state_changed %", f"% job.{state} %",
-            ),
-        )  # fmt: skip
+    _enqueue(
+        tx, job.tenant, job.id, "", at, state, message, job.snapshot(), ("job.state_changed", f"job.{state}")
+    )
     tx.notify(
         Notice(
             "job",

@@ -291,7 +291,7 @@ class SqliteStore(SqlStore):
             SqliteBatcher(
                 conn,
                 wrap=lambda c: Tx(c, DIALECT, self.replica_id),
-                on_begin=Tx.new_transaction,
+                on_begin=Tx.forget_webhooks,
                 optimistic=True,  # the store's writes are safe to run twice (PostgreSQL does too)
             )
         )
