@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from service.private_files import new_private_file, private_dir, tighten
+from service.private_files import create_whole, private_dir, tighten
 
 PREFIX = "sealed:v1:"
 KEY_BYTES = 32
@@ -53,14 +53,8 @@ class SecretBox:
         except FileNotFoundError:
             if not path.parent.exists():
                 private_dir(path.parent)
-            try:
-                fd = new_private_file(path)
-            except FileExistsError:  # another process made it meanwhile
-                return cls.load_or_create(path)
-            with os.fdopen(fd, "w") as file:
-                file.write(base64.b64encode(os.urandom(KEY_BYTES)).decode() + "\n")
-                file.flush()
-                os.fsync(file.fileno())
+            # Relays started together on one volume: whichever links its key first, all use that one.
+            create_whole(path, base64.b64encode(os.urandom(KEY_BYTES)) + b"\n")
             return cls.load_or_create(path)
         tighten([path])
         try:

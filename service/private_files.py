@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import stat
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -55,6 +56,27 @@ def create_private(path: Path, flags: int = os.O_WRONLY) -> int:
 def new_private_file(path: Path) -> int:
     """Create ``path``, which must not exist, 0600; an fd open for writing."""
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+
+
+def create_whole(path: Path, data: bytes) -> bool:
+    """Create ``path`` 0600 holding ``data``, unless it exists (then False, and it is left as it is).
+
+    Readers never see it part-written: the data goes to a private temporary file first, which is then
+    linked in place (link(2), unlike rename(2), refuses to replace what another process made meanwhile).
+    """
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # 0600
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        os.unlink(temporary)
 
 
 def private_database(path: Path) -> None:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fixtures_printers import RawSink
@@ -108,3 +110,36 @@ async def test_an_older_data_dir_is_tightened_and_its_clear_secrets_sealed(
     stored = _stored_secret(data / "relay.sqlite3")
     assert stored.startswith("sealed:v1:")
     assert SecretBox.load_or_create(data / "secret.key").open(stored, "wh_1") == "whsec_clear"
+
+
+def test_relays_creating_the_secret_key_together_all_use_one_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replicas started together on one volume: one that finds the key file while another is still
+    writing it must not read it part-written (it once read it empty and stopped), and all agree."""
+    path = tmp_path / "keys" / "secret.key"
+    first_writing, second_done = threading.Event(), threading.Event()
+    real_fdopen = os.fdopen
+
+    def fdopen(fd: int, *args: Any, **kwargs: Any) -> Any:
+        opened = real_fdopen(fd, *args, **kwargs)
+        if threading.current_thread().name == "first":  # the first creator stalls before it writes
+            first_writing.set()
+            assert second_done.wait(10)
+        return opened
+
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    keys: dict[str, str] = {}
+
+    def create(name: str) -> None:
+        keys[name] = SecretBox.load_or_create(path).fingerprint
+
+    first = threading.Thread(target=create, args=("first",), name="first")
+    first.start()
+    assert first_writing.wait(10)
+    create("second")
+    second_done.set()
+    first.join(10)
+    assert keys["first"] == keys["second"]
+    assert mode(path) == 0o600
+    assert [p.name for p in path.parent.iterdir()] == ["secret.key"]  # no temporary file left

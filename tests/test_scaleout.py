@@ -4,7 +4,6 @@ prints exactly once."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
@@ -119,13 +118,20 @@ class Replicas:
         return self.relays[n][0]
 
     async def wait_ready(self, n: int) -> None:
+        last = "no answer"
         async with httpx.AsyncClient(timeout=2) as client:
-            with trio.fail_after(30):
+            with trio.move_on_after(30):
                 while True:
-                    with contextlib.suppress(httpx.TransportError):
-                        if (await client.get(f"{self.api(n)}/readyz")).status_code == 200:
+                    try:
+                        response = await client.get(f"{self.api(n)}/readyz")
+                    except httpx.TransportError as exc:
+                        last = repr(exc)
+                    else:
+                        if response.status_code == 200:
                             return
+                        last = f"{response.status_code} {response.text}"
                     await trio.sleep(0.05)  # another process: polled
+        raise AssertionError(f"relay {n} not ready within 30 s ({last}):\n{self.service(n).log()[-4000:]}")
 
     def replica_id(self, n: int) -> str:
         """From the relay's "ready" line (the log is JSON, one object a line)."""
