@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -27,11 +28,26 @@ def open_sqlite(path: Path, *, row_factory: Any = None) -> sqlite3.Connection:
     )
     if row_factory is not None:
         conn.row_factory = row_factory
-    conn.execute("PRAGMA journal_mode=WAL")
+    _use_wal(conn)
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     return conn
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Switch a database to WAL, once. The switch needs the database to itself, and SQLite does not wait
+    for that as it waits for a write lock: two processes opening a new database together retry here."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(0.01)  # called in a worker thread (trio.to_thread) or before trio runs
 
 
 class SqliteBatcher(Generic[C]):

@@ -3,6 +3,7 @@ its claim's query plan, schema versions, and one process owning the database."""
 
 from __future__ import annotations
 
+import multiprocessing
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -95,4 +96,45 @@ def test_an_older_database_is_migrated_with_its_data(tmp_path: Path) -> None:
         1,
     )
     assert conn.execute("SELECT last FROM ipp_counters WHERE tenant = 'acme'").fetchone()[0] == 41
+    conn.close()
+
+
+def _open_and_report(path: str) -> int:
+    """In a child process: open the relay's database, the version it ends at."""
+    conn = open_connection(Path(path))
+    try:
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_processes_opening_a_new_database_together_all_get_it_migrated(tmp_path: Path) -> None:
+    """`printrelay serve` and `printrelay token create` started at once on a new data directory: both
+    used to find version 0, and the second failed on "table tokens already exists" (or, switching to WAL,
+    on "database is locked")."""
+    context = multiprocessing.get_context("spawn")
+    for round_ in range(4):
+        path = str(tmp_path / f"relay-{round_}.sqlite3")
+        with context.Pool(4) as pool:
+            assert pool.map(_open_and_report, [path] * 4, chunksize=1) == [SCHEMA_VERSION] * 4
+
+
+def test_a_version_that_fails_half_way_leaves_none_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash (here an error) between two statements of a version: the next start applies it whole
+    (``executescript`` committed each statement; a half-applied version then failed every start)."""
+    from relay.store import sqlite as relay_sqlite
+
+    path = tmp_path / "relay.sqlite3"
+    broken = [*relay_sqlite.SCHEMA[:-1], relay_sqlite.SCHEMA[-1] + "; CREATE TABLE no_such_syntax ("]
+    monkeypatch.setattr(relay_sqlite, "SCHEMA", broken)
+    with pytest.raises(sqlite3.OperationalError):
+        open_connection(path)
+    conn = open_sqlite(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION - 1
+    conn.close()
+    monkeypatch.undo()
+    conn = open_connection(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()

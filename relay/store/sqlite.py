@@ -249,26 +249,47 @@ def schema_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
+def statements(script: str) -> list[str]:
+    """A script's statements, one by one (a trigger's body, or a ``;`` in a string, stays whole)."""
+    found, pending = [], ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                found.append(pending.strip())
+            pending = ""
+    return found
+
+
 def migrate(conn: sqlite3.Connection) -> list[int]:
-    """Apply the versions this database lacks, each in its own transaction; the ones applied."""
-    version = schema_version(conn)
-    if version > SCHEMA_VERSION:
-        raise SchemaTooNew(
-            f"the database is at schema version {version}, newer than this printrelay's {SCHEMA_VERSION}: "
-            "run the newer printrelay, or restore a backup made for this one"
-        )
-    applied = []
-    for number, script in enumerate(SCHEMA[version:], start=version + 1):
+    """Apply the versions this database lacks, each in its own transaction; the ones applied.
+
+    Each version is read under the write lock: of two processes opening a new database together, the
+    second finds the first's versions applied. Statements are run one by one, as ``executescript`` would
+    commit first: a crash in the middle of a version leaves none of it.
+    """
+    applied: list[int] = []
+    while True:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executescript(f"{script}; PRAGMA user_version={number};".replace(";;", ";"))
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        if conn.in_transaction:
+            version = schema_version(conn)
+            if version > SCHEMA_VERSION:
+                raise SchemaTooNew(
+                    f"the database is at schema version {version}, newer than this printrelay's "
+                    f"{SCHEMA_VERSION}: run the newer printrelay, or restore a backup made for this one"
+                )
+            if version < SCHEMA_VERSION:
+                for statement in statements(SCHEMA[version]):
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version={version + 1}")
             conn.execute("COMMIT")
-        applied.append(number)
-    return applied
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if version == SCHEMA_VERSION:
+            return applied
+        applied.append(version + 1)
 
 
 def open_connection(path: Path) -> sqlite3.Connection:
