@@ -79,10 +79,10 @@ async def test_sigterm_after_a_relay_crash_under_a_delivery_exits_at_once(
     started = time.monotonic()
     connector.process.send_signal(signal.SIGTERM)
     try:
-        # Nothing is in flight: well inside the drain grace (60 s) and the fixture's 10 s before SIGKILL.
-        code = await trio.to_thread.run_sync(partial(connector.process.wait, timeout=5))
+        # Nothing is in flight: well inside the drain grace (60 s); about a second, 15 s for a loaded machine.
+        code = await trio.to_thread.run_sync(partial(connector.process.wait, timeout=15))
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"no exit within 5 s of SIGTERM:\n{connector.log()}") from None
+        raise AssertionError(f"no exit within 15 s of SIGTERM:\n{connector.log()}") from None
     took = time.monotonic() - started
     assert code == 0, connector.log()
     messages = [json.loads(line)["msg"] for line in connector.log().splitlines() if line.startswith("{")]

