@@ -89,7 +89,9 @@ async def test_every_accepted_job_is_printed_exactly_once_across_crashes(
                 states = {job["id"]: job["state"] for job in jobs}
                 assert set(states) == set(accepted)
                 bad = [job for job in jobs if job["state"] in ("failed", "canceled", "expired")]
-                assert not bad, (bad, stack.logs())
+                if bad:
+                    print(stack.logs())
+                    raise AssertionError([(j["id"], j["state"], j["attempts"], j["last_error"]) for j in bad])
                 if all(state == "completed" for state in states.values()):
                     break
                 await trio.sleep(0.5)

@@ -342,6 +342,7 @@ async def test_jobs_of_a_replica_that_is_gone_queue_again(store: SqlStore) -> No
     assert await store.requeue_orphaned(time.time()) == [orphan.id]
     requeued = await store.get_job("acme", orphan.id)
     assert requeued is not None and requeued.state is JobState.QUEUED
+    assert requeued.attempts == 0  # a relay's crash is not the job's fault: the attempt is given back
     kept = await store.get_job("acme", mine.id)
     assert kept is not None and kept.state is JobState.SENDING
 

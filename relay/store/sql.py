@@ -907,8 +907,11 @@ class SqlStore:
     async def requeue_orphaned(self, at: float) -> list[str]:
         def requeue(tx: Tx) -> list[str]:
             found = tx.all(
+                # Not the job's fault (nor is a lapsed lease, relay/leases.py): the attempt is given back,
+                # or a few restarts while it streams fail a job that was never refused.
                 "UPDATE jobs SET state = 'queued', updated_at = ?, next_attempt_at = ?, lease_owner = NULL, "
-                "lease_expires_at = NULL WHERE state IN ('sending', 'printing') "
+                "lease_expires_at = NULL, attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END "
+                "WHERE state IN ('sending', 'printing') "
                 "AND (lease_owner IS NULL OR lease_owner NOT IN (SELECT id FROM replicas)) RETURNING *",
                 (at, at),
             )
