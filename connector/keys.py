@@ -29,21 +29,13 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 
-from service.private_files import private_dir
+from service.private_files import fsync_dir, private_dir
 from tunnel.sealing import generate_private_key, key_id, public_bytes
 
 __all__ = ["KeyRing"]
 
 _KEY_SUFFIX = ".pem"
 _CURRENT = "current"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -60,7 +52,7 @@ def _write_private(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _load_key(path: Path) -> X25519PrivateKey:
@@ -156,5 +148,5 @@ class KeyRing:
         if key_id not in self._keys:
             raise KeyError(f"cannot retire key {key_id!r}: no such key in {self._dir}")
         (self._dir / f"{key_id}{_KEY_SUFFIX}").unlink(missing_ok=True)
-        _fsync_dir(self._dir)
+        fsync_dir(self._dir)
         del self._keys[key_id]

@@ -74,9 +74,19 @@ def create_whole(path: Path, data: bytes) -> bool:
             os.link(temporary, path)
         except FileExistsError:
             return False
-        return True
     finally:
         os.unlink(temporary)
+    fsync_dir(path.parent)  # the name too survives a power cut
+    return True
+
+
+def fsync_dir(path: Path) -> None:
+    """Make the entries of directory ``path`` (a file created, renamed or removed in it) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def private_database(path: Path) -> None:
