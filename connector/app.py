@@ -65,6 +65,9 @@ JOB_PATH = re.compile(r"^/v1/jobs/([A-Za-z0-9_-]{1,128})$")
 PRINTER_PATH = re.compile(r"^/v1/printers/([A-Za-z0-9][A-Za-z0-9._-]{0,62})$")
 PROBE_INTERVAL = 30.0
 GOODBYE_TIMEOUT = 2.0  # a closing session's last bytes get this long to leave
+# The answer to a job sent while the connector stops: not the job's fault, so not an attempt; asked back in
+# 5 s, not 1 (the relay would otherwise stream each queued job here every second until the drain ends).
+DRAINING = JobStatus("retry", "connector is draining", retry_after=5, interrupted=True)
 LEDGER_PRUNE_INTERVAL = 3600.0
 
 
@@ -297,7 +300,7 @@ class Connector:
     async def _serve_job(self, stream: H2Stream, job_id: str) -> None:
         session = stream.session
         if self.draining or id(session) in self._draining_sessions:
-            await self._answer_early(stream, JobStatus("retry", "connector is draining", retry_after=1))
+            await self._answer_early(stream, DRAINING)
             return
         try:
             ticket = JobTicketMessage.decode(stream.header(TICKET_HEADER) or "")
@@ -323,7 +326,7 @@ class Connector:
             if job_id not in self._deliveries:  # and none started while the ledger answered
                 break
         if self.draining or id(session) in self._draining_sessions:  # it began while we waited
-            await self._answer_early(stream, JobStatus("retry", "connector is draining", retry_after=1))
+            await self._answer_early(stream, DRAINING)
             return
         if (
             entry is not None
@@ -421,7 +424,7 @@ class Connector:
                     )
         finally:
             if delivery.status is None:
-                delivery.status = JobStatus("retry", "delivery interrupted")
+                delivery.status = JobStatus("retry", "delivery interrupted", interrupted=True)
             self.metrics.delivery_done(printer.spec.kind, delivery.status.state, time.monotonic() - started)
             self._delivery_ended(delivery)
 

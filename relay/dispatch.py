@@ -318,6 +318,13 @@ class Dispatcher:
                 # pages: the printer's page counter, when the connector could read it (RAW/LPD over SNMP)
                 counted = {"pages": status.pages} if status.pages is not None else {}
                 await self._transition(job, JobEvent.COMPLETE, message, **counted)
+            elif status.state == "retry" and status.interrupted:
+                # The connector was stopping, not the printer refusing: the attempt is given back.
+                delay = status.retry_after or 0.0
+                await self._transition(
+                    job, JobEvent.RETRY, f"{status.message}; trying again in {delay:.0f} s",
+                    next_attempt_at=now + delay, attempts=max(0, job.attempts - 1), last_error=status.message,
+                )  # fmt: skip
             elif status.state == "retry" and job.attempts < job.max_attempts:
                 delay = status.retry_after or retry_delay(
                     job.attempts, settings.retry_base, settings.retry_cap

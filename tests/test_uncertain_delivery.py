@@ -175,10 +175,10 @@ async def test_an_old_ledger_gains_the_unknown_outcomes_column(tmp_path: Path) -
 
 
 async def _connector_printing_slowly(
-    relay_stack: RelayStack, nursery: trio.Nursery
+    relay_stack: RelayStack, nursery: trio.Nursery, until: trio.Event | None = None
 ) -> tuple[Connector, trio.Event, str]:
-    """A connector with one RAW printer that closes a moment after each job; a job submitted to it and
-    taken by the printer. (The connector, its end, the job id.)"""
+    """A connector with one RAW printer that closes a moment after each job (or once ``until`` is set); a
+    job submitted to it and taken by the printer. (The connector, its end, the job id.)"""
     took_it = trio.Event()
 
     async def slow_to_finish(stream: trio.SocketStream) -> None:
@@ -186,7 +186,10 @@ async def _connector_printing_slowly(
             data = b"".join([chunk async for chunk in stream])
             if data:
                 took_it.set()
-                await trio.sleep(0.5)  # the printer's own pace: it closes a moment after the job
+                if until is not None:
+                    await until.wait()
+                else:
+                    await trio.sleep(0.5)  # the printer's own pace: it closes a moment after the job
 
     listeners = await nursery.start(partial(trio.serve_tcp, slow_to_finish, 0, host="127.0.0.1"))
     port = listeners[0].socket.getsockname()[1]
@@ -233,6 +236,35 @@ async def test_a_draining_connector_reports_the_jobs_it_finishes(
         await stopped.wait()
     job, history = await _history(relay_stack, job_id)
     assert job["state"] == "completed", history
+
+
+async def test_jobs_sent_to_a_stopping_connector_keep_their_attempts(
+    relay_stack: RelayStack, nursery: trio.Nursery
+) -> None:
+    """While a connector drains (SIGTERM, a long job still printing) the relay may send it more jobs; each
+    is answered "connector is draining". That is not the job's fault: it used to spend an attempt a
+    second, and a stop of more than a few seconds failed every job that came due meanwhile."""
+    release = trio.Event()
+    connector, stopped, printing = await _connector_printing_slowly(relay_stack, nursery, until=release)
+    nursery.start_soon(connector.drain, 30)
+    with trio.fail_after(5):
+        while not connector.draining:  # noqa: ASYNC110  (set by the drain task's first step)
+            await trio.sleep(0.01)
+    async with relay_stack.client() as client:
+        later = (await client.post("/v1/printers/raw/jobs", content=b"later")).json()["id"]
+        with trio.fail_after(20):
+            answered = 0
+            async for state in relay_stack.watch(client, later):  # queued, sending, queued
+                answered += state == "queued"
+                if answered == 2:  # turned away
+                    break
+        job, history = await _history(relay_stack, later)
+    assert job["state"] == "queued" and job["attempts"] == 0, history
+    assert job["last_error"] == "connector is draining", history
+    release.set()
+    with trio.fail_after(10):
+        await stopped.wait()
+    assert (await relay_stack.wait_job(printing))["state"] == "completed"
 
 
 async def test_a_session_the_relay_drains_reports_its_jobs_before_it_closes(
