@@ -228,6 +228,10 @@ class Dispatcher:
         except* PayloadMissing:
             # No attempt can ever succeed, so fail the job instead of queueing it again.
             outcome = JobStatus("failed", "payload is missing from the relay's spool")
+        except* StoreUnavailable as failed:
+            # Reading the payload failed (PostgreSQL failing over, say): this job is queued again, not the
+            # connector's whole session ended with every other job on it.
+            outcome = f"the relay's database was unavailable: {failed.exceptions[0]}"
         finally:
             self._streams.pop(job.id, None)
             stream.reset(ErrorCodes.NO_ERROR)  # no-op once both sides ended; frees the stream
@@ -291,9 +295,13 @@ class Dispatcher:
                     if status.final:
                         return status
                     if status.state == "printing":
-                        await self._transition(
-                            job, JobEvent.ACCEPTED, status.message or "printer accepted the job"
-                        )
+                        try:
+                            await self._transition(
+                                job, JobEvent.ACCEPTED, status.message or "printer accepted the job"
+                            )
+                        except StoreUnavailable as exc:  # progress only: the final status settles the job
+                            log.warning("job %s: 'printing' not recorded: %s", job.id, exc,
+                                        extra={"job_id": job.id})  # fmt: skip
         return None
 
     async def _transition(self, job: Job, event: JobEvent, message: str, **fields: Any) -> Job | None:

@@ -21,7 +21,7 @@ from relay.capabilities import OptionRefused, check_options
 from relay.jobs import AWAITING_RELEASE, Job, JobState, new_job_id
 from relay.metrics import RelayMetrics
 from relay.spool import PayloadSpool, PayloadTooLarge, SpoolFull
-from relay.store.base import Conflict, Quota, QuotaExceeded, Store
+from relay.store.base import Conflict, Quota, QuotaExceeded, Store, StoreUnavailable
 from service.http.message import format_bytes
 
 log = logging.getLogger("printrelay.relay.submit")
@@ -215,6 +215,11 @@ class Intake:
             raise SubmitError(
                 Refusal.QUOTA if exc.what == "jobs" else Refusal.STORAGE_FULL, exc.message
             ) from None
+        except StoreUnavailable:
+            # The connection to PostgreSQL died, perhaps during COMMIT: the job may be durable, so its
+            # payload stays (a client retrying with its Idempotency-Key gets that job, which prints). One
+            # that was not committed is an orphan the next start's sweep removes.
+            raise
         except BaseException:
             if stored.inline is None:
                 with trio.CancelScope(shield=True):
