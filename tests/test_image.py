@@ -31,7 +31,9 @@ import pytest
 import trio
 from fixtures_printers import RawSink, free_port
 
-pytestmark = [pytest.mark.image, pytest.mark.timeout(300)]
+# Whichever test runs first builds the image (minutes on a loaded host): room for the build's own step
+# timeouts to fire first.
+pytestmark = [pytest.mark.image, pytest.mark.timeout(600)]
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_IMAGE = "localhost/debian-base:bookworm"

@@ -238,19 +238,24 @@ async def test_cancel_while_printing_cancels_the_job_at_the_ipp_printer(
 
 
 async def test_a_printer_that_is_down_holds_its_jobs_until_it_comes_back(
-    relay_stack: RelayStack, nursery: trio.Nursery, tmp_path: Path
+    relay_stack: RelayStack, raw_sink: RawSink, nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     port = free_port()
-    await relay_stack.start_connector({"label": f"socket://127.0.0.1:{port}"}, status_interval=0.2)
+    printers = {"label": f"socket://127.0.0.1:{port}", "spare": raw_sink.uri}
+    await relay_stack.start_connector(printers, status_interval=0.2)
     async with relay_stack.client() as client:
-        jobs = [await submit(client, "label", f"job {i}".encode()) for i in range(3)]
         # The connector reports the printer unreachable; its jobs wait instead of burning attempts.
         with trio.fail_after(10):
             while (await client.get("/v1/printers/label")).json()["printer_state"] != "offline":  # noqa: ASYNC110
                 await trio.sleep(0.05)
+        jobs = [await submit(client, "label", f"job {i}".encode()) for i in range(3)]
+        # A later job of the same connector printed: the dispatcher has claimed past the held ones (it
+        # claims in order of creation), so none of them was left untried by chance.
+        witness = await submit(client, "spare", b"witness")
+        assert (await relay_stack.wait_job(witness["id"]))["state"] == "completed"
         for job in jobs:
             current = (await client.get(f"/v1/jobs/{job['id']}")).json()
-            assert current["state"] == "queued" and current["attempts"] <= 1
+            assert current["state"] == "queued" and current["attempts"] == 0, current
     sink = RawSink(tmp_path / "late")
     sink.directory.mkdir()
     await nursery.start(partial(trio.serve_tcp, sink._handle, port, host="127.0.0.1"))

@@ -31,6 +31,9 @@ from relay.secretbox import SecretBox
 from relay.store.base import OidcProvider
 from relay.users import new_user
 
+# Whichever test first needs the provider installs it from npm (its own timeout 300 s): above that.
+pytestmark = pytest.mark.timeout(400)
+
 PACKAGE = "oidc-provider@9"
 SERVER = Path(__file__).resolve().parent / "oidc" / "server.mjs"
 START_TIMEOUT = 20.0

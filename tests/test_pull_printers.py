@@ -31,7 +31,7 @@ from service.settings import load
 
 BACKENDS = pytest.mark.parametrize("relay_backend", ["sqlite", "postgres"])
 DAY = 86400.0
-HELD_TTL = 3.0  # short enough to wait for, long enough to release a job before it passes
+HELD_TTL = 6.0  # short enough to wait for, long enough (on a loaded host) to release a job before it passes
 
 
 def epoch(iso: str) -> float:
