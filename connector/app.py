@@ -67,7 +67,7 @@ PROBE_INTERVAL = 30.0
 GOODBYE_TIMEOUT = 2.0  # a closing session's last bytes get this long to leave
 # The answer to a job sent while the connector stops: not the job's fault, so not an attempt; asked back in
 # 5 s, not 1 (the relay would otherwise stream each queued job here every second until the drain ends).
-DRAINING = JobStatus("retry", "connector is draining", retry_after=5, interrupted=True)
+DRAINING = JobStatus("retry", "connector is draining", retry_after=5, uncounted=True)
 LEDGER_PRUNE_INTERVAL = 3600.0
 
 
@@ -424,7 +424,7 @@ class Connector:
                     )
         finally:
             if delivery.status is None:
-                delivery.status = JobStatus("retry", "delivery interrupted", interrupted=True)
+                delivery.status = JobStatus("retry", "delivery interrupted", uncounted=True)
             self.metrics.delivery_done(printer.spec.kind, delivery.status.state, time.monotonic() - started)
             self._delivery_ended(delivery)
 
@@ -556,7 +556,7 @@ class Connector:
                     await self.ledger.record(
                         job_id, printer.spec.id, "started", f"attempt failed: {exc.message}"
                     )
-                return JobStatus("retry", exc.message)
+                return JobStatus("retry", exc.message, uncounted=exc.busy)
             await self.ledger.record(job_id, printer.spec.id, "failed", exc.message)
             return JobStatus("failed", exc.message)
         except StreamClosed:

@@ -326,9 +326,12 @@ class Dispatcher:
                 # pages: the printer's page counter, when the connector could read it (RAW/LPD over SNMP)
                 counted = {"pages": status.pages} if status.pages is not None else {}
                 await self._transition(job, JobEvent.COMPLETE, message, **counted)
-            elif status.state == "retry" and status.interrupted:
-                # The connector was stopping, not the printer refusing: the attempt is given back.
-                delay = status.retry_after or 0.0
+            elif status.state == "retry" and status.uncounted:
+                # The connector was stopping, or the printer busy with another job: not this job's fault,
+                # so the attempt is given back (as a stopped printer holds its jobs without spending any).
+                delay = status.retry_after or retry_delay(
+                    max(1, job.attempts), settings.retry_base, settings.retry_cap
+                )
                 await self._transition(
                     job, JobEvent.RETRY, f"{status.message}; trying again in {delay:.0f} s",
                     next_attempt_at=now + delay, attempts=max(0, job.attempts - 1), last_error=status.message,

@@ -147,9 +147,9 @@ class JobStatus:
     # A completed job's pages, by the printer's page counter before and after it (RAW and LPD printers
     # with SNMP): best effort. Absent when unknown; relays that predate it ignore it.
     pages: int | None = None
-    # A ``retry`` because the connector is stopping (or its session draining), not the printer: the relay
-    # gives the attempt back. Relays that predate it count the attempt.
-    interrupted: bool = False
+    # A ``retry`` that is not the job's fault (the connector is stopping, the printer is busy with another
+    # job): the relay gives the attempt back. Relays that predate it count the attempt.
+    uncounted: bool = False
 
     @property
     def final(self) -> bool:
@@ -181,7 +181,7 @@ class JobStatus:
             printer_job_id=printer_job_id if isinstance(printer_job_id, int) else None,
             retry_after=float(retry_after) if isinstance(retry_after, int | float) else None,
             duplicate=obj.get("duplicate") is True,
-            interrupted=obj.get("interrupted") is True,
+            uncounted=obj.get("uncounted") is True,
             # best effort by nature: a count that is not one is dropped, never the job's outcome with it
             pages=pages if _is_count(pages) else None,
         )

@@ -39,13 +39,15 @@ class DeliveryError(Exception):
     """The job could not be handed to the printer.
 
     ``retryable`` is true when trying again later may work (printer busy, connection refused,
-    timeout) and false when it will not (the printer refused this job as it is).
+    timeout) and false when it will not (the printer refused this job as it is). ``busy``: the printer
+    said it is busy with another job, which is not this job's fault (the relay does not count the attempt).
     """
 
-    def __init__(self, message: str, *, retryable: bool) -> None:
+    def __init__(self, message: str, *, retryable: bool, busy: bool = False) -> None:
         super().__init__(message)
         self.message = message
         self.retryable = retryable
+        self.busy = busy
 
 
 #: (state, message): called with ("printing", ...) once the printer has accepted the job

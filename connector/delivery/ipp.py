@@ -370,7 +370,9 @@ def _check_status(uri: str, response: Message) -> None:
     message = f"{uri}: printer refused the job: {name}"
     if isinstance(detail, str) and detail:
         message += f" ({detail})"
-    raise DeliveryError(message, retryable=response.code in RETRYABLE_STATUSES)
+    raise DeliveryError(
+        message, retryable=response.code in RETRYABLE_STATUSES, busy=response.code == Status.SERVER_ERROR_BUSY
+    )
 
 
 def _job_detail(response: Message) -> str:
