@@ -34,7 +34,7 @@ from typing import Any, BinaryIO, Protocol
 import trio
 
 from relay.store.base import PayloadStore
-from service.private_files import DIR_MODE, new_private_file, private_dir
+from service.private_files import DIR_MODE, fsync_dir, new_private_file, private_dir
 from tunnel.sealing import (
     PayloadSealer,
     key_id,
@@ -91,14 +91,6 @@ class SpoolFull(Exception):
 def _check_job_id(job_id: str) -> None:
     if not _JOB_ID.fullmatch(job_id):
         raise ValueError(f"job id {job_id!r} is not 1-128 characters of [A-Za-z0-9_-]")
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_quietly(path: Path) -> None:
@@ -213,7 +205,7 @@ class _FileSink:
             await out.aclose()
             await trio.to_thread.run_sync(os.replace, self.part, self.final)
             self._renamed = True
-            await trio.to_thread.run_sync(_fsync_path, self.final.parent)
+            await trio.to_thread.run_sync(fsync_dir, self.final.parent)
         except OSError as exc:
             self._spool.raise_if_full(exc, self.final)
             raise
