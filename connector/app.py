@@ -65,6 +65,7 @@ JOB_PATH = re.compile(r"^/v1/jobs/([A-Za-z0-9_-]{1,128})$")
 PRINTER_PATH = re.compile(r"^/v1/printers/([A-Za-z0-9][A-Za-z0-9._-]{0,62})$")
 PROBE_INTERVAL = 30.0
 GOODBYE_TIMEOUT = 2.0  # a closing session's last bytes get this long to leave
+BUSY_RETRY_CAP = 60.0  # seconds: the longest wait between tries of a printer that answers "busy"
 # The answer to a job sent while the connector stops: not the job's fault, so not an attempt; asked back in
 # 5 s, not 1 (the relay would otherwise stream each queued job here every second until the drain ends).
 DRAINING = JobStatus("retry", "connector is draining", retry_after=5, uncounted=True)
@@ -80,6 +81,14 @@ class PrinterEntry:
     capabilities: dict[str, Any] = field(default_factory=dict)
     message: str = ""
     busy: trio.Lock = field(default_factory=trio.Lock)
+    busy_answers: int = 0  # "busy with another job" answers in a row (IPP server-error-busy)
+
+    def retry_when_busy(self) -> float:
+        """Seconds before a job refused as busy is sent again: 1, 2, 4 ... up to a minute while the printer
+        stays busy. The attempt does not count, so the relay's backoff, which grows with attempts, would
+        not grow: a printer stuck busy would be asked every second or two for as long as jobs live."""
+        self.busy_answers += 1
+        return min(BUSY_RETRY_CAP, 2.0 ** (self.busy_answers - 1))
 
     def info(self) -> PrinterInfo:
         return PrinterInfo(
@@ -542,6 +551,7 @@ class Connector:
             async with printer.busy:
                 before = await mib.life_count() if mib is not None else None
                 result = await printer.backend.deliver(job, document, progress, journal)
+                printer.busy_answers = 0  # it took a job: the next "busy" starts the waits again
                 if mib is not None and before is not None and result.state == "completed":
                     lock = printer.busy
                     after = await mib.settled_count(
@@ -556,7 +566,10 @@ class Connector:
                     await self.ledger.record(
                         job_id, printer.spec.id, "started", f"attempt failed: {exc.message}"
                     )
-                return JobStatus("retry", exc.message, uncounted=exc.busy)
+                if exc.busy:
+                    wait = printer.retry_when_busy()
+                    return JobStatus("retry", exc.message, retry_after=wait, uncounted=True)
+                return JobStatus("retry", exc.message)
             await self.ledger.record(job_id, printer.spec.id, "failed", exc.message)
             return JobStatus("failed", exc.message)
         except StreamClosed:

@@ -328,6 +328,10 @@ class Relay:
     def _job_accepted(self, job: Job) -> None:
         if job.expires_at is not None and job.expires_at < self._next_sweep_at:
             self._expiry_wakeup.fire()  # it expires before the sweep planned to wake
+        if job.state is JobState.QUEUED:
+            # The store's notice wakes the dispatcher too, but not for a job committed behind a lost
+            # connection (its 503 replayed with the Idempotency-Key): PostgreSQL drops our own NOTIFY.
+            self.registry.wake(job.tenant, job.connector_id)
 
     async def _expire_jobs(self) -> None:
         while True:

@@ -56,6 +56,7 @@ PROGRESS_TIMEOUT = 24 * 3600.0
 NO_ANSWER = "connector did not answer in time"
 STORE_RETRY = 2.0  # seconds between claims while the database is unavailable
 STREAM_ENDED = "the connector session ended while the job was on its way; queued again"
+STORE_FAILED = "the relay's database was unavailable"
 
 
 class PayloadMissing(Exception):
@@ -176,7 +177,9 @@ class Dispatcher:
             with trio.CancelScope(shield=True):  # the job must not stay `sending`, whatever ended us
                 try:
                     if isinstance(outcome, str):
-                        await self._requeue(job, outcome)
+                        # Not at once after a database error: one that recurs for this job would loop.
+                        delay = STORE_RETRY if outcome.startswith(STORE_FAILED) else 0.0
+                        await self._requeue(job, outcome, delay)
                     else:
                         await self._finish(job, outcome)
                 except StoreUnavailable as exc:
@@ -231,7 +234,7 @@ class Dispatcher:
         except* StoreUnavailable as failed:
             # Reading the payload failed (PostgreSQL failing over, say): this job is queued again, not the
             # connector's whole session ended with every other job on it.
-            outcome = f"the relay's database was unavailable: {failed.exceptions[0]}"
+            outcome = f"{STORE_FAILED}: {failed.exceptions[0]}"
         finally:
             self._streams.pop(job.id, None)
             stream.reset(ErrorCodes.NO_ERROR)  # no-op once both sides ended; frees the stream
@@ -307,12 +310,12 @@ class Dispatcher:
     async def _transition(self, job: Job, event: JobEvent, message: str, **fields: Any) -> Job | None:
         return await self._jobs.transition(job.id, event, message, **fields)
 
-    async def _requeue(self, job: Job, message: str) -> None:
+    async def _requeue(self, job: Job, message: str, delay: float = 0.0) -> None:
         with trio.CancelScope(shield=True):
             # A lost tunnel is not the job's fault: give the attempt back.
             await self._transition(
-                job, JobEvent.RETRY, message, next_attempt_at=time.time(), attempts=max(0, job.attempts - 1),
-                last_error=message,
+                job, JobEvent.RETRY, message, next_attempt_at=time.time() + delay,
+                attempts=max(0, job.attempts - 1), last_error=message,
             )  # fmt: skip
 
     async def _finish(self, job: Job, status: JobStatus) -> None:

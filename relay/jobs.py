@@ -39,6 +39,7 @@ class JobState(enum.StrEnum):
 #: why a job in flight went back to the queue when its claim lapsed (relay/leases.py); kept as its last_error,
 #: so the claim that takes it again is counted as a re-claim
 LEASE_LAPSED = "its claim lapsed: the stream that was sending it is gone; queued again"
+RELAY_STOPPED = "the relay that was sending it stopped; queued again"
 
 #: why a job to a pull printer is held (relay/submit.py), kept as its last_error while it waits: its
 #: hold_reason over REST, its job-state-message over IPP. It prints only once a person releases it

@@ -370,7 +370,9 @@ class RelayMetrics:
     def job_dispatched(self, job: Job, at: float) -> None:
         if job.last_error == LEASE_LAPSED:
             self.leases_reclaimed.inc()
-        elif job.attempts <= 1:  # retries wait on backoff, not on the queue
+        elif job.attempts <= 1 and not job.last_error:
+            # The first dispatch only: a retry waits on backoff, not on the queue, even one whose attempt
+            # was given back (a busy printer, a stopping connector, a relay restart: each sets last_error).
             self.queue_time.observe(max(0.0, at - job.created_at))
 
     def tunnel_bytes_out(self, n: int) -> None:

@@ -208,6 +208,7 @@ class Intake:
                 raise SubmitError(
                     Refusal.CONFLICT, "Idempotency-Key was already used for a different document or printer"
                 ) from None
+            self._on_accepted(earlier)
             return earlier, False
         except QuotaExceeded as exc:
             if stored.inline is None:

@@ -74,6 +74,17 @@ def create_whole(path: Path, data: bytes) -> bool:
             os.link(temporary, path)
         except FileExistsError:
             return False
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            # No hard links here (vfat, SMB shares): made in place, as exclusive as the filesystem allows.
+            try:
+                with os.fdopen(new_private_file(path), "wb") as file:
+                    file.write(data)
+                    file.flush()
+                    os.fsync(file.fileno())
+            except FileExistsError:
+                return False
     finally:
         os.unlink(temporary)
     fsync_dir(path.parent)  # the name too survives a power cut
@@ -85,6 +96,9 @@ def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # some filesystems cannot sync a directory; SQLite ignores it too
+            raise
     finally:
         os.close(fd)
 

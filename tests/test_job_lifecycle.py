@@ -265,7 +265,7 @@ async def test_a_printer_that_is_down_holds_its_jobs_until_it_comes_back(
     assert sorted(d.path.read_bytes() for d in await sink.wait_for(3)) == [b"job 0", b"job 1", b"job 2"]
 
 
-@pytest.mark.parametrize("relay_overrides", [{"retry_base": 0.2, "retry_cap": 0.5, "max_attempts": 2}])
+@pytest.mark.parametrize("relay_overrides", [{"retry_base": 0.2, "retry_cap": 0.5, "max_attempts": 1}])
 async def test_a_printer_busy_with_another_job_spends_no_attempts(
     relay_stack: RelayStack, ippeveprinter_factory: Any
 ) -> None:
@@ -285,11 +285,15 @@ async def test_a_printer_busy_with_another_job_spends_no_attempts(
             refused = 0
             async for state in relay_stack.watch(client, second["id"]):  # queued, (sending, queued) x n
                 refused += state == "queued"
-                if refused == 4:  # three "busy" answers: more than max_attempts
+                if refused == 3:  # two "busy" answers: more than max_attempts
                     break
         job = (await client.get(f"/v1/jobs/{second['id']}")).json()
         assert job["state"] == "queued" and job["attempts"] == 0, job
         assert "busy" in job["last_error"]
+        # Asked again after 1 s, then 2 s, ... (up to a minute): not every retry_base for as long as it lasts.
+        events = (await client.get(f"/v1/jobs/{second['id']}/events")).json()["events"]
+        waits = [e["message"].rsplit("; ", 1)[1] for e in events if "busy" in e["message"]]
+        assert waits == ["trying again in 1 s", "trying again in 2 s"], events
         assert (await client.get(f"/v1/jobs/{first['id']}")).json()["state"] == "printing"
     printer.release()
     assert (await relay_stack.wait_job(second["id"], within=60))["state"] == "completed"

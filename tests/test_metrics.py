@@ -117,6 +117,24 @@ def test_printer_labels_are_bounded() -> None:
     assert b"secret-printer" not in generate_latest(plain.registry)
 
 
+def test_queue_time_is_a_first_dispatch_only() -> None:
+    """A job sent again after an attempt given back (busy printer, stopping connector, relay restart) has
+    attempts at 1 again: it must not be timed as queued since its creation once more."""
+    from relay.jobs import Job
+
+    metrics = RelayMetrics()
+    first = Job(id="j", tenant="t", printer_id="p", state=JobState.SENDING, attempts=1, created_at=100.0)
+    metrics.job_dispatched(first, 101.0)
+    given_back = Job(id="j", tenant="t", printer_id="p", state=JobState.SENDING, attempts=1, created_at=100.0,
+                     last_error="printer refused the job: server-error-busy")  # fmt: skip
+    for at in (110.0, 130.0, 170.0):
+        metrics.job_dispatched(given_back, at)
+    [family] = [f for f in metrics.queue_time.collect()]
+    counts = {s.name: s.value for s in family.samples}
+    assert counts["printrelay_job_queue_seconds_count"] == 1
+    assert counts["printrelay_job_queue_seconds_sum"] == 1.0
+
+
 # --- expositions after real jobs --------------------------------------------------------------------
 
 

@@ -138,3 +138,14 @@ def test_a_version_that_fails_half_way_leaves_none_of_it(
     conn = open_connection(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     conn.close()
+
+
+def test_a_schema_version_is_split_into_whole_statements() -> None:
+    from relay.store.sqlite import SCHEMA, statements
+
+    [trigger] = [s for s in statements(SCHEMA[2]) if s.startswith("CREATE TRIGGER")]
+    assert trigger.endswith("END;")  # its body's semicolons did not split it
+    split = statements("INSERT INTO t VALUES ('a;b'); SELECT 1")
+    assert split == ["INSERT INTO t VALUES ('a;b');", "SELECT 1;"]
+    with pytest.raises(ValueError, match="unfinished SQL statement"):
+        statements("CREATE TABLE a (x); INSERT INTO a VALUES ('unterminated); ")

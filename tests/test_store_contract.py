@@ -18,7 +18,7 @@ import pytest
 import trio
 import trio.testing
 
-from relay.jobs import IllegalTransition, IppJobState, Job, JobEvent, JobState, new_job_id
+from relay.jobs import RELAY_STOPPED, IllegalTransition, IppJobState, Job, JobEvent, JobState, new_job_id
 from relay.store import store_for
 from relay.store.base import (
     Conflict,
@@ -343,6 +343,7 @@ async def test_jobs_of_a_replica_that_is_gone_queue_again(store: SqlStore) -> No
     requeued = await store.get_job("acme", orphan.id)
     assert requeued is not None and requeued.state is JobState.QUEUED
     assert requeued.attempts == 0  # a relay's crash is not the job's fault: the attempt is given back
+    assert requeued.last_error == RELAY_STOPPED  # and a later dispatch is not timed as a first one
     kept = await store.get_job("acme", mine.id)
     assert kept is not None and kept.state is JobState.SENDING
 

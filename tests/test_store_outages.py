@@ -12,6 +12,8 @@ from fixtures_relay import RelayStack
 from relay.jobs import JobEvent
 from relay.store.base import StoreUnavailable
 
+pytestmark = pytest.mark.parametrize("relay_backend", ["sqlite", "postgres"])
+
 
 async def test_a_store_outage_while_a_job_streams_ends_that_stream_not_the_session(
     relay_stack: RelayStack, raw_sink: RawSink, monkeypatch: pytest.MonkeyPatch
@@ -55,13 +57,16 @@ async def test_a_job_whose_commit_may_have_happened_keeps_its_payload(
 ) -> None:
     """The connection died during COMMIT, which PostgreSQL may have carried out: the client gets a 503,
     and its retry with the same Idempotency-Key finds the job, which prints. The payload used to be erased
-    on any error, leaving a durable job without a document (it then failed: "payload is missing")."""
+    on any error, leaving a durable job without a document (it then failed: "payload is missing"); and
+    nothing woke the dispatcher for it (the commit's notice was lost with the connection)."""
     relay = relay_stack.relay
     await relay_stack.start_connector({"p": raw_sink.uri})
     real_insert = relay.store.insert_job
 
     async def insert_job(*args: Any, **kwargs: Any) -> Any:
-        await real_insert(*args, **kwargs)
+        with monkeypatch.context() as lost:
+            lost.setattr(relay.registry, "wake", lambda tenant, connector_id: None)  # the notice is lost
+            await real_insert(*args, **kwargs)
         raise StoreUnavailable("connection lost during COMMIT")
 
     monkeypatch.setattr(relay.store, "insert_job", insert_job)

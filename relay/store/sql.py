@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from relay.jobs import (
     FINAL_STATES,
     MOVES,
+    RELAY_STOPPED,
     IllegalTransition,
     IppJobState,
     Job,
@@ -910,14 +911,14 @@ class SqlStore:
                 # Not the job's fault (nor is a lapsed lease, relay/leases.py): the attempt is given back,
                 # or a few restarts while it streams fail a job that was never refused.
                 "UPDATE jobs SET state = 'queued', updated_at = ?, next_attempt_at = ?, lease_owner = NULL, "
-                "lease_expires_at = NULL, attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END "
-                "WHERE state IN ('sending', 'printing') "
+                "lease_expires_at = NULL, attempts = CASE WHEN attempts > 0 THEN attempts - 1 ELSE 0 END, "
+                "last_error = ? WHERE state IN ('sending', 'printing') "
                 "AND (lease_owner IS NULL OR lease_owner NOT IN (SELECT id FROM replicas)) RETURNING *",
-                (at, at),
+                (at, at, RELAY_STOPPED),
             )
             jobs = [rows.JOBS.load(r) for r in found]
             for job in jobs:
-                _record_event(tx, job, at, "the relay that was sending it stopped; queued again")
+                _record_event(tx, job, at, RELAY_STOPPED)
             return [job.id for job in jobs]
 
         return await self._write(requeue)

@@ -258,6 +258,8 @@ def statements(script: str) -> list[str]:
             if pending.strip(" \n;"):
                 found.append(pending.strip())
             pending = ""
+    if rest := pending.strip(" \n;"):
+        raise ValueError(f"unfinished SQL statement: {rest[:80]!r}")
     return found
 
 
