@@ -26,7 +26,15 @@ from typing import Any
 import trio
 
 from connector.config import ConnectorConfig, PrinterSpec, uncertain_delivery_for
-from connector.delivery import Backend, DeliveryError, JobTicket, LpdBackend, RawBackend, backend_for_uri
+from connector.delivery import (
+    Backend,
+    DeliveryError,
+    IppBackend,
+    JobTicket,
+    LpdBackend,
+    RawBackend,
+    backend_for_uri,
+)
 from connector.delivery.document import VerifiedDocument, remove_leftovers, unnamed_file, write_all
 from connector.discovery import DiscoverySettings, discover
 from connector.keys import KeyRing
@@ -353,7 +361,13 @@ class Connector:
                 self.metrics.delivery_done(printer.spec.kind, "held", 0.0)
                 await self._answer_early(stream, JobStatus("held", UNKNOWN_OUTCOME))
                 return
-        if entry is not None and entry.state in ("handed", "completed", "failed", "canceled"):
+        # An IPP printer job that had its whole document may still be printing: it is followed to its end
+        # (_follow_handed), not reported done while the printer still has it.
+        follow = (
+            entry is not None and entry.state == "handed" and entry.printer_job_id is not None
+            and isinstance(printer.backend, IppBackend)
+        )  # fmt: skip
+        if entry is not None and entry.state in ("handed", "completed", "failed", "canceled") and not follow:
             state = entry.state if entry.state in ("failed", "canceled") else "completed"
             message = entry.message or "delivered before"
             self.metrics.delivery_done(printer.spec.kind, "duplicate", 0.0)
@@ -455,6 +469,8 @@ class Connector:
         """Deliver one job; ``earlier``: its ledger entry, read after any earlier delivery of it ended
         (``_deliveries`` keeps a second one from starting meanwhile)."""
         job_id = ticket.job_id
+        if earlier is not None and earlier.state == "handed":
+            return await self._follow_handed(stream, ticket, printer, earlier)
         try:
             dek = open_key(ticket.wrapped_key, self.keys.private_for(ticket.key_id), context=job_id.encode())
         except (KeyError, IntegrityError) as exc:
@@ -475,6 +491,26 @@ class Connector:
         finally:
             if verified is not None:
                 verified.close()
+
+    async def _follow_handed(
+        self, stream: H2Stream, ticket: JobTicketMessage, printer: PrinterEntry, earlier: LedgerEntry
+    ) -> JobStatus:
+        """The job again after a restart, its IPP printer job handed over whole before: follow that printer
+        job under the printer's lock (the next job would only hear "busy" meanwhile) and report its end."""
+        assert isinstance(printer.backend, IppBackend) and earlier.printer_job_id is not None
+        printer_job = earlier.printer_job_id
+        with contextlib.suppress(StreamClosed, SessionClosed):
+            await self._status(stream, JobStatus("printing", f"printer job {printer_job} had the document"))
+        job = JobTicket(
+            job_id=ticket.job_id, title=ticket.title, document_format=ticket.document_format,
+            user=ticket.user or "printrelay",
+        )  # fmt: skip
+        async with printer.busy:
+            result = await printer.backend.follow(job, printer_job)
+        if result is None:  # the printer forgot it (or cannot be asked): it had the document
+            return JobStatus("completed", earlier.message or "delivered before", printer_job, duplicate=True)
+        await self.ledger.record(ticket.job_id, printer.spec.id, result.state, result.message, printer_job)
+        return JobStatus(result.state, result.message, printer_job, duplicate=True)
 
     async def _feed(
         self,

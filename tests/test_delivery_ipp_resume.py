@@ -1,12 +1,17 @@
 """Create-Job + Send-Document with a journal: a job that comes again after a connector crash is neither
-lost nor printed twice, whatever moment the crash hit."""
+lost nor printed twice, whatever moment the crash hit, nor reported done while the printer still prints it."""
 
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import AsyncIterator
+from typing import Any
 
+import pytest
+import trio
 from fixtures_printers import IppEvePrinter
+from fixtures_processes import ProcessStack
 
 from connector.delivery import IppBackend, JobTicket
 from ipp import DelimiterTag, Operation, ValueTag
@@ -69,6 +74,80 @@ async def test_a_job_created_without_its_document_is_canceled_and_delivered_anew
     [document] = await ippeveprinter.wait_for_documents(1)
     assert document.read_bytes() == PDF
     assert sorted(await ippeveprinter.job_states()) == [7, 9]  # the orphan canceled, the new job printed
+
+
+async def test_a_handed_printer_job_is_followed_to_its_end(ippeveprinter_factory: Any) -> None:
+    printer: IppEvePrinter = ippeveprinter_factory(held=True)
+    backend = IppBackend(printer.uri)
+    journaled: list[int] = []
+
+    async def journal(job_id: int) -> None:
+        journaled.append(job_id)
+
+    class Crash(Exception):
+        pass
+
+    async def crash(state: str, message: str) -> None:
+        raise Crash  # the connector dies as the printer accepts the document: nobody follows the job
+
+    with pytest.raises(Crash):
+        await backend.deliver(ticket(), chunks(PDF), crash, journal)
+    [printer_job] = journaled
+    followed: list[Any] = []
+
+    async def follow() -> None:
+        followed.append(await backend.follow(ticket(), printer_job))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(follow)
+        assert await printer.job_states() in ([5], [3])  # processing (or about to): not over
+        assert followed == []
+        printer.release()
+    [result] = followed
+    assert result.state == "completed" and result.printer_job_id == printer_job
+    assert len(await printer.wait_for_documents(1)) == 1
+    assert await backend.follow(ticket(), 999) is None  # forgotten: it had the document, never sent again
+
+
+@pytest.mark.e2e
+async def test_after_a_connector_crash_a_job_still_printing_is_not_reported_done(
+    process_stack: ProcessStack, ippeveprinter_factory: Any
+) -> None:
+    """The connector is SIGKILLed while the printer prints a job it handed over whole. The job comes again:
+    the new connector follows the printer job instead of answering "completed" from its ledger at once
+    (the relay showed it done while it printed, and a jam after that would never have been reported)."""
+    printer: IppEvePrinter = ippeveprinter_factory(held=True)
+    stack = process_stack
+    stack.start_relay()
+    await stack.wait_ready()
+    connector = stack.start_connector({"a": printer.uri})
+    await stack.wait_printers_online("a")
+    async with stack.client() as client:
+        job_id = (await client.post("/v1/printers/a/jobs", content=PDF, headers={"content-type":
+                  "application/pdf"})).json()["id"]  # fmt: skip
+        await _wait_event(client, job_id, "printer job")  # "printer job N accepted": the printer has it
+        connector.kill(signal.SIGKILL)
+        connector.start()
+        await _wait_event(client, job_id, "had the document")  # sent again, and followed
+        job = (await client.get(f"/v1/jobs/{job_id}")).json()
+        assert job["state"] == "printing", job
+        printer.release()
+        with trio.fail_after(30):
+            while (job := (await client.get(f"/v1/jobs/{job_id}")).json())["state"] == "printing":  # noqa: ASYNC110
+                await trio.sleep(0.1)  # another process: polled
+        assert job["state"] == "completed", job
+        await _wait_event(client, job_id, "not printed again")  # the printer's end, not a second copy
+    assert len(await printer.wait_for_documents(1)) == 1
+
+
+async def _wait_event(client: Any, job_id: str, text: str) -> None:
+    """Until the job's history has an event whose message contains ``text`` (the relay is another
+    process: polled)."""
+    with trio.fail_after(30):
+        while not any(  # noqa: ASYNC110  (another process)
+            text in e["message"] for e in (await client.get(f"/v1/jobs/{job_id}/events")).json()["events"]
+        ):
+            await trio.sleep(0.1)
 
 
 async def _noop() -> None:

@@ -236,6 +236,22 @@ class IppBackend:
                 await self._cancel_printer_job(client, job_id, ticket.user)
             raise
 
+    async def follow(self, ticket: JobTicket, job_id: int) -> DeliveryResult | None:
+        """A printer job an earlier delivery handed over whole (before the connector restarted), followed
+        to its end. None when the printer no longer knows it or cannot be asked now: it had the document,
+        so it is never sent again either way."""
+        request = self._request(Operation.GET_JOB_ATTRIBUTES)
+        request.operation.add("job-id", ValueTag.INTEGER, job_id)
+        request.operation.add("requesting-user-name", ValueTag.NAME, ticket.user)
+        request.operation.add("requested-attributes", ValueTag.KEYWORD, "job-state", "job-state-reasons")
+        async with self._client() as client:
+            try:
+                response = await self._exchange(client, request)
+                _check_status(self.uri, response)
+            except DeliveryError:  # not found (purged from its history), unreachable
+                return None
+            return await self._settle(client, ticket, job_id, response)
+
     async def _supports_create_job(self, client: httpx.AsyncClient) -> bool:
         if self._create_job is None:
             request = self._request(Operation.GET_PRINTER_ATTRIBUTES)
