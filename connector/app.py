@@ -492,6 +492,22 @@ class Connector:
             if verified is not None:
                 verified.close()
 
+    async def _cancel_stalled(self, printer: PrinterEntry, user: str) -> None:
+        """Busy for a while: perhaps a printer job left waiting for its document by a client that died
+        (this connector, killed before it journaled one), which the printer does not abort. Best effort."""
+        assert isinstance(printer.backend, IppBackend)
+        try:
+            stalled = await printer.backend.cancel_stalled(user)
+        except DeliveryError as exc:
+            log.debug("printer %s: no look at stalled jobs: %s", printer.spec.id, exc.message)
+            return
+        if stalled:
+            log.warning(
+                "printer %s: canceled printer jobs %s, left waiting for a document longer than the "
+                "printer's multiple-operation-time-out", printer.spec.id, stalled,
+                extra={"printer_id": printer.spec.id},
+            )  # fmt: skip
+
     async def _follow_handed(
         self, stream: H2Stream, ticket: JobTicketMessage, printer: PrinterEntry, earlier: LedgerEntry
     ) -> JobStatus:
@@ -604,6 +620,8 @@ class Connector:
                     )
                 if exc.busy:
                     wait = printer.retry_when_busy()
+                    if printer.busy_answers >= 2 and isinstance(printer.backend, IppBackend):
+                        await self._cancel_stalled(printer, job.user)
                     return JobStatus("retry", exc.message, retry_after=wait, uncounted=True)
                 return JobStatus("retry", exc.message)
             await self.ledger.record(job_id, printer.spec.id, "failed", exc.message)

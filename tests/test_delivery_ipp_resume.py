@@ -13,7 +13,7 @@ import trio
 from fixtures_printers import IppEvePrinter
 from fixtures_processes import ProcessStack
 
-from connector.delivery import IppBackend, JobTicket
+from connector.delivery import DeliveryError, IppBackend, JobTicket
 from ipp import DelimiterTag, Operation, ValueTag
 
 PDF = b"%PDF-1.4\n" + os.urandom(20_000)
@@ -74,6 +74,26 @@ async def test_a_job_created_without_its_document_is_canceled_and_delivered_anew
     [document] = await ippeveprinter.wait_for_documents(1)
     assert document.read_bytes() == PDF
     assert sorted(await ippeveprinter.job_states()) == [7, 9]  # the orphan canceled, the new job printed
+
+
+async def test_a_job_left_waiting_for_its_document_is_canceled_once_stalled(
+    ippeveprinter: IppEvePrinter,
+) -> None:
+    """A connector killed between Create-Job and its journal leaves a printer job nobody knows, waiting for a
+    document; ippeveprinter then answers every job "busy", for good (it advertises a 60 s abort it does
+    not carry out)."""
+    backend = IppBackend(ippeveprinter.uri)
+    create = backend.new_request(Operation.CREATE_JOB)
+    create.operation.add("requesting-user-name", ValueTag.NAME, "printrelay")
+    orphan = (await backend.send(create)).value(DelimiterTag.JOB_ATTRIBUTES, "job-id")
+    with pytest.raises(DeliveryError) as refused:
+        await backend.deliver(ticket(), chunks(PDF), ignore, lambda _id: _noop())
+    assert refused.value.busy
+    assert await backend.cancel_stalled("printrelay") == []  # younger than the printer's own time-out
+    assert await backend.cancel_stalled("printrelay", older_than=0) == [orphan]
+    result = await backend.deliver(ticket(), chunks(PDF), ignore, lambda _id: _noop())
+    assert result.state == "completed"
+    assert sorted(await ippeveprinter.job_states()) == [7, 9]  # the orphan canceled, the job printed
 
 
 async def test_a_handed_printer_job_is_followed_to_its_end(ippeveprinter_factory: Any) -> None:

@@ -252,6 +252,50 @@ class IppBackend:
                 return None
             return await self._settle(client, ticket, job_id, response)
 
+    async def cancel_stalled(self, user: str, older_than: float | None = None) -> list[int]:
+        """Cancel printer jobs left waiting for their document (``job-data-insufficient``) for longer than
+        the printer's ``multiple-operation-time-out`` (or ``older_than`` seconds); their ids.
+
+        A client that died between Create-Job and Send-Document leaves such a job, this connector too
+        when it was killed before it journaled the job's id. The printer says it aborts them after that
+        time; one that does not (ippeveprinter) answers every other job "busy" until someone does.
+        """
+        async with self._client() as client:
+            about = self._request(Operation.GET_PRINTER_ATTRIBUTES)
+            about.operation.add(
+                "requested-attributes", ValueTag.KEYWORD, "multiple-operation-time-out", "printer-up-time"
+            )
+            printer = await self._exchange(client, about)
+            advertised = printer.value(DelimiterTag.PRINTER_ATTRIBUTES, "multiple-operation-time-out")
+            limit = older_than if older_than is not None else advertised
+            now = printer.value(DelimiterTag.PRINTER_ATTRIBUTES, "printer-up-time")
+            if not isinstance(limit, int | float) or not isinstance(now, int):
+                return []  # no clock to tell a stalled job from a slow one
+            jobs = self._request(Operation.GET_JOBS)
+            jobs.operation.add("requesting-user-name", ValueTag.NAME, user)
+            jobs.operation.add("which-jobs", ValueTag.KEYWORD, "not-completed")
+            jobs.operation.add(
+                "requested-attributes", ValueTag.KEYWORD, "job-id", "job-state", "job-state-reasons",
+                "time-at-creation",
+            )  # fmt: skip
+            listed = await self._exchange(client, jobs)
+            _check_status(self.uri, listed)
+            stalled = []
+            for job in listed.groups_of(DelimiterTag.JOB_ATTRIBUTES):
+                job_id, state, created = (
+                    a.value if (a := job.get(name)) is not None else None
+                    for name in ("job-id", "job-state", "time-at-creation")
+                )
+                reasons = job.get("job-state-reasons")
+                waiting = reasons is not None and "job-data-insufficient" in reasons.values
+                if (
+                    isinstance(job_id, int) and isinstance(created, int) and waiting
+                    and state in (JobState.PENDING, JobState.PENDING_HELD) and now - created >= limit
+                ):  # fmt: skip
+                    await self._cancel_printer_job(client, job_id, user)
+                    stalled.append(job_id)
+            return stalled
+
     async def _supports_create_job(self, client: httpx.AsyncClient) -> bool:
         if self._create_job is None:
             request = self._request(Operation.GET_PRINTER_ATTRIBUTES)
