@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -74,6 +75,7 @@ PRINTER_PATH = re.compile(r"^/v1/printers/([A-Za-z0-9][A-Za-z0-9._-]{0,62})$")
 PROBE_INTERVAL = 30.0
 GOODBYE_TIMEOUT = 2.0  # a closing session's last bytes get this long to leave
 BUSY_RETRY_CAP = 60.0  # seconds: the longest wait between tries of a printer that answers "busy"
+STALLED_CHECK = 10.0  # seconds between looks for stalled jobs at a printer that stays busy
 # The answer to a job sent while the connector stops: not the job's fault, so not an attempt; asked back in
 # 5 s, not 1 (the relay would otherwise stream each queued job here every second until the drain ends).
 DRAINING = JobStatus("retry", "connector is draining", retry_after=5, uncounted=True)
@@ -89,14 +91,17 @@ class PrinterEntry:
     capabilities: dict[str, Any] = field(default_factory=dict)
     message: str = ""
     busy: trio.Lock = field(default_factory=trio.Lock)
-    busy_answers: int = 0  # "busy with another job" answers in a row (IPP server-error-busy)
+    busy_since: float | None = None  # when it started answering "busy with another job" (server-error-busy)
+    stalled_checked: float = -math.inf  # when we last looked for jobs stalled at it (cancel_stalled)
 
-    def retry_when_busy(self) -> float:
-        """Seconds before a job refused as busy is sent again: 1, 2, 4 ... up to a minute while the printer
-        stays busy. The attempt does not count, so the relay's backoff, which grows with attempts, would
-        not grow: a printer stuck busy would be asked every second or two for as long as jobs live."""
-        self.busy_answers += 1
-        return min(BUSY_RETRY_CAP, 2.0 ** (self.busy_answers - 1))
+    def retry_when_busy(self, now: float) -> float:
+        """Seconds before a job refused as busy is sent again: as long as the printer has been busy so far
+        (at least 1 s, at most a minute). The attempt does not count, so the relay's backoff, which grows
+        with attempts, would not grow: a printer stuck busy would be asked every second or two for as long
+        as jobs live. By time, not by answers: a backlog refused in one second must not wait a minute."""
+        if self.busy_since is None:
+            self.busy_since = now
+        return min(BUSY_RETRY_CAP, max(1.0, now - self.busy_since))
 
     def info(self) -> PrinterInfo:
         return PrinterInfo(
@@ -365,6 +370,7 @@ class Connector:
         # (_follow_handed), not reported done while the printer still has it.
         follow = (
             entry is not None and entry.state == "handed" and entry.printer_job_id is not None
+            and entry.printer_id == printer.spec.id  # not a job id on another printer (a job moved)
             and isinstance(printer.backend, IppBackend)
         )  # fmt: skip
         if entry is not None and entry.state in ("handed", "completed", "failed", "canceled") and not follow:
@@ -492,10 +498,13 @@ class Connector:
             if verified is not None:
                 verified.close()
 
-    async def _cancel_stalled(self, printer: PrinterEntry, user: str) -> None:
+    async def _cancel_stalled(self, printer: PrinterEntry, user: str, now: float) -> None:
         """Busy for a while: perhaps a printer job left waiting for its document by a client that died
-        (this connector, killed before it journaled one), which the printer does not abort. Best effort."""
-        assert isinstance(printer.backend, IppBackend)
+        (this connector, killed before it journaled one), which the printer does not abort. Best effort,
+        and at most every STALLED_CHECK seconds."""
+        if not isinstance(printer.backend, IppBackend) or now - printer.stalled_checked < STALLED_CHECK:
+            return
+        printer.stalled_checked = now
         try:
             stalled = await printer.backend.cancel_stalled(user)
         except DeliveryError as exc:
@@ -521,8 +530,11 @@ class Connector:
             job_id=ticket.job_id, title=ticket.title, document_format=ticket.document_format,
             user=ticket.user or "printrelay",
         )  # fmt: skip
-        async with printer.busy:
-            result = await printer.backend.follow(job, printer_job)
+        try:
+            async with printer.busy:
+                result = await printer.backend.follow(job, printer_job)
+        except DeliveryError as exc:  # cannot ask it now; the job stays `handed`, never sent again
+            return JobStatus("retry", exc.message, uncounted=True)
         if result is None:  # the printer forgot it (or cannot be asked): it had the document
             return JobStatus("completed", earlier.message or "delivered before", printer_job, duplicate=True)
         await self.ledger.record(ticket.job_id, printer.spec.id, result.state, result.message, printer_job)
@@ -603,7 +615,7 @@ class Connector:
             async with printer.busy:
                 before = await mib.life_count() if mib is not None else None
                 result = await printer.backend.deliver(job, document, progress, journal)
-                printer.busy_answers = 0  # it took a job: the next "busy" starts the waits again
+                printer.busy_since = None  # it took a job: the next "busy" starts the waits again
                 if mib is not None and before is not None and result.state == "completed":
                     lock = printer.busy
                     after = await mib.settled_count(
@@ -619,9 +631,10 @@ class Connector:
                         job_id, printer.spec.id, "started", f"attempt failed: {exc.message}"
                     )
                 if exc.busy:
-                    wait = printer.retry_when_busy()
-                    if printer.busy_answers >= 2 and isinstance(printer.backend, IppBackend):
-                        await self._cancel_stalled(printer, job.user)
+                    now = time.monotonic()
+                    wait = printer.retry_when_busy(now)
+                    if wait > 1.0:  # busy for a while
+                        await self._cancel_stalled(printer, job.user, now)
                     return JobStatus("retry", exc.message, retry_after=wait, uncounted=True)
                 return JobStatus("retry", exc.message)
             await self.ledger.record(job_id, printer.spec.id, "failed", exc.message)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import time
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -24,6 +25,7 @@ from service.private_files import create_whole, private_dir, tighten
 
 PREFIX = "sealed:v1:"
 KEY_BYTES = 32
+EMPTY_KEY_WAIT = 5.0  # seconds an empty key file is given to be written by another process
 
 
 class SecretBoxError(Exception):
@@ -50,6 +52,11 @@ class SecretBox:
         """The key in ``path`` (base64 text), created 0600 with a random key when missing."""
         try:
             text = path.read_text().strip()
+            deadline = time.monotonic() + EMPTY_KEY_WAIT
+            while not text and time.monotonic() < deadline:
+                # Another relay is writing it in place (a filesystem without hard links: create_whole).
+                time.sleep(0.05)
+                text = path.read_text().strip()
         except FileNotFoundError:
             if not path.parent.exists():
                 private_dir(path.parent)

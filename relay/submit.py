@@ -95,6 +95,12 @@ class Intake:
         self.limits = limits
         self._on_accepted = on_accepted
 
+    def replayed(self, earlier: Job) -> tuple[Job, bool]:
+        """An Idempotency-Key replay answers with the job made before, which may have been committed behind
+        a lost connection (no notice woke its dispatcher then): told as accepted again."""
+        self._on_accepted(earlier)
+        return earlier, False
+
     async def accept(self, submission: Submission, body: AsyncIterable[bytes]) -> tuple[Job, bool]:
         """Spool and commit a job. Returns the job and whether it is new (False: an Idempotency-Key
         replay)."""
@@ -208,8 +214,7 @@ class Intake:
                 raise SubmitError(
                     Refusal.CONFLICT, "Idempotency-Key was already used for a different document or printer"
                 ) from None
-            self._on_accepted(earlier)
-            return earlier, False
+            return self.replayed(earlier)
         except QuotaExceeded as exc:
             if stored.inline is None:
                 await spool.erase(job_id)

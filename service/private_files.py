@@ -77,14 +77,20 @@ def create_whole(path: Path, data: bytes) -> bool:
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
                 raise
-            # No hard links here (vfat, SMB shares): made in place, as exclusive as the filesystem allows.
+            # No hard links here (vfat, SMB shares): made in place, as exclusive as the filesystem allows
+            # (a reader may find it empty for a moment), and removed if it cannot be written whole.
             try:
-                with os.fdopen(new_private_file(path), "wb") as file:
+                fd = new_private_file(path)
+            except FileExistsError:
+                return False
+            try:
+                with os.fdopen(fd, "wb") as file:
                     file.write(data)
                     file.flush()
                     os.fsync(file.fileno())
-            except FileExistsError:
-                return False
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
     finally:
         os.unlink(temporary)
     fsync_dir(path.parent)  # the name too survives a power cut

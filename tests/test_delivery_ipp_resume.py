@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import trio
-from fixtures_printers import IppEvePrinter
+from fixtures_printers import IppEvePrinter, free_port
 from fixtures_processes import ProcessStack
 
 from connector.delivery import DeliveryError, IppBackend, JobTicket
@@ -127,6 +127,10 @@ async def test_a_handed_printer_job_is_followed_to_its_end(ippeveprinter_factory
     assert result.state == "completed" and result.printer_job_id == printer_job
     assert len(await printer.wait_for_documents(1)) == 1
     assert await backend.follow(ticket(), 999) is None  # forgotten: it had the document, never sent again
+    gone = IppBackend(f"ipp://127.0.0.1:{free_port()}/ipp/print", connect_timeout=2)
+    with pytest.raises(DeliveryError) as unreachable:  # not "forgotten": asked again later
+        await gone.follow(ticket(), printer_job)
+    assert unreachable.value.retryable
 
 
 @pytest.mark.e2e

@@ -3,6 +3,7 @@ directories 0700, files 0600. And a copy of the relay's database alone does not 
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 import stat
@@ -143,3 +144,20 @@ def test_relays_creating_the_secret_key_together_all_use_one_key(
     assert keys["first"] == keys["second"]
     assert mode(path) == 0o600
     assert [p.name for p in path.parent.iterdir()] == ["secret.key"]  # no temporary file left
+
+
+def test_a_key_file_is_made_whole_where_hard_links_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vfat and SMB shares refuse link(2): the file is then made in place, exclusively."""
+    from service.private_files import create_whole
+
+    def no_links(src: str, dst: str) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    path = tmp_path / "secret.key"
+    assert create_whole(path, b"first\n") is True
+    assert create_whole(path, b"second\n") is False  # made meanwhile by another process: kept
+    assert path.read_bytes() == b"first\n" and mode(path) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["secret.key"]

@@ -265,6 +265,18 @@ async def test_a_printer_that_is_down_holds_its_jobs_until_it_comes_back(
     assert sorted(d.path.read_bytes() for d in await sink.wait_for(3)) == [b"job 0", b"job 1", b"job 2"]
 
 
+def test_a_busy_printer_is_asked_again_as_long_as_it_has_been_busy() -> None:
+    """By time, not by answers: a backlog refused within a second waits a second, not a minute."""
+    from connector.app import BUSY_RETRY_CAP, PrinterEntry
+
+    printer = PrinterEntry(spec=None, backend=None)  # type: ignore[arg-type]
+    assert [printer.retry_when_busy(100.0 + dt) for dt in (0, 0.01, 0.02)] == [1.0, 1.0, 1.0]
+    assert printer.retry_when_busy(130.0) == 30.0
+    assert printer.retry_when_busy(1000.0) == BUSY_RETRY_CAP
+    printer.busy_since = None  # it took a job
+    assert printer.retry_when_busy(2000.0) == 1.0
+
+
 @pytest.mark.parametrize("relay_overrides", [{"retry_base": 0.2, "retry_cap": 0.5, "max_attempts": 1}])
 async def test_a_printer_busy_with_another_job_spends_no_attempts(
     relay_stack: RelayStack, ippeveprinter_factory: Any
@@ -290,10 +302,10 @@ async def test_a_printer_busy_with_another_job_spends_no_attempts(
         job = (await client.get(f"/v1/jobs/{second['id']}")).json()
         assert job["state"] == "queued" and job["attempts"] == 0, job
         assert "busy" in job["last_error"]
-        # Asked again after 1 s, then 2 s, ... (up to a minute): not every retry_base for as long as it lasts.
+        # The connector's wait, not the relay's retry_base (0.2 s here): 1 s, growing while it stays busy.
         events = (await client.get(f"/v1/jobs/{second['id']}/events")).json()["events"]
         waits = [e["message"].rsplit("; ", 1)[1] for e in events if "busy" in e["message"]]
-        assert waits == ["trying again in 1 s", "trying again in 2 s"], events
+        assert waits[0] == "trying again in 1 s" and len(waits) == 2, events
         assert (await client.get(f"/v1/jobs/{first['id']}")).json()["state"] == "printing"
     printer.release()
     assert (await relay_stack.wait_job(second["id"], within=60))["state"] == "completed"

@@ -13,7 +13,6 @@ received the whole document; IPP gives no way to tell (Create-Job + Send-Documen
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import ssl
 from collections.abc import AsyncIterator, Sequence
@@ -238,18 +237,17 @@ class IppBackend:
 
     async def follow(self, ticket: JobTicket, job_id: int) -> DeliveryResult | None:
         """A printer job an earlier delivery handed over whole (before the connector restarted), followed
-        to its end. None when the printer no longer knows it or cannot be asked now: it had the document,
-        so it is never sent again either way."""
+        to its end. None when the printer no longer knows it (purged from its history): it had the
+        document, so it is never sent again. A DeliveryError when the printer cannot be asked now."""
         request = self._request(Operation.GET_JOB_ATTRIBUTES)
         request.operation.add("job-id", ValueTag.INTEGER, job_id)
         request.operation.add("requesting-user-name", ValueTag.NAME, ticket.user)
         request.operation.add("requested-attributes", ValueTag.KEYWORD, "job-state", "job-state-reasons")
         async with self._client() as client:
-            try:
-                response = await self._exchange(client, request)
-                _check_status(self.uri, response)
-            except DeliveryError:  # not found (purged from its history), unreachable
+            response = await self._exchange(client, request)
+            if response.code == Status.CLIENT_ERROR_NOT_FOUND:
                 return None
+            _check_status(self.uri, response)
             return await self._settle(client, ticket, job_id, response)
 
     async def cancel_stalled(self, user: str, older_than: float | None = None) -> list[int]:
@@ -286,13 +284,14 @@ class IppBackend:
                     a.value if (a := job.get(name)) is not None else None
                     for name in ("job-id", "job-state", "time-at-creation")
                 )
-                reasons = job.get("job-state-reasons")
-                waiting = reasons is not None and "job-data-insufficient" in reasons.values
+                reasons = set(r.values) if (r := job.get("job-state-reasons")) is not None else set()
+                # waiting for a document, none arriving (some printers say both while one arrives)
+                waiting = "job-data-insufficient" in reasons and "job-incoming" not in reasons
                 if (
                     isinstance(job_id, int) and isinstance(created, int) and waiting
                     and state in (JobState.PENDING, JobState.PENDING_HELD) and now - created >= limit
+                    and await self._cancel_printer_job(client, job_id, user)
                 ):  # fmt: skip
-                    await self._cancel_printer_job(client, job_id, user)
                     stalled.append(job_id)
             return stalled
 
@@ -332,13 +331,16 @@ class IppBackend:
             return None  # it did not print; print it now
         return response  # processing, stopped or completed: the printer has the document
 
-    async def _cancel_printer_job(self, client: httpx.AsyncClient, job_id: int, user: str) -> None:
-        """Cancel-Job (RFC 8011 §4.3.3), best effort: the job may have finished meanwhile."""
+    async def _cancel_printer_job(self, client: httpx.AsyncClient, job_id: int, user: str) -> bool:
+        """Cancel-Job (RFC 8011 §4.3.3), best effort: the job may have finished meanwhile. Whether the
+        printer did it."""
         request = self._request(Operation.CANCEL_JOB)
         request.operation.add("job-id", ValueTag.INTEGER, job_id)
         request.operation.add("requesting-user-name", ValueTag.NAME, user)
-        with contextlib.suppress(DeliveryError):
-            await self._exchange(client, request)
+        try:
+            return (await self._exchange(client, request)).code < 0x0100
+        except DeliveryError:
+            return False
 
     async def _follow(self, client: httpx.AsyncClient, job_id: int, user: str) -> DeliveryResult:
         """Poll Get-Job-Attributes until the job is terminal, a bounded number of errors, or time."""

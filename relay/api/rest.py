@@ -302,7 +302,7 @@ class RestApi:
             # a retry: the same job, without fetching again (its signed URL may have expired meanwhile)
             if earlier.printer_id != submission.printer_id:
                 raise HTTPError(409, "Idempotency-Key was already used for a different document or printer")
-            return earlier, False
+            return self._intake.replayed(earlier)
         try:
             async with self._fetcher.open(source, owner=submission.tenant) as download:
                 submission = dataclasses.replace(
