@@ -22,6 +22,7 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -457,6 +458,11 @@ class Connector:
             self.metrics.delivery_done(printer.spec.kind, delivery.status.state, time.monotonic() - started)
             self._delivery_ended(delivery)
 
+    def _job_canceled(self, job_id: str) -> bool:
+        """Whether a delivery being cancelled is the job's cancel (by the relay), not the connector's stop."""
+        delivery = self._deliveries.get(job_id)
+        return delivery is None or delivery.canceled
+
     def _delivery_ended(self, delivery: Delivery) -> None:
         del self._deliveries[delivery.job_id]
         delivery.done.set()  # after the removal: a second stream of the job waits on it, then looks again
@@ -528,7 +534,7 @@ class Connector:
             await self._status(stream, JobStatus("printing", f"printer job {printer_job} had the document"))
         job = JobTicket(
             job_id=ticket.job_id, title=ticket.title, document_format=ticket.document_format,
-            user=ticket.user or "printrelay",
+            user=ticket.user or "printrelay", job_canceled=partial(self._job_canceled, ticket.job_id),
         )  # fmt: skip
         try:
             async with printer.busy:
@@ -593,6 +599,7 @@ class Connector:
             size=ticket.size,
             options=ticket.options,
             earlier_printer_job=earlier.printer_job_id if earlier and earlier.state == "created" else None,
+            job_canceled=partial(self._job_canceled, job_id),
         )
         if job.earlier_printer_job is None:
             self.ledger.note_started(job_id, printer.spec.id, f"attempt {ticket.attempt}")

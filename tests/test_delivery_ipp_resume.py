@@ -12,7 +12,10 @@ import pytest
 import trio
 from fixtures_printers import IppEvePrinter, free_port
 from fixtures_processes import ProcessStack
+from fixtures_relay import RelayStack
 
+from connector.app import Connector
+from connector.config import ConnectorConfig, parse_printer
 from connector.delivery import DeliveryError, IppBackend, JobTicket
 from ipp import DelimiterTag, Operation, ValueTag
 
@@ -176,3 +179,41 @@ async def _wait_event(client: Any, job_id: str, text: str) -> None:
 
 async def _noop() -> None:
     return None
+
+
+async def test_a_connector_that_stops_leaves_the_printer_printing(
+    relay_stack: RelayStack, ippeveprinter_factory: Any, nursery: trio.Nursery
+) -> None:
+    """A connector stopping (its drain grace over) while the printer prints a job: the printer goes on,
+    and the job's next delivery follows it. It used to send Cancel-Job, as for a job the relay canceled."""
+    printer: IppEvePrinter = ippeveprinter_factory(held=True)
+    token = await relay_stack.token("connector", "acme", connector_id="site-1")
+    connector = Connector(ConnectorConfig(
+        relay=relay_stack.tunnel_url, token=token, printer=[parse_printer(f"a={printer.uri}")],
+        state_dir=relay_stack.tmp_path / "connector",
+    ))  # fmt: skip
+    stopped = trio.Event()
+
+    async def run() -> None:
+        await connector.run()
+        stopped.set()
+
+    nursery.start_soon(run)
+    async with relay_stack.client() as client:
+        await printer_until_online(relay_stack)
+        job_id = (await client.post("/v1/printers/a/jobs", content=PDF, headers={"content-type":
+                  "application/pdf"})).json()["id"]  # fmt: skip
+    await relay_stack.wait_job(job_id, states=("printing",))
+    with trio.fail_after(20):
+        await connector.drain(0.2)  # the grace runs out while the printer still prints
+        await stopped.wait()
+    assert await printer.job_states() == [5]  # processing, not canceled
+    printer.release()
+    assert len(await printer.wait_for_documents(1)) == 1
+    assert await printer.job_states() == [9]
+
+
+async def printer_until_online(relay_stack: RelayStack) -> None:
+    with trio.fail_after(10):
+        while not relay_stack.relay.registry.sessions():
+            await relay_stack.relay.registry.changed.wait()

@@ -26,6 +26,10 @@ class JobTicket:
     # A job an earlier attempt created at the printer (IPP Create-Job) whose fate is unknown: the
     # connector died between creating it and hearing how it ended. The backend resolves it first.
     earlier_printer_job: int | None = None
+    # Asked when the delivery is cancelled while the printer has the job: was the job itself canceled (the
+    # printer drops it too), or is the connector only stopping (the printer goes on, and the job's next
+    # delivery follows it)?
+    job_canceled: Callable[[], bool] = lambda: True
 
 
 @dataclass(frozen=True)

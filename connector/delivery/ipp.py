@@ -230,9 +230,9 @@ class IppBackend:
         try:
             return await self._follow(client, job_id, ticket.user)
         except trio.Cancelled:
-            # The relay canceled the job while the printer had it: ask the printer to drop it.
-            with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_TIMEOUT):
-                await self._cancel_printer_job(client, job_id, ticket.user)
+            if ticket.job_canceled():  # the relay canceled it while the printer had it: drop it there too
+                with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_TIMEOUT):
+                    await self._cancel_printer_job(client, job_id, ticket.user)
             raise
 
     async def follow(self, ticket: JobTicket, job_id: int) -> DeliveryResult | None:
