@@ -184,8 +184,10 @@ def decode_response(data: bytes, request_id: int, community: str, *, most: int) 
         status = int(v2c.apiPDU.get_error_status(pdu))
         index = int(v2c.apiPDU.get_error_index(pdu))
         pairs = v2c.apiPDU.get_varbinds(pdu)
-    except (PyAsn1Error, ValueError, TypeError, KeyError, IndexError, RecursionError):
-        return None  # whatever the decoder makes of a datagram it cannot read, it is not our answer
+    except (PyAsn1Error, ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError):
+        # Whatever the decoder makes of a datagram it cannot read, it is not our answer (a length of 2**63
+        # reaches BytesIO.read as an OverflowError).
+        return None
     if status != 0:
         name = ERROR_STATUS[status] if 0 <= status < len(ERROR_STATUS) else f"error {status}"
         raise SnmpError(f"the agent answered {name} (object {index})")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pyasn1.codec.ber import encoder
 from pysnmp.proto.api import v2c
@@ -312,6 +312,7 @@ ANSWER = response(
 
 
 @settings(max_examples=2000, deadline=None, database=None)
+@example(edits=[(60, 128, "s"), (60, 136, "i")])  # a length too large for an index: OverflowError
 @given(edits=st.lists(st.tuples(st.integers(0, len(ANSWER) - 1), st.integers(0, 255), st.sampled_from("sdi")),
                       min_size=1, max_size=6))  # fmt: skip
 def test_a_mangled_answer_is_dropped_or_an_error_never_a_crash(edits: list[tuple[int, int, str]]) -> None:
