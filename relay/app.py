@@ -114,6 +114,7 @@ class Relay:
                 held_job_ttl=config.held_job_ttl,
             ),
             on_accepted=self._job_accepted,
+            on_replayed=self._job_replayed,
         )
         self.rate_limiter = TokenRateLimiter(config.rate_limit, config.rate_burst)
         self.tls = ServerTls(config.tls_cert, config.tls_key) if config.tls_cert and config.tls_key else None
@@ -328,9 +329,14 @@ class Relay:
     def _job_accepted(self, job: Job) -> None:
         if job.expires_at is not None and job.expires_at < self._next_sweep_at:
             self._expiry_wakeup.fire()  # it expires before the sweep planned to wake
+
+    def _job_replayed(self, job: Job) -> None:
+        """As if accepted now: its acceptance may not have been heard here (see below)."""
+        self._job_accepted(job)
         if job.state is JobState.QUEUED:
-            # The store's notice wakes the dispatcher too, but not for a job committed behind a lost
-            # connection (its 503 replayed with the Idempotency-Key): PostgreSQL drops our own NOTIFY.
+            # The store's notice woke the dispatcher when the job was committed, but not if that commit's
+            # answer was lost with the connection (this replay follows its 503): PostgreSQL drops our own
+            # NOTIFY, and nothing else would wake it.
             self.registry.wake(job.tenant, job.connector_id)
 
     async def _expire_jobs(self) -> None:

@@ -310,12 +310,14 @@ class Dispatcher:
     async def _transition(self, job: Job, event: JobEvent, message: str, **fields: Any) -> Job | None:
         return await self._jobs.transition(job.id, event, message, **fields)
 
-    async def _requeue(self, job: Job, message: str, delay: float = 0.0) -> None:
+    async def _requeue(self, job: Job, message: str, delay: float = 0.0, reason: str | None = None) -> None:
+        """Queue the job again in ``delay`` seconds, giving its attempt back: not the job's fault (a lost
+        tunnel, a stopping connector, a busy printer, the relay's database). ``reason``: its last_error,
+        when not the message itself."""
         with trio.CancelScope(shield=True):
-            # A lost tunnel is not the job's fault: give the attempt back.
             await self._transition(
                 job, JobEvent.RETRY, message, next_attempt_at=time.time() + delay,
-                attempts=max(0, job.attempts - 1), last_error=message,
+                attempts=max(0, job.attempts - 1), last_error=message if reason is None else reason,
             )  # fmt: skip
 
     async def _finish(self, job: Job, status: JobStatus) -> None:
@@ -335,10 +337,8 @@ class Dispatcher:
                 delay = status.retry_after or retry_delay(
                     max(1, job.attempts), settings.retry_base, settings.retry_cap
                 )
-                await self._transition(
-                    job, JobEvent.RETRY, f"{status.message}; trying again in {delay:.0f} s",
-                    next_attempt_at=now + delay, attempts=max(0, job.attempts - 1), last_error=status.message,
-                )  # fmt: skip
+                message = f"{status.message}; trying again in {delay:.0f} s"
+                await self._requeue(job, message, delay, reason=status.message)
             elif status.state == "retry" and job.attempts < job.max_attempts:
                 delay = status.retry_after or retry_delay(
                     job.attempts, settings.retry_base, settings.retry_cap

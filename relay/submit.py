@@ -88,17 +88,19 @@ class Intake:
         limits: SubmitLimits,
         *,
         on_accepted: Callable[[Job], None] = lambda job: None,
+        on_replayed: Callable[[Job], None] = lambda job: None,
     ) -> None:
         self._store = store
         self._spool = spool
         self._metrics = metrics
         self.limits = limits
         self._on_accepted = on_accepted
+        self._on_replayed = on_replayed
 
     def replayed(self, earlier: Job) -> tuple[Job, bool]:
         """An Idempotency-Key replay answers with the job made before, which may have been committed behind
         a lost connection (no notice woke its dispatcher then): told as accepted again."""
-        self._on_accepted(earlier)
+        self._on_replayed(earlier)
         return earlier, False
 
     async def accept(self, submission: Submission, body: AsyncIterable[bytes]) -> tuple[Job, bool]:
